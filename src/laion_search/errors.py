@@ -1,0 +1,52 @@
+"""Every error laion-search raises on purpose derives from :class:`LaionError`.
+
+::
+
+    LaionError                      base: catch this to catch everything of ours
+    ├── UsageError                  a bad argument (shard range, parameter, k, vector …)
+    ├── ShardError                  a shard file is missing, malformed or inconsistent
+    │   └── ShardValidationError    its content breaks a rule (row counts, dtype, NaN …)
+    ├── StoreError                  the store cannot do what was asked
+    │   ├── StoreBusyError          another process holds the embedded store's lock
+    │   └── QueryError              the engine rejected a statement (wraps chDB / server errors)
+    └── (later: DownloadError, EncoderError …)
+
+Third-party errors are re-raised as ours with ``raise … from`` so callers (CLI, HTTP API)
+only need to know this tree, and the original is kept as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+
+class LaionError(Exception):
+    """Base class of every error raised on purpose by laion-search."""
+
+
+class UsageError(LaionError, ValueError):
+    """An argument is invalid (shard range, query parameter, vector, k …)."""
+
+
+class ShardError(LaionError):
+    """A shard's files are missing, unreadable or disagree with each other."""
+
+    def __init__(self, message: str, *, path: str | None = None, shard: int | None = None):
+        self.path = path
+        self.shard = shard
+        prefix = f"{path}: " if path else ""
+        super().__init__(prefix + message)
+
+
+class ShardValidationError(ShardError):
+    """A shard's content breaks a rule (dtype, dimension, NaN/Inf, zero vectors …)."""
+
+
+class StoreError(LaionError):
+    """The store could not carry out an operation."""
+
+
+class StoreBusyError(StoreError):
+    """The embedded store's directory is locked by another process."""
+
+
+class QueryError(StoreError):
+    """The engine rejected a statement; the message is the engine's, without the stack."""
