@@ -179,12 +179,166 @@ def sql(
     output.print_arrow(result, "json" if json_output else fmt)
 
 
+# -- search ---------------------------------------------------------------------------------------
+@app.command()
+@handle_errors
+def search(
+    vector: Optional[Path] = typer.Option(None, "--vector", help="Query vector file: .npy or .json (a list of numbers)."),
+    like: Optional[int] = typer.Option(None, "--like", help="Use the stored embedding of this row id (\"more like this\")."),
+    modality: str = typer.Option("image", "--modality", "-m", help="Which embedding column to search: image or text."),
+    k: int = typer.Option(10, "--k", "-k", help="Number of results (1-1000)."),
+    exact: bool = typer.Option(False, "--exact", help="Brute force: ignore vector indexes."),
+    metric: str = typer.Option("cosine", "--metric", help="cosine or l2 (an index serves the metric it was built for)."),
+    nsfw: str = typer.Option("any", "--nsfw", help="any, exclude (drop NSFW and UNSURE) or only."),
+    min_similarity: Optional[float] = typer.Option(None, "--min-similarity", help="Minimum LAION image-text similarity."),
+    caption_contains: Optional[str] = typer.Option(None, "--caption-contains", help="Case-insensitive caption substring."),
+    where: List[str] = typer.Option([], "--where", help="COLUMN OP VALUE on an allowed column, e.g. width>=512, "
+                                                        "LICENSE!=?, url~flickr (repeatable, ANDed)."),
+    columns: List[str] = typer.Option([], "--column", "-c", help="Extra result columns (e.g. NSFW, similarity, width)."),
+    ef_search: Optional[int] = typer.Option(None, "--ef-search", help="HNSW candidate list size at query time."),
+    rescoring: bool = typer.Option(False, "--rescoring", help="Re-rank index candidates with exact distances."),
+    filter_strategy: str = typer.Option("auto", "--filter-strategy", help="auto, postfilter or prefilter."),
+    db: Optional[str] = DbOption,
+    json_output: bool = JsonOption,
+) -> None:
+    """Nearest neighbours by vector or by an existing row, exact or through the HNSW index.
+
+    Example: laion search --like 1000000042 --k 5 --nsfw exclude --where "width>=400"
+    """
+    from .search import Filters, SearchOptions
+    from .search import search as do_search
+    from .vectors import load_vector_file
+
+    if (vector is None) == (like is None):
+        raise UsageError("give exactly one query: --vector FILE or --like ID")
+    q = load_vector_file(vector) if vector is not None else None
+    filters = Filters(nsfw=nsfw, min_similarity=min_similarity, caption_contains=caption_contains, where=where)
+    options = SearchOptions(ef_search=ef_search, rescoring=rescoring, filter_strategy=filter_strategy)
+    with open_store(db) as store:
+        result = do_search(store, q, like=like, modality=modality, k=k, exact=exact, metric=metric,
+                           filters=filters, columns=columns, options=options)
+    print_search(result, json_output)
+
+
+def print_search(result, json_output: bool) -> None:
+    if json_output:
+        print(output.dumps(result.as_dict()))
+        return
+    output.print_records(result.rows, title=f"{len(result.rows)} results · {result.modality} embeddings · "
+                                            f"{result.strategy} · {result.seconds * 1000:.1f} ms", width=70)
+
+
+# -- index ----------------------------------------------------------------------------------------
+index_app = typer.Typer(help="HNSW vector_similarity indexes: create, status, drop.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+
+
+@index_app.command("create")
+@handle_errors
+def index_create(
+    column: str = typer.Option("image", "--column", help="image, text or both."),
+    metric: str = typer.Option("cosine", "--metric", help="cosine or l2."),
+    quantization: str = typer.Option("bf16", "--quantization", help="bf16, f16, f32, i8 or b1."),
+    m: Optional[int] = typer.Option(None, "--m", help="HNSW links per node (default 16; the guide uses 64)."),
+    ef_construction: Optional[int] = typer.Option(None, "--ef-construction",
+                                                  help="HNSW build candidate list (default 128; the guide uses 256)."),
+    guide: bool = typer.Option(False, "--guide", help="The guide's exact parameters: bf16, M=64, ef_construction=256."),
+    replace: bool = typer.Option(False, "--replace", help="Replace an index that exists with other parameters."),
+    db: Optional[str] = DbOption,
+    json_output: bool = JsonOption,
+) -> None:
+    """Add and build (materialise) vector indexes, with progress; rerun to resume.
+
+    Example: laion index create --column both --guide
+    """
+    from .index import (DEFAULT_EF_CONSTRUCTION, DEFAULT_M, GUIDE_EF_CONSTRUCTION, GUIDE_M, IndexSpec, columns_for,
+                        create_index)
+
+    m_val = m if m is not None else (GUIDE_M if guide else DEFAULT_M)
+    ef_val = ef_construction if ef_construction is not None else (GUIDE_EF_CONSTRUCTION if guide else DEFAULT_EF_CONSTRUCTION)
+    specs = [IndexSpec(c, metric, quantization, m_val, ef_val).check() for c in columns_for(column)]
+    results = []
+    with open_store(db) as store:
+        for spec in specs:
+            results.append(_with_index_progress(json_output, lambda cb, spec=spec: create_index(
+                store, spec, replace=replace, progress=cb)))
+    if json_output:
+        print(output.dumps(results))
+    else:
+        for r in results:
+            rate = f", {r['vectors_per_second']:,.0f} vectors/s" if r["vectors_per_second"] else ""
+            output.out.print(f"{r['index']}: {r['type']} built over {r['rows']:,} rows in {r['seconds']:.1f} s{rate}")
+
+
+def _with_index_progress(quiet: bool, run: Callable[[Callable[[dict], None]], Any]) -> Any:
+    if quiet or not output.err.is_terminal:
+        return run(lambda e: output.err.print(f"{e['index']}: {e['parts_done']}/{e['parts']} parts")
+                   if (not quiet and e["event"] == "index_progress") else None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("parts"),
+                  TimeElapsedColumn(), console=output.err) as progress:
+        task = None
+
+        def cb(e: dict) -> None:
+            nonlocal task
+            if e["event"] == "index_start":
+                task = progress.add_task(e["index"], total=e["parts"])
+            elif e["event"] == "index_progress" and task is not None:
+                progress.update(task, completed=e["parts_done"])
+
+        return run(cb)
+
+
+@index_app.command("status")
+@handle_errors
+def index_status_cmd(db: Optional[str] = DbOption, json_output: bool = JsonOption) -> None:
+    """Vector indexes: parameters, parts covered, disk size and memory estimate.
+
+    Example: laion index status
+    """
+    from .index import index_status
+
+    with open_store(db) as store:
+        info = index_status(store)
+    if json_output:
+        print(output.dumps(info))
+        return
+    if not info:
+        output.out.print("no vector indexes (create one: laion index create)")
+        return
+    rows = [{**i, "bytes_on_disk": output.human_bytes(i["bytes_on_disk"]),
+             "memory": output.human_bytes(i["memory_bytes_estimate"]),
+             "covered": f"{i['parts_covered']}/{i['parts']} parts"} for i in info]
+    output.print_records(rows, ["name", "column", "distance", "quantization", "m", "ef_construction", "covered",
+                                "bytes_on_disk", "memory"])
+
+
+@index_app.command("drop")
+@handle_errors
+def index_drop(column: str = typer.Option("both", "--column", help="image, text or both."),
+               db: Optional[str] = DbOption, json_output: bool = JsonOption) -> None:
+    """Drop vector indexes.
+
+    Example: laion index drop --column text
+    """
+    from .index import INDEX_NAMES, columns_for, drop_index
+
+    with open_store(db) as store:
+        dropped = {INDEX_NAMES[c][0]: drop_index(store, c) for c in columns_for(column)}
+    if json_output:
+        print(output.dumps(dropped))
+    else:
+        for name, existed in dropped.items():
+            output.out.print(f"{name}: {'dropped' if existed else 'did not exist'}")
+
+
 # -- demo -----------------------------------------------------------------------------------------
 @app.command()
 @handle_errors
 def demo(
     workdir: Path = typer.Option(Path("laion-demo"), "--dir", help="Where to put the demo shards and store."),
-    rows: int = typer.Option(20_000, "--rows", min=100, help="Rows per shard."),
+    rows: int = typer.Option(10_000, "--rows", min=100, help="Rows per shard."),
     shards: int = typer.Option(3, "--shards", min=1, max=50, help="Number of shards."),
 ) -> None:
     """Synthesize a small dataset, ingest it, and run example searches.

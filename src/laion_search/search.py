@@ -1,0 +1,286 @@
+"""Nearest-neighbour search over the ``laion`` table: by vector, by an existing row, or (with an
+encoder) by text or image — exact (brute force) or through the ``vector_similarity`` index.
+
+Every search is one SQL statement built from fixed pieces; the query vector, ids, thresholds
+and filter values are query parameters. The statement has the guide's shape
+(``ORDER BY cosineDistance(image_embedding, {q:Array(Float32)}) LIMIT k``), which is what lets
+ClickHouse answer it from the HNSW index when one exists for that column and metric.
+
+Filtered searches through an index are post-filtered by the engine (the index returns
+candidates, then the WHERE clause drops some), which can leave fewer than k rows. We fetch
+more candidates (``fetch_multiplier``) and, if still short, re-run the query pre-filtered
+(exact over the matching rows), so a filtered search returns k rows whenever k rows match.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import UsageError
+from .store import COLUMNS, TABLE, Store
+from .vectors import as_vector
+
+MAX_K = 1000  # ClickHouse's max_limit_for_vector_search_queries default
+MODALITIES = {"image": "image_embedding", "text": "text_embedding"}
+METRICS = {"cosine": "cosineDistance", "l2": "L2Distance"}
+NSFW_MODES = ("any", "exclude", "only")
+FILTER_STRATEGIES = ("auto", "postfilter", "prefilter")
+DEFAULT_COLUMNS = ("id", "caption", "url")
+
+#: Column types for ``--where`` values (the allow-list).
+WHERE_TYPES = {
+    "id": "Int64", "url": "String", "caption": "String", "NSFW": "String", "similarity": "Float32",
+    "shard": "UInt32", "shard_row": "UInt32", "key": "String", "width": "Int32", "height": "Int32",
+    "original_width": "Int32", "original_height": "Int32", "LICENSE": "String",
+}
+_WHERE_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(==|=|!=|<>|<=|>=|<|>|~)\s*(.*?)\s*$", re.S)
+_OPS = {"=": "=", "==": "=", "!=": "!=", "<>": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
+
+
+@dataclass
+class Filters:
+    """Row filters, combined with AND."""
+
+    nsfw: str = "any"                    # any | exclude (drop NSFW and UNSURE) | only (NSFW only)
+    min_similarity: float | None = None  # LAION's image-text CLIP similarity
+    caption_contains: str | None = None  # case-insensitive substring
+    where: Sequence[str] = ()            # "width>=512", "LICENSE=?", "caption~lego" (allow-listed columns)
+    exclude_ids: Sequence[int] = ()
+
+    def is_empty(self) -> bool:
+        return (self.nsfw == "any" and self.min_similarity is None and not self.caption_contains
+                and not self.where and not self.exclude_ids)
+
+
+@dataclass
+class SearchOptions:
+    """Query-time knobs; defaults suit most searches."""
+
+    ef_search: int | None = None          # HNSW candidate list at query time (engine default 256)
+    rescoring: bool = False               # re-rank index candidates with exact distances
+    filter_strategy: str = "auto"         # auto: post-filter, then pre-filter if short of k
+    fetch_multiplier: float = 4.0         # candidates per wanted row when post-filtering
+
+
+@dataclass
+class SearchResult:
+    rows: list[dict[str, Any]]
+    k: int
+    modality: str
+    metric: str
+    exact: bool
+    strategy: str
+    seconds: float
+    sql: str = field(repr=False, default="")
+    params: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    def to_records(self) -> list[dict[str, Any]]:
+        return self.rows
+
+    def to_pandas(self):  # pragma: no cover - optional dependency
+        import pandas as pd
+
+        return pd.DataFrame(self.rows)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"k": self.k, "modality": self.modality, "metric": self.metric, "exact": self.exact,
+                "strategy": self.strategy, "seconds": round(self.seconds, 6), "results": self.rows}
+
+
+def check_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        try:
+            k = int(str(k))
+        except ValueError:
+            raise UsageError(f"k must be an integer, got {k!r}") from None
+    k = int(k)
+    if not 1 <= k <= MAX_K:
+        raise UsageError(f"k must be between 1 and {MAX_K}, got {k}")
+    return k
+
+
+def row_vector(store: Store, row_id: Any, modality: str = "image") -> np.ndarray:
+    """The stored embedding of row ``row_id`` (for "more like this")."""
+    column = _column(modality)
+    try:
+        rid = int(row_id)
+    except (TypeError, ValueError):
+        raise UsageError(f"id must be an integer, got {row_id!r}") from None
+    if not -(2**63) <= rid < 2**63:
+        raise UsageError(f"id {rid} is out of range")
+    t = store.sql(f"SELECT {column} FROM {TABLE} WHERE id = {{id:Int64}} LIMIT 1", {"id": rid})
+    if t.num_rows == 0:
+        raise UsageError(f"no row with id {rid}")
+    return np.asarray(t.column(0)[0].as_py(), dtype=np.float32)
+
+
+def search(store: Store, vector: Any = None, *, like: int | None = None, modality: str = "image", k: int = 10,
+           exact: bool = False, metric: str = "cosine", filters: Filters | None = None,
+           columns: Sequence[str] | None = None, options: SearchOptions | None = None) -> SearchResult:
+    """Find the k rows nearest to ``vector`` (or to row ``like``'s embedding) in one modality."""
+    k = check_k(k)
+    column = _column(modality)
+    func = _metric(metric)
+    filters = filters or Filters()
+    options = options or SearchOptions()
+    if options.filter_strategy not in FILTER_STRATEGIES:
+        raise UsageError(f"filter strategy must be one of {', '.join(FILTER_STRATEGIES)}")
+    if (vector is None) == (like is None):
+        raise UsageError("give exactly one of: a query vector, or like=<row id>")
+    if like is not None:
+        vector = row_vector(store, like, modality)
+        filters = Filters(**{**filters.__dict__, "exclude_ids": [*filters.exclude_ids, int(like)]})
+    dim = store.dim()
+    if dim is None:
+        return SearchResult([], k, modality, metric, exact, "empty", 0.0)
+    q = as_vector(vector, dim=dim, source="query vector")
+    cols = _columns(columns)
+    where, params = build_where(filters)
+    params["q"] = q
+    select = ", ".join(f"`{c}`" for c in cols)
+    sql = (f"SELECT {select}, {func}({column}, {{q:Array(Float32)}}) AS distance FROM {TABLE}"
+           f"{' WHERE ' + where if where else ''} ORDER BY distance ASC LIMIT {k}")
+    t0 = time.perf_counter()
+    strategy = "exact" if exact else "index"
+    if exact:
+        sql += " SETTINGS use_skip_indexes = 0"
+        rows = store.rows(sql, params)
+    else:
+        settings = _index_settings(options, filtered=bool(where))
+        if options.filter_strategy == "prefilter" and where:
+            settings["vector_search_filter_strategy"] = "prefilter"
+            strategy = "prefilter"
+        base = sql
+        sql = base + _settings_sql(settings)
+        rows = store.rows(sql, params)
+        if where and len(rows) < k and options.filter_strategy == "auto":
+            # post-filtering dropped too many candidates: evaluate the filter first instead
+            settings["vector_search_filter_strategy"] = "prefilter"
+            sql = base + _settings_sql(settings)
+            rows = store.rows(sql, params)
+            strategy = "postfilter→prefilter"
+    seconds = time.perf_counter() - t0
+    for rank, r in enumerate(rows, 1):
+        r["rank"] = rank
+    ordered = [{"rank": r["rank"], "distance": r["distance"], **{c: r[c] for c in cols}} for r in rows]
+    return SearchResult(ordered, k, modality, metric, exact, strategy, seconds, sql, params)
+
+
+def explain(store: Store, result: SearchResult) -> str:
+    """The engine's plan for a search (``EXPLAIN indexes = 1``): shows whether the vector index is used."""
+    t = store.sql("EXPLAIN indexes = 1 " + result.sql, result.params)
+    return "\n".join(str(r[0]) for r in t.to_pylist() for r in [list(r.values())])
+
+
+def build_where(filters: Filters) -> tuple[str, dict[str, Any]]:
+    """Filters → a WHERE expression over fixed column names, with every value a parameter."""
+    clauses: list[str] = []
+    params: dict[str, Any] = {}
+    if filters.nsfw not in NSFW_MODES:
+        raise UsageError(f"nsfw must be one of {', '.join(NSFW_MODES)}")
+    if filters.nsfw == "exclude":
+        clauses.append("NSFW NOT IN ('NSFW', 'UNSURE')")
+    elif filters.nsfw == "only":
+        clauses.append("NSFW = 'NSFW'")
+    if filters.min_similarity is not None:
+        v = float(filters.min_similarity)
+        if not np.isfinite(v):
+            raise UsageError("min_similarity must be a finite number")
+        clauses.append("similarity >= {min_similarity:Float32}")
+        params["min_similarity"] = v
+    if filters.caption_contains:
+        clauses.append("positionCaseInsensitiveUTF8(caption, {caption_contains:String}) > 0")
+        params["caption_contains"] = str(filters.caption_contains)
+    for i, expr in enumerate(filters.where):
+        clause, value = _where_clause(expr, f"w{i}")
+        clauses.append(clause)
+        params[f"w{i}"] = value
+    if filters.exclude_ids:
+        clauses.append("id NOT IN {exclude_ids:Array(Int64)}")
+        params["exclude_ids"] = [int(x) for x in filters.exclude_ids]
+    return " AND ".join(clauses), params
+
+
+def _where_clause(expr: str, name: str) -> tuple[str, Any]:
+    m = _WHERE_RE.match(expr or "")
+    if not m:
+        raise UsageError(f"--where {expr!r}: expected COLUMN OP VALUE, e.g. width>=512 or caption~lego")
+    col, op, raw = m.group(1), m.group(2), m.group(3)
+    if col not in WHERE_TYPES:
+        raise UsageError(f"--where {expr!r}: column {col!r} is not filterable; use one of {', '.join(WHERE_TYPES)}")
+    ctype = WHERE_TYPES[col]
+    if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+        raw = raw[1:-1]
+    if op == "~":
+        if ctype != "String":
+            raise UsageError(f"--where {expr!r}: ~ (contains) works on text columns only")
+        return f"positionCaseInsensitiveUTF8(`{col}`, {{{name}:String}}) > 0", raw
+    value: Any = raw
+    if ctype != "String":
+        try:
+            value = float(raw) if ctype.startswith("Float") else int(raw)
+        except ValueError:
+            raise UsageError(f"--where {expr!r}: {col} is a number, got {raw!r}") from None
+        if ctype.startswith("Float") and not np.isfinite(value):
+            raise UsageError(f"--where {expr!r}: value must be finite")
+        if not ctype.startswith("Float"):
+            bits = 64 if ctype.endswith("64") else 32
+            lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if ctype.startswith("Int") else (0, 2**bits - 1)
+            if not lo <= value <= hi:
+                raise UsageError(f"--where {expr!r}: {value} is out of range for {col}")
+    return f"`{col}` {_OPS[op]} {{{name}:{ctype}}}", value
+
+
+def _column(modality: str) -> str:
+    if modality not in MODALITIES:
+        raise UsageError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
+    return MODALITIES[modality]
+
+
+def _metric(metric: str) -> str:
+    if metric not in METRICS:
+        raise UsageError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    return METRICS[metric]
+
+
+def _columns(columns: Sequence[str] | None) -> list[str]:
+    cols = list(DEFAULT_COLUMNS)
+    for c in columns or ():
+        if c not in COLUMNS:
+            raise UsageError(f"unknown column {c!r}; choose from {', '.join(COLUMNS)}")
+        if c not in cols:
+            cols.append(c)
+    return cols
+
+
+def _index_settings(options: SearchOptions, filtered: bool) -> dict[str, Any]:
+    settings: dict[str, Any] = {}
+    if options.ef_search is not None:
+        ef = int(options.ef_search)
+        if not 1 <= ef <= 100_000:
+            raise UsageError("ef_search must be between 1 and 100000")
+        settings["hnsw_candidate_list_size_for_search"] = ef
+    if options.rescoring:
+        settings["vector_search_with_rescoring"] = 1
+    if filtered or options.rescoring:
+        mult = float(options.fetch_multiplier)
+        if not 1.0 <= mult <= 1000.0:
+            raise UsageError("fetch_multiplier must be between 1 and 1000")
+        settings["vector_search_index_fetch_multiplier"] = mult
+    return settings
+
+
+def _settings_sql(settings: dict[str, Any]) -> str:
+    if not settings:
+        return ""
+    from .backend import format_param
+
+    parts = []
+    for key, v in settings.items():
+        parts.append(f"{key} = '{v}'" if isinstance(v, str) else f"{key} = {format_param(v)}")
+    return " SETTINGS " + ", ".join(parts)
