@@ -153,7 +153,7 @@ class Store:
 
     def dim(self) -> int | None:
         """Embedding dimension of the loaded rows, or None while the table is empty."""
-        return self.scalar(f"SELECT length(image_embedding) FROM {TABLE} LIMIT 1")
+        return self.scalar(f"SELECT image_embedding.size0 FROM {TABLE} LIMIT 1")  # sizes only, not the vectors
 
     def status(self) -> dict[str, Any]:
         """Rows, shards, size on disk and vector indexes, as plain data."""

@@ -1,0 +1,175 @@
+"""Search against a numpy ground truth, index use proven by the query plan, filters, validation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from laion_search import UsageError, connect, ingest
+from laion_search.index import IndexSpec, create_index, drop_index, index_status
+from laion_search.search import Filters, SearchOptions, explain, search
+
+from .conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory, shards_flat):
+    db = tmp_path_factory.mktemp("search") / "db"
+    store = connect(db)
+    ingest(store, shards_flat)
+    data = store.sql("SELECT id, image_embedding, text_embedding, NSFW, similarity, caption, width FROM laion ORDER BY id")
+    truth = {
+        "ids": np.array(data.column("id").to_pylist()),
+        "image": np.array(data.column("image_embedding").to_pylist(), np.float32),
+        "text": np.array(data.column("text_embedding").to_pylist(), np.float32),
+        "rows": data.drop(["image_embedding", "text_embedding"]).to_pylist(),
+    }
+    yield store, truth, db
+    store.close()
+
+
+def _cosine_topk(vectors: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    d = 1.0 - (vectors @ q) / (np.linalg.norm(vectors, axis=1) * np.linalg.norm(q))
+    order = np.argsort(d, kind="stable")[:k]
+    return order, d[order]
+
+
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_exact_equals_numpy(loaded, modality):
+    store, truth, _ = loaded
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        q = rng.standard_normal(512).astype(np.float32)
+        res = search(store, q, modality=modality, k=10, exact=True)
+        order, dist = _cosine_topk(truth[modality], q, 10)
+        assert [r["id"] for r in res.rows] == truth["ids"][order].tolist()
+        assert np.allclose([r["distance"] for r in res.rows], dist, atol=1e-5)
+        assert [r["rank"] for r in res.rows] == list(range(1, 11))
+
+
+def test_exact_l2_equals_numpy(loaded):
+    store, truth, _ = loaded
+    q = truth["image"][5] + 0.01
+    res = search(store, q, k=7, exact=True, metric="l2")
+    d = np.linalg.norm(truth["image"] - q, axis=1)
+    order = np.argsort(d)[:7]
+    assert [r["id"] for r in res.rows] == truth["ids"][order].tolist()
+    assert np.allclose([r["distance"] for r in res.rows], d[order], atol=1e-5)
+
+
+def test_like_uses_stored_embedding_and_skips_itself(loaded):
+    store, truth, _ = loaded
+    rid = int(truth["ids"][700])
+    res = search(store, like=rid, k=5, exact=True)
+    order, _ = _cosine_topk(truth["image"], truth["image"][700], 6)
+    assert [r["id"] for r in res.rows] == [i for i in truth["ids"][order].tolist() if i != rid][:5]
+    with pytest.raises(UsageError, match="no row with id 123456"):
+        search(store, like=123456)
+
+
+def test_index_is_used_and_recall_is_high(loaded):
+    store, truth, _ = loaded
+    create_index(store, IndexSpec(column="image", m=16, ef_construction=64))
+    try:
+        info = index_status(store)
+        assert info[0]["name"] == "image_index" and info[0]["parts_covered"] == info[0]["parts"]
+        assert info[0]["m"] == 16 and info[0]["quantization"] == "bf16"
+        rng = np.random.default_rng(1)
+        hits = 0
+        for _ in range(10):
+            q = truth["image"][rng.integers(0, 1800)] + rng.standard_normal(512).astype(np.float32) * 0.02
+            res = search(store, q, k=10)
+            plan = explain(store, res)
+            assert "image_index" in plan and "vector_similarity" in plan
+            order, _ = _cosine_topk(truth["image"], q, 10)
+            hits += len({r["id"] for r in res.rows} & set(truth["ids"][order].tolist()))
+        assert hits / 100 >= 0.9
+        exact = search(store, truth["image"][3], k=10, exact=True)
+        assert "image_index" not in explain(store, exact)
+        # text column has no index: the plan must not claim one
+        assert "text_index" not in explain(store, search(store, truth["text"][3], modality="text", k=5))
+    finally:
+        assert drop_index(store, "image")
+    assert index_status(store) == []
+
+
+def test_filtered_indexed_search_returns_k(loaded):
+    store, truth, _ = loaded
+    create_index(store, IndexSpec(column="image", m=8, ef_construction=32))
+    try:
+        n_nsfw = sum(r["NSFW"] == "NSFW" for r in truth["rows"])
+        assert n_nsfw >= 20
+        q = truth["image"][0]
+        res = search(store, q, k=20, filters=Filters(nsfw="only"))
+        assert len(res.rows) == 20
+        nsfw_ids = {r["id"] for r in truth["rows"] if r["NSFW"] == "NSFW"}
+        assert all(r["id"] in nsfw_ids for r in res.rows)
+        forced = search(store, q, k=20, filters=Filters(nsfw="only"), options=SearchOptions(filter_strategy="prefilter"))
+        assert [r["id"] for r in forced.rows] == [r["id"] for r in res.rows]
+    finally:
+        drop_index(store, "image")
+
+
+def test_filters(loaded):
+    store, truth, _ = loaded
+    q = truth["image"][10]
+    by_id = {r["id"]: r for r in truth["rows"]}
+    res = search(store, q, k=50, exact=True, filters=Filters(nsfw="exclude"), columns=["NSFW"])
+    assert len(res.rows) == 50 and all(r["NSFW"] == "UNLIKELY" for r in res.rows)
+    res = search(store, q, k=30, exact=True, filters=Filters(min_similarity=0.3))
+    assert all(by_id[r["id"]]["similarity"] >= 0.3 - 1e-6 for r in res.rows)
+    word = truth["rows"][10]["caption"].split()[0]
+    res = search(store, q, k=10, exact=True, filters=Filters(caption_contains=word.upper()))
+    assert res.rows and all(word.lower() in r["caption"].lower() for r in res.rows)
+    res = search(store, q, k=40, exact=True, filters=Filters(where=["width>=600", "NSFW != NSFW"]), columns=["width"])
+    assert all(r["width"] >= 600 and by_id[r["id"]]["NSFW"] != "NSFW" for r in res.rows)
+    expected = [i for i in _cosine_topk(truth["image"], q, 1800)[0]
+                if truth["rows"][i]["width"] >= 600 and truth["rows"][i]["NSFW"] != "NSFW"][:40]
+    assert [r["id"] for r in res.rows] == truth["ids"][expected].tolist()
+
+
+def test_bad_queries_are_refused_and_injection_is_inert(loaded):
+    store, truth, _ = loaded
+    before = store.scalar("SELECT count() FROM laion")
+    q = truth["image"][0]
+    for k in (0, -1, 1001, "ten"):
+        with pytest.raises(UsageError, match="k must"):
+            search(store, q, k=k)
+    with pytest.raises(UsageError, match="has 3 values"):
+        search(store, [0.1, 0.2, 0.3])
+    with pytest.raises(UsageError, match="NaN"):
+        search(store, np.full(512, np.nan))
+    with pytest.raises(UsageError, match="all zeros"):
+        search(store, np.zeros(512))
+    with pytest.raises(UsageError, match="is empty"):
+        search(store, [])
+    with pytest.raises(UsageError, match="not filterable"):
+        search(store, q, filters=Filters(where=["image_embedding=1"]))
+    with pytest.raises(UsageError, match="modality"):
+        search(store, q, modality="audio")
+    evil = "x') OR 1=1; DROP TABLE laion; --"
+    assert search(store, q, filters=Filters(caption_contains=evil)).rows == []
+    assert search(store, q, filters=Filters(where=[f"url={evil}"])).rows == []
+    assert store.scalar("SELECT count() FROM laion") == before
+
+
+def test_cli_search_and_guide_sql(loaded, tmp_path):
+    store, truth, db = loaded
+    store.close()  # the CLI runs in its own process and needs the store's lock (last test of this module)
+    vec = tmp_path / "v.json"
+    vec.write_text(json.dumps(truth["image"][42].tolist()))
+    np.save(tmp_path / "v.npy", truth["image"][42])
+    for path in (vec, tmp_path / "v.npy"):
+        out = run_cli("search", "--vector", str(path), "--k", "3", "--exact", "--db", str(db), "--json", check=True)
+        data = json.loads(out.stdout)
+        assert data["results"][0]["id"] == int(truth["ids"][42]) and data["k"] == 3
+    guide = "SELECT url, caption FROM laion ORDER BY cosineDistance(image_embedding, {target:Array(Float32)}) LIMIT 10"
+    out = run_cli("sql", guide, "--param", f"target=@{vec}", "--db", str(db), "--format", "json", check=True)
+    rows = json.loads(out.stdout)
+    assert len(rows) == 10 and rows[0]["caption"] == truth["rows"][42]["caption"]
+    bad = run_cli("search", "--like", "1", "--k", "0", "--db", str(db))
+    assert bad.returncode == 2 and "k must be between 1 and 1000" in bad.stderr
+    bad = run_cli("sql", "SELECT * FROM nope", "--db", str(db))
+    assert bad.returncode == 1 and "UNKNOWN_TABLE" in bad.stderr and "Traceback" not in bad.stderr
