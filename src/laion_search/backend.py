@@ -43,13 +43,23 @@ class Backend(Protocol):
 
 
 def format_param(value: Any) -> str:
-    """Render a Python value as the text form ClickHouse expects for a query parameter.
+    """Render a Python value as the text ClickHouse expects for a query parameter.
 
-    The engine parses this text as a value of the placeholder's declared type, so it can
-    never become SQL: ``{q:String}`` receives the string as-is.
+    The engine parses this text as a value of the placeholder's declared type, so it can never
+    become SQL. A top-level String is read with TSV escaping (``\\t``, ``\\n``, ``\\\\``); strings
+    inside arrays are quoted literals with backslash escapes. Either way the value arrives exactly.
     """
     if isinstance(value, str):
-        return value
+        return value.translate(_TSV)
+    return _literal(value)
+
+
+_TSV = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r", "\0": "\\0"})
+
+
+def _literal(value: Any) -> str:
+    if isinstance(value, str):
+        return "'" + value.translate(_TSV).replace("'", "\\'") + "'"
     if isinstance(value, bool):
         return "1" if value else "0"
     if isinstance(value, (int, np.integer)):
@@ -59,14 +69,8 @@ def format_param(value: Any) -> str:
     if isinstance(value, np.ndarray):
         value = value.tolist()
     if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_format_element(v) for v in value) + "]"
+        return "[" + ",".join(_literal(v) for v in value) + "]"
     raise TypeError(f"unsupported query parameter type: {type(value).__name__}")
-
-
-def _format_element(value: Any) -> str:
-    if isinstance(value, str):
-        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-    return format_param(value)
 
 
 _CODE_RE = re.compile(r"\s*\(version [^)]*\)")
@@ -108,6 +112,8 @@ class ChdbBackend:
                     f"this process already has the embedded store {_open_path} open; chDB can open one "
                     f"store per process, close it before opening {self.path}"
                 )
+            if _locked_by_other_process(self.path):
+                raise _busy_or_store_error(self.path, RuntimeError("Cannot lock file"))
             uri = self.path if not udf_path else f"{self.path}?udf_path={udf_path}"
             try:
                 self._session = chdb_session.Session(uri)
@@ -165,11 +171,33 @@ class ChdbBackend:
                     pass
 
 
+def _locked_by_other_process(path: str) -> bool:
+    """ClickHouse holds an exclusive ``flock`` on ``<store>/status`` while a process has the
+    store open. Probe it ourselves, so a busy store gives our clear error instead of chDB's
+    ("Error initializing EmbeddedServer"), and without chDB printing to stderr."""
+    import fcntl
+
+    status = Path(path) / "status"
+    try:
+        fd = os.open(status, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
 def _write_owner(path: str) -> None:
     import sys
 
     info = {"pid": os.getpid(), "command": " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:])[:300],
-            "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     try:
         (Path(path) / OWNER_FILE).write_text(json.dumps(info))
     except OSError:
@@ -192,6 +220,6 @@ def _busy_or_store_error(path: str, exc: Exception) -> StoreError:
             who = f" by process {owner.get('pid')} ({owner.get('command')}, since {owner.get('since')})"
         return StoreBusyError(
             f"the store {path} is in use{who}. chDB lets one process open a store at a time: "
-            "stop that process, or send your query to it (e.g. the HTTP API of `laion serve`)"
+            "wait for that process to finish (or stop it) and retry"
         )
     return StoreError(f"cannot open the store {path}: {clean_engine_message(message)}")

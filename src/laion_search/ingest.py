@@ -35,6 +35,7 @@ ProgressFn = Callable[[dict[str, Any]], None]
 
 DEFAULT_BATCH_ROWS = 32768
 INSERT_SETTINGS = {"max_insert_threads": 2}
+PREFETCH_DEPTH = 1
 
 
 @dataclass
@@ -137,7 +138,8 @@ def load_shard(store: Store, reader: ShardReader, *, batch_rows: int = DEFAULT_B
         store.backend.command(f"SYSTEM STOP MERGES {stage}")  # it lives for seconds: merging it is wasted work
         emit({"event": "shard_start", "shard": shard, "rows": reader.rows})
         done = 0
-        for batch in _prefetch(reader.batches(batch_rows)):
+        # ring: one batch being inserted + PREFETCH_DEPTH queued + one being filled, per column
+        for batch in _prefetch(reader.batches(batch_rows, ring=2 * (PREFETCH_DEPTH + 2)), PREFETCH_DEPTH):
             store.backend.insert_arrow(stage, batch, INSERT_SETTINGS)
             done += batch.num_rows
             emit({"event": "batch", "shard": shard, "rows_done": done, "rows": reader.rows,
