@@ -173,3 +173,4 @@ def test_cli_search_and_guide_sql(loaded, tmp_path):
     assert bad.returncode == 2 and "k must be between 1 and 1000" in bad.stderr
     bad = run_cli("sql", "SELECT * FROM nope", "--db", str(db))
     assert bad.returncode == 1 and "UNKNOWN_TABLE" in bad.stderr and "Traceback" not in bad.stderr
+

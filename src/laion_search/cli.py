@@ -376,6 +376,41 @@ def bench_ingest(
         out.write_text(result["markdown"] + "\n")
 
 
+@bench_app.command("search")
+@handle_errors
+def bench_search(
+    rows: int = typer.Option(100_000, "--rows", min=100, help="Rows of the synth shard to search."),
+    queries: int = typer.Option(100, "--queries", min=1, help="Number of text→image queries."),
+    k: int = typer.Option(10, "--k", min=1, max=1000, help="Neighbours per query (recall@k)."),
+    configs: str = typer.Option("16:128,64:256", "--configs", help="HNSW M:ef_construction pairs, comma-separated."),
+    quantization: str = typer.Option("bf16", "--quantization", help="bf16, f16, f32, i8 or b1."),
+    threads: int = typer.Option(2, "--threads", min=1, max=64, help="Client threads for the QPS column."),
+    workdir: Optional[Path] = typer.Option(None, "--dir", help="Scratch directory, reused between runs (default: temp)."),
+    out: Optional[Path] = typer.Option(Path("bench-out"), "--out", help="Where bench-search.md and .png go."),
+    json_output: bool = JsonOption,
+) -> None:
+    """Recall@k, latency, QPS, build speed and index size: exact and HNSW, vs numpy, faiss and usearch.
+
+    Example: laion bench search --rows 1000000 --configs 16:128,32:128,64:256
+    """
+    from .bench_search import parse_configs, run as run_bench
+
+    try:
+        parse_configs(configs)
+    except ValueError:
+        raise UsageError("--configs must look like 16:128,64:256") from None
+    result = run_bench(rows=rows, queries=queries, k=k, configs=configs, quantization=quantization, threads=threads,
+                       workdir=workdir, out=out, log=None if json_output else output.err.print)
+    if json_output:
+        print(output.dumps(result))
+    else:
+        output.out.print(result["markdown"])
+        for name, value in result["ratios"].items():
+            output.out.print(f"{name}: {value:.2f}×")
+        if out:
+            output.out.print(f"wrote {out / 'bench-search.md'} and {out / 'bench-search.png'}")
+
+
 def main() -> None:
     app()
 

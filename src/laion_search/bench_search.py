@@ -1,0 +1,240 @@
+"""``laion bench search``: recall and latency of exact and HNSW search, beside its peers, in one run.
+
+On one synth shard (or a loaded store's data), with a numpy ground truth:
+
+* **numpy exact** — one float32 matrix-vector product per query (the memory-bandwidth floor);
+* **faiss IndexFlatIP** — faiss's exact inner-product search (skipped when faiss is absent);
+* **laion exact** — :func:`laion_search.search.search` with ``exact=True``;
+* **laion hnsw (M, ef_c)** — the same through a ``vector_similarity`` index, per configuration;
+* **usearch (M, ef_c)** — the library inside ClickHouse's index, with the same M, ef_construction,
+  quantization and ef_search (ClickHouse's default 256), used directly.
+
+Queries are text embeddings of random rows searched against image embeddings (LAION's
+text→image use). Reported: recall@k, p50/p95 latency, QPS with 1 and N client threads, build
+vectors/s, index memory and disk size. Writes ``bench-search.md`` and ``bench-search.png``.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+EF_SEARCH = 256  # ClickHouse's hnsw_candidate_list_size_for_search default
+
+
+def parse_configs(text: str) -> list[tuple[int, int]]:
+    out = []
+    for part in text.split(","):
+        m, ef = part.strip().split(":")
+        out.append((int(m), int(ef)))
+    return out
+
+
+def _latencies(fn: Callable[[np.ndarray], list[int]], queries: np.ndarray) -> tuple[list[list[int]], list[float]]:
+    results, lat = [], []
+    for q in queries:
+        t = time.perf_counter()
+        results.append(fn(q))
+        lat.append(time.perf_counter() - t)
+    return results, lat
+
+
+def _qps(fn: Callable[[np.ndarray], Any], queries: np.ndarray, threads: int) -> float:
+    t = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(fn, queries))
+    return len(queries) / (time.perf_counter() - t)
+
+
+def _recall(results: list[list[int]], truth: np.ndarray, k: int) -> float:
+    return float(np.mean([len(set(r[:k]) & set(t[:k].tolist())) / k for r, t in zip(results, truth)]))
+
+
+def _row(name: str, results, lat, truth, k, qps1, qpsn, **extra) -> dict[str, Any]:
+    lat_ms = sorted(x * 1000 for x in lat)
+    return {"method": name, "recall": _recall(results, truth, k), "p50_ms": statistics.median(lat_ms),
+            "p95_ms": lat_ms[min(len(lat_ms) - 1, int(0.95 * len(lat_ms)))], "qps_1": qps1, "qps_n": qpsn, **extra}
+
+
+def run(rows: int = 100_000, queries: int = 100, k: int = 10, configs: str = "16:128,64:256",
+        quantization: str = "bf16", threads: int = 2, workdir: Path | None = None, out: Path | None = None,
+        log: Callable[[str], Any] | None = None) -> dict[str, Any]:
+    from .index import IndexSpec, create_index, drop_index, index_status
+    from .ingest import ingest
+    from .search import search
+    from .store import connect
+    from .synth import synth
+
+    say = log or (lambda m: None)
+    tmp = tempfile.TemporaryDirectory(prefix="laion-bench-search-") if workdir is None else None
+    root = Path(tmp.name if tmp else workdir)  # type: ignore[arg-type]
+    root.mkdir(parents=True, exist_ok=True)
+    results: list[dict[str, Any]] = []
+    try:
+        shard_dir = root / "shards"
+        if not (shard_dir / "img_emb_0.npy").exists():
+            say(f"synth: {rows:,} rows")
+            synth(shard_dir, [0], rows, seed=3)
+        base = np.load(shard_dir / "img_emb_0.npy").astype(np.float32)
+        texts = np.load(shard_dir / "text_emb_0.npy", mmap_mode="r")
+        rng = np.random.default_rng(0)
+        pick = rng.choice(len(base), size=min(queries, len(base)), replace=False)
+        qs = np.asarray(texts[pick], dtype=np.float32)
+        qs /= np.linalg.norm(qs, axis=1, keepdims=True)
+        ids = np.arange(len(base), dtype=np.int64)  # shard 0: id == row
+        say("ground truth (numpy)")
+        truth = np.argsort(-(qs @ base.T), axis=1)[:, :k]
+
+        def numpy_exact(q: np.ndarray) -> list[int]:
+            s = base @ q
+            top = np.argpartition(-s, k)[:k]
+            return top[np.argsort(-s[top])].tolist()
+
+        res, lat = _latencies(numpy_exact, qs)
+        results.append(_row("numpy exact (f32 GEMV)", res, lat, truth, k, _qps(numpy_exact, qs, 1),
+                            _qps(numpy_exact, qs, threads)))
+        try:
+            import faiss
+
+            flat = faiss.IndexFlatIP(base.shape[1])
+            flat.add(base)
+
+            def faiss_exact(q: np.ndarray) -> list[int]:
+                return flat.search(q[None, :], k)[1][0].tolist()
+
+            res, lat = _latencies(faiss_exact, qs)
+            results.append(_row("faiss IndexFlatIP", res, lat, truth, k, _qps(faiss_exact, qs, 1),
+                                _qps(faiss_exact, qs, threads)))
+        except ImportError:
+            say("faiss not installed: skipped")
+
+        db = root / "db"
+        with connect(db) as store:
+            if store.scalar("SELECT count() FROM laion") != len(base):
+                say("ingest")
+                ingest(store, shard_dir)
+
+            def laion_exact(q: np.ndarray) -> list[int]:
+                return [r["id"] for r in search(store, q, k=k, exact=True).rows]
+
+            res, lat = _latencies(laion_exact, qs)
+            results.append(_row("laion exact (chDB)", res, lat, truth, k, _qps(laion_exact, qs, 1),
+                                _qps(laion_exact, qs, threads)))
+            for m, ef in parse_configs(configs):
+                drop_index(store, "image")
+                say(f"build hnsw M={m} ef_construction={ef}")
+                built = create_index(store, IndexSpec("image", "cosine", quantization, m, ef))
+                st = index_status(store)[0]
+
+                def laion_hnsw(q: np.ndarray) -> list[int]:
+                    return [r["id"] for r in search(store, q, k=k).rows]
+
+                res, lat = _latencies(laion_hnsw, qs)
+                results.append(_row(f"laion hnsw M={m} ef_c={ef}", res, lat, truth, k, _qps(laion_hnsw, qs, 1),
+                                    _qps(laion_hnsw, qs, threads), build_vps=built["vectors_per_second"],
+                                    index_disk=st["bytes_on_disk"], index_memory=st["memory_bytes_estimate"],
+                                    m=m, ef_construction=ef))
+                results.append(_usearch_row(base, ids, qs, truth, k, m, ef, quantization, threads, root, say))
+            drop_index(store, "image")
+    finally:
+        if tmp:
+            tmp.cleanup()
+    md = _markdown(results, rows, len(qs), k, quantization, threads)
+    ratios = _ratios(results)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench-search.md").write_text(md + "\n")
+        _plot(results, out / "bench-search.png")
+    return {"rows": rows, "queries": len(qs), "k": k, "results": results, "ratios": ratios, "markdown": md}
+
+
+def _usearch_row(base, ids, qs, truth, k, m, ef, quantization, threads, root, say) -> dict[str, Any]:
+    try:
+        from usearch.index import Index
+    except ImportError:
+        say("usearch not installed: skipped")
+        return {"method": f"usearch M={m} ef_c={ef} (missing)", "recall": float("nan"), "p50_ms": float("nan"),
+                "p95_ms": float("nan"), "qps_1": float("nan"), "qps_n": float("nan")}
+    idx = Index(ndim=base.shape[1], metric="cos", dtype=quantization, connectivity=m, expansion_add=ef,
+                expansion_search=EF_SEARCH)
+    t = time.perf_counter()
+    idx.add(ids, base, threads=os.cpu_count() or 1)
+    build = time.perf_counter() - t
+    path = root / f"usearch-{m}-{ef}.usearch"
+    idx.save(str(path))
+
+    def usearch_q(q: np.ndarray) -> list[int]:
+        return idx.search(q, k).keys.tolist()
+
+    res, lat = _latencies(usearch_q, qs)
+    row = _row(f"usearch M={m} ef_c={ef}", res, lat, truth, k, _qps(usearch_q, qs, 1), _qps(usearch_q, qs, threads),
+               build_vps=len(base) / build, index_disk=path.stat().st_size, index_memory=idx.memory_usage,
+               m=m, ef_construction=ef)
+    path.unlink()
+    return row
+
+
+def _ratios(results: list[dict[str, Any]]) -> dict[str, float]:
+    by = {r["method"]: r for r in results}
+    out: dict[str, float] = {}
+    np_row = by.get("numpy exact (f32 GEMV)")
+    if np_row and "laion exact (chDB)" in by:
+        out["exact_vs_numpy_p50"] = by["laion exact (chDB)"]["p50_ms"] / np_row["p50_ms"]
+    for r in results:
+        if r["method"].startswith("laion hnsw"):
+            peer = by.get(r["method"].replace("laion hnsw", "usearch"))
+            if peer:
+                out[f"{r['method']} vs usearch p50"] = r["p50_ms"] / peer["p50_ms"]
+                if peer.get("build_vps"):
+                    out[f"{r['method']} build vs usearch"] = r["build_vps"] / peer["build_vps"]
+    return out
+
+
+def _mb(x: Any) -> str:
+    return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x / 2**20:,.1f} MB"
+
+
+def _markdown(results, rows, queries, k, quantization, threads) -> str:
+    lines = [f"{rows:,} rows × 512-d, {queries} text→image queries, recall@{k}, quantization {quantization}, "
+             f"ef_search {EF_SEARCH}, QPS with 1 and {threads} client threads",
+             "",
+             f"| method | recall@{k} | p50 ms | p95 ms | QPS (1) | QPS ({threads}) | build vectors/s | index memory | index disk |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        bv = r.get("build_vps")
+        lines.append(f"| {r['method']} | {r['recall']:.3f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['qps_1']:,.0f} | "
+                     f"{r['qps_n']:,.0f} | {'-' if not bv else f'{bv:,.0f}'} | {_mb(r.get('index_memory'))} | "
+                     f"{_mb(r.get('index_disk'))} |")
+    return "\n".join(lines)
+
+
+def _plot(results: list[dict[str, Any]], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        if np.isnan(r["recall"]):
+            continue
+        marker = "s" if "exact" in r["method"] or "Flat" in r["method"] else ("o" if "laion" in r["method"] else "^")
+        ax.scatter(r["p50_ms"], r["recall"], marker=marker, s=60)
+        ax.annotate(r["method"], (r["p50_ms"], r["recall"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("p50 latency per query (ms, log scale)")
+    ax.set_ylabel("recall@10")
+    ax.set_title("laion-search: recall vs latency")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
