@@ -228,9 +228,13 @@ def _plot(results: list[dict[str, Any]], path: Path) -> None:
         if np.isnan(r["recall"]):
             continue
         marker = "s" if "exact" in r["method"] or "Flat" in r["method"] else ("o" if "laion" in r["method"] else "^")
-        ax.scatter(r["p50_ms"], r["recall"], marker=marker, s=60)
-        ax.annotate(r["method"], (r["p50_ms"], r["recall"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.scatter(r["p50_ms"], r["recall"], marker=marker, s=60, label=r["method"])
     ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.legend(fontsize=7, loc="lower right")
     ax.set_xlabel("p50 latency per query (ms, log scale)")
     ax.set_ylabel("recall@10")
     ax.set_title("laion-search: recall vs latency")

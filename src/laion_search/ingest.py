@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 
-from .errors import LaionError, ShardValidationError, StoreError
+from .errors import LaionError, StoreError
 from .shards import ShardFiles, ShardReader, discover, open_shard
 from .store import SHARDS_TABLE, TABLE, Store, list_stage_tables, stage_table_name
 
@@ -222,4 +222,4 @@ def _prefetch(batches: Iterator[pa.Table], depth: int = 1) -> Iterator[pa.Table]
             t.join(timeout=0.05)
 
 
-__all__ = ["IngestReport", "ingest", "ingest_files", "load_shard", "ShardValidationError"]
+__all__ = ["IngestReport", "ingest", "ingest_files", "load_shard"]

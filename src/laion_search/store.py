@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import pyarrow as pa
 
@@ -163,10 +163,10 @@ class Store:
             "SELECT count() AS parts, sum(rows) AS rows, sum(bytes_on_disk) AS bytes_on_disk, "
             "sum(data_uncompressed_bytes) AS bytes_uncompressed FROM system.parts "
             "WHERE database = currentDatabase() AND table = {t:String} AND active", {"t": TABLE})[0]
-        indexes = self.rows(
-            "SELECT name, expr, type_full, data_compressed_bytes AS bytes_on_disk "
-            "FROM system.data_skipping_indices WHERE database = currentDatabase() AND table = {t:String} "
-            "AND type = 'vector_similarity' ORDER BY name", {"t": TABLE})
+        from .index import index_status  # index builds on store: import here, not at module level
+
+        indexes = [{k: i[k] for k in ("name", "column", "type", "parts_covered", "parts", "bytes_on_disk")}
+                   for i in index_status(self)]
         shards = []
         for n in sorted(set(records) | set(counts)):
             rec = records.get(n)
@@ -225,8 +225,3 @@ def list_stage_tables(store: Store) -> list[str]:
                       "AND startsWith(name, {p:String})", {"p": STAGE_PREFIX})
     return [r["name"] for r in rows]
 
-
-def settings_clause(settings: Mapping[str, Any]) -> str:
-    from .backend import format_param
-
-    return ", ".join(f"{k} = {format_param(v)}" for k, v in settings.items())
