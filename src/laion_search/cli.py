@@ -4,8 +4,6 @@ turn library errors into a one-line message and a non-zero exit."""
 from __future__ import annotations
 
 import functools
-import os
-import sys
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
