@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -118,6 +119,9 @@ def worker(method: str, shard_dir: str, db: str) -> dict[str, Any]:
 
 
 def _run_worker(method: str, shard_dir: Path, db: Path) -> dict[str, Any]:
+    # Flush dirty pages left by the synth step or the previous worker, so that no pipeline is
+    # throttled by another's writeback.
+    os.sync()
     proc = subprocess.run([sys.executable, "-m", "laion_search.bench_ingest", method, str(shard_dir), str(db)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
@@ -141,7 +145,9 @@ def run(rows: int = 200_000, guide_rows: int = 20_000, workdir: Path | None = No
         results = []
         for method, shard_dir in (("ours", big), ("native", big), ("guide", small)):
             say(f"running {method} …")
-            r = _run_worker(method, shard_dir, root / f"db-{method}")
+            db = root / f"db-{method}"
+            shutil.rmtree(db, ignore_errors=True)  # every pipeline loads into a fresh store
+            r = _run_worker(method, shard_dir, db)
             r["rows_per_second"] = r["rows"] / r["seconds"]
             results.append(r)
             say(f"  {method}: {r['rows']:,} rows in {r['seconds']:.2f} s, peak RSS {r['peak_rss'] / 2**20:,.0f} MB")

@@ -17,6 +17,7 @@ verbatim, and adds LAION metadata columns plus the shard bookkeeping:
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,9 @@ COLUMNS = ("id", "url", "caption", "NSFW", "similarity", "shard", "shard_row", "
            "original_width", "original_height", "LICENSE")
 
 
+_READ_ONLY_RE = re.compile(r"^\s*(\(\s*)*(SELECT|WITH|EXPLAIN|SHOW|DESC|DESCRIBE|EXISTS)\b", re.I)
+
+
 def default_db_path() -> Path:
     """``$LAION_DB``, else ``$XDG_DATA_HOME/laion-search/db`` (``~/.local/share/laion-search/db``)."""
     env = os.environ.get("LAION_DB")
@@ -101,6 +105,7 @@ class Store:
 
     def __init__(self, backend: Backend, *, create: bool = True):
         self.backend = backend
+        self._dim: int | None = None
         if create:
             self.init()
 
@@ -128,6 +133,8 @@ class Store:
         """Run any statement; returns its result as an Arrow table (empty for DDL/DML)."""
         if not query or not query.strip():
             raise UsageError("empty SQL statement")
+        if not _READ_ONLY_RE.match(query):
+            self._dim = None  # a statement that may change the table: re-read the dimension
         return self.backend.query_arrow(query, params)
 
     def rows(self, query: str, params: Params | None = None) -> list[dict[str, Any]]:
@@ -152,8 +159,13 @@ class Store:
         return {r["shard"]: r["n"] for r in rows}
 
     def dim(self) -> int | None:
-        """Embedding dimension of the loaded rows, or None while the table is empty."""
-        return self.scalar(f"SELECT image_embedding.size0 FROM {TABLE} LIMIT 1")  # sizes only, not the vectors
+        """Embedding dimension of the loaded rows, or None while the table is empty.
+
+        Cached once known (every search needs it); reset by any statement that is not a read."""
+        if self._dim is None:
+            # .size0 reads the array sizes only, not the vectors
+            self._dim = self.scalar(f"SELECT image_embedding.size0 FROM {TABLE} LIMIT 1")
+        return self._dim
 
     def status(self) -> dict[str, Any]:
         """Rows, shards, size on disk and vector indexes, as plain data."""
