@@ -13,12 +13,17 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
+# torch first, pinned: the [clip] extra's range is then already satisfied and pip pulls nothing bigger.
+TORCH := torch==2.13.0
+
 $(STAMP_RUN): pyproject.toml | $(BIN)/python
-	$(PIP) install --quiet -e .
+	$(PIP) install --quiet $(TORCH)
+	$(PIP) install --quiet -e '.[clip]'
 	touch $@
 
 $(STAMP_TEST): pyproject.toml | $(BIN)/python
-	$(PIP) install --quiet -e '.[test,bench]'
+	$(PIP) install --quiet $(TORCH)
+	$(PIP) install --quiet -e '.[clip,test,bench]'
 	touch $@ $(STAMP_RUN)
 
 install: $(STAMP_RUN)

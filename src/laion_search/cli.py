@@ -21,6 +21,9 @@ app.add_typer(bench_app, name="bench")
 DbOption = typer.Option(None, "--db", envvar="LAION_DB", show_envvar=True,
                         help="Store directory (embedded chDB). Default: ~/.local/share/laion-search/db.")
 JsonOption = typer.Option(False, "--json", help="Machine-readable JSON output.")
+ModelOption = typer.Option(None, "--model", envvar="LAION_CLIP_MODEL", show_envvar=True,
+                           help="CLIP model: a local directory or hub id (default openai/clip-vit-base-patch32), "
+                                "or open_clip:ARCH/PRETRAINED.")
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -183,6 +186,9 @@ def sql(
 def search(
     vector: Optional[Path] = typer.Option(None, "--vector", help="Query vector file: .npy or .json (a list of numbers)."),
     like: Optional[int] = typer.Option(None, "--like", help="Use the stored embedding of this row id (\"more like this\")."),
+    text: Optional[str] = typer.Option(None, "--text", "-t", help="Text query, encoded with CLIP (text→image by default)."),
+    image: Optional[Path] = typer.Option(None, "--image", "-i", help="Image file query, encoded with CLIP."),
+    model: Optional[str] = ModelOption,
     modality: str = typer.Option("image", "--modality", "-m", help="Which embedding column to search: image or text."),
     k: int = typer.Option(10, "--k", "-k", help="Number of results (1-1000)."),
     exact: bool = typer.Option(False, "--exact", help="Brute force: ignore vector indexes."),
@@ -199,21 +205,21 @@ def search(
     db: Optional[str] = DbOption,
     json_output: bool = JsonOption,
 ) -> None:
-    """Nearest neighbours by vector or by an existing row, exact or through the HNSW index.
+    """Nearest neighbours by text, image, vector or an existing row, exact or through the HNSW index.
 
-    Example: laion search --like 1000000042 --k 5 --nsfw exclude --where "width>=400"
+    Example: laion search --text "a dog and a cat" --k 5 --nsfw exclude --where "width>=400"
     """
     from .search import Filters, SearchOptions
     from .search import search as do_search
     from .vectors import load_vector_file
 
-    if (vector is None) == (like is None):
-        raise UsageError("give exactly one query: --vector FILE or --like ID")
+    if sum(x is not None for x in (vector, like, text, image)) != 1:
+        raise UsageError("give exactly one query: --text, --image, --vector FILE or --like ID")
     q = load_vector_file(vector) if vector is not None else None
     filters = Filters(nsfw=nsfw, min_similarity=min_similarity, caption_contains=caption_contains, where=where)
     options = SearchOptions(ef_search=ef_search, rescoring=rescoring, filter_strategy=filter_strategy)
     with open_store(db) as store:
-        result = do_search(store, q, like=like, modality=modality, k=k, exact=exact, metric=metric,
+        result = do_search(store, q, like=like, text=text, image=image, model=model, modality=modality, k=k, exact=exact, metric=metric,
                            filters=filters, columns=columns, options=options)
     print_search(result, json_output)
 
@@ -329,6 +335,102 @@ def index_drop(column: str = typer.Option("both", "--column", help="image, text 
     else:
         for name, existed in dropped.items():
             output.out.print(f"{name}: {'dropped' if existed else 'did not exist'}")
+
+
+# -- embed --------------------------------------------------------------------------------------
+@app.command()
+@handle_errors
+def embed(
+    images: Path = typer.Argument(..., help="Folder of images (searched recursively)."),
+    out: Path = typer.Argument(..., help="Where to write LAION-format shards."),
+    captions: Optional[Path] = typer.Option(None, "--captions", help="CSV with path,caption columns (paths relative "
+                                                                      "to the folder). Default: captions from file names."),
+    from_filenames: bool = typer.Option(False, "--from-filenames", help="Captions from file names (the default)."),
+    model: Optional[str] = ModelOption,
+    shard_size: int = typer.Option(10_000, "--shard-size", min=1, help="Images per shard."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, max=1024, help="Images per encoder batch."),
+    json_output: bool = JsonOption,
+) -> None:
+    """Embed your own images with CLIP into LAION-format shards (resumable), ready for `laion ingest`.
+
+    Example: laion embed ./photos ./photo-shards --captions captions.csv && laion ingest ./photo-shards
+    """
+    from .embed import embed as do_embed
+
+    if captions and from_filenames:
+        raise UsageError("use either --captions or --from-filenames")
+    mode = output.progress_mode(json_output)
+    bar = None
+    if mode == "bar":
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn("embed"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                       TimeRemainingColumn(), console=output.err)
+        bar.start()
+        task = bar.add_task("embed", total=None, rate="")
+
+    def on_event(e: dict) -> None:
+        if mode == "json":
+            if e["event"] != "batch":
+                print(output.dumps(e), flush=True)
+        elif bar is not None:
+            if e["event"] == "start":
+                bar.update(task, total=e["images"])
+            elif e["event"] == "batch":
+                bar.update(task, completed=e["images_done"], rate=f"{e['images_done'] / max(e['seconds'], 1e-9):.1f} images/s")
+        elif e["event"] in ("shard_done", "shard_skipped"):
+            output.err.print(f"shard {e['shard']}: {e['images']} images {'skipped (complete)' if 'skipped' in e['event'] else 'written'}")
+
+    try:
+        report = do_embed(images, out, captions=str(captions) if captions else None, model=model,
+                          shard_size=shard_size, batch_size=batch_size, progress=on_event)
+    finally:
+        if bar is not None:
+            bar.stop()
+    if not json_output:
+        output.out.print(f"embedded {report.images:,} images in {report.seconds:.1f} s "
+                         f"({report.images_per_second:.1f} images/s) → {out}; shards written {report.shards_written}, "
+                         f"skipped {report.shards_skipped}")
+        for path, why in report.failed:
+            output.err.print(f"skipped {path}: {why}")
+
+
+# -- udf ----------------------------------------------------------------------------------------
+udf_app = typer.Typer(help="The guide's encode_text / encode_image SQL functions (ClickHouse executable UDFs).",
+                      no_args_is_help=True)
+app.add_typer(udf_app, name="udf")
+
+
+@udf_app.command("install")
+@handle_errors
+def udf_install(
+    directory: Optional[Path] = typer.Option(None, "--dir", help="Write here (a server's user_scripts/). "
+                                                                 "Default: into the embedded store (<db>/udf)."),
+    model: Optional[str] = ModelOption,
+    python: Optional[str] = typer.Option(None, "--python", help="Interpreter for the scripts (default: this one)."),
+    pool_size: int = typer.Option(1, "--pool-size", min=1, max=64, help="Processes ClickHouse keeps per function."),
+    db: Optional[str] = DbOption,
+    json_output: bool = JsonOption,
+) -> None:
+    """Write encode_text.py / encode_image.py and their *_function.xml (executable_pool).
+
+    Example: laion udf install --model ./clip-b32 && laion sql "SELECT encode_text('a cat')"
+    """
+    from .store import UDF_DIR, default_db_path
+    from .udf import install_udfs
+
+    target = directory or (Path(db) if db else default_db_path()) / UDF_DIR
+    files = install_udfs(target, python=python, model=model, pool_size=pool_size)
+    if json_output:
+        print(output.dumps({"dir": str(target), "files": [str(f) for f in files]}))
+        return
+    for f in files:
+        output.out.print(f"wrote {f}")
+    if directory:
+        output.out.print("Copy the .py files to the server's user_scripts/ and the .xml files to the path in "
+                         "<user_defined_executable_functions_config>, then SYSTEM RELOAD FUNCTIONS.")
+    else:
+        output.out.print("The embedded store loads them when it opens: laion sql \"SELECT encode_text('a cat')\"")
 
 
 # -- demo -----------------------------------------------------------------------------------------

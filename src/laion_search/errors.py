@@ -9,7 +9,8 @@
     ├── StoreError                  the store cannot do what was asked
     │   ├── StoreBusyError          another process holds the embedded store's lock
     │   └── QueryError              the engine rejected a statement (wraps chDB / server errors)
-    └── (later: DownloadError, EncoderError …)
+    ├── EncoderError                CLIP model missing/unloadable, or an input it cannot encode
+    └── (later: DownloadError …)
 
 Third-party errors are re-raised as ours with ``raise … from`` so callers (CLI, HTTP API)
 only need to know this tree, and the original is kept as ``__cause__``.
@@ -50,3 +51,7 @@ class StoreBusyError(StoreError):
 
 class QueryError(StoreError):
     """The engine rejected a statement; the message is the engine's, without the stack."""
+
+
+class EncoderError(LaionError):
+    """A CLIP model could not be loaded, or an input (text, image) could not be encoded."""

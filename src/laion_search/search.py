@@ -119,10 +119,21 @@ def row_vector(store: Store, row_id: Any, modality: str = "image") -> np.ndarray
     return np.asarray(t.column(0)[0].as_py(), dtype=np.float32)
 
 
-def search(store: Store, vector: Any = None, *, like: int | None = None, modality: str = "image", k: int = 10,
+def search(store: Store, vector: Any = None, *, like: int | None = None, text: str | None = None,
+           image: Any = None, model: str | None = None, modality: str = "image", k: int = 10,
            exact: bool = False, metric: str = "cosine", filters: Filters | None = None,
            columns: Sequence[str] | None = None, options: SearchOptions | None = None) -> SearchResult:
-    """Find the k rows nearest to ``vector`` (or to row ``like``'s embedding) in one modality."""
+    """Find the k rows nearest to one query in one modality's embeddings.
+
+    The query is exactly one of: ``vector``; ``like`` (a row id: its stored embedding);
+    ``text`` or ``image`` (a path, bytes or PIL image), encoded with the CLIP ``model``
+    (default: ``$LAION_CLIP_MODEL`` or OpenAI CLIP ViT-B/32). ``modality="image"`` searches
+    image embeddings — so ``text=`` is LAION's text→image search; ``modality="text"`` searches
+    caption embeddings.
+    """
+    given = [x is not None for x in (vector, like, text, image)]
+    if sum(given) != 1:
+        raise UsageError("give exactly one query: a vector, like=<row id>, text= or image=")
     k = check_k(k)
     column = _column(modality)
     func = _metric(metric)
@@ -130,8 +141,11 @@ def search(store: Store, vector: Any = None, *, like: int | None = None, modalit
     options = options or SearchOptions()
     if options.filter_strategy not in FILTER_STRATEGIES:
         raise UsageError(f"filter strategy must be one of {', '.join(FILTER_STRATEGIES)}")
-    if (vector is None) == (like is None):
-        raise UsageError("give exactly one of: a query vector, or like=<row id>")
+    if text is not None or image is not None:
+        from .encoders import get_encoder
+
+        enc = get_encoder(model)
+        vector = enc.encode_text([text])[0] if text is not None else enc.encode_image([image])[0]
     if like is not None:
         vector = row_vector(store, like, modality)
         filters = Filters(**{**filters.__dict__, "exclude_ids": [*filters.exclude_ids, int(like)]})

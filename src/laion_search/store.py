@@ -30,6 +30,7 @@ from .errors import StoreError, UsageError
 TABLE = "laion"
 SHARDS_TABLE = "laion_shards"
 STAGE_PREFIX = "laion_stage_"
+UDF_DIR = "udf"  # <store>/udf: executable UDFs the embedded engine loads at open
 DEFAULT_DIM = 512
 
 TABLE_DDL = """
@@ -218,6 +219,11 @@ def connect(target: str | os.PathLike[str] | None = None, *, create: bool = True
     text = str(target)
     if text.startswith(("clickhouse://", "clickhouses://", "http://", "https://")):
         raise StoreError("ClickHouse server URLs are not supported yet; use a directory for the embedded store")
+    if udf_path is None:
+        # UDFs installed into the store by `laion udf install` (encode_text / encode_image)
+        candidate = Path(text).expanduser() / UDF_DIR
+        if any(candidate.glob("*_function.xml")):
+            udf_path = str(candidate.resolve())
     backend = ChdbBackend(text, udf_path=udf_path)
     try:
         return Store(backend, create=create)

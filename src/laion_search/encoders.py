@@ -1,0 +1,231 @@
+"""CLIP encoders: text and images → L2-normalised float32 vectors, batched, model loaded once.
+
+LAION-400M's embeddings come from OpenAI CLIP ViT-B/32, so that is the default
+(``openai/clip-vit-base-patch32``, Hugging Face format). Choose another with ``--model`` or
+``$LAION_CLIP_MODEL``:
+
+* a Hugging Face model id or a local directory with a CLIP model (``config.json``, weights,
+  tokenizer files) — e.g. a copy made on a machine with internet by
+  ``huggingface-cli download openai/clip-vit-base-patch32 --local-dir ./clip-b32``;
+* ``open_clip:ARCH/PRETRAINED`` (e.g. ``open_clip:ViT-L-14/laion2b_s32b_b82k`` for LAION-5B)
+  when ``open_clip_torch`` is installed.
+
+Heavy dependencies (torch, transformers, Pillow) are the ``[clip]`` extra, imported only when
+an encoder is first used. Encoders live in a registry keyed by scheme, so a new family plugs in
+with :func:`register` without touching callers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+
+from .errors import EncoderError, UsageError
+from .images import load_image
+
+DEFAULT_MODEL = "openai/clip-vit-base-patch32"
+ENV_MODEL = "LAION_CLIP_MODEL"
+INSTALL_HINT = "pip install 'laion-search[clip]'  (torch, transformers, pillow)"
+MAX_TEXT_CHARS = 10_000  # CLIP reads 77 tokens; longer text is cut long before tokenizing
+
+# OpenAI CLIP's image normalisation (used when a model directory has no preprocessor config)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class Encoder(Protocol):
+    name: str
+    dim: int
+
+    def encode_text(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray: ...
+
+    def encode_image(self, images: Sequence[Any], batch_size: int = 32) -> np.ndarray: ...
+
+
+_FACTORIES: dict[str, Callable[[str], Encoder]] = {}
+_CACHE: dict[str, Encoder] = {}
+_LOCK = threading.Lock()
+
+
+def register(scheme: str) -> Callable[[Callable[[str], Encoder]], Callable[[str], Encoder]]:
+    """Register a factory for model names ``"<scheme>:<rest>"`` (``""`` is the default family)."""
+
+    def deco(factory: Callable[[str], Encoder]) -> Callable[[str], Encoder]:
+        _FACTORIES[scheme] = factory
+        return factory
+
+    return deco
+
+
+def resolve_model(model: str | os.PathLike[str] | None = None) -> str:
+    return str(model) if model else os.environ.get(ENV_MODEL) or DEFAULT_MODEL
+
+
+def get_encoder(model: str | os.PathLike[str] | None = None) -> Encoder:
+    """The encoder for ``model`` (default: ``$LAION_CLIP_MODEL`` or OpenAI CLIP ViT-B/32),
+    loaded once per process and reused."""
+    name = resolve_model(model)
+    with _LOCK:
+        enc = _CACHE.get(name)
+        if enc is None:
+            scheme, _, rest = name.partition(":")
+            if rest and scheme in _FACTORIES and not Path(name).exists():
+                enc = _FACTORIES[scheme](rest)
+            else:
+                enc = _FACTORIES[""](name)
+            _CACHE[name] = enc
+        return enc
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    n = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.where(n == 0, 1, n)
+
+
+def _import_torch_stack():
+    try:
+        import torch
+        import transformers
+    except ImportError as exc:
+        raise EncoderError(f"CLIP encoders need torch and transformers ({exc.name} is missing): {INSTALL_HINT}") from None
+    transformers.utils.logging.set_verbosity_error()  # no load banners or progress bars on our stderr
+    transformers.utils.logging.disable_progress_bar()
+    return torch, transformers
+
+
+class HFClipEncoder:
+    """A CLIP model in Hugging Face format (hub id or local directory)."""
+
+    def __init__(self, model: str):
+        torch, transformers = _import_torch_stack()
+        self.name = model
+        self._torch = torch
+        try:
+            self.model = transformers.CLIPModel.from_pretrained(model)
+            self.tokenizer = transformers.CLIPTokenizer.from_pretrained(model)
+        except (OSError, ValueError) as exc:
+            raise EncoderError(
+                f"cannot load CLIP model {model!r}: {str(exc).splitlines()[0]}. Without internet, download it on "
+                f"another machine (huggingface-cli download {DEFAULT_MODEL} --local-dir ./clip-b32), copy the "
+                "folder here and pass --model ./clip-b32 (or set LAION_CLIP_MODEL)") from None
+        self.model.eval()
+        cfg = self.model.config
+        self.dim = int(cfg.projection_dim)
+        self.max_tokens = int(cfg.text_config.max_position_embeddings)
+        self.image_size = int(cfg.vision_config.image_size)
+        self.mean, self.std = np.array(CLIP_MEAN, np.float32), np.array(CLIP_STD, np.float32)
+        pre = Path(model) / "preprocessor_config.json"
+        if pre.is_file():
+            try:
+                conf = json.loads(pre.read_text())
+                self.mean = np.array(conf.get("image_mean", CLIP_MEAN), np.float32)
+                self.std = np.array(conf.get("image_std", CLIP_STD), np.float32)
+            except ValueError:
+                pass
+        self._lock = threading.Lock()  # torch modules are not re-entrant across threads
+
+    def encode_text(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        torch = self._torch
+        texts = [_check_text(t) for t in texts]
+        out = []
+        for i in range(0, len(texts), batch_size):
+            batch = self.tokenizer(texts[i:i + batch_size], padding=True, truncation=True,
+                                   max_length=self.max_tokens, return_tensors="pt")
+            with self._lock, torch.inference_mode():
+                feats = self.model.get_text_features(input_ids=batch["input_ids"],
+                                                     attention_mask=batch["attention_mask"])
+            out.append(_features(feats))
+        return normalise(np.concatenate(out)) if out else np.zeros((0, self.dim), np.float32)
+
+    def encode_image(self, images: Sequence[Any], batch_size: int = 32) -> np.ndarray:
+        torch = self._torch
+        out = []
+        for i in range(0, len(images), batch_size):
+            pixels = np.stack([self.preprocess(load_image(im)) for im in images[i:i + batch_size]])
+            with self._lock, torch.inference_mode():
+                feats = self.model.get_image_features(pixel_values=torch.from_numpy(pixels))
+            out.append(_features(feats))
+        return normalise(np.concatenate(out)) if out else np.zeros((0, self.dim), np.float32)
+
+    def preprocess(self, img: Any) -> np.ndarray:
+        """OpenAI CLIP's transform without torchvision: resize the short side (bicubic),
+        centre-crop, scale to [0, 1], normalise; returns CHW float32."""
+        from PIL import Image
+
+        size = self.image_size
+        w, h = img.size
+        scale = size / min(w, h)
+        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+        w, h = img.size
+        left, top = (w - size) // 2, (h - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+        arr = (arr - self.mean) / self.std
+        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def _features(feats: Any) -> np.ndarray:
+    # transformers ≥ 5 returns a model output whose pooler_output holds the projected features
+    tensor = feats if hasattr(feats, "detach") else feats.pooler_output
+    return tensor.detach().float().cpu().numpy()
+
+
+def _check_text(text: Any) -> str:
+    if not isinstance(text, str):
+        raise UsageError("text queries must be strings")
+    if not text.strip():
+        raise UsageError("text query is empty")
+    return text[:MAX_TEXT_CHARS]
+
+
+@register("")
+def _hf_factory(model: str) -> Encoder:
+    return HFClipEncoder(model)
+
+
+@register("open_clip")
+def _open_clip_factory(spec: str) -> Encoder:
+    return OpenClipEncoder(spec)
+
+
+class OpenClipEncoder:
+    """``open_clip:ARCH/PRETRAINED`` (e.g. LAION-5B's ``ViT-L-14/laion2b_s32b_b82k``)."""
+
+    def __init__(self, spec: str):
+        torch, _ = _import_torch_stack()
+        try:
+            import open_clip
+        except ImportError:
+            raise EncoderError("open_clip models need open_clip_torch: pip install open_clip_torch") from None
+        arch, _, pretrained = spec.partition("/")
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained or None)
+        except Exception as exc:
+            raise EncoderError(f"cannot load open_clip model {spec!r}: {exc}") from None
+        self.name = f"open_clip:{spec}"
+        self._torch, self.model, self._preprocess = torch, model.eval(), preprocess
+        self.tokenizer = open_clip.get_tokenizer(arch)
+        self.dim = int(model.text_projection.shape[1]) if hasattr(model, "text_projection") else 512
+        self._lock = threading.Lock()
+
+    def encode_text(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        texts = [_check_text(t) for t in texts]
+        out = []
+        for i in range(0, len(texts), batch_size):
+            with self._lock, self._torch.inference_mode():
+                out.append(self.model.encode_text(self.tokenizer(texts[i:i + batch_size])).float().numpy())
+        return normalise(np.concatenate(out)) if out else np.zeros((0, self.dim), np.float32)
+
+    def encode_image(self, images: Sequence[Any], batch_size: int = 32) -> np.ndarray:
+        out = []
+        for i in range(0, len(images), batch_size):
+            batch = self._torch.stack([self._preprocess(load_image(im)) for im in images[i:i + batch_size]])
+            with self._lock, self._torch.inference_mode():
+                out.append(self.model.encode_image(batch).float().numpy())
+        return normalise(np.concatenate(out)) if out else np.zeros((0, self.dim), np.float32)
