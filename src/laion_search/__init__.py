@@ -5,7 +5,7 @@
 >>> laion_search.ingest(store, "./shards")               # doctest: +SKIP
 """
 
-from .errors import (LaionError, QueryError, ShardError, ShardValidationError, StoreBusyError, StoreError,
+from .errors import (EncoderError, LaionError, QueryError, ShardError, ShardValidationError, StoreBusyError, StoreError,
                      UsageError)
 from .ingest import IngestReport, ingest
 from .store import Store, connect, default_db_path
@@ -14,6 +14,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "connect", "Store", "default_db_path", "ingest", "IngestReport",
-    "LaionError", "UsageError", "ShardError", "ShardValidationError", "StoreError", "StoreBusyError",
+    "EncoderError", "LaionError", "UsageError", "ShardError", "ShardValidationError", "StoreError", "StoreBusyError",
     "QueryError", "__version__",
 ]
