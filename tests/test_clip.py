@@ -181,3 +181,13 @@ def test_cli_search_text_image_and_embed(embedded_store, tiny_model, image_dir, 
     assert {m["image_path"]: m["caption"] for m in meta}["red_lego_car.png"] == 'A red car, "LEGO"'
     again = run_cli("embed", str(image_dir), str(shards), "--model", tiny_model, "--json", check=True)
     assert json.loads(again.stdout.splitlines()[-1])["shards_skipped"] == [0]  # resumable: nothing redone
+
+
+def test_bench_clip_end_to_end(tmp_path, tiny_model):
+    from laion_search.bench_clip import run
+
+    result = run(rows=300, model=tiny_model, repeat=3, images=3, workdir=tmp_path)
+    assert result["encode_ms"] > 0 and result["text_search_ms"] > 0 and result["udf_pooled_ms"] > 0
+    assert result["udf_first_call_ms"] > result["udf_pooled_ms"]  # the pool pays the model load once
+    assert result["embed_images_per_second"] > 0
+    assert "text search / encode" in result["markdown"]

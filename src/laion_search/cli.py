@@ -511,6 +511,28 @@ def bench_search(
             output.out.print(f"wrote {out / 'bench-search.md'} and {out / 'bench-search.png'}")
 
 
+@bench_app.command("clip")
+@handle_errors
+def bench_clip(
+    rows: int = typer.Option(100_000, "--rows", min=100, help="Synth rows to search."),
+    model: Optional[str] = typer.Option(None, "--model", help="CLIP model (default: a random-weight ViT-B/32, "
+                                                              "same compute as the real one)."),
+    repeat: int = typer.Option(30, "--repeat", min=3, help="Queries per measurement."),
+    images: int = typer.Option(64, "--images", min=1, help="Images for the embed throughput."),
+    workdir: Optional[Path] = typer.Option(None, "--dir", help="Scratch directory, reused between runs."),
+    json_output: bool = JsonOption,
+) -> None:
+    """Text search end to end vs encode alone, pooled UDF vs in-process encoder, embed images/s.
+
+    Example: laion bench clip --rows 1000000
+    """
+    from .bench_clip import run as run_bench
+
+    result = run_bench(rows=rows, model=model, repeat=repeat, images=images, workdir=workdir,
+                       log=None if json_output else output.err.print)
+    print(output.dumps(result)) if json_output else output.out.print(result["markdown"])
+
+
 def main() -> None:
     app()
 
