@@ -18,12 +18,12 @@ TORCH := torch==2.13.0
 
 $(STAMP_RUN): pyproject.toml | $(BIN)/python
 	$(PIP) install --quiet $(TORCH)
-	$(PIP) install --quiet -e '.[clip]'
+	$(PIP) install --quiet -e '.[clip,server]'
 	touch $@
 
 $(STAMP_TEST): pyproject.toml | $(BIN)/python
 	$(PIP) install --quiet $(TORCH)
-	$(PIP) install --quiet -e '.[clip,test,bench]'
+	$(PIP) install --quiet -e '.[clip,server,test,bench]'
 	touch $@ $(STAMP_RUN)
 
 install: $(STAMP_RUN)
@@ -32,7 +32,12 @@ install-test: $(STAMP_TEST)
 demo: $(STAMP_RUN)
 	$(BIN)/laion demo --dir laion-demo
 
-test: $(STAMP_TEST)
+# Browser tests drive Debian's chromium through Playwright (never a downloaded browser).
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
+test: $(STAMP_TEST) $(CHROMIUM)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP_TEST)

@@ -93,6 +93,9 @@ def run(rows: int = 100_000, model: str | None = None, repeat: int = 30, images:
             if not p.exists():
                 Image.fromarray(rng.integers(0, 255, (320, 480, 3), dtype=np.uint8)).save(p, quality=85)
         say(f"embed {images} images")
+        import shutil
+
+        shutil.rmtree(root / "embedded", ignore_errors=True)  # embed skips finished shards: start clean
         rep = embed(img_dir, root / "embedded", model=model, shard_size=10_000)
     finally:
         if tmp:

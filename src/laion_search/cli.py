@@ -337,6 +337,33 @@ def index_drop(column: str = typer.Option("both", "--column", help="image, text 
             output.out.print(f"{name}: {'dropped' if existed else 'did not exist'}")
 
 
+# -- serve ----------------------------------------------------------------------------------------
+@app.command()
+@handle_errors
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (127.0.0.1 = this machine only)."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535),
+    token: Optional[str] = typer.Option(None, "--token", envvar="LAION_TOKEN", show_envvar=True,
+                                        help="Require 'Authorization: Bearer TOKEN' on everything but /health."),
+    model: Optional[str] = ModelOption,
+    allow_sql: bool = typer.Option(False, "--allow-sql", help="Enable POST /api/sql (single read-only SELECTs)."),
+    allow_image_url: bool = typer.Option(False, "--allow-image-url",
+                                         help="Let /knn-service fetch image_url (10 MB, 5 s limits). Off: SSRF risk."),
+    cors_origin: List[str] = typer.Option([], "--cors-origin", help="Allow this browser origin (CORS is off by default)."),
+    db: Optional[str] = DbOption,
+) -> None:
+    """HTTP API + web page at http://HOST:PORT/ (OpenAPI docs at /docs); speaks clip-retrieval's /knn-service.
+
+    Example: laion serve --port 8000 --db ./laion-db
+    """
+    from .web import serve as run_server
+
+    with open_store(db) as store:
+        output.err.print(f"serving {store.location} on http://{host}:{port}/  (API docs: /docs)")
+        run_server(store, host=host, port=port, token=token, model=model, allow_sql=allow_sql,
+                   allow_image_url=allow_image_url, cors_origins=cors_origin or None)
+
+
 # -- embed --------------------------------------------------------------------------------------
 @app.command()
 @handle_errors

@@ -9,7 +9,10 @@ verbatim, and adds LAION metadata columns plus the shard bookkeeping:
 * ``PARTITION BY shard`` so that a shard becomes visible in one atomic step
   (``REPLACE PARTITION`` from a staging table) and re-ingesting it replaces it;
 * embeddings stored with ``CODEC(NONE)``: CLIP vectors do not compress, and skipping the
-  codec makes both inserts and exact scans faster (see the benchmarks in the README).
+  codec makes both inserts and exact scans faster (see the benchmarks in the README);
+* ``index_granularity = 1024`` instead of the guide's 8192: a vector search fetches caption and
+  url for its k hits only, and smaller granules make that read ~40 % cheaper (13 → 8 ms for 10
+  rows), which is most of an indexed query's cost.
 
 ``laion_shards`` records what was loaded (row count, file fingerprint, repairs).
 """
@@ -55,7 +58,7 @@ CREATE TABLE IF NOT EXISTS {table}
 ENGINE = MergeTree
 PARTITION BY shard
 ORDER BY id
-SETTINGS index_granularity = 8192
+SETTINGS index_granularity = 1024
 """
 
 SHARDS_DDL = """
