@@ -560,6 +560,26 @@ def bench_clip(
     print(output.dumps(result)) if json_output else output.out.print(result["markdown"])
 
 
+@bench_app.command("serve")
+@handle_errors
+def bench_serve(
+    rows: int = typer.Option(100_000, "--rows", min=100, help="Synth rows behind the server."),
+    clients: int = typer.Option(16, "--clients", min=1, max=256, help="Concurrent clients."),
+    seconds: float = typer.Option(30.0, "--seconds", min=1, max=600, help="How long to load the server."),
+    workdir: Optional[Path] = typer.Option(None, "--dir", help="Scratch directory, reused between runs."),
+    json_output: bool = JsonOption,
+) -> None:
+    """Load test of `laion serve` on 127.0.0.1: QPS, p50/p99, errors, server RSS.
+
+    Example: laion bench serve --rows 1000000 --clients 16 --seconds 30
+    """
+    from .bench_serve import run as run_bench
+
+    result = run_bench(rows=rows, clients=clients, seconds=seconds, workdir=workdir,
+                       log=None if json_output else output.err.print)
+    print(output.dumps(result)) if json_output else output.out.print(result["markdown"])
+
+
 def main() -> None:
     app()
 
