@@ -211,11 +211,3 @@ def test_engine_failure_is_a_clean_500(web_store, monkeypatch):
     assert "secret" not in r.text
 
 
-
-def test_bench_serve_small_load_has_no_errors(tmp_path):
-    from laion_search.bench_serve import run
-
-    result = run(rows=500, clients=3, seconds=2, workdir=tmp_path)
-    assert result["requests"] > 0 and result["errors"] == 0
-    assert set(result["per_kind"]) == {"indexed", "exact", "filtered", "like"}
-    assert result["rss_after"] > 0 and "QPS" in result["markdown"]
