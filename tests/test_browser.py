@@ -5,7 +5,6 @@ with results is saved to tests/artifacts/search-page.png."""
 
 from __future__ import annotations
 
-import io
 import socket
 import threading
 import time

@@ -59,6 +59,7 @@ def test_health_status_and_openapi(web_store):
     assert st["rows"] == 300 and st["dim"] == 16 and st["shards"][0]["shard"] == 0
     spec = call(app, "GET", "/openapi.json").json()
     assert {"/api/search", "/knn-service", "/metadata", "/indices-list", "/api/status"} <= set(spec["paths"])
+    assert store.scalar("SELECT getSetting('max_execution_time')") == 30  # every query is time-bounded
     page = call(app, "GET", "/")
     assert page.status_code == 200 and "laion-search" in page.text and "<script>" in page.text
 

@@ -350,6 +350,7 @@ def serve(
     allow_image_url: bool = typer.Option(False, "--allow-image-url",
                                          help="Let /knn-service fetch image_url (10 MB, 5 s limits). Off: SSRF risk."),
     cors_origin: List[str] = typer.Option([], "--cors-origin", help="Allow this browser origin (CORS is off by default)."),
+    query_timeout: float = typer.Option(30.0, "--query-timeout", min=0.1, max=3600, help="Seconds any query may run."),
     db: Optional[str] = DbOption,
 ) -> None:
     """HTTP API + web page at http://HOST:PORT/ (OpenAPI docs at /docs); speaks clip-retrieval's /knn-service.
@@ -361,7 +362,7 @@ def serve(
     with open_store(db) as store:
         output.err.print(f"serving {store.location} on http://{host}:{port}/  (API docs: /docs)")
         run_server(store, host=host, port=port, token=token, model=model, allow_sql=allow_sql,
-                   allow_image_url=allow_image_url, cors_origins=cors_origin or None)
+                   allow_image_url=allow_image_url, cors_origins=cors_origin or None, query_timeout=query_timeout)
 
 
 # -- embed --------------------------------------------------------------------------------------

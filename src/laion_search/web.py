@@ -35,7 +35,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .errors import EncoderError, LaionError, QueryError, StoreError, UsageError
+from .errors import EncoderError, LaionError, QueryError, UsageError
 from .search import MAX_K, Filters, SearchOptions, search
 from .store import COLUMNS, TABLE, Store
 
@@ -92,8 +92,13 @@ class KnnBody(BaseModel):
 
 def create_app(store: Store, *, model: str | None = None, token: str | None = None, allow_sql: bool = False,
                allow_image_url: bool = False, cors_origins: list[str] | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES, image_url_timeout: float = 5.0) -> Any:
-    """The ASGI app over an open ``store``. All routes call library functions."""
+               max_body_bytes: int = MAX_BODY_BYTES, image_url_timeout: float = 5.0,
+               query_timeout: float = 30.0) -> Any:
+    """The ASGI app over an open ``store``. All routes call library functions.
+
+    ``query_timeout`` caps every engine query the server runs (``max_execution_time``)."""
+    if query_timeout:
+        store.backend.command(f"SET max_execution_time = {float(query_timeout)!r}")
     app = FastAPI(title="laion-search", version="0.1.0",
                   description="Search LAION image-text embeddings in ClickHouse. Bearer token required when the "
                               "server was started with one (all routes but /health).")
