@@ -206,7 +206,7 @@ def _exact_sql(select: str, column: str, func: str, where: str, k: int) -> str:
 def explain(store: Store, result: SearchResult) -> str:
     """The engine's plan for a search (``EXPLAIN indexes = 1``): shows whether the vector index is used."""
     t = store.sql("EXPLAIN indexes = 1 " + result.sql, result.params)
-    return "\n".join(str(r[0]) for r in t.to_pylist() for r in [list(r.values())])
+    return "\n".join(str(v) for row in t.to_pylist() for v in row.values())
 
 
 def build_where(filters: Filters) -> tuple[str, dict[str, Any]]:
