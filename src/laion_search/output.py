@@ -87,6 +87,10 @@ def print_records(records: Sequence[dict[str, Any]], columns: Sequence[str] | No
 
 def print_arrow(result: pa.Table, fmt: str = "table") -> None:
     """Print a query result as ``table``, ``json`` (one array), ``jsonl``, ``csv`` or ``tsv``."""
+    if result.num_columns == 0:  # DDL / DML: nothing to show but success
+        if fmt == "table":
+            out.print("ok")
+        return
     records = result.to_pylist()
     if fmt == "table":
         print_records(records, result.column_names)
