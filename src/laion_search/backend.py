@@ -73,6 +73,15 @@ def _literal(value: Any) -> str:
     raise TypeError(f"unsupported query parameter type: {type(value).__name__}")
 
 
+def settings_sql(settings: Mapping[str, Any]) -> str:
+    """`` SETTINGS a = 1, b = 'x'`` for settings our code chooses (names and values never come
+    from users); empty when there are none."""
+    if not settings:
+        return ""
+    parts = [f"{k} = '{v}'" if isinstance(v, str) else f"{k} = {format_param(v)}" for k, v in settings.items()]
+    return " SETTINGS " + ", ".join(parts)
+
+
 _CODE_RE = re.compile(r"\s*\(version [^)]*\)")
 
 
@@ -139,9 +148,7 @@ class ChdbBackend:
         laion_insert_batch = data  # noqa: F841  (read by the engine, by name)
         columns = ", ".join(f"`{c}`" for c in data.column_names)
         sql = f"INSERT INTO {table} ({columns}) SELECT {columns} FROM Python(laion_insert_batch)"
-        if settings:
-            sql += " SETTINGS " + ", ".join(f"{k} = {format_param(v)}" for k, v in settings.items())
-        self._run(sql, None, "CSV")
+        self._run(sql + settings_sql(settings or {}), None, "CSV")
 
     def _run(self, sql: str, params: Params | None, fmt: str) -> Any:
         if self._closed:

@@ -151,6 +151,7 @@ def load_shard(store: Store, reader: ShardReader, *, batch_rows: int = DEFAULT_B
             store.backend.command(f"ALTER TABLE {TABLE} REPLACE PARTITION {int(shard)} FROM {stage}")
         else:
             store.backend.command(f"ALTER TABLE {TABLE} DROP PARTITION {int(shard)}")
+        store.forget_dim()
         store.backend.insert_arrow(SHARDS_TABLE, pa.table({
             "shard": pa.array([shard], pa.uint32()),
             "rows": pa.array([reader.rows], pa.uint64()),

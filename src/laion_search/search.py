@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .backend import settings_sql
 from .errors import UsageError
 from .store import COLUMNS, TABLE, Store
 from .vectors import as_vector
@@ -170,12 +171,12 @@ def search(store: Store, vector: Any = None, *, like: int | None = None, text: s
             settings["vector_search_filter_strategy"] = "prefilter"
             strategy = "prefilter"
         base = sql
-        sql = base + _settings_sql(settings)
+        sql = base + settings_sql(settings)
         rows = store.rows(sql, params)
         if where and len(rows) < k and options.filter_strategy == "auto":
             # post-filtering dropped too many candidates: evaluate the filter first instead
             settings["vector_search_filter_strategy"] = "prefilter"
-            sql = base + _settings_sql(settings)
+            sql = base + settings_sql(settings)
             rows = store.rows(sql, params)
             strategy = "postfilter→prefilter"
     seconds = time.perf_counter() - t0
@@ -305,14 +306,3 @@ def _index_settings(options: SearchOptions, filtered: bool) -> dict[str, Any]:
             raise UsageError("fetch_multiplier must be between 1 and 1000")
         settings["vector_search_index_fetch_multiplier"] = mult
     return settings
-
-
-def _settings_sql(settings: dict[str, Any]) -> str:
-    if not settings:
-        return ""
-    from .backend import format_param
-
-    parts = []
-    for key, v in settings.items():
-        parts.append(f"{key} = '{v}'" if isinstance(v, str) else f"{key} = {format_param(v)}")
-    return " SETTINGS " + ", ".join(parts)

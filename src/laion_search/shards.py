@@ -249,6 +249,8 @@ class ShardReader:
     rows: int
     dim: int
     renormalised: int = field(default=0)
+    _ring: list = field(default_factory=list, repr=False)
+    _ring_pos: int = field(default=0, repr=False)
 
     @property
     def shard(self) -> int:
@@ -317,7 +319,7 @@ class ShardReader:
         return block
 
     def _buffer(self, n: int) -> np.ndarray:
-        if not getattr(self, "_ring", None):
+        if not self._ring:
             return np.empty((n, self.dim), dtype=np.float32)
         i = self._ring_pos % len(self._ring)
         self._ring_pos += 1

@@ -34,7 +34,6 @@ TABLE = "laion"
 SHARDS_TABLE = "laion_shards"
 STAGE_PREFIX = "laion_stage_"
 UDF_DIR = "udf"  # <store>/udf: executable UDFs the embedded engine loads at open
-DEFAULT_DIM = 512
 
 TABLE_DDL = """
 CREATE TABLE IF NOT EXISTS {table}
@@ -138,7 +137,7 @@ class Store:
         if not query or not query.strip():
             raise UsageError("empty SQL statement")
         if not _READ_ONLY_RE.match(query):
-            self._dim = None  # a statement that may change the table: re-read the dimension
+            self.forget_dim()  # a statement that may change the table
         return self.backend.query_arrow(query, params)
 
     def rows(self, query: str, params: Params | None = None) -> list[dict[str, Any]]:
@@ -161,6 +160,10 @@ class Store:
         """Rows per shard as the ``laion`` table holds them now."""
         rows = self.rows(f"SELECT shard, count() AS n FROM {TABLE} GROUP BY shard")
         return {r["shard"]: r["n"] for r in rows}
+
+    def forget_dim(self) -> None:
+        """Re-read the dimension next time: call after anything that changes the table's rows."""
+        self._dim = None
 
     def dim(self) -> int | None:
         """Embedding dimension of the loaded rows, or None while the table is empty.

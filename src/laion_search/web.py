@@ -172,8 +172,6 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
         given = sum(x is not None for x in (body.text, image_bytes, body.vector, body.like))
         if given != 1:
             raise UsageError("give exactly one query: text, image, vector or like")
-        if body.text is not None and not body.text.strip():
-            raise UsageError("text query is empty")
         t0 = time.perf_counter()
         res = search(store, body.vector, like=body.like, text=body.text, image=image_bytes, model=model, k=body.k,
                      modality=body.modality, exact=body.exact, metric=body.metric,
