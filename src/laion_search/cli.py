@@ -104,6 +104,9 @@ def ingest(
     shards: Optional[str] = typer.Option(None, "--shards", help="Only these shards: 0-9, 3,7,12-15. Default: all found."),
     batch_rows: int = typer.Option(32768, "--batch-rows", min=1, max=1_000_000, help="Rows per insert batch (bounds memory)."),
     force: bool = typer.Option(False, "--force", help="Reload shards even when already loaded from the same files."),
+    skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows",
+                                       help="Drop rows with NaN/Inf or all-zero vectors (counted per reason) "
+                                            "instead of failing their shard."),
     db: Optional[str] = DbOption,
     json_output: bool = JsonOption,
 ) -> None:
@@ -116,7 +119,8 @@ def ingest(
 
     numbers = parse_shard_spec(shards)
     with open_store(db) as store, output.IngestProgress(output.progress_mode(json_output)) as progress:
-        report = do_ingest(store, directory, numbers, batch_rows=batch_rows, force=force, progress=progress)
+        report = do_ingest(store, directory, numbers, batch_rows=batch_rows, force=force, progress=progress,
+                           skip_bad_rows=skip_bad_rows)
     if not json_output:
         line = (f"loaded {len(report.loaded)} shard(s), {report.rows:,} rows in {report.seconds:.1f} s "
                 f"({report.rows_per_second:,.0f} rows/s)")
@@ -124,7 +128,12 @@ def ingest(
             line += f"; skipped {len(report.skipped)} already loaded"
         if report.renormalised:
             line += f"; renormalised {report.renormalised:,} vectors"
-        output.out.print(line)
+        if report.dropped:
+            why = ", ".join(f"{reason}: {n:,}" for reason, n in sorted(report.dropped.items()))
+            line += f"; dropped {sum(report.dropped.values()):,} bad rows ({why})"
+        if report.text_repaired:
+            line += f"; {report.text_repaired:,} rows had invalid UTF-8 text (bad bytes replaced with U+FFFD)"
+        output.out.print(line, markup=False, highlight=False)
 
 
 # -- status ---------------------------------------------------------------------------------------

@@ -45,6 +45,10 @@ class IngestReport:
     rows: int = 0
     renormalised: int = 0
     seconds: float = 0.0
+    #: Rows left out by ``skip_bad_rows``, per reason (``"img_emb: NaN or Inf"`` …).
+    dropped: dict[str, int] = field(default_factory=dict)
+    #: Rows whose text held invalid UTF-8 (stored with U+FFFD replacement characters).
+    text_repaired: int = 0
 
     @property
     def rows_per_second(self) -> float:
@@ -52,31 +56,37 @@ class IngestReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {"loaded": self.loaded, "skipped": self.skipped, "rows": self.rows,
-                "renormalised": self.renormalised, "seconds": round(self.seconds, 3),
+                "renormalised": self.renormalised, "dropped": dict(self.dropped),
+                "dropped_rows": sum(self.dropped.values()), "text_repaired": self.text_repaired,
+                "seconds": round(self.seconds, 3),
                 "rows_per_second": round(self.rows_per_second, 1)}
 
 
 def ingest(store: Store, directory: str | os.PathLike[str], shards: list[int] | None = None, *,
            batch_rows: int = DEFAULT_BATCH_ROWS, force: bool = False,
-           progress: ProgressFn | None = None) -> IngestReport:
+           progress: ProgressFn | None = None, skip_bad_rows: bool = False) -> IngestReport:
     """Load the shards found in ``directory`` (all, or those listed) into ``store``.
 
     Returns what was loaded and skipped. Raises :class:`~laion_search.errors.ShardError`
     naming the file and the problem; shards loaded before the error stay loaded, the failing
     shard leaves the table exactly as it was.
+
+    ``skip_bad_rows`` drops rows with NaN/Inf or all-zero vectors (counted per reason in
+    ``IngestReport.dropped`` and in ``laion_shards.dropped``) instead of failing their shard.
     """
     return ingest_files(store, discover(directory, shards), batch_rows=batch_rows, force=force,
-                        progress=progress)
+                        progress=progress, skip_bad_rows=skip_bad_rows)
 
 
 def ingest_files(store: Store, files: Iterable[ShardFiles], *, batch_rows: int = DEFAULT_BATCH_ROWS,
-                 force: bool = False, progress: ProgressFn | None = None) -> IngestReport:
+                 force: bool = False, progress: ProgressFn | None = None,
+                 skip_bad_rows: bool = False) -> IngestReport:
     emit = progress or (lambda event: None)
     files = list(files)
     dim = store.dim()
     readers = []
     for f in files:  # check every shard's headers before loading anything
-        reader = open_shard(f, dim=dim)
+        reader = open_shard(f, dim=dim, skip_bad_rows=skip_bad_rows)
         if dim is None:
             dim = reader.dim
         readers.append(reader)
@@ -107,7 +117,7 @@ def _ingest_readers(store: Store, readers: list[ShardReader], batch_rows: int, f
     for reader in readers:
         rec = records.get(reader.shard)
         if (not force and rec is not None and rec.fingerprint == reader.files.fingerprint()
-                and counts.get(reader.shard, 0) == rec.rows == reader.rows):
+                and counts.get(reader.shard, 0) == rec.rows and rec.rows + rec.dropped == reader.rows):
             report.skipped.append(reader.shard)
             emit({"event": "shard_skipped", "shard": reader.shard, "rows": reader.rows,
                   "reason": "already loaded from the same files"})
@@ -115,10 +125,18 @@ def _ingest_readers(store: Store, readers: list[ShardReader], batch_rows: int, f
         t0 = time.perf_counter()
         load_shard(store, reader, batch_rows=batch_rows, progress=emit)
         report.loaded.append(reader.shard)
-        report.rows += reader.rows
+        report.rows += reader.rows_loaded
         report.renormalised += reader.renormalised
-        emit({"event": "shard_done", "shard": reader.shard, "rows": reader.rows,
-              "seconds": round(time.perf_counter() - t0, 3), "renormalised": reader.renormalised})
+        report.text_repaired += reader.text_repaired
+        for why, n in reader.dropped.items():
+            report.dropped[why] = report.dropped.get(why, 0) + n
+        done = {"event": "shard_done", "shard": reader.shard, "rows": reader.rows_loaded,
+                "seconds": round(time.perf_counter() - t0, 3), "renormalised": reader.renormalised}
+        if reader.dropped:
+            done.update(dropped=dict(reader.dropped), dropped_first_rows=list(reader.dropped_rows))
+        if reader.text_repaired:
+            done["text_repaired"] = reader.text_repaired
+        emit(done)
     report.seconds = time.perf_counter() - started
     emit({"event": "done", **report.as_dict()})
     return report
@@ -145,20 +163,22 @@ def load_shard(store: Store, reader: ShardReader, *, batch_rows: int = DEFAULT_B
             emit({"event": "batch", "shard": shard, "rows_done": done, "rows": reader.rows,
                   "batch_rows": batch.num_rows})
         staged = store.scalar(f"SELECT count() FROM {stage}")
-        if staged != reader.rows:
-            raise StoreError(f"shard {shard}: staged {staged} rows, expected {reader.rows}; nothing was changed")
-        if reader.rows:
+        if staged != reader.rows_loaded:
+            raise StoreError(f"shard {shard}: staged {staged} rows, expected {reader.rows_loaded}; nothing was changed")
+        if reader.rows_loaded:
             store.backend.command(f"ALTER TABLE {TABLE} REPLACE PARTITION {int(shard)} FROM {stage}")
         else:
             store.backend.command(f"ALTER TABLE {TABLE} DROP PARTITION {int(shard)}")
         store.forget_dim()
         store.backend.insert_arrow(SHARDS_TABLE, pa.table({
             "shard": pa.array([shard], pa.uint32()),
-            "rows": pa.array([reader.rows], pa.uint64()),
+            "rows": pa.array([reader.rows_loaded], pa.uint64()),
             "dim": pa.array([reader.dim], pa.uint32()),
             "source": [str(reader.files.img_emb.parent)],
             "fingerprint": [reader.files.fingerprint()],
             "renormalised": pa.array([reader.renormalised], pa.uint64()),
+            "dropped": pa.array([reader.dropped_total], pa.uint64()),
+            "text_repaired": pa.array([reader.text_repaired], pa.uint64()),
             "loaded_at": pa.array([time.time_ns() // 1_000_000], pa.timestamp("ms")),
         }))
     finally:

@@ -249,6 +249,14 @@ class ShardReader:
     rows: int
     dim: int
     renormalised: int = field(default=0)
+    #: Drop rows with NaN/Inf or all-zero vectors (counted in :attr:`dropped`) instead of failing.
+    skip_bad_rows: bool = field(default=False)
+    #: Rows dropped with ``skip_bad_rows``, per reason (e.g. ``"img_emb: NaN or Inf"``).
+    dropped: dict = field(default_factory=dict)
+    #: The first few dropped source row numbers (for the report).
+    dropped_rows: list = field(default_factory=list)
+    #: Rows whose text columns held invalid UTF-8, stored with U+FFFD in place of the bad bytes.
+    text_repaired: int = field(default=0)
     _ring: list = field(default_factory=list, repr=False)
     _ring_pos: int = field(default=0, repr=False)
 
@@ -256,11 +264,23 @@ class ShardReader:
     def shard(self) -> int:
         return self.files.shard
 
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())
+
+    @property
+    def rows_loaded(self) -> int:
+        """Rows that reach the table: all of them, less those dropped (known once streamed)."""
+        return self.rows - self.dropped_total
+
     def batches(self, batch_rows: int = 32768, *, ring: int = 0) -> Iterator[pa.Table]:
         """Yield Arrow tables of at most ``batch_rows`` rows, in the ``laion`` table's columns.
 
         Each batch is validated (finite, non-zero vectors; non-normalised vectors are
-        renormalised and counted in :attr:`renormalised`) before it is yielded.
+        renormalised and counted in :attr:`renormalised`) before it is yielded. A NaN/Inf or
+        all-zero vector fails the shard, naming file and row, unless :attr:`skip_bad_rows`,
+        which drops the row and counts it in :attr:`dropped`. Invalid UTF-8 in text columns
+        is replaced with U+FFFD and counted in :attr:`text_repaired`.
 
         ``ring > 0`` reuses that many vector buffers in turn instead of allocating new ones per
         batch (fresh memory costs page faults: ~20 % of a load). Only safe when the consumer
@@ -268,6 +288,7 @@ class ShardReader:
         """
         self._ring = [None] * ring
         self._ring_pos = 0
+        self.dropped, self.dropped_rows, self.text_repaired, self.renormalised = {}, [], 0, 0
         # Plain reads, not mmap: touched mmap pages count in RSS and would grow with the shard.
         with open(self.img.path, "rb") as img, open(self.text.path, "rb") as txt:
             img.seek(self.img.offset)
@@ -280,10 +301,16 @@ class ShardReader:
                     n = meta.num_rows
                     if n == 0:
                         continue
-                    image = self._vectors(img, self.img, pos, n)
-                    text = self._vectors(txt, self.text, pos, n)
-                    yield self._table(meta, pos, image, text)
+                    image, img_bad = self._vectors(img, self.img, pos, n)
+                    text, txt_bad = self._vectors(txt, self.text, pos, n)
+                    rows = np.arange(pos, pos + n, dtype=np.int64)
+                    if img_bad is not None or txt_bad is not None:
+                        keep = self._drop(pos, n, img_bad, txt_bad)
+                        meta = meta.filter(pa.array(keep))
+                        image, text, rows = image[keep], text[keep], rows[keep]
                     pos += n
+                    if meta.num_rows:
+                        yield self._table(self._repair_text(meta), rows, image, text)
             except (pa.ArrowInvalid, OSError) as exc:
                 raise ShardValidationError(f"cannot read rows near {pos}: {exc}", path=str(self.files.metadata),
                                            shard=self.shard) from None
@@ -291,7 +318,55 @@ class ShardReader:
             raise ShardValidationError(f"parquet yielded {pos} rows, expected {self.rows}",
                                        path=str(self.files.metadata), shard=self.shard)
 
-    def _vectors(self, f: BinaryIO, info: NpyInfo, pos: int, n: int) -> np.ndarray:
+    def _drop(self, pos: int, n: int, img_bad: tuple | None, txt_bad: tuple | None) -> np.ndarray:
+        """Count the rows ``skip_bad_rows`` drops (each once, under its first reason); return the keep mask."""
+        gone = np.zeros(n, dtype=bool)
+        for kind, bad in (("img_emb", img_bad), ("text_emb", txt_bad)):
+            if bad is None:
+                continue
+            for reason, mask in zip(("NaN or Inf", "all-zero vector"), bad):
+                new = mask & ~gone
+                if new.any():
+                    key = f"{kind}: {reason}"
+                    self.dropped[key] = self.dropped.get(key, 0) + int(new.sum())
+                    gone |= new
+        if len(self.dropped_rows) < 10:
+            self.dropped_rows.extend(int(i) + pos for i in np.flatnonzero(gone)[: 10 - len(self.dropped_rows)])
+        return ~gone
+
+    def _repair_text(self, meta: pa.RecordBatch) -> pa.RecordBatch:
+        """Parquet readers do not check that strings are UTF-8; the engine stores bytes as they
+        are and every reader of the row would fail later. Replace bad bytes with U+FFFD, count rows."""
+        bad_rows = np.zeros(meta.num_rows, dtype=bool)
+        cols = list(meta.columns)
+        for i, col in enumerate(cols):
+            if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
+                continue
+            try:
+                col.validate(full=True)
+                continue
+            except pa.ArrowInvalid:
+                pass
+            raw = col.cast(pa.large_binary() if pa.types.is_large_string(col.type) else pa.binary()).to_pylist()
+            fixed = []
+            for j, b in enumerate(raw):
+                if b is None:
+                    fixed.append(None)
+                    continue
+                try:
+                    fixed.append(b.decode("utf-8"))
+                except UnicodeDecodeError:
+                    fixed.append(b.decode("utf-8", "replace"))
+                    bad_rows[j] = True
+            cols[i] = pa.array(fixed, col.type)
+        if not bad_rows.any():
+            return meta
+        self.text_repaired += int(bad_rows.sum())
+        return pa.RecordBatch.from_arrays(cols, schema=meta.schema)
+
+    def _vectors(self, f: BinaryIO, info: NpyInfo, pos: int, n: int) -> tuple[np.ndarray, tuple | None]:
+        """Read, convert and check ``n`` vectors. Returns the float32 block and, with
+        ``skip_bad_rows`` and bad rows present, their (NaN/Inf, all-zero) masks, else None."""
         path = info.path
         raw = np.fromfile(f, dtype=info.dtype, count=n * self.dim)
         if raw.size != n * self.dim:
@@ -300,23 +375,28 @@ class ShardReader:
         block = self._buffer(n)
         np.copyto(block, raw.reshape(n, self.dim))  # float16 → float32, one copy
         # A NaN or Inf anywhere in a row makes its squared norm non-finite: one pass checks both.
-        norms = np.sqrt(np.einsum("ij,ij->i", block, block))
+        with np.errstate(over="ignore", invalid="ignore"):
+            norms = np.sqrt(np.einsum("ij,ij->i", block, block))
         finite = np.isfinite(norms)
-        if not finite.all():
-            bad = int(np.flatnonzero(~finite)[0]) + pos
-            count = int((~finite).sum())
-            raise ShardValidationError(f"{count} vector(s) contain NaN or Inf (first at row {bad})",
-                                       path=str(path), shard=self.shard)
         zero = norms == 0
-        if zero.any():
-            bad = int(np.flatnonzero(zero)[0]) + pos
-            raise ShardValidationError(f"{int(zero.sum())} all-zero vector(s) (first at row {bad}); "
-                                       "cosine distance is undefined for them", path=str(path), shard=self.shard)
-        off = np.abs(norms - 1.0) > NORM_TOLERANCE
+        if not self.skip_bad_rows:
+            if not finite.all():
+                bad = int(np.flatnonzero(~finite)[0]) + pos
+                count = int((~finite).sum())
+                raise ShardValidationError(f"{count} vector(s) contain NaN or Inf (first at row {bad}); "
+                                           "--skip-bad-rows drops such rows", path=str(path), shard=self.shard)
+            if zero.any():
+                bad = int(np.flatnonzero(zero)[0]) + pos
+                raise ShardValidationError(f"{int(zero.sum())} all-zero vector(s) (first at row {bad}); "
+                                           "cosine distance is undefined for them; --skip-bad-rows drops such rows",
+                                           path=str(path), shard=self.shard)
+        off = finite & ~zero & (np.abs(norms - 1.0) > NORM_TOLERANCE)
         if off.any():
             block[off] /= norms[off, None]
             self.renormalised += int(off.sum())
-        return block
+        if finite.all() and not zero.any():
+            return block, None
+        return block, (~finite, zero)
 
     def _buffer(self, n: int) -> np.ndarray:
         if not self._ring:
@@ -328,9 +408,8 @@ class ShardReader:
             buf = self._ring[i] = np.empty((n, self.dim), dtype=np.float32)
         return buf[:n]
 
-    def _table(self, meta: pa.RecordBatch, pos: int, image: np.ndarray, text: np.ndarray) -> pa.Table:
+    def _table(self, meta: pa.RecordBatch, rows: np.ndarray, image: np.ndarray, text: np.ndarray) -> pa.Table:
         n = meta.num_rows
-        rows = np.arange(pos, pos + n, dtype=np.int64)
         cols: dict[str, pa.Array] = {
             "id": pa.array(rows + self.shard * ID_STRIDE, pa.int64()),
             "shard": pa.array(np.full(n, self.shard, dtype=np.uint32)),
@@ -366,8 +445,10 @@ def vectors_to_arrow(block: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(flat, dim)
 
 
-def open_shard(files: ShardFiles, *, dim: int | None = None) -> ShardReader:
-    """Check a shard's three files against each other (no rows read yet) and return a reader."""
+def open_shard(files: ShardFiles, *, dim: int | None = None, skip_bad_rows: bool = False) -> ShardReader:
+    """Check a shard's three files against each other (no rows read yet) and return a reader.
+
+    ``skip_bad_rows`` drops rows whose vectors are NaN/Inf or all zeros instead of failing."""
     img = read_npy_header(files.img_emb)
     text = read_npy_header(files.text_emb)
     if img.dim != text.dim:
@@ -404,4 +485,4 @@ def open_shard(files: ShardFiles, *, dim: int | None = None) -> ShardReader:
     if rows >= ID_STRIDE:
         raise ShardValidationError(f"{rows} rows is more than one shard may hold ({ID_STRIDE - 1})",
                                    path=str(files.metadata), shard=files.shard)
-    return ShardReader(files, img, text, pf, columns, rows, img.dim)
+    return ShardReader(files, img, text, pf, columns, rows, img.dim, skip_bad_rows=skip_bad_rows)

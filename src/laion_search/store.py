@@ -69,7 +69,9 @@ CREATE TABLE IF NOT EXISTS {table}
     `source` String,
     `fingerprint` String,
     `renormalised` UInt64,
-    `loaded_at` DateTime64(3)
+    `loaded_at` DateTime64(3),
+    `dropped` UInt64 DEFAULT 0,
+    `text_repaired` UInt64 DEFAULT 0
 )
 ENGINE = ReplacingMergeTree(loaded_at)
 ORDER BY shard
@@ -101,6 +103,8 @@ class ShardRecord:
     fingerprint: str
     renormalised: int
     loaded_at: Any
+    dropped: int = 0         # rows left out by --skip-bad-rows
+    text_repaired: int = 0   # rows whose invalid UTF-8 was replaced with U+FFFD
 
 
 class Store:
@@ -121,6 +125,9 @@ class Store:
         """Create the tables if they do not exist (idempotent)."""
         self.backend.command(TABLE_DDL.format(table=TABLE))
         self.backend.command(SHARDS_DDL.format(table=SHARDS_TABLE))
+        # stores made before these columns existed
+        self.backend.command(f"ALTER TABLE {SHARDS_TABLE} ADD COLUMN IF NOT EXISTS `dropped` UInt64 DEFAULT 0, "
+                             "ADD COLUMN IF NOT EXISTS `text_repaired` UInt64 DEFAULT 0")
 
     def close(self) -> None:
         self.backend.close()
@@ -152,8 +159,8 @@ class Store:
 
     # -- shards -------------------------------------------------------------------------------
     def shard_records(self) -> dict[int, ShardRecord]:
-        rows = self.rows(f"SELECT shard, rows, dim, source, fingerprint, renormalised, loaded_at "
-                         f"FROM {SHARDS_TABLE} FINAL ORDER BY shard")
+        rows = self.rows(f"SELECT shard, rows, dim, source, fingerprint, renormalised, loaded_at, dropped, "
+                         f"text_repaired FROM {SHARDS_TABLE} FINAL ORDER BY shard")
         return {r["shard"]: ShardRecord(**r) for r in rows}
 
     def partition_rows(self) -> dict[int, int]:
@@ -193,6 +200,7 @@ class Store:
             state = "loaded" if rec and rec.rows == loaded else ("untracked" if not rec else "mismatch")
             shards.append({"shard": n, "rows": loaded, "expected_rows": rec.rows if rec else None,
                            "state": state, "renormalised": rec.renormalised if rec else 0,
+                           "dropped": rec.dropped if rec else 0,
                            "source": rec.source if rec else None,
                            "loaded_at": str(rec.loaded_at) if rec else None})
         return {
