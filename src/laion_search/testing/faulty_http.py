@@ -1,0 +1,291 @@
+"""A real HTTP/1.1 file server on 127.0.0.1 with scripted faults, for download tests and benchmarks.
+
+It serves a directory with ``Content-Length``, ``ETag`` (size + mtime), ``Last-Modified``, single
+``Range`` requests (``206`` + ``Content-Range``, ``416`` past the end) and ``If-Range``, one thread
+per connection (so parallel downloads really run in parallel), optionally throttled per
+connection (``rate`` bytes/s: a mirror's per-stream limit).
+
+Faults are scripted per path: ``server.fault("/img_emb/img_emb_0.npy", Fault(reset_after=1000), Fault(status=503))``
+queues faults that the next requests for that path consume, one each. Server-wide switches:
+``no_range`` (ignore Range: always 200 with the whole file), ``ignore_if_range`` (serve the range
+even when If-Range does not match). Every request is logged in ``server.log``.
+
+Run standalone for benchmarks: ``python -m laion_search.testing.faulty_http ROOT --rate 20e6``
+(prints ``PORT <n>`` and serves until killed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import email.utils
+import os
+import socket
+import struct
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Callable
+from urllib.parse import unquote, urlsplit
+
+
+@dataclass
+class Fault:
+    """One scripted misbehaviour, consumed by one request for its path."""
+
+    status: int | None = None            #: answer this status (500, 503, 429 …) with a short body
+    retry_after: str | None = None       #: with ``status``: a Retry-After header value
+    reset_after: int | None = None       #: send the headers and this many body bytes, then a TCP reset
+    short_after: int | None = None       #: send this many body bytes of a full Content-Length, then close cleanly
+    stall_after: int | None = None       #: send this many body bytes, then go silent for ``stall`` seconds
+    stall: float = 0.0
+    ignore_range: bool = False           #: answer this request with 200 and the whole file
+    before: Callable[[], None] | None = None  #: run before answering (e.g. rewrite the file)
+
+
+@dataclass
+class LogEntry:
+    path: str
+    method: str
+    range: str | None
+    if_range: str | None
+    status: int
+    fault: Fault | None
+    sent: int = 0
+
+
+class FaultyServer:
+    """``with FaultyServer(root) as srv: url = srv.url`` — see the module docstring."""
+
+    def __init__(self, root: str | os.PathLike[str], *, rate: float | None = None, no_range: bool = False,
+                 ignore_if_range: bool = False, etag: bool = True, last_modified: bool = True,
+                 host: str = "127.0.0.1", port: int = 0):
+        self.root = Path(root).resolve()
+        self.rate = rate
+        self.no_range = no_range
+        self.ignore_if_range = ignore_if_range
+        self.etag = etag
+        self.last_modified = last_modified
+        self.log: list[LogEntry] = []
+        self._faults: dict[str, list[Fault]] = {}
+        self._lock = threading.Lock()
+        self.bytes_sent = 0
+        handler = type("Handler", (_Handler,), {"owner": self})
+        self.httpd = ThreadingHTTPServer((host, port), handler)
+        self.httpd.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self.httpd.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def fault(self, path: str, *faults: Fault) -> None:
+        with self._lock:
+            self._faults.setdefault(_norm(path), []).extend(faults)
+
+    def pending_faults(self, path: str | None = None) -> int:
+        with self._lock:
+            if path is not None:
+                return len(self._faults.get(_norm(path), []))
+            return sum(len(v) for v in self._faults.values())
+
+    def _take(self, path: str) -> Fault | None:
+        with self._lock:
+            q = self._faults.get(path)
+            return q.pop(0) if q else None
+
+    def requests(self, path: str | None = None, method: str = "GET") -> list[LogEntry]:
+        with self._lock:
+            return [e for e in self.log if (path is None or e.path == _norm(path)) and e.method == method]
+
+    def start(self) -> "FaultyServer":
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="faulty-http", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self) -> "FaultyServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _norm(path: str) -> str:
+    return "/" + path.lstrip("/")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    owner: FaultyServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - quiet
+        pass
+
+    def do_HEAD(self) -> None:
+        self._serve(head=True)
+
+    def do_GET(self) -> None:
+        self._serve(head=False)
+
+    def _record(self, path: str, status: int, fault: Fault | None) -> LogEntry:
+        entry = LogEntry(path, self.command, self.headers.get("Range"), self.headers.get("If-Range"), status, fault)
+        with self.owner._lock:
+            self.owner.log.append(entry)
+        return entry
+
+    def _simple(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _serve(self, head: bool) -> None:
+        srv = self.owner
+        path = _norm(unquote(urlsplit(self.path).path))
+        fault = srv._take(path)
+        if fault and fault.before:
+            fault.before()
+        if fault and fault.status:
+            self._record(path, fault.status, fault)
+            hdrs = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
+            self._simple(fault.status, f"injected {fault.status}\n".encode(), hdrs)
+            return
+        file = (srv.root / path.lstrip("/")).resolve()
+        if srv.root not in file.parents or not file.is_file():
+            self._record(path, 404, fault)
+            self._simple(404, b"not found\n")
+            return
+        with open(file, "rb") as f:
+            st = os.fstat(f.fileno())
+            size = st.st_size
+            etag = f'"{size:x}-{st.st_mtime_ns:x}"'
+            lm = email.utils.formatdate(st.st_mtime, usegmt=True)
+            start, end, status = 0, size - 1, 200
+            rng = self.headers.get("Range")
+            use_range = rng is not None and not srv.no_range and not (fault and fault.ignore_range)
+            if use_range:
+                if_range = self.headers.get("If-Range")
+                if if_range and not srv.ignore_if_range and if_range not in (etag, lm):
+                    use_range = False  # validator mismatch: the whole (new) file
+            if use_range:
+                parsed = _parse_range(rng, size)
+                if parsed == "unsatisfiable":
+                    self._record(path, 416, fault)
+                    self._simple(416, b"", {"Content-Range": f"bytes */{size}"})
+                    return
+                if parsed is not None:
+                    start, end = parsed
+                    status = 206
+            length = max(0, end - start + 1)
+            entry = self._record(path, status, fault)
+            self.send_response(status)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(length))
+            self.send_header("Accept-Ranges", "none" if srv.no_range else "bytes")
+            if srv.etag:
+                self.send_header("ETag", etag)
+            if srv.last_modified:
+                self.send_header("Last-Modified", lm)
+            if status == 206:
+                self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+            self.end_headers()
+            if head:
+                return
+            limit = length
+            for cut in (fault.reset_after, fault.short_after, fault.stall_after) if fault else ():
+                if cut is not None:
+                    limit = min(limit, cut)
+            self.wfile.flush()
+            sent = self._send_body(f, start, limit)
+            entry.sent = sent
+            with srv._lock:
+                srv.bytes_sent += sent
+            if fault and (fault.stall_after is not None or limit < length):
+                if fault.stall_after is not None and fault.stall:
+                    time.sleep(fault.stall)
+                self.close_connection = True
+                if fault.reset_after is not None:  # abort: close with SO_LINGER 0 sends a TCP RST, not a FIN
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.connection.close()
+
+    def _send_body(self, f, start: int, count: int) -> int:
+        rate = self.owner.rate
+        sock = self.connection
+        sent = 0
+        if not rate:
+            while sent < count:
+                try:
+                    n = sock.sendfile(f, start + sent, count - sent)
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                if not n:
+                    break
+                sent += n
+            return sent
+        chunk = 64 * 1024
+        t0 = time.perf_counter()
+        while sent < count:
+            n = min(chunk, count - sent)
+            try:
+                k = sock.sendfile(f, start + sent, n)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            if not k:
+                break
+            sent += k
+            ahead = sent / rate - (time.perf_counter() - t0)
+            if ahead > 0:
+                time.sleep(ahead)
+        return sent
+
+
+def _parse_range(value: str, size: int) -> tuple[int, int] | str | None:
+    """One ``bytes=a-b`` / ``bytes=a-`` / ``bytes=-n`` range; None means 'ignore, send all'."""
+    if not value.startswith("bytes=") or "," in value:
+        return None
+    a, _, b = value[6:].strip().partition("-")
+    try:
+        if a == "":
+            n = int(b)
+            return (max(0, size - n), size - 1) if n > 0 else "unsatisfiable"
+        start = int(a)
+        end = int(b) if b else size - 1
+    except ValueError:
+        return None
+    if start >= size:
+        return "unsatisfiable"
+    return start, min(end, size - 1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("root")
+    ap.add_argument("--rate", type=float, default=None, help="bytes/s per connection (default: unlimited)")
+    ap.add_argument("--port", type=int, default=0)
+    args = ap.parse_args(argv)
+    srv = FaultyServer(args.root, rate=args.rate, port=args.port)
+    print(f"PORT {srv.port}", flush=True)
+    try:
+        srv.httpd.serve_forever(poll_interval=0.1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        srv.httpd.server_close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
