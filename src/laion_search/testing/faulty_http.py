@@ -73,7 +73,7 @@ class FaultyServer:
         self._lock = threading.Lock()
         self.bytes_sent = 0
         handler = type("Handler", (_Handler,), {"owner": self})
-        self.httpd = ThreadingHTTPServer((host, port), handler)
+        self.httpd = _QuietServer((host, port), handler)
         self.httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
 
@@ -119,6 +119,13 @@ class FaultyServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # clients that hang up (timeouts, resets in tests) are expected here
 
 
 def _norm(path: str) -> str:

@@ -1,0 +1,857 @@
+"""Resilient download of LAION shards (``img_emb_N.npy``, ``text_emb_N.npy``, ``metadata_N.parquet``),
+optionally pipelined into ingest.
+
+Per file:
+
+* skipped when ``DIR/.laion-download.json`` (the manifest) says it is complete and its size and
+  mtime still match; a file already there but unknown to the manifest (e.g. from ``wget``) is
+  checked (structure, and its size against the server's) and adopted if sound;
+* downloaded into ``NAME.part``, with ``NAME.part.json`` next to it holding the server's
+  validators (ETag, Last-Modified, size). A retry or a later run resumes with
+  ``Range: bytes=N-`` + ``If-Range``; a ``200`` answer (server without Range support, or a file
+  that changed) restarts cleanly from byte 0, and a ``206`` whose validators or total size differ
+  from the sidecar's (the file changed, and the server ignored ``If-Range``) discards the partial
+  data and restarts;
+* retried with exponential backoff and full jitter on connection errors, timeouts (connect, and
+  read: a stall longer than ``read_timeout`` between two packets), 5xx, 408 and 429 — honouring
+  ``Retry-After``. ``tries`` bounds the *consecutive* failures that made no progress (an attempt
+  that brought at least 1 MiB of new data resets the count, so a 1 GB file on a flaky mirror is
+  not abandoned because it dropped ten times). Other 4xx are final;
+* verified before it is presented as complete: size against Content-Length / Content-Range, the
+  ``.npy`` header against the file size (offset + rows × dim × itemsize), the Parquet footer
+  (row count); then fsync and an atomic rename onto ``NAME``.
+
+Per shard, once its three files are complete: :func:`laion_search.shards.open_shard` checks they
+agree (dimensions, dtypes, metadata columns, row counts), and the shard is recorded in the
+manifest. With a store, verified shards are handed to ingest (in the calling thread) while the
+pool keeps downloading; ``delete_after_ingest`` removes a shard's files once it is loaded (and
+then bounds how many shards sit on disk at once). A rerun skips what is done: shards the store
+holds from the same files, verified shards, complete files, and resumes ``.part`` files.
+
+Memory is bounded: each worker streams through one reusable buffer (``chunk_bytes``).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import http.client
+import json
+import os
+import random
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urljoin, urlsplit
+
+from .errors import DownloadError, LaionError, UsageError
+from .shards import KINDS, ShardFiles, open_shard, read_npy_header
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+#: Where ClickHouse's LAION-400M guide downloads from (``…/img_emb/img_emb_N.npy`` etc.).
+DEFAULT_BASE_URL = "https://deploy.laion.ai/8f83b608504d46bb81708ec86e912220/embeddings"
+MANIFEST = ".laion-download.json"
+PART = ".part"
+USER_AGENT = "laion-search (+https://github.com/laion-ai)"
+RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
+PROGRESS_RESET_BYTES = 1 << 20  # an attempt that brought this much new data resets the failure count
+
+
+@dataclass
+class RetryPolicy:
+    tries: int = 20                #: consecutive failed attempts (without progress) before giving up
+    base_delay: float = 1.0        #: first backoff, doubled each failure, with full jitter
+    max_delay: float = 60.0        #: backoff cap
+    max_retry_after: float = 600.0  #: cap on a server's Retry-After
+    connect_timeout: float = 15.0
+    read_timeout: float = 60.0     #: longest silence between two packets of a response
+
+    def backoff(self, failures: int, rng: random.Random) -> float:
+        cap = min(self.max_delay, self.base_delay * 2 ** max(0, failures - 1))
+        return rng.uniform(cap / 2, cap)
+
+
+@dataclass
+class Remote:
+    """Where shard files live and how they are named, remotely and locally."""
+
+    base_url: str = DEFAULT_BASE_URL
+    remote_layout: str = "folders"  #: folders: BASE/img_emb/img_emb_N.npy (LAION's); flat: BASE/img_emb_N.npy
+    layout: str = "flat"            #: local: flat (the guide's) or folders
+    pad: int = 0                    #: zero-pad shard numbers (4 = LAION-5B style)
+
+    def __post_init__(self) -> None:
+        for name, value in (("layout", self.layout), ("remote layout", self.remote_layout)):
+            if value not in ("flat", "folders"):
+                raise UsageError(f"{name} must be 'flat' or 'folders', not {value!r}")
+        if not 0 <= self.pad <= 12:
+            raise UsageError("pad must be between 0 and 12")
+        u = urlsplit(self.base_url)
+        if u.scheme not in ("http", "https") or not u.netloc:
+            raise UsageError(f"base URL must be http:// or https://, not {self.base_url!r}")
+
+    def name(self, kind: str, shard: int) -> str:
+        ext = ".parquet" if kind == "metadata" else ".npy"
+        return f"{kind}_{shard:0{self.pad}d}{ext}" if self.pad else f"{kind}_{shard}{ext}"
+
+    def url(self, kind: str, shard: int) -> str:
+        rel = f"{kind}/{self.name(kind, shard)}" if self.remote_layout == "folders" else self.name(kind, shard)
+        return self.base_url.rstrip("/") + "/" + rel
+
+    def relpath(self, kind: str, shard: int) -> str:
+        return f"{kind}/{self.name(kind, shard)}" if self.layout == "folders" else self.name(kind, shard)
+
+
+@dataclass
+class FileJob:
+    shard: int
+    kind: str
+    url: str
+    rel: str
+    dest: Path
+
+
+@dataclass
+class DownloadReport:
+    downloaded: list[str] = field(default_factory=list)   # files fetched (fully or resumed) this run
+    skipped: list[str] = field(default_factory=list)      # files already complete
+    failed: list[dict[str, Any]] = field(default_factory=list)  # {shard, file, url, reason}
+    shards_verified: list[int] = field(default_factory=list)
+    shards_skipped: list[int] = field(default_factory=list)   # already verified / already ingested
+    shards_failed: list[int] = field(default_factory=list)
+    ingested: list[int] = field(default_factory=list)
+    ingest_skipped: list[int] = field(default_factory=list)
+    ingested_rows: int = 0
+    deleted: list[int] = field(default_factory=list)
+    bytes: int = 0
+    retries: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.shards_failed
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"downloaded": self.downloaded, "skipped": self.skipped, "failed": self.failed,
+                "shards_verified": self.shards_verified, "shards_skipped": self.shards_skipped,
+                "shards_failed": self.shards_failed, "ingested": self.ingested,
+                "ingest_skipped": self.ingest_skipped, "ingested_rows": self.ingested_rows,
+                "deleted": self.deleted, "bytes": self.bytes, "retries": self.retries,
+                "seconds": round(self.seconds, 3), "mb_per_s": round(self.mb_per_s, 2), "ok": self.ok}
+
+
+# -- errors used inside the retry loop -----------------------------------------------------------
+class _Retryable(Exception):
+    def __init__(self, reason: str, retry_after: float | None = None, progressed: int = 0):
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+        self.progressed = progressed
+
+
+class _Restart(Exception):
+    """Partial data is unusable (file changed, bad range): discard it and start again now."""
+
+
+class _Cancelled(Exception):
+    pass
+
+
+# -- manifest ------------------------------------------------------------------------------------
+class Manifest:
+    """``DIR/.laion-download.json``: complete files (size, mtime, validators) and verified shards."""
+
+    def __init__(self, root: Path):
+        self.path = root / MANIFEST
+        self._lock = threading.Lock()
+        self.files: dict[str, dict[str, Any]] = {}
+        self.shards: dict[str, dict[str, Any]] = {}
+        try:
+            data = json.loads(self.path.read_text())
+            self.files = dict(data.get("files", {}))
+            self.shards = dict(data.get("shards", {}))
+        except (OSError, ValueError, AttributeError):
+            pass  # missing or unreadable: everything is re-checked
+
+    def _save(self) -> None:
+        tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"version": 1, "files": self.files, "shards": self.shards}, indent=1))
+        os.replace(tmp, self.path)
+
+    def file_complete(self, rel: str, path: Path) -> bool:
+        entry = self.files.get(rel)
+        if not entry:
+            return False
+        try:
+            st = path.stat()
+        except OSError:
+            return False
+        return entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns
+
+    def set_file(self, rel: str, path: Path, url: str, validators: dict[str, Any]) -> None:
+        st = path.stat()
+        with self._lock:
+            self.files[rel] = {"url": url, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                               "etag": validators.get("etag"), "last_modified": validators.get("last_modified")}
+            self._save()
+
+    def set_shard(self, shard: int, info: dict[str, Any]) -> None:
+        with self._lock:
+            self.shards[str(shard)] = info
+            self._save()
+
+    def forget(self, rels: list[str], shard: int | None = None) -> None:
+        with self._lock:
+            for rel in rels:
+                self.files.pop(rel, None)
+            if shard is not None:
+                self.shards.pop(str(shard), None)
+            self._save()
+
+
+# -- HTTP ----------------------------------------------------------------------------------------
+def _connect(url: str, policy: RetryPolicy) -> tuple[http.client.HTTPConnection, str]:
+    """A connected HTTP(S) connection for ``url`` (through $HTTP(S)_PROXY when set) and the
+    request target. Connect uses ``connect_timeout``; every later socket read ``read_timeout``."""
+    u = urlsplit(url)
+    https = u.scheme == "https"
+    port = u.port or (443 if https else 80)
+    target = (u.path or "/") + (f"?{u.query}" if u.query else "")
+    proxy = urllib.request.getproxies().get(u.scheme)
+    if proxy and urllib.request.proxy_bypass(u.hostname or ""):
+        proxy = None
+    if proxy:
+        p = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        if https:
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(p.hostname, p.port or 80,
+                                                                            timeout=policy.connect_timeout)
+            conn.set_tunnel(u.hostname, port)
+        else:
+            conn = http.client.HTTPConnection(p.hostname, p.port or 80, timeout=policy.connect_timeout)
+            target = url
+    elif https:
+        conn = http.client.HTTPSConnection(u.hostname, port, timeout=policy.connect_timeout)
+    else:
+        conn = http.client.HTTPConnection(u.hostname, port, timeout=policy.connect_timeout)
+    conn.connect()
+    conn.sock.settimeout(policy.read_timeout)
+    return conn, target
+
+
+def _request(method: str, url: str, headers: dict[str, str], policy: RetryPolicy
+             ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse, str]:
+    """Send a request, following up to 5 redirects. Returns the connection, response and final URL."""
+    for _ in range(6):
+        u = urlsplit(url)
+        if u.scheme not in ("http", "https"):
+            raise DownloadError(f"unsupported URL scheme in {url}")
+        conn, target = _connect(url, policy)
+        try:
+            conn.request(method, target, headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity",
+                                                  **headers})
+            resp = conn.getresponse()
+        except BaseException:
+            conn.close()
+            raise
+        if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
+            location = resp.getheader("Location")
+            resp.close()
+            conn.close()
+            url = urljoin(url, location)
+            continue
+        return conn, resp, url
+    raise DownloadError(f"too many redirects for {url}")
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _validators(resp: http.client.HTTPResponse) -> dict[str, Any]:
+    etag = resp.getheader("ETag")
+    return {"etag": etag, "last_modified": resp.getheader("Last-Modified")}
+
+
+def _if_range(state: dict[str, Any]) -> str | None:
+    etag = state.get("etag")
+    if etag and not etag.startswith("W/"):  # If-Range needs a strong validator
+        return etag
+    return state.get("last_modified")
+
+
+def _content_range(value: str | None) -> tuple[int, int | None] | None:
+    """``bytes START-END/TOTAL`` → (START, TOTAL or None)."""
+    if not value or not value.startswith("bytes "):
+        return None
+    spec = value[6:].strip()
+    rng, _, total = spec.partition("/")
+    start, _, _end = rng.partition("-")
+    try:
+        return int(start), (None if total.strip() == "*" else int(total))
+    except ValueError:
+        return None
+
+
+# -- verification --------------------------------------------------------------------------------
+def verify_file(path: Path, kind: str) -> int:
+    """Structural check of one downloaded file; returns its row count. Raises ShardError."""
+    if kind == "metadata":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from .errors import ShardValidationError
+
+        try:
+            return pq.ParquetFile(path).metadata.num_rows
+        except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+            raise ShardValidationError(f"not a complete parquet file ({exc})", path=str(path)) from None
+    return read_npy_header(path).rows
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# -- one file ------------------------------------------------------------------------------------
+class _Fetcher:
+    def __init__(self, policy: RetryPolicy, emit: ProgressFn, cancel: threading.Event, manifest: Manifest,
+                 chunk_bytes: int, seed: int | None = None):
+        self.policy = policy
+        self.emit = emit
+        self.cancel = cancel
+        self.manifest = manifest
+        self.chunk_bytes = chunk_bytes
+        self.rng = random.Random(seed)
+        self.lock = threading.Lock()
+        self.bytes = 0
+        self.retries = 0
+
+    def _retrying(self, job: FileJob, attempt: Callable[[], Any]) -> Any:
+        failures = 0
+        restarts = 0
+        while True:
+            if self.cancel.is_set():
+                raise _Cancelled()
+            try:
+                return attempt()
+            except _Restart as exc:
+                restarts += 1
+                if restarts > self.policy.tries:
+                    raise DownloadError(f"gave up after {restarts} restarts: {exc}") from None
+                self.emit({"event": "restart", "shard": job.shard, "file": job.rel, "url": job.url,
+                           "reason": str(exc)})
+                continue
+            except (_Retryable, OSError, http.client.HTTPException) as exc:
+                if isinstance(exc, _Retryable):
+                    reason, retry_after, progressed = exc.reason, exc.retry_after, exc.progressed
+                else:
+                    reason, retry_after, progressed = _describe(exc), None, getattr(exc, "progressed", 0)
+                if progressed >= PROGRESS_RESET_BYTES:
+                    failures = 0
+                failures += 1
+                if failures >= self.policy.tries:
+                    raise DownloadError(f"gave up after {failures} attempt(s): {reason}") from None
+                if retry_after is not None:
+                    delay = min(retry_after, self.policy.max_retry_after)
+                else:
+                    delay = self.policy.backoff(failures, self.rng)
+                with self.lock:
+                    self.retries += 1
+                self.emit({"event": "retry", "shard": job.shard, "file": job.rel, "url": job.url,
+                           "attempt": failures + 1, "reason": reason, "delay": round(delay, 3),
+                           "retry_after": retry_after})
+                if self.cancel.wait(delay):
+                    raise _Cancelled() from None
+
+    def fetch(self, job: FileJob) -> str:
+        """Make ``job.dest`` complete and verified. Returns "skipped" or "downloaded"."""
+        dest = job.dest
+        if self.manifest.file_complete(job.rel, dest):
+            self.emit({"event": "file_skipped", "shard": job.shard, "file": job.rel,
+                       "size": dest.stat().st_size, "reason": "already complete"})
+            return "skipped"
+        if dest.exists() and self._adopt(job):
+            return "skipped"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part = dest.with_name(dest.name + PART)
+        side = dest.with_name(dest.name + PART + ".json")
+        t0 = time.perf_counter()
+        first = {"offset": None}
+
+        def attempt() -> dict[str, Any]:
+            return self._attempt(job, part, side, first)
+
+        state = self._retrying(job, attempt)
+        # complete and verified on disk: present it under its real name
+        with open(part, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(part, dest)
+        _unlink(side)
+        _fsync_dir(dest.parent)
+        self.manifest.set_file(job.rel, dest, job.url, state)
+        self.emit({"event": "file_done", "shard": job.shard, "file": job.rel, "size": dest.stat().st_size,
+                   "resumed_from": first["offset"] or 0, "seconds": round(time.perf_counter() - t0, 3)})
+        return "downloaded"
+
+    def _adopt(self, job: FileJob) -> bool:
+        """A file already at ``dest`` but not in the manifest (a killed run, wget): keep it if it is
+        structurally sound and the server reports the same size (and validators, when we know them)."""
+        try:
+            verify_file(job.dest, job.kind)
+        except LaionError:
+            return False
+
+        def head() -> dict[str, Any] | None:
+            conn, resp, _ = _request("HEAD", job.url, {}, self.policy)
+            try:
+                resp.read()
+            finally:
+                conn.close()
+            if resp.status in RETRY_STATUSES or resp.status >= 500:
+                raise _Retryable(f"HTTP {resp.status} {resp.reason} (HEAD)", _retry_after(resp.getheader("Retry-After")))
+            if resp.status != 200:
+                return None
+            return {"size": resp.getheader("Content-Length"), **_validators(resp)}
+
+        info = self._retrying(job, head)
+        size = job.dest.stat().st_size
+        if info is None or info["size"] is None or int(info["size"]) != size:
+            return False
+        self.manifest.set_file(job.rel, job.dest, job.url, info)
+        self.emit({"event": "file_skipped", "shard": job.shard, "file": job.rel, "size": size,
+                   "reason": "already complete (checked against the server)"})
+        return True
+
+    def _attempt(self, job: FileJob, part: Path, side: Path, first: dict[str, Any]) -> dict[str, Any]:
+        state = _read_json(side) if part.exists() else None
+        if part.exists() and state is None:
+            _unlink(part)  # partial data without validators cannot be trusted
+        if state is None:
+            _unlink(side)
+        offset = part.stat().st_size if state is not None and part.exists() else 0
+        headers: dict[str, str] = {}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+            validator = _if_range(state or {})
+            if validator:
+                headers["If-Range"] = validator
+        conn, resp, _ = _request("GET", job.url, headers, self.policy)
+        try:
+            status = resp.status
+            if status in RETRY_STATUSES or 500 <= status < 600:
+                raise _Retryable(f"HTTP {status} {resp.reason}", _retry_after(resp.getheader("Retry-After")))
+            new = _validators(resp)
+            if status == 416 and offset and state is not None:
+                cr = _content_range(resp.getheader("Content-Range"))
+                if cr and cr[1] == offset == state.get("size"):
+                    return self._verified(job, part, side, state)  # we already had every byte
+                _unlink(part, side)
+                raise _Restart("server refused the resume range (416); restarting")
+            if status == 206:
+                cr = _content_range(resp.getheader("Content-Range"))
+                if cr is None or cr[0] != offset:
+                    _unlink(part, side)
+                    raise _Restart(f"unexpected Content-Range {resp.getheader('Content-Range')!r} for offset {offset}")
+                total = cr[1]
+                changed = _changed(state or {}, new, total)
+                if changed:
+                    _unlink(part, side)
+                    raise _Restart(f"file changed on the server ({changed}); restarting")
+                mode = "r+b"
+            elif status == 200:
+                if offset:
+                    why = "server ignored the Range request" if not headers.get("If-Range") or not _changed(
+                        state or {}, new, _int(resp.getheader("Content-Length"))) else "file changed on the server"
+                    self.emit({"event": "restart", "shard": job.shard, "file": job.rel, "url": job.url,
+                               "reason": f"{why}; starting again from byte 0"})
+                offset = 0
+                total = _int(resp.getheader("Content-Length"))
+                mode = "wb"
+            else:
+                raise DownloadError(f"HTTP {status} {resp.reason}")
+            state = {"url": job.url, "size": total, **new}
+            _write_json(side, state)
+            first["offset"] = offset
+            self.emit({"event": "file_start", "shard": job.shard, "file": job.rel, "url": job.url,
+                       "size": total, "offset": offset})
+            got = self._stream(job, resp, part, mode, offset, total)
+        finally:
+            resp.close()
+            conn.close()
+        if total is not None and offset + got != total:
+            exc = _Retryable(f"connection closed after {offset + got:,} of {total:,} bytes "
+                             f"(body shorter than its Content-Length)", progressed=got)
+            raise exc
+        return self._verified(job, part, side, state)
+
+    def _verified(self, job: FileJob, part: Path, side: Path, state: dict[str, Any]) -> dict[str, Any]:
+        try:
+            verify_file(part, job.kind)
+        except LaionError as exc:
+            _unlink(part, side)  # complete by size yet malformed: never keep it, fetch it again
+            raise _Retryable(f"downloaded file fails verification: {exc}") from None
+        return state
+
+    def _stream(self, job: FileJob, resp: http.client.HTTPResponse, part: Path, mode: str, offset: int,
+                total: int | None) -> int:
+        buf = bytearray(self.chunk_bytes)
+        view = memoryview(buf)
+        got = 0
+        last = 0.0
+        fp = getattr(resp, "fp", None)
+        if not resp.chunked and resp.length is not None and hasattr(fp, "readinto1"):
+            # one socket read per call, straight into our buffer: bytes that arrived before a stall
+            # or reset are written (and kept for the resume), and nothing is copied twice
+            left = {"n": resp.length}
+
+            def read(v: memoryview) -> int:
+                if left["n"] <= 0:
+                    return 0
+                k = fp.readinto1(v[:min(len(v), left["n"])])
+                left["n"] -= k
+                return k
+        else:
+            def read(v: memoryview) -> int:
+                data = resp.read1(len(v))
+                v[:len(data)] = data
+                return len(data)
+        with open(part, mode) as f:
+            if mode == "r+b":
+                f.seek(offset)
+                f.truncate()
+            while True:
+                if self.cancel.is_set():
+                    raise _Cancelled()
+                try:
+                    n = read(view)
+                except (OSError, http.client.HTTPException) as exc:
+                    exc.progressed = got  # type: ignore[attr-defined]
+                    raise
+                if not n:
+                    break
+                f.write(view[:n])
+                got += n
+                with self.lock:
+                    self.bytes += n
+                now = time.monotonic()
+                if now - last >= 0.1:
+                    last = now
+                    self.emit({"event": "file_bytes", "shard": job.shard, "file": job.rel, "done": offset + got,
+                               "size": total, "delta": None})
+        return got
+
+
+def _changed(old: dict[str, Any], new: dict[str, Any], total: int | None) -> str | None:
+    if old.get("size") is not None and total is not None and old["size"] != total:
+        return f"size {old['size']} → {total}"
+    if old.get("etag") and new.get("etag") and old["etag"] != new["etag"]:
+        return f"ETag {old['etag']} → {new['etag']}"
+    if old.get("last_modified") and new.get("last_modified") and old["last_modified"] != new["last_modified"]:
+        return f"Last-Modified {old['last_modified']} → {new['last_modified']}"
+    return None
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out (no data within the read timeout)" if "connect" not in str(exc).lower() else f"connect timed out"
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset by peer"
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return "server closed the connection without a response"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def _unlink(*paths: Path) -> None:
+    for p in paths:
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+
+# -- the whole run -------------------------------------------------------------------------------
+def plan(shards: list[int], to: Path, remote: Remote) -> dict[int, list[FileJob]]:
+    out: dict[int, list[FileJob]] = {}
+    for n in shards:
+        out[n] = [FileJob(n, k, remote.url(k, n), remote.relpath(k, n), to / remote.relpath(k, n)) for k in KINDS]
+    return out
+
+
+def download(shards: list[int], to: str | os.PathLike[str], *, remote: Remote | None = None, jobs: int = 4,
+             policy: RetryPolicy | None = None, store: Any = None, delete_after_ingest: bool = False,
+             ahead: int | None = None, chunk_bytes: int = 1 << 20, progress: ProgressFn | None = None,
+             batch_rows: int | None = None) -> DownloadReport:
+    """Download (and, with ``store``, ingest) ``shards`` into ``to``. Never raises for a failed file
+    or shard: the report lists failures with their file, URL and reason (``report.ok``)."""
+    remote = remote or Remote()
+    policy = policy or RetryPolicy()
+    if jobs < 1:
+        raise UsageError("jobs must be at least 1")
+    if delete_after_ingest and store is None:
+        raise UsageError("--delete-after-ingest needs --ingest")
+    root = Path(to)
+    root.mkdir(parents=True, exist_ok=True)
+    emit_lock = threading.Lock()
+    user_emit = progress or (lambda e: None)
+
+    def emit(event: dict[str, Any]) -> None:
+        with emit_lock:
+            user_emit(event)
+
+    report = DownloadReport()
+    t_start = time.perf_counter()
+    manifest = Manifest(root)
+    cancel = threading.Event()
+    fetcher = _Fetcher(policy, emit, cancel, manifest, chunk_bytes)
+    jobs_by_shard = plan(shards, root, remote)
+
+    # shards the store already holds from the files we verified: nothing to fetch
+    records, counts = ({}, {})
+    if store is not None:
+        records, counts = store.shard_records(), store.partition_rows()
+    todo: list[int] = []
+    ready: list[int] = []  # verified and present, only ingest left
+    for n in shards:
+        info = manifest.shards.get(str(n))
+        rec = records.get(n)
+        if (info and rec is not None and rec.fingerprint == info.get("fingerprint")
+                and counts.get(n, 0) == rec.rows == info.get("rows")):
+            report.shards_skipped.append(n)
+            report.ingest_skipped.append(n)
+            emit({"event": "shard_skipped", "shard": n, "reason": "already ingested"})
+            if delete_after_ingest:
+                _delete_shard(jobs_by_shard[n], manifest, n, report, emit)
+            continue
+        if info and all(manifest.file_complete(j.rel, j.dest) for j in jobs_by_shard[n]) and \
+                _fingerprint(jobs_by_shard[n]) == info.get("fingerprint"):
+            report.shards_skipped.append(n)
+            report.skipped.extend(j.rel for j in jobs_by_shard[n])
+            emit({"event": "shard_skipped", "shard": n, "rows": info.get("rows"), "reason": "already verified"})
+            ready.append(n)
+            continue
+        todo.append(n)
+    emit({"event": "start", "shards": shards, "todo": todo, "files": 3 * len(todo), "jobs": jobs,
+          "base_url": remote.base_url, "to": str(root), "ingest": store is not None})
+
+    # work queue in shard order; with delete_after_ingest, at most `ahead` shards on disk at once
+    cond = threading.Condition()
+    queue_jobs = [j for n in todo for j in jobs_by_shard[n]]
+    pos = {"i": 0}
+    limit = (ahead or max(2, (jobs + 2) // 3 + 1)) if delete_after_ingest else None
+    open_shards: set[int] = set(ready) if limit else set()
+    remaining = {n: 3 for n in todo}
+    shard_failed: dict[int, bool] = {n: False for n in todo}
+    verified_q: list[int] = list(ready)
+    done_downloading = {"n": 0}
+
+    def next_job() -> FileJob | None:
+        with cond:
+            while True:
+                if cancel.is_set() or pos["i"] >= len(queue_jobs):
+                    return None
+                job = queue_jobs[pos["i"]]
+                if limit and job.shard not in open_shards and len(open_shards) >= limit:
+                    cond.wait(0.2)
+                    continue
+                if limit:
+                    open_shards.add(job.shard)
+                pos["i"] += 1
+                return job
+
+    def finish_shard(n: int) -> None:
+        files = jobs_by_shard[n]
+        if shard_failed[n]:
+            report.shards_failed.append(n)
+            if limit:
+                with cond:
+                    open_shards.discard(n)
+                    cond.notify_all()
+            return
+        try:
+            sf = ShardFiles(n, *(j.dest for j in files))
+            reader = open_shard(sf)
+            info = {"rows": reader.rows, "dim": reader.dim, "fingerprint": sf.fingerprint(),
+                    "verified_at": time.time()}
+            manifest.set_shard(n, info)
+            report.shards_verified.append(n)
+            emit({"event": "shard_verified", "shard": n, "rows": reader.rows, "dim": reader.dim})
+            with cond:
+                verified_q.append(n)
+                cond.notify_all()
+        except LaionError as exc:
+            report.shards_failed.append(n)
+            path = getattr(exc, "path", None)
+            job = next((j for j in files if path and Path(path) == j.dest), files[-1])
+            report.failed.append({"shard": n, "file": job.rel, "url": job.url, "reason": f"shard check failed: {exc}"})
+            emit({"event": "shard_failed", "shard": n, "file": job.rel, "url": job.url, "reason": str(exc)})
+            if limit:
+                with cond:
+                    open_shards.discard(n)
+                    cond.notify_all()
+
+    def worker() -> None:
+        while True:
+            job = next_job()
+            if job is None:
+                return
+            try:
+                how = fetcher.fetch(job)
+                with cond:
+                    (report.skipped if how == "skipped" else report.downloaded).append(job.rel)
+            except _Cancelled:
+                return
+            except (LaionError, OSError, http.client.HTTPException) as exc:
+                reason = str(exc) if isinstance(exc, LaionError) else _describe(exc)
+                with cond:
+                    shard_failed[job.shard] = True
+                    report.failed.append({"shard": job.shard, "file": job.rel, "url": job.url, "reason": reason})
+                emit({"event": "file_failed", "shard": job.shard, "file": job.rel, "url": job.url, "reason": reason})
+            except BaseException as exc:  # noqa: BLE001 - a bug must not hang the run
+                with cond:
+                    shard_failed[job.shard] = True
+                    report.failed.append({"shard": job.shard, "file": job.rel, "url": job.url,
+                                          "reason": f"internal error: {exc!r}"})
+            with cond:
+                remaining[job.shard] -= 1
+                last = remaining[job.shard] == 0
+            if last:
+                finish_shard(job.shard)
+            with cond:
+                if last:
+                    done_downloading["n"] += 1
+                cond.notify_all()
+
+    threads = [threading.Thread(target=worker, name=f"laion-download-{i}", daemon=True)
+               for i in range(min(jobs, max(1, len(queue_jobs))))]
+    for t in threads:
+        t.start()
+    try:
+        while True:
+            with cond:
+                while not verified_q and done_downloading["n"] < len(todo) and not cancel.is_set():
+                    cond.wait(0.2)
+                if not verified_q:
+                    break
+                n = verified_q.pop(0)
+            if store is not None:
+                _ingest_one(store, n, jobs_by_shard[n], report, emit, batch_rows)
+                if delete_after_ingest and n not in report.shards_failed:
+                    _delete_shard(jobs_by_shard[n], manifest, n, report, emit)
+                if limit:
+                    with cond:
+                        open_shards.discard(n)
+                        cond.notify_all()
+        for t in threads:
+            t.join()
+    except BaseException:
+        cancel.set()
+        for t in threads:
+            t.join(timeout=2)
+        raise
+    report.bytes = fetcher.bytes
+    report.retries = fetcher.retries
+    report.seconds = time.perf_counter() - t_start
+    report.shards_verified.sort()
+    report.shards_failed = sorted(set(report.shards_failed))
+    emit({"event": "summary", **report.as_dict()})
+    return report
+
+
+def _fingerprint(files: list[FileJob]) -> str | None:
+    try:
+        return ShardFiles(files[0].shard, *(j.dest for j in files)).fingerprint()
+    except OSError:
+        return None
+
+
+def _ingest_one(store: Any, n: int, files: list[FileJob], report: DownloadReport, emit: ProgressFn,
+                batch_rows: int | None) -> None:
+    from .ingest import DEFAULT_BATCH_ROWS, ingest_files
+
+    def relay(e: dict[str, Any]) -> None:
+        kind = e.get("event")
+        if kind in ("shard_start", "batch", "shard_done", "shard_skipped"):
+            emit({**e, "event": "ingest_" + kind.removeprefix("shard_")})
+
+    try:
+        sub = ingest_files(store, [ShardFiles(n, *(j.dest for j in files))],
+                           batch_rows=batch_rows or DEFAULT_BATCH_ROWS, progress=relay)
+    except LaionError as exc:
+        report.shards_failed.append(n)
+        report.failed.append({"shard": n, "file": files[0].rel, "url": files[0].url, "reason": f"ingest failed: {exc}"})
+        emit({"event": "shard_failed", "shard": n, "file": files[0].rel, "url": files[0].url,
+              "reason": f"ingest failed: {exc}"})
+        return
+    report.ingested.extend(sub.loaded)
+    report.ingest_skipped.extend(sub.skipped)
+    report.ingested_rows += sub.rows
+
+
+def _delete_shard(files: list[FileJob], manifest: Manifest, n: int, report: DownloadReport,
+                  emit: ProgressFn) -> None:
+    removed = False
+    for j in files:
+        try:
+            j.dest.unlink()
+            removed = True
+        except FileNotFoundError:
+            pass
+    # keep the shard entry (its fingerprint says what the store holds); drop the file entries
+    manifest.forget([j.rel for j in files])
+    if removed:
+        report.deleted.append(n)
+        emit({"event": "shard_deleted", "shard": n})
+
+
+__all__ = ["DEFAULT_BASE_URL", "DownloadReport", "Remote", "RetryPolicy", "download", "verify_file"]
