@@ -10,7 +10,7 @@
     │   ├── StoreBusyError          another process holds the embedded store's lock
     │   └── QueryError              the engine rejected a statement (wraps chDB / server errors)
     ├── EncoderError                CLIP model missing/unloadable, or an input it cannot encode
-    └── (later: DownloadError …)
+    └── DownloadError               a shard file could not be downloaded (after the retry budget)
 
 Third-party errors are re-raised as ours with ``raise … from`` so callers (CLI, HTTP API)
 only need to know this tree, and the original is kept as ``__cause__``.
@@ -55,3 +55,7 @@ class QueryError(StoreError):
 
 class EncoderError(LaionError):
     """A CLIP model could not be loaded, or an input (text, image) could not be encoded."""
+
+
+class DownloadError(LaionError):
+    """A file could not be downloaded: a final HTTP status, or the retry budget ran out."""
