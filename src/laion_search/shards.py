@@ -167,6 +167,8 @@ class NpyInfo:
 def read_npy_header(path: Path) -> NpyInfo:
     """Read and check an ``.npy`` header without loading the array."""
     _check_regular_file(path)
+    if path.stat().st_size == 0:
+        raise ShardValidationError("empty file (0 bytes): an .npy file starts with a header", path=str(path))
     try:
         with open(path, "rb") as f:
             try:
@@ -180,8 +182,11 @@ def read_npy_header(path: Path) -> NpyInfo:
                     shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
                 else:
                     raise ShardValidationError(f"unsupported .npy format version {version}", path=str(path))
-            except (ValueError, SyntaxError) as exc:
-                raise ShardValidationError(f"corrupt .npy header: {exc}", path=str(path)) from None
+            except ShardValidationError:
+                raise
+            except Exception as exc:  # numpy parses the header with ast/tokenize: any of their errors
+                raise ShardValidationError(f"corrupt .npy header: {type(exc).__name__}: {exc}",
+                                           path=str(path)) from None
             offset = f.tell()
     except OSError as exc:
         raise ShardError(f"cannot read: {exc.strerror or exc}", path=str(path)) from None
@@ -225,6 +230,11 @@ def _check_regular_file(path: Path) -> None:
         raise ShardError("not a regular file", path=str(path))
     if not os.access(path, os.R_OK):
         raise ShardError("not readable (permission denied)", path=str(path))
+
+
+def _one_line(exc: BaseException) -> str:
+    """Arrow's messages can span lines; an error of ours is one line."""
+    return " ".join(str(exc).split())
 
 
 def _type_family(t: pa.DataType) -> str:
@@ -312,7 +322,7 @@ class ShardReader:
                     if meta.num_rows:
                         yield self._table(self._repair_text(meta), rows, image, text)
             except (pa.ArrowInvalid, OSError) as exc:
-                raise ShardValidationError(f"cannot read rows near {pos}: {exc}", path=str(self.files.metadata),
+                raise ShardValidationError(f"cannot read rows near {pos}: {_one_line(exc)}", path=str(self.files.metadata),
                                            shard=self.shard) from None
         if pos != self.rows:
             raise ShardValidationError(f"parquet yielded {pos} rows, expected {self.rows}",
@@ -462,7 +472,7 @@ def open_shard(files: ShardFiles, *, dim: int | None = None, skip_bad_rows: bool
     try:
         pf = pq.ParquetFile(files.metadata)
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
-        raise ShardValidationError(f"not a readable parquet file ({exc})", path=str(files.metadata),
+        raise ShardValidationError(f"not a readable parquet file ({_one_line(exc)})", path=str(files.metadata),
                                    shard=files.shard) from None
     schema = pf.schema_arrow
     columns = []
