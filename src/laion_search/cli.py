@@ -136,6 +136,94 @@ def ingest(
         output.out.print(line, markup=False, highlight=False)
 
 
+# -- download -------------------------------------------------------------------------------------
+@app.command()
+@handle_errors
+def download(
+    shards: str = typer.Argument(..., help="Shard numbers: 0-9, 3,7,12-15."),
+    to: Path = typer.Option(..., "--to", help="Directory to download into."),
+    base_url: str = typer.Option(None, "--base-url", envvar="LAION_BASE_URL", show_envvar=True,
+                                 help="Prefix under which img_emb/img_emb_N.npy, text_emb/text_emb_N.npy and "
+                                      "metadata/metadata_N.parquet live. Default: LAION-400M's, as in the guide."),
+    remote_layout: str = typer.Option("folders", "--remote-layout", envvar="LAION_REMOTE_LAYOUT",
+                                      help="folders (BASE/img_emb/img_emb_N.npy, LAION's) or flat (BASE/img_emb_N.npy)."),
+    layout: str = typer.Option("flat", "--layout", help="Local layout: flat (the guide's) or folders."),
+    pad: int = typer.Option(0, "--pad", envvar="LAION_SHARD_PAD", min=0, max=12,
+                            help="Zero-pad shard numbers in file names (4 = LAION-5B style 0000)."),
+    jobs: int = typer.Option(4, "--jobs", "-j", min=1, max=64, help="Parallel transfers (one file each)."),
+    tries: int = typer.Option(20, "--tries", min=1, help="Consecutive failed attempts per file before giving up "
+                                                          "(an attempt that brought ≥1 MiB resets the count)."),
+    retry_delay: float = typer.Option(1.0, "--retry-delay", min=0, help="First backoff in seconds (doubles, with jitter)."),
+    max_retry_delay: float = typer.Option(60.0, "--max-retry-delay", min=0, help="Backoff cap in seconds."),
+    connect_timeout: float = typer.Option(15.0, "--connect-timeout", min=0.01, help="Seconds to connect."),
+    read_timeout: float = typer.Option(60.0, "--read-timeout", min=0.01,
+                                       help="Seconds without data before a transfer is retried (stall)."),
+    do_ingest: bool = typer.Option(False, "--ingest", help="Load each shard into the store as soon as it is verified."),
+    delete_after_ingest: bool = typer.Option(False, "--delete-after-ingest",
+                                             help="Delete a shard's files once it is loaded (and keep few on disk)."),
+    batch_rows: int = typer.Option(32768, "--batch-rows", min=1, max=1_000_000, help="Rows per insert batch (--ingest)."),
+    db: Optional[str] = DbOption,
+    json_output: bool = JsonOption,
+) -> None:
+    """Download LAION shards: parallel, retried, resumed, verified; optionally ingested as they arrive.
+
+    Example: laion download 0-9 --to ./shards -j 4 --ingest --db ./laion-db
+    """
+    import contextlib
+
+    from .download import DEFAULT_BASE_URL, Remote, RetryPolicy, download as do_download
+    from .shards import parse_shard_spec
+
+    numbers = parse_shard_spec(shards) or []
+    if not numbers:
+        raise UsageError("no shards given: e.g. 0-9 or 3,7,12-15")
+    if delete_after_ingest and not do_ingest:
+        raise UsageError("--delete-after-ingest needs --ingest")
+    remote = Remote(base_url=base_url or DEFAULT_BASE_URL, remote_layout=remote_layout, layout=layout, pad=pad)
+    policy = RetryPolicy(tries=tries, base_delay=retry_delay, max_delay=max_retry_delay,
+                         connect_timeout=connect_timeout, read_timeout=read_timeout)
+    with contextlib.ExitStack() as stack:
+        store = stack.enter_context(open_store(db)) if do_ingest else None
+        progress = stack.enter_context(output.DownloadProgress(output.progress_mode(json_output)))
+        report = do_download(numbers, to, remote=remote, jobs=jobs, policy=policy, store=store,
+                             delete_after_ingest=delete_after_ingest, batch_rows=batch_rows, progress=progress)
+    if not json_output:
+        print_download_summary(report)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def print_download_summary(report) -> None:
+    from rich.table import Table
+
+    table = Table(title="download summary", header_style="bold")
+    for col in ("", "count", "detail"):
+        table.add_column(col)
+    table.add_row("files downloaded", str(len(report.downloaded)),
+                  f"{output.human_bytes(report.bytes)} in {report.seconds:.1f} s ({report.mb_per_s:,.1f} MB/s), "
+                  f"{report.retries} retries")
+    table.add_row("files skipped", str(len(report.skipped)), "already complete")
+    table.add_row("files failed", str(len(report.failed)), "")
+    table.add_row("shards verified", str(len(report.shards_verified)), _numbers(report.shards_verified))
+    table.add_row("shards skipped", str(len(report.shards_skipped)), _numbers(report.shards_skipped))
+    if report.ingested or report.ingest_skipped:
+        table.add_row("shards ingested", str(len(report.ingested)), f"{report.ingested_rows:,} rows")
+        table.add_row("already in store", str(len(report.ingest_skipped)), _numbers(report.ingest_skipped))
+    if report.deleted:
+        table.add_row("shards deleted", str(len(report.deleted)), "after ingest")
+    table.add_row("shards failed", str(len(report.shards_failed)), _numbers(report.shards_failed))
+    output.out.print(table)
+    for f in report.failed:
+        output.out.print(f"failed: shard {f['shard']} {f['file']} ({f['url']}): {f['reason']}",
+                         markup=False, highlight=False)
+
+
+def _numbers(ns) -> str:
+    ns = list(ns)
+    text = ", ".join(str(n) for n in ns[:20])
+    return text + (f", … ({len(ns)})" if len(ns) > 20 else "")
+
+
 # -- status ---------------------------------------------------------------------------------------
 @app.command()
 @handle_errors

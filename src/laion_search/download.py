@@ -499,7 +499,7 @@ class _Fetcher:
             state = {"url": job.url, "size": total, **new}
             _write_json(side, state)
             first["offset"] = offset
-            self.emit({"event": "file_start", "shard": job.shard, "file": job.rel, "url": job.url,
+            self.emit({"event": "file_start", "shard": job.shard, "kind": job.kind, "file": job.rel, "url": job.url,
                        "size": total, "offset": offset})
             got = self._stream(job, resp, part, mode, offset, total)
         finally:
@@ -662,6 +662,7 @@ def download(shards: list[int], to: str | os.PathLike[str], *, remote: Remote | 
         records, counts = store.shard_records(), store.partition_rows()
     todo: list[int] = []
     ready: list[int] = []  # verified and present, only ingest left
+    early: list[dict[str, Any]] = []  # told after "start"
     for n in shards:
         info = manifest.shards.get(str(n))
         rec = records.get(n)
@@ -669,20 +670,22 @@ def download(shards: list[int], to: str | os.PathLike[str], *, remote: Remote | 
                 and counts.get(n, 0) == rec.rows == info.get("rows")):
             report.shards_skipped.append(n)
             report.ingest_skipped.append(n)
-            emit({"event": "shard_skipped", "shard": n, "reason": "already ingested"})
+            early.append({"event": "shard_skipped", "shard": n, "rows": info.get("rows"), "reason": "already ingested"})
             if delete_after_ingest:
-                _delete_shard(jobs_by_shard[n], manifest, n, report, emit)
+                _delete_shard(jobs_by_shard[n], manifest, n, report, early.append)
             continue
         if info and all(manifest.file_complete(j.rel, j.dest) for j in jobs_by_shard[n]) and \
                 _fingerprint(jobs_by_shard[n]) == info.get("fingerprint"):
             report.shards_skipped.append(n)
             report.skipped.extend(j.rel for j in jobs_by_shard[n])
-            emit({"event": "shard_skipped", "shard": n, "rows": info.get("rows"), "reason": "already verified"})
+            early.append({"event": "shard_skipped", "shard": n, "rows": info.get("rows"), "reason": "already verified"})
             ready.append(n)
             continue
         todo.append(n)
     emit({"event": "start", "shards": shards, "todo": todo, "files": 3 * len(todo), "jobs": jobs,
           "base_url": remote.base_url, "to": str(root), "ingest": store is not None})
+    for event in early:
+        emit(event)
 
     # work queue in shard order; with delete_after_ingest, at most `ahead` shards on disk at once
     cond = threading.Condition()

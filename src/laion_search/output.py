@@ -185,3 +185,160 @@ def progress_mode(json_output: bool) -> str:
     if json_output:
         return "json"
     return "bar" if err.is_terminal else "plain"
+
+
+class DownloadProgress:
+    """Download events as rich bars (one per active file, plus a total with MB/s and ETA) on a
+    terminal, plain lines otherwise, or JSON lines (``file_bytes`` at most once a second per file)."""
+
+    def __init__(self, mode: str):
+        self.mode = mode  # "bar", "plain" or "json"
+        self._progress = None
+        self._total_task = None
+        self._tasks: dict[str, Any] = {}
+        self._files: dict[str, dict[str, Any]] = {}  # file → {base, size, done, kind}
+        self._pending_kinds: dict[str, int] = {}     # files not started yet, by kind
+        self._last_json: dict[str, float] = {}
+        self._last_plain = 0.0
+        self._t0 = time.perf_counter()
+
+    def __enter__(self) -> "DownloadProgress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    # -- totals over this run's transfers: bytes received vs bytes expected (unknown sizes estimated
+    #    from the average size of files of the same kind seen so far)
+    def _totals(self) -> tuple[int, int]:
+        done = sum(f["done"] - f["base"] for f in self._files.values())
+        total = sum((f["size"] or f["done"]) - f["base"] for f in self._files.values())
+        for kind, n in self._pending_kinds.items():
+            sizes = [f["size"] for f in self._files.values() if f["kind"] == kind and f["size"]]
+            if sizes:
+                total += n * sum(sizes) // len(sizes)
+        return done, max(total, done)
+
+    def __call__(self, e: dict[str, Any]) -> None:
+        kind = e["event"]
+        if kind == "start":
+            for f in e.get("todo", []):
+                for k in ("img_emb", "text_emb", "metadata"):
+                    self._pending_kinds[k] = self._pending_kinds.get(k, 0) + 1
+        elif kind == "file_start":
+            f = self._files.get(e["file"])
+            if f is None:
+                k = e.get("kind", "metadata")
+                self._pending_kinds[k] = max(0, self._pending_kinds.get(k, 0) - 1)
+                self._files[e["file"]] = {"base": e["offset"], "size": e["size"], "done": e["offset"], "kind": k}
+            else:  # a retry: restart from byte 0 or resume
+                f["size"] = e["size"]
+                f["done"] = e["offset"]
+                f["base"] = min(f["base"], e["offset"])
+        elif kind == "file_bytes" and e["file"] in self._files:
+            self._files[e["file"]]["done"] = e["done"]
+        elif kind == "file_done" and e["file"] in self._files:
+            self._files[e["file"]]["done"] = e["size"]
+            self._files[e["file"]]["size"] = e["size"]
+        if self.mode == "json":
+            self._json(e)
+        elif self.mode == "plain":
+            self._plain(e)
+        else:
+            self._bar(e)
+
+    def _json(self, e: dict[str, Any]) -> None:
+        kind = e["event"]
+        if kind == "ingest_batch":
+            return
+        if kind == "file_bytes":
+            now = time.monotonic()
+            if now - self._last_json.get(e["file"], 0.0) < 1.0:
+                return
+            self._last_json[e["file"]] = now
+        sys.stdout.write(dumps(e) + "\n")
+        sys.stdout.flush()
+
+    def _rate_eta(self) -> str:
+        done, total = self._totals()
+        elapsed = time.perf_counter() - self._t0
+        rate = done / elapsed if elapsed > 0 else 0
+        eta = f", ETA {(total - done) / rate:,.0f} s" if rate > 0 and total > done else ""
+        return f"{human_bytes(done)} of ~{human_bytes(total)}, {rate / 1e6:,.1f} MB/s{eta}"
+
+    def _plain(self, e: dict[str, Any]) -> None:
+        kind = e["event"]
+        msg = self._message(e)
+        if msg:
+            err.print(msg, highlight=False, markup=False)
+        if kind == "file_bytes":
+            now = time.monotonic()
+            if now - self._last_plain >= 5.0:
+                self._last_plain = now
+                err.print(f"progress: {self._rate_eta()}", highlight=False)
+
+    def _message(self, e: dict[str, Any]) -> str | None:
+        kind = e["event"]
+        if kind == "start":
+            return (f"downloading {len(e['todo'])} shard(s) ({e['files']} files) from {e['base_url']} "
+                    f"to {e['to']} with {e['jobs']} connection(s)" + (", ingesting as they verify" if e["ingest"] else ""))
+        if kind == "file_done":
+            secs = e["seconds"]
+            rate = (e["size"] - e["resumed_from"]) / secs / 1e6 if secs > 0 else 0
+            resumed = f", resumed at {human_bytes(e['resumed_from'])}" if e["resumed_from"] else ""
+            return f"{e['file']}: {human_bytes(e['size'])} in {secs:.1f} s ({rate:,.1f} MB/s{resumed})"
+        if kind == "file_skipped":
+            return f"{e['file']}: skipped ({e['reason']})"
+        if kind == "retry":
+            return f"{e['file']}: {e['reason']}; retry {e['attempt']} in {e['delay']:.1f} s"
+        if kind == "restart":
+            return f"{e['file']}: {e['reason']}"
+        if kind == "file_failed":
+            return f"FAILED {e['file']} ({e['url']}): {e['reason']}"
+        if kind == "shard_verified":
+            return f"shard {e['shard']}: verified, {e['rows']:,} rows × {e['dim']}-d"
+        if kind == "shard_skipped":
+            return f"shard {e['shard']}: skipped ({e['reason']})"
+        if kind == "shard_failed":
+            return f"FAILED shard {e['shard']} {e['file']} ({e['url']}): {e['reason']}"
+        if kind == "ingest_done":
+            return f"shard {e['shard']}: ingested {e['rows']:,} rows in {e['seconds']:.1f} s"
+        if kind == "ingest_skipped":
+            return f"shard {e['shard']}: ingest skipped ({e['reason']})"
+        if kind == "shard_deleted":
+            return f"shard {e['shard']}: files deleted after ingest"
+        return None
+
+    def _bar(self, e: dict[str, Any]) -> None:
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                   TransferSpeedColumn)
+
+        kind = e["event"]
+        if self._progress is None:
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                      TransferSpeedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                      console=err, transient=False)
+            self._progress.start()
+            self._total_task = self._progress.add_task("[bold]total", total=None)
+        p = self._progress
+        if kind == "file_start":
+            task = self._tasks.get(e["file"])
+            if task is None:
+                self._tasks[e["file"]] = p.add_task(e["file"], total=e["size"], completed=e["offset"])
+            else:
+                p.reset(task, total=e["size"], completed=e["offset"])
+        elif kind == "file_bytes" and e["file"] in self._tasks:
+            p.update(self._tasks[e["file"]], completed=e["done"])
+        elif kind in ("file_done", "file_failed") and e["file"] in self._tasks:
+            p.remove_task(self._tasks.pop(e["file"]))
+        elif kind == "summary":
+            for task in self._tasks.values():
+                p.remove_task(task)
+            self._tasks.clear()
+        done, total = self._totals()
+        p.update(self._total_task, completed=done, total=total or None)
+        msg = self._message(e)
+        if msg:
+            p.console.print(msg, highlight=False, markup=False, style="dim" if kind == "file_done" else None)
