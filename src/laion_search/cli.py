@@ -19,7 +19,11 @@ bench_app = typer.Typer(help="Benchmarks that print ratios measured side by side
 app.add_typer(bench_app, name="bench")
 
 DbOption = typer.Option(None, "--db", envvar="LAION_DB", show_envvar=True,
-                        help="Store directory (embedded chDB). Default: ~/.local/share/laion-search/db.")
+                        help="Store directory (embedded chDB), or a ClickHouse URL. "
+                             "Default: ~/.local/share/laion-search/db.")
+UrlOption = typer.Option(None, "--url", envvar="LAION_URL", show_envvar=True,
+                         help="ClickHouse server/cluster/Cloud instead of the embedded store: "
+                              "clickhouse://user:password@host:8123/db (clickhouses://…:8443 for TLS). Wins over --db.")
 JsonOption = typer.Option(False, "--json", help="Machine-readable JSON output.")
 ModelOption = typer.Option(None, "--model", envvar="LAION_CLIP_MODEL", show_envvar=True,
                            help="CLIP model: a local directory or hub id (default openai/clip-vit-base-patch32), "
@@ -46,10 +50,10 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def open_store(db: Optional[str]):
+def open_store(db: Optional[str], url: Optional[str] = None):
     from .store import connect
 
-    return connect(db)
+    return connect(url or db)
 
 
 # -- synth ----------------------------------------------------------------------------------------
@@ -108,6 +112,7 @@ def ingest(
                                        help="Drop rows with NaN/Inf or all-zero vectors (counted per reason) "
                                             "instead of failing their shard."),
     db: Optional[str] = DbOption,
+    url: Optional[str] = UrlOption,
     json_output: bool = JsonOption,
 ) -> None:
     """Stream LAION shards into the laion table: validated, atomic per shard, idempotent.
@@ -118,7 +123,7 @@ def ingest(
     from .shards import parse_shard_spec
 
     numbers = parse_shard_spec(shards)
-    with open_store(db) as store, output.IngestProgress(output.progress_mode(json_output)) as progress:
+    with open_store(db, url) as store, output.IngestProgress(output.progress_mode(json_output)) as progress:
         report = do_ingest(store, directory, numbers, batch_rows=batch_rows, force=force, progress=progress,
                            skip_bad_rows=skip_bad_rows)
     if not json_output:
@@ -163,6 +168,7 @@ def download(
                                              help="Delete a shard's files once it is loaded (and keep few on disk)."),
     batch_rows: int = typer.Option(32768, "--batch-rows", min=1, max=1_000_000, help="Rows per insert batch (--ingest)."),
     db: Optional[str] = DbOption,
+    url: Optional[str] = UrlOption,
     json_output: bool = JsonOption,
 ) -> None:
     """Download LAION shards: parallel, retried, resumed, verified; optionally ingested as they arrive.
@@ -183,7 +189,7 @@ def download(
     policy = RetryPolicy(tries=tries, base_delay=retry_delay, max_delay=max_retry_delay,
                          connect_timeout=connect_timeout, read_timeout=read_timeout)
     with contextlib.ExitStack() as stack:
-        store = stack.enter_context(open_store(db)) if do_ingest else None
+        store = stack.enter_context(open_store(db, url)) if do_ingest else None
         progress = stack.enter_context(output.DownloadProgress(output.progress_mode(json_output)))
         report = do_download(numbers, to, remote=remote, jobs=jobs, policy=policy, store=store,
                              delete_after_ingest=delete_after_ingest, batch_rows=batch_rows, progress=progress)
@@ -227,12 +233,13 @@ def _numbers(ns) -> str:
 # -- status ---------------------------------------------------------------------------------------
 @app.command()
 @handle_errors
-def status(db: Optional[str] = DbOption, json_output: bool = JsonOption) -> None:
+def status(db: Optional[str] = DbOption, url: Optional[str] = UrlOption,
+               json_output: bool = JsonOption) -> None:
     """Show the store: rows, loaded shards, size on disk, vector indexes.
 
     Example: laion status --db ./laion-db
     """
-    with open_store(db) as store:
+    with open_store(db, url) as store:
         info = store.status()
     if json_output:
         print(output.dumps(info))
@@ -260,6 +267,7 @@ def sql(
     param: List[str] = typer.Option([], "--param", "-p", help="name=value, or name=@file.json / @file.npy for a vector."),
     fmt: str = typer.Option("table", "--format", "-f", help="table, json, jsonl, csv or tsv."),
     db: Optional[str] = DbOption,
+    url: Optional[str] = UrlOption,
     json_output: bool = JsonOption,
 ) -> None:
     """Run SQL against the store; user values go in as query parameters.
@@ -272,7 +280,7 @@ def sql(
     if fmt not in ("table", "json", "jsonl", "csv", "tsv"):
         raise UsageError("--format must be table, json, jsonl, csv or tsv")
     params = parse_params(param)
-    with open_store(db) as store:
+    with open_store(db, url) as store:
         result = store.sql(query, params)
     output.print_arrow(result, "json" if json_output else fmt)
 
@@ -300,6 +308,7 @@ def search(
     rescoring: bool = typer.Option(False, "--rescoring", help="Re-rank index candidates with exact distances."),
     filter_strategy: str = typer.Option("auto", "--filter-strategy", help="auto, postfilter or prefilter."),
     db: Optional[str] = DbOption,
+    url: Optional[str] = UrlOption,
     json_output: bool = JsonOption,
 ) -> None:
     """Nearest neighbours by text, image, vector or an existing row, exact or through the HNSW index.
@@ -315,7 +324,7 @@ def search(
     q = load_vector_file(vector) if vector is not None else None
     filters = Filters(nsfw=nsfw, min_similarity=min_similarity, caption_contains=caption_contains, where=where)
     options = SearchOptions(ef_search=ef_search, rescoring=rescoring, filter_strategy=filter_strategy)
-    with open_store(db) as store:
+    with open_store(db, url) as store:
         result = do_search(store, q, like=like, text=text, image=image, model=model, modality=modality, k=k, exact=exact, metric=metric,
                            filters=filters, columns=columns, options=options)
     print_search(result, json_output)
@@ -346,6 +355,7 @@ def index_create(
     guide: bool = typer.Option(False, "--guide", help="The guide's exact parameters: bf16, M=64, ef_construction=256."),
     replace: bool = typer.Option(False, "--replace", help="Replace an index that exists with other parameters."),
     db: Optional[str] = DbOption,
+    url: Optional[str] = UrlOption,
     json_output: bool = JsonOption,
 ) -> None:
     """Add and build (materialise) vector indexes, with progress; rerun to resume.
@@ -359,7 +369,7 @@ def index_create(
     ef_val = ef_construction if ef_construction is not None else (GUIDE_EF_CONSTRUCTION if guide else DEFAULT_EF_CONSTRUCTION)
     specs = [IndexSpec(c, metric, quantization, m_val, ef_val).check() for c in columns_for(column)]
     results = []
-    with open_store(db) as store:
+    with open_store(db, url) as store:
         for spec in specs:
             results.append(_with_index_progress(json_output, lambda cb, spec=spec: create_index(
                 store, spec, replace=replace, progress=cb)))
@@ -393,14 +403,15 @@ def _with_index_progress(quiet: bool, run: Callable[[Callable[[dict], None]], An
 
 @index_app.command("status")
 @handle_errors
-def index_status_cmd(db: Optional[str] = DbOption, json_output: bool = JsonOption) -> None:
+def index_status_cmd(db: Optional[str] = DbOption, url: Optional[str] = UrlOption,
+               json_output: bool = JsonOption) -> None:
     """Vector indexes: parameters, parts covered, disk size and memory estimate.
 
     Example: laion index status
     """
     from .index import index_status
 
-    with open_store(db) as store:
+    with open_store(db, url) as store:
         info = index_status(store)
     if json_output:
         print(output.dumps(info))
@@ -418,14 +429,15 @@ def index_status_cmd(db: Optional[str] = DbOption, json_output: bool = JsonOptio
 @index_app.command("drop")
 @handle_errors
 def index_drop(column: str = typer.Option("both", "--column", help="image, text or both."),
-               db: Optional[str] = DbOption, json_output: bool = JsonOption) -> None:
+               db: Optional[str] = DbOption, url: Optional[str] = UrlOption,
+               json_output: bool = JsonOption) -> None:
     """Drop vector indexes.
 
     Example: laion index drop --column text
     """
     from .index import INDEX_NAMES, columns_for, drop_index
 
-    with open_store(db) as store:
+    with open_store(db, url) as store:
         dropped = {INDEX_NAMES[c][0]: drop_index(store, c) for c in columns_for(column)}
     if json_output:
         print(output.dumps(dropped))
@@ -449,6 +461,7 @@ def serve(
     cors_origin: List[str] = typer.Option([], "--cors-origin", help="Allow this browser origin (CORS is off by default)."),
     query_timeout: float = typer.Option(30.0, "--query-timeout", min=0.1, max=3600, help="Seconds any query may run."),
     db: Optional[str] = DbOption,
+    url: Optional[str] = UrlOption,
 ) -> None:
     """HTTP API + web page at http://HOST:PORT/ (OpenAPI docs at /docs); speaks clip-retrieval's /knn-service.
 
@@ -456,7 +469,7 @@ def serve(
     """
     from .web import serve as run_server
 
-    with open_store(db) as store:
+    with open_store(db, url) as store:
         output.err.print(f"serving {store.location} on http://{host}:{port}/  (API docs: /docs)")
         run_server(store, host=host, port=port, token=token, model=model, allow_sql=allow_sql,
                    allow_image_url=allow_image_url, cors_origins=cors_origin or None, query_timeout=query_timeout)
@@ -535,27 +548,129 @@ def udf_install(
     python: Optional[str] = typer.Option(None, "--python", help="Interpreter for the scripts (default: this one)."),
     pool_size: int = typer.Option(1, "--pool-size", min=1, max=64, help="Processes ClickHouse keeps per function."),
     db: Optional[str] = DbOption,
+    url: Optional[str] = UrlOption,
     json_output: bool = JsonOption,
 ) -> None:
     """Write encode_text.py / encode_image.py and their *_function.xml (executable_pool).
 
     Example: laion udf install --model ./clip-b32 && laion sql "SELECT encode_text('a cat')"
     """
+    from .backend import is_url
     from .store import UDF_DIR, default_db_path
-    from .udf import install_udfs
+    from .udf import install_udfs, server_instructions
 
+    server = url or (db if db and is_url(db) else None)
+    if server and not directory:
+        raise UsageError("on a ClickHouse server the UDF files must be copied into the server's config: "
+                         "write them with --dir DIR, then follow the printed steps")
     target = directory or (Path(db) if db else default_db_path()) / UDF_DIR
     files = install_udfs(target, python=python, model=model, pool_size=pool_size)
+    loaded = None
+    if server:
+        from .store import connect
+
+        with connect(server) as store:
+            loaded = sorted(r["name"] for r in store.rows(
+                "SELECT name FROM system.functions WHERE name IN ('encode_text', 'encode_image')"))
     if json_output:
-        print(output.dumps({"dir": str(target), "files": [str(f) for f in files]}))
+        info = {"dir": str(target), "files": [str(f) for f in files]}
+        if server:
+            info.update(server_loaded=loaded, instructions=server_instructions(target))
+        print(output.dumps(info))
         return
     for f in files:
         output.out.print(f"wrote {f}")
-    if directory:
+    if server:
+        output.out.print(server_instructions(target), markup=False, highlight=False)
+        output.out.print(f"functions loaded on the server now: {', '.join(loaded) if loaded else 'none yet'}")
+    elif directory:
         output.out.print("Copy the .py files to the server's user_scripts/ and the .xml files to the path in "
                          "<user_defined_executable_functions_config>, then SYSTEM RELOAD FUNCTIONS.")
     else:
         output.out.print("The embedded store loads them when it opens: laion sql \"SELECT encode_text('a cat')\"")
+
+
+# -- init / plan (server and cluster) -----------------------------------------------------------
+@app.command()
+@handle_errors
+def init(
+    cluster: Optional[str] = typer.Option(None, "--cluster", help="ClickHouse cluster name (remote_servers): create "
+                                                                 "laion_local ON CLUSTER + a Distributed laion table."),
+    shards_by: str = typer.Option("modulo", "--shards-by", help="Cluster sharding key: modulo (LAION shard s → cluster "
+                                                                "shard s % N) or hash (cityHash64(shard))."),
+    replicated: bool = typer.Option(False, "--replicated", help="ReplicatedMergeTree local tables (needs Keeper and "
+                                                                "{shard}/{replica} macros)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the statements, run nothing."),
+    db: Optional[str] = DbOption,
+    url: Optional[str] = UrlOption,
+    json_output: bool = JsonOption,
+) -> None:
+    """Create the laion tables (idempotent): in a store, on a server, or across a cluster.
+
+    Example: laion init --url clickhouse://default:@ch1:8123/default --cluster laion --replicated
+    """
+    from .backend import is_url, parse_url
+    from .cluster import ClusterLayout
+    from .store import SHARDS_DDL, SHARDS_TABLE, TABLE, TABLE_DDL
+
+    target = url or db
+    if cluster is None:
+        if dry_run:
+            statements = [TABLE_DDL.format(table=TABLE).strip(), SHARDS_DDL.format(table=SHARDS_TABLE).strip()]
+        else:
+            with open_store(db, url) as store:
+                statements = [f"(tables exist in {store.location})"]
+    else:
+        if not dry_run and not (target and is_url(str(target))):
+            raise UsageError("--cluster needs a ClickHouse server: pass --url clickhouse://… (or $LAION_URL)")
+        database = parse_url(str(target))["database"] if target and is_url(str(target)) else "default"
+        layout = ClusterLayout(cluster, database, shards_by, replicated)
+        statements = layout.init_statements(TABLE_DDL, SHARDS_DDL, TABLE, SHARDS_TABLE)
+        if not dry_run:
+            from .store import connect
+
+            with connect(str(target), create=False) as store:
+                store.init_cluster(layout)
+    if json_output:
+        print(output.dumps({"cluster": cluster, "dry_run": dry_run, "statements": statements}))
+        return
+    for stmt in statements:
+        output.out.print(stmt + (";" if dry_run else ""), markup=False, highlight=False)
+    if not dry_run:
+        output.out.print(f"ready{' on cluster ' + cluster if cluster else ''}", markup=False)
+
+
+@app.command()
+@handle_errors
+def plan(
+    rows: str = typer.Option("400M", "--rows", help="Rows: 400M (LAION-400M), 5.85B (LAION-5B), 2.3B (LAION-2B-en)."),
+    nodes: int = typer.Option(3, "--nodes", min=1, help="Nodes you have (or plan) for the cluster."),
+    dim: int = typer.Option(512, "--dim", min=2, help="Embedding dimension (512 ViT-B/32, 768 ViT-L/14)."),
+    cores: int = typer.Option(32, "--cores", min=1, help="CPU cores per node."),
+    ram: float = typer.Option(256, "--ram-gib", help="RAM per node, GiB."),
+    disk: float = typer.Option(8, "--disk-tib", help="Disk per node, TiB."),
+    storage: str = typer.Option("f32-none", "--storage", help="f32-none (ours), f32-lz4 (the guide's) or bf16."),
+    quantization: str = typer.Option("bf16", "--quantization", help="Index quantization: bf16, f16, f32, i8 or b1."),
+    m: int = typer.Option(16, "--m", min=2, help="HNSW M."),
+    ef_construction: int = typer.Option(128, "--ef-construction", min=1, help="HNSW ef_construction."),
+    indexes: int = typer.Option(2, "--indexes", min=0, max=2, help="Indexed columns: 2 (image and text), 1, 0."),
+    replicas: Optional[int] = typer.Option(None, "--replicas", min=1, help="Replicas per shard (default: suggested)."),
+    json_output: bool = JsonOption,
+) -> None:
+    """Capacity plan from measured figures: disk, RAM, index build and ingest time, shards × replicas.
+
+    Example: laion plan --rows 400M --nodes 6 ; laion plan --rows 5.85B --dim 768 --nodes 64 --ram-gib 512
+    """
+    from .plan import PlanInputs, markdown, parse_count
+    from .plan import plan as do_plan
+
+    result = do_plan(PlanInputs(rows=parse_count(rows), dim=dim, nodes=nodes, cores=cores, ram_gib=ram,
+                                disk_tib=disk, storage=storage, quantization=quantization, m=m,
+                                ef_construction=ef_construction, indexes=indexes, replicas=replicas))
+    if json_output:
+        print(output.dumps(result))
+    else:
+        output.out.print(markdown(result), markup=False, highlight=False)
 
 
 # -- demo -----------------------------------------------------------------------------------------

@@ -91,6 +91,9 @@ class SingleNode:
     def drop_stage(self, stage: str) -> list[str]:
         return [f"DROP TABLE IF EXISTS {stage}"]
 
+    def stage_base(self, name: str) -> str:
+        return name
+
 
 @dataclass(frozen=True)
 class ClusterLayout:
@@ -162,6 +165,10 @@ class ClusterLayout:
 
     def drop_partition(self, table: str, shard: int) -> str:
         return f"ALTER TABLE {self.local(table)}{self.on_cluster} DROP PARTITION {int(shard)}"
+
+    def stage_base(self, name: str) -> str:
+        """A staging table's name without the ``_local`` suffix (its Distributed table's name)."""
+        return name[: -len(LOCAL_SUFFIX)] if name.endswith(LOCAL_SUFFIX) else name
 
     def drop_stage(self, stage: str) -> list[str]:
         return [f"DROP TABLE IF EXISTS {stage}{self.on_cluster} SYNC",

@@ -78,9 +78,9 @@ def columns_for(which: str) -> list[str]:
 def list_indexes(store: Store) -> list[dict[str, Any]]:
     return store.rows(
         "SELECT name, expr, type_full, data_compressed_bytes AS bytes_on_disk, "
-        "data_uncompressed_bytes AS bytes_uncompressed FROM system.data_skipping_indices "
+        "data_uncompressed_bytes AS bytes_uncompressed FROM " + _sys(store, "data_skipping_indices") + " "
         "WHERE database = currentDatabase() AND table = {t:String} AND type = 'vector_similarity' ORDER BY name",
-        {"t": TABLE})
+        {"t": store.data_table})
 
 
 def parse_type(type_full: str) -> dict[str, Any]:
@@ -116,7 +116,7 @@ def create_index(store: Store, spec: IndexSpec, *, materialize: bool = True, rep
     if materialize:
         compact(store, emit)
     if spec.name not in existing:
-        store.backend.command(f"ALTER TABLE {TABLE} ADD INDEX IF NOT EXISTS {spec.name} {spec.embedding_column} "
+        store.backend.command(f"ALTER TABLE {store.data_table}{store.layout.on_cluster} ADD INDEX IF NOT EXISTS {spec.name} {spec.embedding_column} "
                               f"TYPE {want} GRANULARITY 100000000")
     if materialize:
         _materialize(store, spec, emit, poll_seconds)
@@ -128,16 +128,16 @@ def create_index(store: Store, spec: IndexSpec, *, materialize: bool = True, rep
 
 
 def _materialize(store: Store, spec: IndexSpec, emit: ProgressFn, poll_seconds: float) -> None:
-    total = store.scalar("SELECT count() FROM system.parts WHERE database = currentDatabase() "
-                         "AND table = {t:String} AND active", {"t": TABLE}) or 0
+    total = store.scalar("SELECT count() FROM " + _sys(store, "parts") + " WHERE database = currentDatabase() "
+                         "AND table = {t:String} AND active", {"t": store.data_table}) or 0
     emit({"event": "index_start", "index": spec.name, "parts": total})
     # The engine runs the mutation in the background; mutations_sync = 0 lets us watch it.
-    store.backend.command(f"ALTER TABLE {TABLE} MATERIALIZE INDEX {spec.name} SETTINGS mutations_sync = 0")
+    store.backend.command(f"ALTER TABLE {store.data_table}{store.layout.on_cluster} MATERIALIZE INDEX {spec.name} SETTINGS mutations_sync = 0")
     last = -1
     while True:
         pending = store.rows(
-            "SELECT mutation_id, parts_to_do, latest_fail_reason FROM system.mutations "
-            "WHERE database = currentDatabase() AND table = {t:String} AND NOT is_done", {"t": TABLE})
+            "SELECT mutation_id, parts_to_do, latest_fail_reason FROM " + _sys(store, "mutations") + " "
+            "WHERE database = currentDatabase() AND table = {t:String} AND NOT is_done", {"t": store.data_table})
         todo = sum(int(p["parts_to_do"]) for p in pending)
         done = max(total - todo, 0)
         if done != last:
@@ -158,12 +158,12 @@ def compact(store: Store, progress: ProgressFn | None = None) -> int:
     indexes: one HNSW graph per shard instead of one per insert batch (faster queries, and no
     graph is built twice because a later merge would rebuild it). Returns partitions merged."""
     emit = progress or (lambda e: None)
-    rows = store.rows("SELECT partition_id, count() AS parts FROM system.parts WHERE database = currentDatabase() "
+    rows = store.rows("SELECT partition_id, count() AS parts FROM " + _sys(store, "parts") + " WHERE database = currentDatabase() "
                       "AND table = {t:String} AND active GROUP BY partition_id HAVING parts > 1 ORDER BY partition_id",
-                      {"t": TABLE})
+                      {"t": store.data_table})
     for i, r in enumerate(rows):
         emit({"event": "compact", "partition": r["partition_id"], "done": i, "total": len(rows)})
-        store.backend.command(f"OPTIMIZE TABLE {TABLE} PARTITION ID {{p:String}} FINAL", {"p": r["partition_id"]})
+        store.backend.command(f"OPTIMIZE TABLE {store.data_table}{store.layout.on_cluster} PARTITION ID {{p:String}} FINAL", {"p": r["partition_id"]})
     return len(rows)
 
 
@@ -172,7 +172,7 @@ def drop_index(store: Store, column: str) -> bool:
     if name is None:
         raise UsageError(f"column must be image or text, got {column!r}")
     existed = any(i["name"] == name for i in list_indexes(store))
-    store.backend.command(f"ALTER TABLE {TABLE} DROP INDEX IF EXISTS {name}")
+    store.backend.command(f"ALTER TABLE {store.data_table}{store.layout.on_cluster} DROP INDEX IF EXISTS {name}")
     return existed
 
 
@@ -180,14 +180,14 @@ def index_status(store: Store) -> list[dict[str, Any]]:
     """Each vector index: its parameters, how many parts carry it, size on disk."""
     out = []
     parts = store.rows(
-        "SELECT name, rows FROM system.parts WHERE database = currentDatabase() AND table = {t:String} AND active",
-        {"t": TABLE})
+        "SELECT name, rows FROM " + _sys(store, "parts") + " WHERE database = currentDatabase() AND table = {t:String} AND active",
+        {"t": store.data_table})
     indexes = list_indexes(store)
     # system.parts reports secondary-index bytes per part, not per index, so "covered" is
     # approximate: a part counts once it carries any skip index (one query serves all indexes).
     covered = store.rows(
-        "SELECT count() AS parts, sum(rows) AS rows FROM system.parts WHERE database = currentDatabase() "
-        "AND table = {t:String} AND active AND secondary_indices_compressed_bytes > 0", {"t": TABLE})[0] \
+        "SELECT count() AS parts, sum(rows) AS rows FROM " + _sys(store, "parts") + " WHERE database = currentDatabase() "
+        "AND table = {t:String} AND active AND secondary_indices_compressed_bytes > 0", {"t": store.data_table})[0] \
         if indexes else {}
     for idx in indexes:
         info = parse_type(idx["type_full"])
@@ -210,6 +210,11 @@ def _memory_estimate(info: dict[str, Any], rows: int) -> int | None:
     if "quantization" not in info:
         return None
     return int(rows * info["dim"] * _BYTES.get(info["quantization"], 4) + rows * info["m"] * 8)
+
+
+def _sys(store: Store, name: str) -> str:
+    """``system.<name>``; on a cluster, that table of every shard (``cluster('c', system.<name>)``)."""
+    return store.layout.system(name)
 
 
 def _normal(t: str) -> str:

@@ -147,18 +147,20 @@ def load_shard(store: Store, reader: ShardReader, *, batch_rows: int = DEFAULT_B
     """Stream one checked shard into a staging table and swap it into ``laion`` atomically."""
     emit = progress or (lambda event: None)
     shard = reader.shard
-    for name in list_stage_tables(store):
+    layout = store.layout  # one node, or a cluster (statements ON CLUSTER, stage behind a Distributed table)
+    for name in sorted({layout.stage_base(n) for n in list_stage_tables(store)}):
         if name.startswith(stage_table_name(shard, "x")[:-1]):
-            store.backend.command(f"DROP TABLE IF EXISTS {name}")
+            for stmt in layout.drop_stage(name):
+                store.backend.command(stmt)
     stage = stage_table_name(shard, uuid.uuid4().hex[:12])
-    store.backend.command(f"CREATE TABLE {stage} AS {TABLE}")
     try:
-        store.backend.command(f"SYSTEM STOP MERGES {stage}")  # it lives for seconds: merging it is wasted work
+        for stmt in layout.create_stage(stage, TABLE):  # CREATE … AS laion; SYSTEM STOP MERGES (it lives for seconds)
+            store.backend.command(stmt)
         emit({"event": "shard_start", "shard": shard, "rows": reader.rows})
         done = 0
         # ring: one batch being inserted + PREFETCH_DEPTH queued + one being filled, per column
         for batch in _prefetch(reader.batches(batch_rows, ring=2 * (PREFETCH_DEPTH + 2)), PREFETCH_DEPTH):
-            store.backend.insert_arrow(stage, batch, INSERT_SETTINGS)
+            store.backend.insert_arrow(stage, batch, {**INSERT_SETTINGS, **layout.insert_settings()})
             done += batch.num_rows
             emit({"event": "batch", "shard": shard, "rows_done": done, "rows": reader.rows,
                   "batch_rows": batch.num_rows})
@@ -166,9 +168,9 @@ def load_shard(store: Store, reader: ShardReader, *, batch_rows: int = DEFAULT_B
         if staged != reader.rows_loaded:
             raise StoreError(f"shard {shard}: staged {staged} rows, expected {reader.rows_loaded}; nothing was changed")
         if reader.rows_loaded:
-            store.backend.command(f"ALTER TABLE {TABLE} REPLACE PARTITION {int(shard)} FROM {stage}")
+            store.backend.command(layout.replace_partition(TABLE, shard, stage))
         else:
-            store.backend.command(f"ALTER TABLE {TABLE} DROP PARTITION {int(shard)}")
+            store.backend.command(layout.drop_partition(TABLE, shard))
         store.forget_dim()
         store.backend.insert_arrow(SHARDS_TABLE, pa.table({
             "shard": pa.array([shard], pa.uint32()),
@@ -180,10 +182,11 @@ def load_shard(store: Store, reader: ShardReader, *, batch_rows: int = DEFAULT_B
             "dropped": pa.array([reader.dropped_total], pa.uint64()),
             "text_repaired": pa.array([reader.text_repaired], pa.uint64()),
             "loaded_at": pa.array([time.time_ns() // 1_000_000], pa.timestamp("ms")),
-        }))
+        }), layout.insert_settings() or None)
     finally:
         try:
-            store.backend.command(f"DROP TABLE IF EXISTS {stage}")
+            for stmt in layout.drop_stage(stage):
+                store.backend.command(stmt)
         except LaionError:
             pass  # the next run drops it
 

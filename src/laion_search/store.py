@@ -27,7 +27,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from .backend import Backend, ChdbBackend, Params
+from .backend import Backend, ChdbBackend, ClickHouseBackend, Params, is_url
+from .cluster import ClusterLayout, SingleNode, detect_layout
 from .errors import StoreError, UsageError
 
 TABLE = "laion"
@@ -113,13 +114,29 @@ class Store:
     def __init__(self, backend: Backend, *, create: bool = True):
         self.backend = backend
         self._dim: int | None = None
-        if create:
+        #: where rows live: one node (``laion`` is MergeTree) or a cluster (``laion`` is Distributed)
+        self.layout: SingleNode | ClusterLayout = detect_layout(backend, TABLE)
+        if create and self.layout.cluster is None:
             self.init()
+
+    @property
+    def data_table(self) -> str:
+        """The MergeTree table that holds the rows: ``laion``, or ``laion_local`` on a cluster."""
+        return self.layout.local(TABLE)
 
     # -- lifecycle ----------------------------------------------------------------------------
     @property
     def location(self) -> str:
         return self.backend.location
+
+    def init_cluster(self, layout: ClusterLayout) -> list[str]:
+        """Create ``laion_local`` / ``laion`` (Distributed) and the shard registry ``ON CLUSTER``
+        (idempotent); returns the statements run. See :mod:`laion_search.cluster`."""
+        statements = layout.init_statements(TABLE_DDL, SHARDS_DDL, TABLE, SHARDS_TABLE)
+        for stmt in statements:
+            self.backend.command(stmt)
+        self.layout = layout
+        return statements
 
     def init(self) -> None:
         """Create the tables if they do not exist (idempotent)."""
@@ -187,8 +204,9 @@ class Store:
         counts = self.partition_rows()
         parts = self.rows(
             "SELECT count() AS parts, sum(rows) AS rows, sum(bytes_on_disk) AS bytes_on_disk, "
-            "sum(data_uncompressed_bytes) AS bytes_uncompressed FROM system.parts "
-            "WHERE database = currentDatabase() AND table = {t:String} AND active", {"t": TABLE})[0]
+            "sum(data_uncompressed_bytes) AS bytes_uncompressed "
+            f"FROM {self.layout.system('parts')} "
+            "WHERE database = currentDatabase() AND table = {t:String} AND active", {"t": self.data_table})[0]
         from .index import index_status  # index builds on store: import here, not at module level
 
         indexes = [{k: i[k] for k in ("name", "column", "type", "parts_covered", "parts", "bytes_on_disk")}
@@ -206,6 +224,7 @@ class Store:
         return {
             "store": self.location,
             "backend": self.backend.name,
+            "cluster": self.layout.cluster,
             "table": TABLE,
             "rows": int(parts["rows"] or 0),
             "parts": int(parts["parts"] or 0),
@@ -219,9 +238,11 @@ class Store:
 
 def connect(target: str | os.PathLike[str] | None = None, *, create: bool = True,
             udf_path: str | None = None) -> Store:
-    """Open a store: a directory (embedded chDB, created if needed) or a ``clickhouse://`` URL.
+    """Open a store: a directory (embedded chDB, created if needed) or a ClickHouse server URL
+    (``clickhouse://user:password@host:8123/db``, ``clickhouses://…:8443/db`` for TLS; see
+    :func:`laion_search.backend.parse_url`). Both run the same statements and give the same results.
 
-    ``None`` uses :func:`default_db_path` (``$LAION_DB`` or the per-user data directory).
+    ``None`` uses ``$LAION_URL``, else :func:`default_db_path` (``$LAION_DB`` or the per-user data directory).
 
     >>> import laion_search
     >>> store = laion_search.connect("./my-laion")          # doctest: +SKIP
@@ -229,10 +250,15 @@ def connect(target: str | os.PathLike[str] | None = None, *, create: bool = True
     [{'n': 0}]
     """
     if target is None:
-        target = default_db_path()
+        target = os.environ.get("LAION_URL") or default_db_path()
     text = str(target)
-    if text.startswith(("clickhouse://", "clickhouses://", "http://", "https://")):
-        raise StoreError("ClickHouse server URLs are not supported yet; use a directory for the embedded store")
+    if is_url(text):
+        server = ClickHouseBackend(text)
+        try:
+            return Store(server, create=create)
+        except Exception:
+            server.close()
+            raise
     if udf_path is None:
         # UDFs installed into the store by `laion udf install` (encode_text / encode_image)
         candidate = Path(text).expanduser() / UDF_DIR

@@ -76,6 +76,29 @@ def install_udfs(directory: str | os.PathLike[str], *, python: str | None = None
     return written
 
 
+SERVER_CONFIG = """<clickhouse>
+    <!-- where the *_function.xml files are (glob) and where their scripts run from -->
+    <user_defined_executable_functions_config>/etc/clickhouse-server/*_function.xml</user_defined_executable_functions_config>
+    <user_scripts_path>/var/lib/clickhouse/user_scripts/</user_scripts_path>
+</clickhouse>"""
+
+
+def server_instructions(directory: str | os.PathLike[str]) -> str:
+    """What to do with the files on a ClickHouse server (we cannot write into its config over SQL).
+
+    On a cluster, do it on every node: the functions run where the query's rows are."""
+    d = Path(directory)
+    return (f"On every ClickHouse server node (we cannot write there over SQL):\n"
+            f"  1. copy {d}/encode_text.py and {d}/encode_image.py to user_scripts_path "
+            f"(default /var/lib/clickhouse/user_scripts/), executable by the clickhouse user;\n"
+            f"  2. copy {d}/*_function.xml to the directory matched by user_defined_executable_functions_config\n"
+            f"     (default /etc/clickhouse-server/*_function.xml); e.g. config.d/laion-udf.xml:\n"
+            + "\n".join("       " + line for line in SERVER_CONFIG.splitlines()) + "\n"
+            f"  3. the scripts' first line names the Python with laion-search[clip]: install it on the server\n"
+            f"     (or rewrite with --python PATH) and put the CLIP model there (--model DIR);\n"
+            f"  4. run: SYSTEM RELOAD FUNCTIONS   (ON CLUSTER name, on a cluster)")
+
+
 _UNESCAPE = {"\\\\": "\\", "\\t": "\t", "\\n": "\n", "\\r": "\r", "\\0": "\0", "\\'": "'", "\\b": "\b",
              "\\f": "\f", "\\a": "\a", "\\v": "\v"}
 _ESCAPE_RE = re.compile(r"\\.")
