@@ -155,6 +155,76 @@ def test_bad_queries_are_refused_and_injection_is_inert(loaded):
     assert store.scalar("SELECT count() FROM laion") == before
 
 
+def test_exact_through_bf16_scan_copy_equals_numpy(loaded):
+    """A bf16 scan copy halves what an exact search reads; results and distances stay the float32 ones."""
+    from laion_search.index import create_scan_copy, drop_scan_copy
+
+    store, truth, _ = loaded
+    info = create_scan_copy(store, "image")
+    try:
+        assert info["index"] == "image_embedding_bf16" and info["rows"] == len(truth["ids"])
+        status = {i["name"]: i for i in index_status(store)}
+        assert status["image_embedding_bf16"]["parts_covered"] == status["image_embedding_bf16"]["parts"]
+        rng = np.random.default_rng(5)
+        queries = [rng.standard_normal(512).astype(np.float32) for _ in range(4)]
+        queries += [truth["image"][i] + 0.02 * rng.standard_normal(512).astype(np.float32) for i in (3, 900, 1500)]
+        for q in queries:
+            res = search(store, q, k=10, exact=True)
+            assert res.strategy == "exact-bf16" and "image_embedding_bf16" in res.sql
+            order, dist = _cosine_topk(truth["image"], q, 10)
+            assert [r["id"] for r in res.rows] == truth["ids"][order].tolist()
+            assert np.allclose([r["distance"] for r in res.rows], dist, atol=1e-5)
+        # l2 and a filter go through the same path
+        q = queries[-1]
+        res = search(store, q, k=6, exact=True, metric="l2", filters=Filters(nsfw="exclude"))
+        keep = np.array([r["NSFW"] not in ("NSFW", "UNSURE") for r in truth["rows"]])
+        d = np.linalg.norm(truth["image"] - q, axis=1)
+        d[~keep] = np.inf
+        order = np.argsort(d)[:6]
+        assert [r["id"] for r in res.rows] == truth["ids"][order].tolist()
+        # the text column has no copy: plain exact path
+        assert search(store, q, k=3, exact=True, modality="text").strategy == "exact"
+        # rerun is a no-op that keeps the copy
+        assert create_scan_copy(store, "image")["rows"] == len(truth["ids"])
+    finally:
+        assert drop_scan_copy(store, "image") is True
+    assert "image_embedding_bf16" not in store.columns()
+    assert search(store, queries[0], k=3, exact=True).strategy == "exact"
+    assert drop_scan_copy(store, "image") is False
+
+
+def test_scan_copy_fills_shards_ingested_later(tmp_path):
+    """The copy is a MATERIALIZED column: shards loaded after it exist get it at insert, through the
+    staging table and REPLACE PARTITION; the guide's SELECT * does not show it."""
+    import subprocess
+    import sys
+
+    code = r'''
+import sys, numpy as np
+from laion_search import connect, ingest
+from laion_search.index import create_scan_copy, index_status
+from laion_search.search import search
+from laion_search.synth import synth
+root = sys.argv[1]
+synth(root + "/a", [0], 300, seed=1); synth(root + "/b", [1], 300, seed=2)
+store = connect(root + "/db")
+ingest(store, root + "/a")
+create_scan_copy(store, "text")
+ingest(store, root + "/b")
+st = [i for i in index_status(store) if i["name"] == "text_embedding_bf16"][0]
+assert st["parts_covered"] == st["parts"], st
+n = store.scalar("SELECT count() FROM laion WHERE length(text_embedding_bf16) = 512")
+assert n == 600, n
+assert "text_embedding_bf16" not in store.sql("SELECT * FROM laion LIMIT 1").column_names
+q = np.load(root + "/b/text_emb_1.npy")[17].astype(np.float32)
+res = search(store, q, k=1, exact=True, modality="text")
+assert res.strategy == "exact-bf16" and res.rows[0]["id"] == 1_000_000_017, res.rows
+print("ok")
+'''
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
+
+
 def test_cli_search_and_guide_sql(loaded, tmp_path):
     store, truth, db = loaded
     store.close()  # the CLI runs in its own process and needs the store's lock (last test of this module)
@@ -173,4 +243,3 @@ def test_cli_search_and_guide_sql(loaded, tmp_path):
     assert bad.returncode == 2 and "k must be between 1 and 1000" in bad.stderr
     bad = run_cli("sql", "SELECT * FROM nope", "--db", str(db))
     assert bad.returncode == 1 and "UNKNOWN_TABLE" in bad.stderr and "Traceback" not in bad.stderr
-

@@ -339,7 +339,10 @@ def print_search(result, json_output: bool) -> None:
 
 
 # -- index ----------------------------------------------------------------------------------------
-index_app = typer.Typer(help="HNSW vector_similarity indexes: create, status, drop.", no_args_is_help=True)
+index_app = typer.Typer(help="HNSW vector_similarity indexes (and bf16 scan copies for fast exact search): "
+                             "create, status, drop.", no_args_is_help=True)
+KindOption = typer.Option("hnsw", "--kind", help="hnsw: a vector_similarity index (approximate, fast); scan: a bf16 "
+                                                 "copy of the column that halves what an exact search reads.")
 app.add_typer(index_app, name="index")
 
 
@@ -354,16 +357,23 @@ def index_create(
                                                   help="HNSW build candidate list (default 128; the guide uses 256)."),
     guide: bool = typer.Option(False, "--guide", help="The guide's exact parameters: bf16, M=64, ef_construction=256."),
     replace: bool = typer.Option(False, "--replace", help="Replace an index that exists with other parameters."),
+    kind: str = KindOption,
     db: Optional[str] = DbOption,
     url: Optional[str] = UrlOption,
     json_output: bool = JsonOption,
 ) -> None:
     """Add and build (materialise) vector indexes, with progress; rerun to resume.
 
-    Example: laion index create --column both --guide
+    Examples: laion index create --column both --guide · laion index create --kind scan
     """
     from .index import (DEFAULT_EF_CONSTRUCTION, DEFAULT_M, GUIDE_EF_CONSTRUCTION, GUIDE_M, IndexSpec, columns_for,
-                        create_index)
+                        create_index, create_scan_copy)
+
+    if _check_kind(kind) == "scan":
+        with open_store(db, url) as store:
+            results = [_with_index_progress(json_output, lambda cb, c=c: create_scan_copy(store, c, progress=cb))
+                       for c in columns_for(column)]
+        return _print_built(results, json_output)
 
     m_val = m if m is not None else (GUIDE_M if guide else DEFAULT_M)
     ef_val = ef_construction if ef_construction is not None else (GUIDE_EF_CONSTRUCTION if guide else DEFAULT_EF_CONSTRUCTION)
@@ -373,12 +383,22 @@ def index_create(
         for spec in specs:
             results.append(_with_index_progress(json_output, lambda cb, spec=spec: create_index(
                 store, spec, replace=replace, progress=cb)))
+    _print_built(results, json_output)
+
+
+def _check_kind(kind: str) -> str:
+    if kind not in ("hnsw", "scan"):
+        raise UsageError(f"--kind must be hnsw or scan, got {kind!r}")
+    return kind
+
+
+def _print_built(results: list[dict], json_output: bool) -> None:
     if json_output:
         print(output.dumps(results))
-    else:
-        for r in results:
-            rate = f", {r['vectors_per_second']:,.0f} vectors/s" if r["vectors_per_second"] else ""
-            output.out.print(f"{r['index']}: {r['type']} built over {r['rows']:,} rows in {r['seconds']:.1f} s{rate}")
+        return
+    for r in results:
+        rate = f", {r['vectors_per_second']:,.0f} vectors/s" if r["vectors_per_second"] else ""
+        output.out.print(f"{r['index']}: {r['type']} built over {r['rows']:,} rows in {r['seconds']:.1f} s{rate}")
 
 
 def _with_index_progress(quiet: bool, run: Callable[[Callable[[dict], None]], Any]) -> Any:
@@ -429,16 +449,20 @@ def index_status_cmd(db: Optional[str] = DbOption, url: Optional[str] = UrlOptio
 @index_app.command("drop")
 @handle_errors
 def index_drop(column: str = typer.Option("both", "--column", help="image, text or both."),
+               kind: str = KindOption,
                db: Optional[str] = DbOption, url: Optional[str] = UrlOption,
                json_output: bool = JsonOption) -> None:
-    """Drop vector indexes.
+    """Drop vector indexes (or, with --kind scan, the bf16 scan copies).
 
     Example: laion index drop --column text
     """
-    from .index import INDEX_NAMES, columns_for, drop_index
+    from .index import INDEX_NAMES, columns_for, drop_index, drop_scan_copy, scan_column
 
     with open_store(db, url) as store:
-        dropped = {INDEX_NAMES[c][0]: drop_index(store, c) for c in columns_for(column)}
+        if _check_kind(kind) == "scan":
+            dropped = {scan_column(c): drop_scan_copy(store, c) for c in columns_for(column)}
+        else:
+            dropped = {INDEX_NAMES[c][0]: drop_index(store, c) for c in columns_for(column)}
     if json_output:
         print(output.dumps(dropped))
     else:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .errors import UsageError
-from .search import METRICS
+from .search import METRICS, SCAN_SUFFIX
 from .store import TABLE, Store
 
 QUANTIZATIONS = ("bf16", "f16", "f32", "i8", "b1")
@@ -128,11 +128,16 @@ def create_index(store: Store, spec: IndexSpec, *, materialize: bool = True, rep
 
 
 def _materialize(store: Store, spec: IndexSpec, emit: ProgressFn, poll_seconds: float) -> None:
+    _run_mutation(store, spec.name, f"MATERIALIZE INDEX {spec.name}", emit, poll_seconds)
+
+
+def _run_mutation(store: Store, label: str, action: str, emit: ProgressFn, poll_seconds: float) -> None:
+    """``ALTER TABLE … <action>`` as a background mutation, reporting parts done until it ends."""
     total = store.scalar("SELECT count() FROM " + _sys(store, "parts") + " WHERE database = currentDatabase() "
                          "AND table = {t:String} AND active", {"t": store.data_table}) or 0
-    emit({"event": "index_start", "index": spec.name, "parts": total})
+    emit({"event": "index_start", "index": label, "parts": total})
     # The engine runs the mutation in the background; mutations_sync = 0 lets us watch it.
-    store.backend.command(f"ALTER TABLE {store.data_table}{store.layout.on_cluster} MATERIALIZE INDEX {spec.name} SETTINGS mutations_sync = 0")
+    store.backend.command(f"ALTER TABLE {store.data_table}{store.layout.on_cluster} {action} SETTINGS mutations_sync = 0")
     last = -1
     while True:
         pending = store.rows(
@@ -141,13 +146,13 @@ def _materialize(store: Store, spec: IndexSpec, emit: ProgressFn, poll_seconds: 
         todo = sum(int(p["parts_to_do"]) for p in pending)
         done = max(total - todo, 0)
         if done != last:
-            emit({"event": "index_progress", "index": spec.name, "parts_done": done, "parts": total})
+            emit({"event": "index_progress", "index": label, "parts_done": done, "parts": total})
             last = done
         fails = [p["latest_fail_reason"] for p in pending if p["latest_fail_reason"]]
         if fails:
             from .errors import StoreError
 
-            raise StoreError(f"building {spec.name} failed: {fails[0]}")
+            raise StoreError(f"building {label} failed: {fails[0]}")
         if not pending:
             return
         time.sleep(poll_seconds)
@@ -199,7 +204,7 @@ def index_status(store: Store) -> list[dict[str, Any]]:
             "memory_bytes_estimate": _memory_estimate(info, sum(int(p["rows"]) for p in parts)),
             "type": idx["type_full"],
         })
-    return out
+    return out + scan_status(store)
 
 
 _BYTES = {"f32": 4, "f16": 2, "bf16": 2, "i8": 1, "b1": 1 / 8}
@@ -219,3 +224,75 @@ def _sys(store: Store, name: str) -> str:
 
 def _normal(t: str) -> str:
     return re.sub(r"\s+", "", t)
+
+
+# -- bf16 scan copies: exact search at half the bytes -----------------------------------------------
+#: An exact search reads every vector, so its speed is the speed of reading them. A bfloat16 copy
+#: of an embedding column (a MATERIALIZED column, filled by the engine on every insert) halves
+#: the bytes read. :func:`laion_search.search.search` ranks by the copy, keeps a margin of
+#: candidates and re-ranks those with the float32 vectors: results and distances are the
+#: full-precision ones (bf16 keeps 8 bits of mantissa: a dot product moves by ~1e-4, far less
+#: than the gap between the k-th and the last candidate).
+def scan_column(column: str) -> str:
+    """``image`` → ``image_embedding_bf16``."""
+    if column not in INDEX_NAMES:
+        raise UsageError(f"column must be image or text, got {column!r}")
+    return INDEX_NAMES[column][1] + SCAN_SUFFIX
+
+
+def create_scan_copy(store: Store, column: str, *, progress: ProgressFn | None = None,
+                     poll_seconds: float = 0.2) -> dict[str, Any]:
+    """Add the bf16 copy of one embedding column and fill it on every part. Idempotent: parts
+    that already carry it are not rewritten, so a rerun after a crash only finishes the job."""
+    name = scan_column(column)
+    if store.layout.cluster is not None:
+        raise UsageError("bf16 scan copies are for single-node stores; on a cluster, use HNSW indexes")
+    emit = progress or (lambda e: None)
+    if store.dim() is None:
+        raise UsageError("the table is empty: ingest shards before creating a scan copy")
+    t0 = time.perf_counter()
+    emb = INDEX_NAMES[column][1]
+    store.backend.command(f"ALTER TABLE {store.data_table} ADD COLUMN IF NOT EXISTS `{name}` Array(BFloat16) "
+                          f"MATERIALIZED CAST(`{emb}`, 'Array(BFloat16)') CODEC(NONE)")
+    store.forget_dim()
+    if _parts_missing(store, name):
+        _run_mutation(store, name, f"MATERIALIZE COLUMN `{name}`", emit, poll_seconds)
+    seconds = time.perf_counter() - t0
+    rows = store.scalar(f"SELECT count() FROM {TABLE}") or 0
+    emit({"event": "index_done", "index": name, "seconds": round(seconds, 3), "rows": rows})
+    return {"index": name, "type": "bf16 scan copy", "seconds": seconds, "rows": rows,
+            "vectors_per_second": rows / seconds if seconds > 0 else None}
+
+
+def drop_scan_copy(store: Store, column: str) -> bool:
+    name = scan_column(column)
+    existed = name in store.columns()
+    store.backend.command(f"ALTER TABLE {store.data_table}{store.layout.on_cluster} DROP COLUMN IF EXISTS `{name}`")
+    store.forget_dim()
+    return existed
+
+
+def _parts_missing(store: Store, name: str) -> int:
+    """Active parts whose files lack the column (written before it was added)."""
+    return int(store.scalar(
+        "SELECT count() FROM system.parts AS p WHERE database = currentDatabase() AND table = {t:String} AND active "
+        "AND name NOT IN (SELECT part_name FROM system.parts_columns WHERE database = currentDatabase() "
+        "AND table = {t:String} AND active AND column = {c:String})", {"t": store.data_table, "c": name}) or 0)
+
+
+def scan_status(store: Store) -> list[dict[str, Any]]:
+    """Each bf16 scan copy: parts that carry it and its size on disk."""
+    out = []
+    for column in INDEX_NAMES:
+        name = scan_column(column)
+        if name not in store.columns():
+            continue
+        parts = int(store.scalar("SELECT count() FROM system.parts WHERE database = currentDatabase() "
+                                 "AND table = {t:String} AND active", {"t": store.data_table}) or 0)
+        size = store.scalar("SELECT data_compressed_bytes FROM system.columns WHERE database = currentDatabase() "
+                            "AND table = {t:String} AND name = {c:String}", {"t": store.data_table, "c": name})
+        out.append({"name": name, "column": INDEX_NAMES[column][1], "method": "scan", "quantization": "bf16",
+                    "parts": parts, "parts_covered": parts - _parts_missing(store, name),
+                    "bytes_on_disk": int(size or 0), "memory_bytes_estimate": 0,
+                    "type": "Array(BFloat16) copy for exact search"})
+    return out

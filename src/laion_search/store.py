@@ -114,6 +114,7 @@ class Store:
     def __init__(self, backend: Backend, *, create: bool = True):
         self.backend = backend
         self._dim: int | None = None
+        self._columns: frozenset[str] | None = None
         #: where rows live: one node (``laion`` is MergeTree) or a cluster (``laion`` is Distributed)
         self.layout: SingleNode | ClusterLayout = detect_layout(backend, TABLE)
         if create and self.layout.cluster is None:
@@ -186,8 +187,21 @@ class Store:
         return {r["shard"]: r["n"] for r in rows}
 
     def forget_dim(self) -> None:
-        """Re-read the dimension next time: call after anything that changes the table's rows."""
+        """Re-read the dimension (and the column list) next time: call after anything that
+        changes the table's rows or columns."""
         self._dim = None
+        self._columns = None
+
+    def columns(self) -> frozenset[str]:
+        """Names of the ``laion`` table's columns, cached like :meth:`dim` (searches ask whether
+        the bf16 scan copies of :mod:`laion_search.index` exist)."""
+        cols = self._columns
+        if cols is None:
+            cols = frozenset(r["name"] for r in self.rows(
+                "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = {t:String}",
+                {"t": TABLE}))
+            self._columns = cols
+        return cols
 
     def dim(self) -> int | None:
         """Embedding dimension of the loaded rows, or None while the table is empty.
