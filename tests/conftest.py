@@ -49,3 +49,67 @@ def run_cli(*args: str, env: dict[str, str] | None = None, check: bool = False,
     if check and proc.returncode != 0:
         raise AssertionError(f"laion {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+# -- ClickHouse HTTP test fixture (chDB behind ClickHouse's HTTP interface) ---------------------------
+@pytest.fixture(scope="session")
+def chdb_http(tmp_path_factory):
+    """TEST FIXTURE, not a ClickHouse server: ``laion_search.testing.chdb_http`` serves one chDB
+    store over the part of ClickHouse's HTTP interface that clickhouse-connect uses, in its own
+    process (chDB hosts one store per process), on 127.0.0.1. Yields ``(base_url, user, password)``."""
+    import select
+    import time
+
+    path = tmp_path_factory.mktemp("chdb-http") / "db"
+    user, password = "laion", "p@ss:w/rd"
+    proc = subprocess.Popen([sys.executable, "-m", "laion_search.testing.chdb_http", "--path", str(path),
+                             "--port", "0", "--user", user, "--password", password],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    line = ""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+        if ready:
+            line = proc.stdout.readline()
+            break
+        if proc.poll() is not None:
+            break
+    if not line.startswith("LISTENING "):
+        proc.kill()
+        raise RuntimeError(f"chdb_http fixture did not start: {line!r} {proc.stderr.read() if proc.poll() is not None else ''}")
+    try:
+        yield line.split()[1], user, password
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture
+def server_url(chdb_http, request):
+    """A ``clickhouse://`` URL to a fresh, empty database on the chDB HTTP fixture."""
+    import re
+    import urllib.parse
+
+    base, user, password = chdb_http
+    db = "t_" + re.sub(r"[^A-Za-z0-9]", "_", request.node.name)[:40] + "_" + os.urandom(3).hex()
+    _fixture_sql(chdb_http, f"CREATE DATABASE {db}")
+    host = base.split("://", 1)[1]
+    url = f"clickhouse://{urllib.parse.quote(user, safe='')}:{urllib.parse.quote(password, safe='')}@{host}/{db}"
+    try:
+        yield url
+    finally:
+        _fixture_sql(chdb_http, f"DROP DATABASE IF EXISTS {db} SYNC")
+
+
+def _fixture_sql(chdb_http, sql: str) -> bytes:
+    import base64
+    import urllib.request
+
+    base, user, password = chdb_http
+    req = urllib.request.Request(base + "/", data=sql.encode(), method="POST",
+                                 headers={"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return r.read()

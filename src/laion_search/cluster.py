@@ -175,7 +175,8 @@ class ClusterLayout:
                 f"DROP TABLE IF EXISTS {self.local(stage)}{self.on_cluster} SYNC"]
 
 
-_DISTRIBUTED_RE = re.compile(r"Distributed\(\s*'?([^',\s]+)'?\s*,\s*'?([^',\s]*)'?\s*,\s*'?([^',\s]+)'?\s*(?:,\s*(.+?))?\)")
+_DISTRIBUTED_RE = re.compile(r"Distributed\(\s*'?([^',\s]+)'?\s*,\s*'?([^',\s]*)'?\s*,\s*'?([^',\s]+)'?\s*"
+                             r"(?:,\s*(.+?))?\)\s*(?:SETTINGS\b.*)?$", re.S)
 
 
 def parse_distributed(engine_full: str) -> tuple[str, str, str, str | None] | None:
