@@ -138,25 +138,39 @@ def test_engine_errors_are_clean(server_url):
             s.sql("SELECT number FROM numbers(5)")
 
 
+def cli(*args: str, env: dict[str, str] | None = None):
+    """The `laion` app in-process (a server URL opens no chDB here, so this is safe and fast)."""
+    from typer.testing import CliRunner
+
+    from laion_search.cli import app
+
+    return CliRunner().invoke(app, list(args), env=env)
+
+
 def test_cli_commands_on_a_server(server_url, shards_flat, tmp_path):
-    r = run_cli("ingest", str(shards_flat), "--shards", "0", "--url", server_url, "--json")
+    # the real entry point once, with the URL from the environment
+    r = run_cli("ingest", str(shards_flat), "--shards", "0", "--json", env={"LAION_URL": server_url})
     assert r.returncode == 0, r.stderr
     env = {"LAION_URL": server_url}
-    st = json.loads(run_cli("status", "--json", env=env, check=True).stdout)
+    st = json.loads(cli("status", "--json", env=env).stdout)
     assert st["backend"] == "clickhouse" and st["rows"] == 600
-    out = json.loads(run_cli("search", "--like", "42", "--k", "3", "--exact", "--json", "--db", server_url,
-                             check=True).stdout)
+    out = json.loads(cli("search", "--like", "42", "--k", "3", "--exact", "--json", "--db", server_url).stdout)
     assert len(out["results"]) == 3
-    sql = run_cli("sql", "SELECT count() AS n FROM laion WHERE caption != {c:String}", "--param", "c=x",
-                  "--format", "json", env=env, check=True)
+    sql = cli("sql", "SELECT count() AS n FROM laion WHERE caption != {c:String}", "--param", "c=x",
+              "--format", "json", "--url", server_url)
     assert json.loads(sql.stdout) == [{"n": 600}]
-    bad = run_cli("sql", "SELEC 1", env=env)
-    assert bad.returncode == 1 and bad.stderr.startswith("error: Code: 62") and "Traceback" not in bad.stderr
-    udf = run_cli("udf", "install", "--dir", str(tmp_path / "udf"), "--url", server_url, check=True)
+    bad = cli("sql", "SELEC 1", env=env)
+    assert bad.exit_code == 1 and bad.stderr.startswith("error: Code: 62") and "Traceback" not in bad.stderr
+    idx = cli("index", "create", "--column", "text", "--json", env=env)
+    assert idx.exit_code == 0 and json.loads(idx.stdout)[0]["index"] == "text_index"
+    assert json.loads(cli("index", "status", "--json", env=env).stdout)[0]["name"] == "text_index"
+    assert json.loads(cli("index", "drop", "--json", env=env).stdout) == {"image_index": False, "text_index": True}
+    udf = cli("udf", "install", "--dir", str(tmp_path / "udf"), "--url", server_url)
+    assert udf.exit_code == 0, udf.stderr
     assert (tmp_path / "udf" / "encode_text_function.xml").exists() and (tmp_path / "udf" / "encode_text.py").exists()
     assert "user_scripts" in udf.stdout and "SYSTEM RELOAD FUNCTIONS" in udf.stdout and "none yet" in udf.stdout
-    nodir = run_cli("udf", "install", "--url", server_url)
-    assert nodir.returncode == 2 and "--dir" in nodir.stderr
+    nodir = cli("udf", "install", "--url", server_url)
+    assert nodir.exit_code == 2 and "--dir" in nodir.stderr
 
 
 def test_http_api_over_a_server_store(server_url, shards_flat):
@@ -237,11 +251,11 @@ def test_cluster_index_statements_on_a_cluster_layout(server_url):
 
 
 def test_init_cli_dry_run_and_cluster_needs_a_server():
-    r = run_cli("init", "--cluster", "lc", "--shards-by", "hash", "--dry-run", "--json", check=True)
+    r = cli("init", "--cluster", "lc", "--shards-by", "hash", "--dry-run", "--json")
     stmts = json.loads(r.stdout)["statements"]
     assert any("Distributed('lc', 'default', 'laion_local', cityHash64(shard))" in x for x in stmts)
-    bad = run_cli("init", "--cluster", "lc", "--db", "/tmp/not-a-server")
-    assert bad.returncode == 2 and "--url" in bad.stderr
+    bad = cli("init", "--cluster", "lc", "--db", "/tmp/not-a-server")
+    assert bad.exit_code == 2 and "--url" in bad.stderr
 
 
 def test_cluster_init_on_a_server_without_that_cluster_fails_cleanly(server_url):
@@ -290,11 +304,11 @@ def test_plan_laion_400m_and_5b():
 
 
 def test_plan_cli_json_and_table():
-    r = run_cli("plan", "--rows", "400M", "--nodes", "6", "--json", check=True)
+    r = cli("plan", "--rows", "400M", "--nodes", "6", "--json")
     data = json.loads(r.stdout)
     assert data["cluster"]["shards"] == 6 and data["inputs"]["rows"] == 400_000_000
-    t = run_cli("plan", "--rows", "5.85B", "--dim", "768", "--nodes", "64", check=True).stdout
+    t = cli("plan", "--rows", "5.85B", "--dim", "768", "--nodes", "64").stdout
     assert "5,850,000,000 rows × 768-d" in t and "| index build |" in t
-    bad = run_cli("plan", "--rows", "many")
-    assert bad.returncode == 2 and "400M" in bad.stderr
+    bad = cli("plan", "--rows", "many")
+    assert bad.exit_code == 2 and "400M" in bad.stderr
 
