@@ -74,6 +74,11 @@ def _run(srv: FaultyServer, dest: Path, shards=(0, 1), policy: RetryPolicy = FAS
     return report, events
 
 
+def _offset(range_header: str | None) -> int:
+    assert range_header and range_header.startswith("bytes=") and range_header.endswith("-"), range_header
+    return int(range_header[6:-1])
+
+
 def _of(events, kind):
     return [e for e in events if e["event"] == kind]
 
@@ -127,10 +132,10 @@ def test_connection_reset_mid_body_resumes_with_range(mirror, tmp_path):
     _assert_identical(mirror.root, tmp_path / "out")
     gets = mirror.requests(path)
     assert [g.status for g in gets] == [200, 206, 206]
-    # each attempt resumed exactly where the last one's bytes ended, validated by If-Range
-    assert gets[1].range == f"bytes={gets[0].sent}-" and gets[1].if_range
-    assert gets[2].range == f"bytes={gets[0].sent + gets[1].sent}-"
-    assert sum(g.sent for g in gets) == (mirror.root / path.lstrip("/")).stat().st_size  # no byte twice
+    # each attempt resumed after the bytes the last one kept, validated by If-Range (a TCP reset may
+    # discard bytes the server sent but we had not read yet, so the offsets are bounded, not exact)
+    off1, off2 = (_offset(g.range) for g in gets[1:])
+    assert 0 < off1 <= gets[0].sent and off1 < off2 <= off1 + gets[1].sent and gets[1].if_range
     assert any("reset" in e["reason"] for e in _of(events, "retry"))
 
 
@@ -239,11 +244,10 @@ def test_retry_budget_exhausted_is_a_clear_failure(mirror, tmp_path):
     assert not (tmp_path / "out" / "img_emb_0.npy").exists()  # never presented as complete
     assert len(mirror.requests(path)) == 3
     # a rerun against a healthy server resumes the partial file and completes
-    mirror.fault(path)  # (nothing queued beyond the leftovers)
-    while mirror.pending_faults(path):
+    while mirror.pending_faults(path):  # the mirror recovers
         mirror._take(path)
     report, _ = _run(mirror, tmp_path / "out", policy=policy)
-    assert report.ok and mirror.requests(path)[-1].range == "bytes=3000-"
+    assert report.ok and 0 < _offset(mirror.requests(path)[-1].range) <= 3000
     _assert_identical(mirror.root, tmp_path / "out")
 
 
@@ -393,11 +397,29 @@ def test_cli_delete_after_ingest_plain_output_and_rerun(tmp_path):
 
 
 def test_cli_failure_exit_code_and_usage_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from laion_search.cli import app
+
+    runner = CliRunner()
     with FaultyServer(tmp_path) as srv:  # serves nothing: every file is a 404
-        proc = run_cli("download", "5", "--to", str(tmp_path / "out"), "--base-url", srv.url)
-    assert proc.returncode == 1
-    assert f"failed: shard 5 img_emb_5.npy ({srv.url}/img_emb/img_emb_5.npy): HTTP 404 Not Found" in proc.stdout
-    assert run_cli("download", "x-y", "--to", str(tmp_path)).returncode == 2
-    bad = run_cli("download", "1", "--to", str(tmp_path), "--delete-after-ingest")
-    assert bad.returncode == 2 and "needs --ingest" in bad.stderr
-    assert run_cli("download", "1", "--to", str(tmp_path), "--base-url", "ftp://x").returncode == 2
+        res = runner.invoke(app, ["download", "5", "--to", str(tmp_path / "out"), "--base-url", srv.url])
+    assert res.exit_code == 1
+    assert f"failed: shard 5 img_emb_5.npy ({srv.url}/img_emb/img_emb_5.npy): HTTP 404 Not Found" in res.output
+    assert runner.invoke(app, ["download", "x-y", "--to", str(tmp_path)]).exit_code == 2
+    bad = runner.invoke(app, ["download", "1", "--to", str(tmp_path), "--delete-after-ingest"])
+    assert bad.exit_code == 2 and "needs --ingest" in bad.output
+    assert runner.invoke(app, ["download", "1", "--to", str(tmp_path), "--base-url", "ftp://x"]).exit_code == 2
+
+
+def test_bench_download_end_to_end(tmp_path):
+    """`laion bench download` on tiny data: the table is produced and every copy was byte-identical
+    (the bench itself fails otherwise). No timing asserts."""
+    proc = run_cli("bench", "download", "--shards", "2", "--rows", "200", "--rate", "5", "--throttled-only",
+                   "--dir", str(tmp_path / "w"), "--out", str(tmp_path / "out"), "--json", check=True)
+    result = json.loads(proc.stdout)
+    assert [r["method"] for r in result["results"]][1:] == ["laion download -j 1", "laion download -j 4"]
+    assert all(r["seconds"] > 0 and r["mb_per_s"] > 0 for r in result["results"])
+    table = (tmp_path / "out" / "bench-download.md").read_text()
+    assert "| throttled (5 MB/s per connection) | laion download -j 4 |" in table
+    assert set(result["ratios"]) == {"throttled -j 1", "throttled -j 4"}

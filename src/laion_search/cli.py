@@ -817,6 +817,34 @@ def bench_serve(
     print(output.dumps(result)) if json_output else output.out.print(result["markdown"])
 
 
+@bench_app.command("download")
+@handle_errors
+def bench_download(
+    shards: int = typer.Option(4, "--shards", min=1, max=100, help="Synth shards to serve (3 files each)."),
+    rows: int = typer.Option(50_000, "--rows", min=10, help="Rows per shard (1,024 bytes per row per .npy)."),
+    rate: float = typer.Option(25.0, "--rate", min=0.1, help="Throttled setting: MB/s per connection (a mirror's limit)."),
+    repeat: int = typer.Option(1, "--repeat", min=1, max=10, help="Runs per method; the best is kept."),
+    unthrottled: bool = typer.Option(True, "--unthrottled/--throttled-only", help="Also measure at loopback speed."),
+    workdir: Optional[Path] = typer.Option(None, "--dir", help="Scratch directory, reused between runs (default: temp)."),
+    out: Optional[Path] = typer.Option(Path("bench-out"), "--out", help="Where bench-download.md goes."),
+    json_output: bool = JsonOption,
+) -> None:
+    """laion download -j 1 / -j 4 vs a plain single-stream curl of the same files from a loopback server.
+
+    Example: laion bench download --shards 4 --rows 50000 --rate 25
+    """
+    from .bench_download import run as run_bench
+
+    result = run_bench(shards=shards, rows=rows, rate=rate * 1e6, repeat=repeat, unthrottled=unthrottled,
+                       workdir=workdir, out=out, log=None if json_output else output.err.print)
+    if json_output:
+        print(output.dumps(result))
+    else:
+        output.out.print(result["markdown"])
+        for name, value in result["ratios"].items():
+            output.out.print(f"{name} vs {result['baseline']}: {value:.2f}×")
+
+
 def main() -> None:
     app()
 

@@ -41,6 +41,7 @@ import random
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -390,15 +391,17 @@ class _Fetcher:
                 if self.cancel.wait(delay):
                     raise _Cancelled() from None
 
-    def fetch(self, job: FileJob) -> str:
-        """Make ``job.dest`` complete and verified. Returns "skipped" or "downloaded"."""
+    def fetch(self, job: FileJob) -> Callable[[], None] | None:
+        """Bring ``job.dest`` complete and verified into ``NAME.part``. Returns None when the file
+        was already complete, else the step that makes it durable and visible (fsync, atomic
+        rename, manifest) — run separately so the next transfer overlaps this file's disk flush."""
         dest = job.dest
         if self.manifest.file_complete(job.rel, dest):
             self.emit({"event": "file_skipped", "shard": job.shard, "file": job.rel,
                        "size": dest.stat().st_size, "reason": "already complete"})
-            return "skipped"
+            return None
         if dest.exists() and self._adopt(job):
-            return "skipped"
+            return None
         dest.parent.mkdir(parents=True, exist_ok=True)
         part = dest.with_name(dest.name + PART)
         side = dest.with_name(dest.name + PART + ".json")
@@ -409,16 +412,21 @@ class _Fetcher:
             return self._attempt(job, part, side, first)
 
         state = self._retrying(job, attempt)
-        # complete and verified on disk: present it under its real name
-        with open(part, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(part, dest)
-        _unlink(side)
-        _fsync_dir(dest.parent)
-        self.manifest.set_file(job.rel, dest, job.url, state)
-        self.emit({"event": "file_done", "shard": job.shard, "file": job.rel, "size": dest.stat().st_size,
-                   "resumed_from": first["offset"] or 0, "seconds": round(time.perf_counter() - t0, 3)})
-        return "downloaded"
+        seconds = time.perf_counter() - t0
+
+        def finish() -> None:
+            # complete and verified: make it durable, then present it under its real name (a crash
+            # before the rename leaves a complete .part, which the next run verifies and renames)
+            with open(part, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(part, dest)
+            _unlink(side)
+            _fsync_dir(dest.parent)
+            self.manifest.set_file(job.rel, dest, job.url, state)
+            self.emit({"event": "file_done", "shard": job.shard, "file": job.rel, "size": dest.stat().st_size,
+                       "resumed_from": first["offset"] or 0, "seconds": round(seconds, 3)})
+
+        return finish
 
     def _adopt(self, job: FileJob) -> bool:
         """A file already at ``dest`` but not in the manifest (a killed run, wget): keep it if it is
@@ -743,37 +751,53 @@ def download(shards: list[int], to: str | os.PathLike[str], *, remote: Remote | 
                     open_shards.discard(n)
                     cond.notify_all()
 
+    def settle(job: FileJob, finish: Callable[[], None] | None, error: BaseException | None = None) -> None:
+        try:
+            if error is not None:
+                raise error
+            if finish is not None:
+                finish()
+            with cond:
+                (report.downloaded if finish is not None else report.skipped).append(job.rel)
+        except (LaionError, OSError, http.client.HTTPException) as exc:
+            reason = str(exc) if isinstance(exc, LaionError) else _describe(exc)
+            with cond:
+                shard_failed[job.shard] = True
+                report.failed.append({"shard": job.shard, "file": job.rel, "url": job.url, "reason": reason})
+            emit({"event": "file_failed", "shard": job.shard, "file": job.rel, "url": job.url, "reason": reason})
+        except BaseException as exc:  # noqa: BLE001 - a bug must not hang the run
+            with cond:
+                shard_failed[job.shard] = True
+                report.failed.append({"shard": job.shard, "file": job.rel, "url": job.url,
+                                      "reason": f"internal error: {exc!r}"})
+        with cond:
+            remaining[job.shard] -= 1
+            last = remaining[job.shard] == 0
+        if last:
+            finish_shard(job.shard)
+        with cond:
+            if last:
+                done_downloading["n"] += 1
+            cond.notify_all()
+
+    finisher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="laion-download-fsync")
+
     def worker() -> None:
         while True:
             job = next_job()
             if job is None:
                 return
             try:
-                how = fetcher.fetch(job)
-                with cond:
-                    (report.skipped if how == "skipped" else report.downloaded).append(job.rel)
+                finish = fetcher.fetch(job)
             except _Cancelled:
                 return
-            except (LaionError, OSError, http.client.HTTPException) as exc:
-                reason = str(exc) if isinstance(exc, LaionError) else _describe(exc)
-                with cond:
-                    shard_failed[job.shard] = True
-                    report.failed.append({"shard": job.shard, "file": job.rel, "url": job.url, "reason": reason})
-                emit({"event": "file_failed", "shard": job.shard, "file": job.rel, "url": job.url, "reason": reason})
-            except BaseException as exc:  # noqa: BLE001 - a bug must not hang the run
-                with cond:
-                    shard_failed[job.shard] = True
-                    report.failed.append({"shard": job.shard, "file": job.rel, "url": job.url,
-                                          "reason": f"internal error: {exc!r}"})
-            with cond:
-                remaining[job.shard] -= 1
-                last = remaining[job.shard] == 0
-            if last:
-                finish_shard(job.shard)
-            with cond:
-                if last:
-                    done_downloading["n"] += 1
-                cond.notify_all()
+            except BaseException as exc:  # noqa: BLE001 - recorded by settle
+                settle(job, None, exc)
+                continue
+            if finish is None:
+                settle(job, None)
+            else:
+                finisher.submit(settle, job, finish)
 
     threads = [threading.Thread(target=worker, name=f"laion-download-{i}", daemon=True)
                for i in range(min(jobs, max(1, len(queue_jobs))))]
@@ -797,8 +821,10 @@ def download(shards: list[int], to: str | os.PathLike[str], *, remote: Remote | 
                         cond.notify_all()
         for t in threads:
             t.join()
+        finisher.shutdown(wait=True)
     except BaseException:
         cancel.set()
+        finisher.shutdown(wait=False, cancel_futures=True)
         for t in threads:
             t.join(timeout=2)
         raise
