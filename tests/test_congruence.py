@@ -26,7 +26,7 @@ from laion_search import connect
 from laion_search.cluster import ClusterLayout
 from laion_search.index import IndexSpec, create_index
 from laion_search.ingest import ingest
-from laion_search.search import Filters, search
+from laion_search.search import Filters, explain, search
 
 SERVER_URL = os.environ.get("LAION_TEST_CLICKHOUSE_URL")
 CLUSTER = os.environ.get("LAION_TEST_CLICKHOUSE_CLUSTER")
@@ -62,6 +62,8 @@ def _run_all(store) -> dict:
                 r = search(store, k=K, exact=exact, filters=f, columns=["NSFW", "width", "height", "similarity",
                                                                       "LICENSE"], **q)
                 out[(qname, fname, exact)] = r.rows
+    # the plan of an indexed search (on a cluster: of the shard we are connected to, over laion_local)
+    out["plan"] = explain(store, search(store, like=42, k=K))
     target = np.random.default_rng(5).standard_normal(512).astype(np.float32)
     out["guide"] = store.rows("SELECT url, caption FROM laion ORDER BY cosineDistance(image_embedding, "
                               "{target:Array(Float32)}) LIMIT 10 SETTINGS use_skip_indexes = 0", {"target": target})
@@ -157,6 +159,12 @@ def test_exact_results_identical(embedded_results, server_results):
             # same engine: identical floats; another ClickHouse version may round the last bit differently
             assert y["distance"] == (x["distance"] if kind == "fixture" else pytest.approx(x["distance"], abs=1e-6))
     assert server["guide"] == embedded_results["guide"]
+
+
+def test_indexed_search_uses_the_vector_index(embedded_results, server_results):
+    kind, server = server_results
+    for results in (embedded_results, server):
+        assert "image_index" in results["plan"] and "vector_similarity" in results["plan"], results["plan"]
 
 
 def test_indexed_results_within_recall_target(embedded_results, server_results):

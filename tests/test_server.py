@@ -246,6 +246,12 @@ def test_cluster_index_statements_on_a_cluster_layout(server_url):
         s.backend.query_arrow = lambda sql, params=None: read.append((sql, params)) or pa.table({})
         drop_index(s, "image")
         assert sent == ["ALTER TABLE laion_local ON CLUSTER `laion_cluster` DROP INDEX IF EXISTS image_index"]
+        from laion_search.search import SearchResult
+
+        explain(s, SearchResult([], 10, "image", "cosine", False, "index", 0.0,
+                                sql="SELECT id FROM laion ORDER BY cosineDistance(image_embedding, {q:Array(Float32)}) LIMIT 10"))
+        assert read[-1][0] == ("EXPLAIN indexes = 1 SELECT id FROM laion_local ORDER BY "
+                               "cosineDistance(image_embedding, {q:Array(Float32)}) LIMIT 10")
         assert "FROM cluster('laion_cluster', system.data_skipping_indices)" in read[0][0]
         assert read[0][1]["t"] == "laion_local"
 

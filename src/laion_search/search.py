@@ -217,8 +217,14 @@ def _exact_sql(select: str, column: str, func: str, where: str, k: int, scan: st
 
 
 def explain(store: Store, result: SearchResult) -> str:
-    """The engine's plan for a search (``EXPLAIN indexes = 1``): shows whether the vector index is used."""
-    t = store.sql("EXPLAIN indexes = 1 " + result.sql, result.params)
+    """The engine's plan for a search (``EXPLAIN indexes = 1``): shows whether the vector index is used.
+
+    On a cluster the Distributed ``laion`` hands the whole statement to every shard, which plans
+    it over its ``laion_local``; this shows that plan on the node we are connected to."""
+    sql = result.sql
+    if store.layout.cluster is not None:
+        sql = re.sub(rf"\bFROM {TABLE}\b", f"FROM {store.data_table}", sql)
+    t = store.sql("EXPLAIN indexes = 1 " + sql, result.params)
     return "\n".join(str(v) for row in t.to_pylist() for v in row.values())
 
 
