@@ -10,8 +10,9 @@ def test_bench_search_end_to_end(tmp_path):
     by = {r["method"]: r for r in result["results"]}
     assert by["numpy exact (f32 GEMV)"]["recall"] == 1.0
     assert by["laion exact (chDB)"]["recall"] == 1.0  # exact search agrees with numpy's ground truth
+    assert by["laion exact, bf16 scan copy (chDB)"]["recall"] == 1.0  # so does the bf16 scan + float32 re-rank
     assert by["laion hnsw M=8 ef_c=32"]["recall"] >= 0.8 and by["laion hnsw M=8 ef_c=32"]["build_vps"] > 0
     assert "usearch M=8 ef_c=32" in by and by["usearch M=8 ef_c=32"]["recall"] >= 0.8
     assert (tmp_path / "out" / "bench-search.md").read_text().startswith("600 rows")
     assert (tmp_path / "out" / "bench-search.png").read_bytes()[:4] == b"\x89PNG"
-    assert "exact_vs_numpy_p50" in result["ratios"]
+    assert result["ratios"]["exact_vs_numpy_p50"] > 0 and result["ratios"]["exact_bf16_scan_vs_numpy_p50"] > 0

@@ -4,7 +4,8 @@ On one synth shard (or a loaded store's data), with a numpy ground truth:
 
 * **numpy exact** — one float32 matrix-vector product per query (the memory-bandwidth floor);
 * **faiss IndexFlatIP** — faiss's exact inner-product search (skipped when faiss is absent);
-* **laion exact** — :func:`laion_search.search.search` with ``exact=True``;
+* **laion exact** — :func:`laion_search.search.search` with ``exact=True``, first over the float32
+  column, then through a bf16 scan copy (``laion index create --kind scan``) with float32 re-ranking;
 * **laion hnsw (M, ef_c)** — the same through a ``vector_similarity`` index, per configuration;
 * **usearch (M, ef_c)** — the library inside ClickHouse's index, with the same M, ef_construction,
   quantization and ef_search (ClickHouse's default 256), used directly.
@@ -66,7 +67,7 @@ def _row(name: str, results, lat, truth, k, qps1, qpsn, **extra) -> dict[str, An
 def run(rows: int = 100_000, queries: int = 100, k: int = 10, configs: str = "16:128,64:256",
         quantization: str = "bf16", threads: int = 2, workdir: Path | None = None, out: Path | None = None,
         log: Callable[[str], Any] | None = None) -> dict[str, Any]:
-    from .index import IndexSpec, create_index, drop_index, index_status
+    from .index import IndexSpec, create_index, create_scan_copy, drop_index, drop_scan_copy, index_status
     from .ingest import ingest
     from .search import search
     from .store import connect
@@ -124,9 +125,18 @@ def run(rows: int = 100_000, queries: int = 100, k: int = 10, configs: str = "16
             def laion_exact(q: np.ndarray) -> list[int]:
                 return [r["id"] for r in search(store, q, k=k, exact=True).rows]
 
+            drop_scan_copy(store, "image")
             res, lat = _latencies(laion_exact, qs)
             results.append(_row("laion exact (chDB)", res, lat, truth, k, _qps(laion_exact, qs, 1),
                                 _qps(laion_exact, qs, threads)))
+            say("bf16 scan copy")
+            built = create_scan_copy(store, "image")
+            scan = next(i for i in index_status(store) if i["name"] == "image_embedding_bf16")
+            res, lat = _latencies(laion_exact, qs)
+            results.append(_row("laion exact, bf16 scan copy (chDB)", res, lat, truth, k, _qps(laion_exact, qs, 1),
+                                _qps(laion_exact, qs, threads), build_vps=built["vectors_per_second"],
+                                index_disk=scan["bytes_on_disk"], index_memory=0))
+            drop_scan_copy(store, "image")
             for m, ef in parse_configs(configs):
                 drop_index(store, "image")
                 say(f"build hnsw M={m} ef_construction={ef}")
@@ -187,6 +197,9 @@ def _ratios(results: list[dict[str, Any]]) -> dict[str, float]:
     np_row = by.get("numpy exact (f32 GEMV)")
     if np_row and "laion exact (chDB)" in by:
         out["exact_vs_numpy_p50"] = by["laion exact (chDB)"]["p50_ms"] / np_row["p50_ms"]
+    if np_row and "laion exact, bf16 scan copy (chDB)" in by:
+        out["exact_bf16_scan_vs_numpy_p50"] = by["laion exact, bf16 scan copy (chDB)"]["p50_ms"] / np_row["p50_ms"]
+    guide = by.get("laion hnsw M=64 ef_c=256")
     for r in results:
         if r["method"].startswith("laion hnsw"):
             peer = by.get(r["method"].replace("laion hnsw", "usearch"))
@@ -194,6 +207,8 @@ def _ratios(results: list[dict[str, Any]]) -> dict[str, float]:
                 out[f"{r['method']} vs usearch p50"] = r["p50_ms"] / peer["p50_ms"]
                 if peer.get("build_vps"):
                     out[f"{r['method']} build vs usearch"] = r["build_vps"] / peer["build_vps"]
+            if guide and guide is not r and guide.get("build_vps"):
+                out[f"{r['method']} build vs guide's (64, 256)"] = r["build_vps"] / guide["build_vps"]
     return out
 
 
