@@ -241,7 +241,11 @@ URL_SCHEMES = {"clickhouse": ("http", 8123), "http": ("http", 8123),
                "clickhouses": ("https", 8443), "https": ("https", 8443)}
 
 _SET_RE = re.compile(r"^\s*SET\s+([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.+?)\s*;?\s*$", re.I | re.S)
-_RESULT_RE = re.compile(r"^\s*(\(\s*)*(SELECT|WITH|EXPLAIN|SHOW|DESC|DESCRIBE|EXISTS)\b", re.I)
+_RESULT_RE = re.compile(r"^\s*(?:(?:--[^\n]*(?:\n|$)|/\*.*?\*/)\s*)*(\(\s*)*(SELECT|WITH|EXPLAIN|SHOW|DESC|DESCRIBE|EXISTS)\b",
+                        re.I | re.S)
+#: Sent with every result query: Strings as Arrow strings (as the embedded engine returns them),
+#: whatever the server's default.
+_ARROW_SETTINGS = {"output_format_arrow_string_as_string": 1}
 
 
 def is_url(target: Any) -> bool:
@@ -355,7 +359,7 @@ class ClickHouseBackend:
             self.command(sql, params)
             return pa.table({})
         data = self._call(lambda: self._client.raw_query(sql, parameters=self._params(params),
-                                                          settings=self._settings or None, fmt="Arrow"))
+                                                          settings={**_ARROW_SETTINGS, **self._settings}, fmt="Arrow"))
         if not data:
             return pa.table({})
         return pa.ipc.open_file(pa.py_buffer(data)).read_all()

@@ -12,7 +12,8 @@ import typer
 from . import output
 from .errors import LaionError, UsageError
 
-app = typer.Typer(help="Search LAION image-text embeddings in ClickHouse (embedded chDB).",
+app = typer.Typer(help="Search LAION image-text embeddings in ClickHouse: embedded chDB, or a server, "
+                       "cluster or Cloud service with --url clickhouse://….",
                   no_args_is_help=True, add_completion=False, rich_markup_mode="rich")
 bench_app = typer.Typer(help="Benchmarks that print ratios measured side by side in one run.",
                         no_args_is_help=True)
