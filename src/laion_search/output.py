@@ -199,7 +199,7 @@ class DownloadProgress:
         self._files: dict[str, dict[str, Any]] = {}  # file → {base, size, done, kind}
         self._pending_kinds: dict[str, int] = {}     # files not started yet, by kind
         self._last_json: dict[str, float] = {}
-        self._last_plain = 0.0
+        self._last_plain = time.monotonic()  # first plain progress line after 5 s
         self._t0 = time.perf_counter()
 
     def __enter__(self) -> "DownloadProgress":
