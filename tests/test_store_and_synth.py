@@ -49,6 +49,11 @@ def test_sql_parameters_and_errors(store):
     assert store.scalar("SELECT {a:Array(String)}", {"a": tricky}) == tricky
     for text in tricky:
         assert store.scalar("SELECT {s:String}", {"s": text}) == text
+    # float32 query vectors take the short "%.9g" path and still arrive bit for bit
+    v = np.random.default_rng(1).standard_normal(512).astype(np.float32) * np.float32(1e-3)
+    v[:4] = [np.float32(1e-38), np.float32(3.4e38), np.float32(-0.0), np.float32(1 / 3)]
+    back = np.asarray(store.scalar("SELECT {q:Array(Float32)}", {"q": v}), dtype=np.float32)
+    assert back.tobytes() == v.tobytes()
 
 
 def test_parse_params(tmp_path):

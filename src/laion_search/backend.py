@@ -67,6 +67,10 @@ def _literal(value: Any) -> str:
     if isinstance(value, (float, np.floating)):
         return repr(float(value))
     if isinstance(value, np.ndarray):
+        if value.dtype == np.float32 and value.ndim == 1:
+            # query vectors: 9 significant digits round-trip a float32 exactly, in ~2/3 of repr's
+            # text (less for the engine to parse) and ~2.5× faster to format
+            return "[" + ",".join(["%.9g" % v for v in value.tolist()]) + "]"
         value = value.tolist()
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(_literal(v) for v in value) + "]"
