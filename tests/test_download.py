@@ -423,3 +423,22 @@ def test_bench_download_end_to_end(tmp_path):
     table = (tmp_path / "out" / "bench-download.md").read_text()
     assert "| throttled (5 MB/s per connection) | laion download -j 4 |" in table
     assert set(result["ratios"]) == {"throttled -j 1", "throttled -j 4"}
+
+
+def test_complete_part_left_by_a_crash_before_the_rename(mirror, tmp_path):
+    """Killed after the last byte but before the rename: the rerun asks for the bytes after the end,
+    gets 416 with the same total, verifies the .part and renames it — no byte fetched again."""
+    dest = tmp_path / "out"
+    report, _ = _run(mirror, dest, shards=(0,))
+    target = dest / "img_emb_0.npy"
+    state = {"url": mirror.url + "/img_emb/img_emb_0.npy", "size": target.stat().st_size,
+             "etag": None, "last_modified": None}
+    (dest / MANIFEST).unlink()
+    os.replace(target, dest / "img_emb_0.npy.part")
+    (dest / "img_emb_0.npy.part.json").write_text(json.dumps(state))
+    before = len(mirror.log)
+    report, events = _run(mirror, dest, shards=(0,))
+    assert report.ok and "img_emb_0.npy" in report.downloaded and report.bytes == 0
+    assert [(e.status, e.range) for e in mirror.log[before:] if e.path == "/img_emb/img_emb_0.npy"] == [
+        (416, f"bytes={state['size']}-")]
+    _assert_identical(mirror.root, dest, shards=(0,))

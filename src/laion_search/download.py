@@ -298,15 +298,15 @@ def _if_range(state: dict[str, Any]) -> str | None:
     return state.get("last_modified")
 
 
-def _content_range(value: str | None) -> tuple[int, int | None] | None:
-    """``bytes START-END/TOTAL`` → (START, TOTAL or None)."""
+def _content_range(value: str | None) -> tuple[int | None, int | None] | None:
+    """``bytes START-END/TOTAL`` → (START, TOTAL or None); ``bytes */TOTAL`` (a 416's) → (None, TOTAL)."""
     if not value or not value.startswith("bytes "):
         return None
     spec = value[6:].strip()
     rng, _, total = spec.partition("/")
     start, _, _end = rng.partition("-")
     try:
-        return int(start), (None if total.strip() == "*" else int(total))
+        return (None if rng.strip() == "*" else int(start)), (None if total.strip() == "*" else int(total))
     except ValueError:
         return None
 
@@ -572,7 +572,7 @@ class _Fetcher:
                 if now - last >= 0.1:
                     last = now
                     self.emit({"event": "file_bytes", "shard": job.shard, "file": job.rel, "done": offset + got,
-                               "size": total, "delta": None})
+                               "size": total})
         return got
 
 
