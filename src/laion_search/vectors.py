@@ -60,7 +60,8 @@ def as_vector(value: Any, *, dim: int | None = None, source: str = "vector") -> 
         raise UsageError(f"{source}: contains NaN or Inf")
     if not np.any(arr):
         raise UsageError(f"{source}: is all zeros (no direction to search)")
-    out = arr.astype(np.float32)
+    with np.errstate(over="ignore"):  # checked right below
+        out = arr.astype(np.float32)
     if not np.isfinite(out).all():
         raise UsageError(f"{source}: values overflow float32")
     return out

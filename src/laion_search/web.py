@@ -32,7 +32,7 @@ import numpy as np
 from fastapi import Body, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import EncoderError, LaionError, QueryError, UsageError
@@ -149,8 +149,9 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
         return _error(400 if isinstance(exc, QueryError) else 500, str(exc) if isinstance(exc, QueryError)
                       else "the store could not answer; see the server log")
 
+    @app.exception_handler(ValidationError)  # a model built inside a route (GET /api/search's SearchBody)
     @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError):
+    async def validation_error(request: Request, exc: RequestValidationError | ValidationError):
         parts = []
         for e in exc.errors()[:5]:
             where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
