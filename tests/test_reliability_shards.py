@@ -536,3 +536,176 @@ def test_unreadable_file_is_reported(tmp_path):
         assert "text_emb_0.npy: not readable (permission denied)" in proc.stderr and "Traceback" not in proc.stderr
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+# -- hypothesis: the shard reader on generated files ---------------------------------------------------
+import io  # noqa: E402
+import tempfile  # noqa: E402
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import seed as hyp_seed  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from laion_search.shards import ACCEPTED_DTYPES, ID_STRIDE, discover, open_shard, read_npy_header  # noqa: E402
+
+from .crash_harness import record_figures, slow  # noqa: E402
+
+FUZZ_N = {"header": 1500 if slow() else 300, "shard": 600 if slow() else 120, "meta": 400 if slow() else 80}
+FUZZ_COUNT = {"header": 0, "shard": 0, "meta": 0}
+
+
+def _valid_npy(rows: int = 6, dim: int = 4, dtype: str = "<f2") -> bytes:
+    buf = io.BytesIO()
+    v = np.ones((rows, dim), np.float32) / np.sqrt(dim)
+    np.save(buf, v.astype(dtype))
+    return buf.getvalue()
+
+
+@hyp_seed(11)
+@settings(max_examples=FUZZ_N["header"], deadline=None, database=None)
+@given(data=st.data(), version=st.sampled_from([1, 2, 3]), dtype=st.sampled_from(["<f2", "<f4", "<f8", ">f2"]))
+def test_fuzz_npy_header_never_crashes(data, version, dtype):
+    raw = bytearray(_valid_npy(dtype=dtype))
+    if version != 1:  # rewrite as a version 2/3 header
+        buf = io.BytesIO()
+        arr = np.load(io.BytesIO(bytes(raw)))
+        np.lib.format.write_array(buf, arr, version=(version, 0))
+        raw = bytearray(buf.getvalue())
+    for _ in range(data.draw(st.integers(0, 4))):
+        op = data.draw(st.sampled_from(["flip", "truncate", "append", "insert"]))
+        if op == "flip" and raw:
+            i = data.draw(st.integers(0, min(len(raw) - 1, 140)))
+            raw[i] = data.draw(st.integers(0, 255))
+        elif op == "truncate":
+            raw = raw[: data.draw(st.integers(0, len(raw)))]
+        elif op == "append":
+            raw += data.draw(st.binary(max_size=40))
+        elif op == "insert":
+            i = data.draw(st.integers(0, min(len(raw), 140)))
+            raw[i:i] = data.draw(st.binary(min_size=1, max_size=8))
+    with tempfile.TemporaryDirectory() as tmp:
+        p = Path(tmp) / "img_emb_0.npy"
+        p.write_bytes(bytes(raw))
+        FUZZ_COUNT["header"] += 1
+        try:
+            info = read_npy_header(p)
+        except ShardError as exc:
+            assert str(exc).startswith(str(p)) and "\n" not in str(exc)
+            return
+        assert info.dtype in ACCEPTED_DTYPES
+        assert info.offset + info.rows * info.dim * info.dtype.itemsize == len(raw)
+
+
+_values = st.one_of(st.floats(-4, 4, width=32), st.sampled_from([0.0, float("nan"), float("inf"), -float("inf"), 1e-30]))
+
+
+@hyp_seed(12)
+@settings(max_examples=FUZZ_N["shard"], deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=st.data(), rows=st.integers(0, 30), dim=st.integers(1, 6),
+       dtypes=st.tuples(st.sampled_from(["<f2", "<f4"]), st.sampled_from(["<f2", "<f4"])),
+       meta_rows_delta=st.sampled_from([0, 0, 0, 1, -1]), batch=st.integers(1, 40), skip=st.booleans(),
+       shard=st.integers(0, 9))
+def test_fuzz_shard_reader_contract(data, rows, dim, dtypes, meta_rows_delta, batch, skip, shard):
+    """Any generated shard: a ShardError, or batches whose vectors are finite unit vectors, whose ids
+    are shard × 10⁹ + source row (increasing), and whose rows are exactly the source rows less those dropped."""
+    img = np.array(data.draw(st.lists(_values, min_size=rows * dim, max_size=rows * dim)), np.float32).reshape(rows, dim)
+    txt = np.array(data.draw(st.lists(_values, min_size=rows * dim, max_size=rows * dim)), np.float32).reshape(rows, dim)
+    caps = data.draw(st.lists(st.binary(max_size=12), min_size=max(rows + meta_rows_delta, 0),
+                              max_size=max(rows + meta_rows_delta, 0)))
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        with np.errstate(over="ignore"):
+            np.save(d / f"img_emb_{shard}.npy", img.astype(dtypes[0]))
+            np.save(d / f"text_emb_{shard}.npy", txt.astype(dtypes[1]))
+        n_meta = len(caps)
+        pq.write_table(pa.table({"url": pa.array([f"u{i}" for i in range(n_meta)], pa.string()),
+                                 "caption": pa.array(caps, pa.binary()).view(pa.string())}),
+                       d / f"metadata_{shard}.parquet")
+        FUZZ_COUNT["shard"] += 1
+        try:
+            reader = open_shard(discover(d)[0], skip_bad_rows=skip)
+            out = list(reader.batches(batch))
+        except ShardError as exc:
+            assert "\n" not in str(exc)
+            src_img = np.load(d / f"img_emb_{shard}.npy").astype(np.float32)
+            src_txt = np.load(d / f"text_emb_{shard}.npy").astype(np.float32)
+            with np.errstate(over="ignore", invalid="ignore"):
+                bad = ~np.isfinite((src_img ** 2).sum(1)) | ((src_img ** 2).sum(1) == 0) | \
+                    ~np.isfinite((src_txt ** 2).sum(1)) | ((src_txt ** 2).sum(1) == 0)
+            assert n_meta != rows or (bad.any() and not skip), str(exc)  # only for a real reason
+            return
+        assert n_meta == rows
+        got = sum(b.num_rows for b in out)
+        assert got == reader.rows_loaded == rows - reader.dropped_total
+        if not out:
+            return
+        ids = np.concatenate([b.column("id").to_numpy() for b in out])
+        srow = np.concatenate([b.column("shard_row").to_numpy() for b in out]).astype(np.int64)
+        assert np.array_equal(ids, shard * ID_STRIDE + srow) and np.all(np.diff(ids) > 0)
+        for col in ("image_embedding", "text_embedding"):
+            v = np.concatenate([np.asarray(b.column(col).combine_chunks().flatten(), np.float32) for b in out])
+            v = v.reshape(-1, dim)
+            assert np.isfinite(v).all()
+            assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1.5e-2)
+        for b in out:
+            b.column("caption").validate(full=True)  # always valid UTF-8 after the repair
+
+
+_arrow_types = {"string": pa.string(), "large_string": pa.large_string(), "int64": pa.int64(), "int8": pa.int8(),
+                "float64": pa.float64(), "bool": pa.bool_(), "binary": pa.binary(), "null": pa.null(),
+                "list": pa.list_(pa.int32())}
+
+
+def _column(t: pa.DataType, n: int, draw) -> pa.Array:
+    if t == pa.null():
+        return pa.nulls(n)
+    if pa.types.is_list(t):
+        return pa.array([[1]] * n, t)
+    if pa.types.is_boolean(t):
+        return pa.array([True] * n, t)
+    if pa.types.is_integer(t):
+        return pa.array([draw(st.integers(-100, 100)) for _ in range(n)], t)
+    if pa.types.is_floating(t):
+        return pa.array([draw(st.floats(allow_nan=True)) for _ in range(n)], t)
+    if pa.types.is_binary(t):
+        return pa.array([b"x"] * n, t)
+    return pa.array([draw(st.text(max_size=5)) for _ in range(n)], t)
+
+
+@hyp_seed(13)
+@settings(max_examples=FUZZ_N["meta"], deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_fuzz_metadata_schemas(data):
+    """Any set of metadata columns and types: a ShardValidationError naming the column, or a clean load."""
+    from laion_search.shards import METADATA_COLUMNS, REQUIRED_METADATA
+
+    rows = 5
+    cols = data.draw(st.dictionaries(st.sampled_from(sorted(METADATA_COLUMNS) + ["extra", "id"]),
+                                     st.sampled_from(sorted(_arrow_types)), max_size=12))
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        synth(d, [0], rows, dim=4, seed=1)
+        table = pa.table({name: _column(_arrow_types[t], rows, data.draw) for name, t in cols.items()}) if cols \
+            else pa.table({"dummy": pa.array([0] * rows)})
+        pq.write_table(table, d / "metadata_0.parquet")
+        FUZZ_COUNT["meta"] += 1
+        missing = [c for c in REQUIRED_METADATA if c not in cols]
+        family = {"string": "string", "large_string": "string", "int64": "number", "int8": "number",
+                  "float64": "number", "null": "null"}
+        wrong = [c for c, t in cols.items() if c in METADATA_COLUMNS and family.get(t, t) not in
+                 (METADATA_COLUMNS[c], "null")]
+        try:
+            reader = open_shard(discover(d)[0])
+            out = list(reader.batches(2))
+        except ShardValidationError as exc:
+            assert missing or wrong, str(exc)
+            assert any(f"'{c}'" in str(exc) for c in missing + wrong), str(exc)
+            return
+        assert not missing and not wrong
+        assert sum(b.num_rows for b in out) == rows
+
+
+def test_fuzz_figures():
+    record_figures("shard fuzz", **FUZZ_COUNT)
+    assert sum(FUZZ_COUNT.values()) > 0
