@@ -154,6 +154,8 @@ def test_cli_commands_on_a_server(server_url, shards_flat, tmp_path):
     env = {"LAION_URL": server_url}
     st = json.loads(cli("status", "--json", env=env).stdout)
     assert st["backend"] == "clickhouse" and st["rows"] == 600
+    text = cli("status", env=env).stdout
+    assert "(clickhouse)" in text and ":***@" in text and "p@ss" not in text
     out = json.loads(cli("search", "--like", "42", "--k", "3", "--exact", "--json", "--db", server_url).stdout)
     assert len(out["results"]) == 3
     sql = cli("sql", "SELECT count() AS n FROM laion WHERE caption != {c:String}", "--param", "c=x",

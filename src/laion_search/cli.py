@@ -246,7 +246,8 @@ def status(db: Optional[str] = DbOption, url: Optional[str] = UrlOption,
         print(output.dumps(info))
         return
     o = output.out
-    o.print(f"store   {info['store']} ({info['backend']})")
+    where = info["backend"] + (f", cluster {info['cluster']}" if info.get("cluster") else "")
+    o.print(f"store   {info['store']} ({where})", markup=False, highlight=False)
     o.print(f"table   {info['table']}: {info['rows']:,} rows, {info['parts']} parts, "
             f"{output.human_bytes(info['bytes_on_disk'])} on disk, dim {info['dim'] or '-'}")
     if info["shards"]:
