@@ -53,6 +53,38 @@ def test_connection_errors_are_one_line(chdb_http):
         connect("clickhouse://u:p@127.0.0.1:9/default")  # nothing listens on port 9
 
 
+def test_https_url_over_tls(tmp_path):
+    """``clickhouses://`` speaks HTTPS: against the fixture serving TLS with a self-signed certificate."""
+    import select
+    import shutil
+    import subprocess
+    import sys
+
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    proc = subprocess.Popen([sys.executable, "-m", "laion_search.testing.chdb_http", "--path", str(tmp_path / "db"),
+                             "--port", "0", "--tls-cert", str(cert), "--tls-key", str(key)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert select.select([proc.stdout], [], [], 60)[0], "TLS fixture did not start"
+        line = proc.stdout.readline()
+        assert line.startswith("LISTENING https://"), line
+        port = line.rsplit(":", 1)[1].strip()
+        with connect(f"clickhouses://default:@127.0.0.1:{port}/default?verify=0") as s:
+            assert s.backend._client.url.startswith("https://")
+            s.backend.insert_arrow("laion_shards", pa.table({"shard": pa.array([1], pa.uint32())}))
+            assert s.scalar("SELECT count() FROM laion_shards") == 1
+        with pytest.raises(StoreError, match="cannot connect") as e:  # certificate checked by default
+            connect(f"clickhouses://default:@127.0.0.1:{port}/default")
+        assert "\n" not in str(e.value)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 # -- the library on a server -------------------------------------------------------------------------
 def test_ingest_search_index_on_server(server_url, shards_flat):
     with connect(server_url) as s:

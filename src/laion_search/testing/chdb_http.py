@@ -8,6 +8,7 @@ query parameters, Arrow results, Arrow inserts, error mapping) runs in every ``m
 against the real engine. Run it in its own process (chDB hosts one store per process)::
 
     python -m laion_search.testing.chdb_http --path /tmp/fixture-db --port 0 [--user U --password P]
+        [--tls-cert cert.pem --tls-key key.pem]   # HTTPS
 
 It prints ``LISTENING http://127.0.0.1:PORT`` once ready and serves until killed. Binds 127.0.0.1.
 
@@ -273,11 +274,19 @@ def make_handler(engine: Engine, user: str | None, password: str | None):
 
 
 def serve(path: str, host: str = "127.0.0.1", port: int = 0, user: str | None = None,
-          password: str | None = None) -> None:
+          password: str | None = None, tls_cert: str | None = None, tls_key: str | None = None) -> None:
     engine = Engine(path)
     httpd = ThreadingHTTPServer((host, port), make_handler(engine, user, password))
     httpd.daemon_threads = True
-    print(f"LISTENING http://{host}:{httpd.server_address[1]}", flush=True)
+    scheme = "http"
+    if tls_cert:  # HTTPS, as ClickHouse's https_port (ClickHouse Cloud's 8443)
+        import ssl
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(tls_cert, tls_key)
+        httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+        scheme = "https"
+    print(f"LISTENING {scheme}://{host}:{httpd.server_address[1]}", flush=True)
     try:
         httpd.serve_forever(poll_interval=0.2)
     finally:
@@ -291,8 +300,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port", type=int, default=0, help="0 = any free port (printed)")
     ap.add_argument("--user", default=None, help="require this user (HTTP Basic or X-ClickHouse-User)")
     ap.add_argument("--password", default=None)
+    ap.add_argument("--tls-cert", default=None, help="serve HTTPS with this certificate (PEM)")
+    ap.add_argument("--tls-key", default=None, help="its private key (PEM)")
     a = ap.parse_args(argv)
-    serve(a.path, a.host, a.port, a.user, a.password)
+    serve(a.path, a.host, a.port, a.user, a.password, a.tls_cert, a.tls_key)
 
 
 if __name__ == "__main__":
