@@ -271,6 +271,35 @@ def test_cluster_statements():
     assert one.system("parts") == "system.parts" and one.on_cluster == ""
 
 
+def test_cluster_local_statements_run_on_the_engine(server_url, shards_flat):
+    """What a cluster node runs locally, run for real on one node: laion_local, the explicit-engine
+    staging table, the partition swap (with a vector index on laion_local) and the drops. Only
+    ``ON CLUSTER`` (needs Keeper) and the Distributed tables (need remote_servers) are left out."""
+    from laion_search.shards import discover, open_shard
+
+    lay = ClusterLayout("c", "x")
+    local = lambda q: q.replace(lay.on_cluster, "")  # noqa: E731 - this node's share of an ON CLUSTER statement
+    with connect(server_url, create=False) as s:
+        init = lay.init_statements(TABLE_DDL, SHARDS_DDL, TABLE, SHARDS_TABLE)
+        s.backend.command(local(init[0]))
+        s.backend.command(local(init[2]))
+        s.backend.command("ALTER TABLE laion_local ADD INDEX image_index image_embedding "
+                          "TYPE vector_similarity('hnsw', 'cosineDistance', 512, 'bf16', 16, 128) GRANULARITY 100000000")
+        stage = "laion_stage_1_abc"
+        s.backend.command(local(lay.create_stage(stage, TABLE)[0]))
+        reader = open_shard(discover(shards_flat, [1])[0], dim=512)
+        for batch in reader.batches(256):
+            s.backend.insert_arrow(lay.local(stage), batch)
+        s.backend.command(local(lay.replace_partition(TABLE, 1, stage)))
+        assert s.scalar("SELECT count() FROM laion_local WHERE shard = 1") == 600
+        s.backend.command(local(lay.drop_partition(TABLE, 1)))
+        assert s.scalar("SELECT count() FROM laion_local") == 0
+        for q in lay.drop_stage(stage):
+            s.backend.command(local(q))
+        assert s.scalar("SELECT count() FROM system.tables WHERE database = currentDatabase() "
+                        "AND name LIKE 'laion_stage%'") == 0
+
+
 def test_cluster_index_statements_on_a_cluster_layout(server_url):
     """Index DDL goes to laion_local ON CLUSTER: checked by recording what a cluster store sends."""
     with connect(server_url) as s:
