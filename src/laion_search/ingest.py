@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 
-from .errors import LaionError, StoreError
+from .errors import LaionError, QueryError, StoreError
 from .shards import ShardFiles, ShardReader, discover, open_shard
 from .store import SHARDS_TABLE, TABLE, Store, list_stage_tables, stage_table_name
 
@@ -123,7 +123,11 @@ def _ingest_readers(store: Store, readers: list[ShardReader], batch_rows: int, f
                   "reason": "already loaded from the same files"})
             continue
         t0 = time.perf_counter()
-        load_shard(store, reader, batch_rows=batch_rows, progress=emit)
+        try:
+            load_shard(store, reader, batch_rows=batch_rows, progress=emit)
+        except QueryError as exc:  # the engine failed (disk full, files gone …): say which shard, and what holds
+            raise QueryError(f"loading shard {reader.shard} into {store.location} failed: {exc} — the table shows "
+                             f"shard {reader.shard} whole or not at all; fix the cause and rerun to finish") from exc
         report.loaded.append(reader.shard)
         report.rows += reader.rows_loaded
         report.renormalised += reader.renormalised

@@ -278,12 +278,33 @@ def connect(target: str | os.PathLike[str] | None = None, *, create: bool = True
         candidate = Path(text).expanduser() / UDF_DIR
         if any(candidate.glob("*_function.xml")):
             udf_path = str(candidate.resolve())
+    check_store_dir(text)
     backend = ChdbBackend(text, udf_path=udf_path)
     try:
         return Store(backend, create=create)
     except Exception:
         backend.close()
         raise
+
+
+def check_store_dir(path: str | os.PathLike[str]) -> None:
+    """chDB writes into its store even to read it (a lock file, temporary data). Refuse a store
+    directory we cannot write to up front, with the reason (read-only file system, permission
+    denied), instead of chDB's "Error initializing EmbeddedServer"."""
+    import tempfile
+
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise StoreError(f"cannot open the store {p}: it is not a directory")
+    probe = p
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        with tempfile.TemporaryFile(dir=probe, prefix=".laion-write-probe-"):
+            pass
+    except OSError as exc:
+        raise StoreError(f"cannot open the store {p}: cannot write to {probe} ({exc.strerror or exc}); "
+                         "the embedded engine needs a writable store directory, even to read") from None
 
 
 def stage_table_name(shard: int, token: str) -> str:

@@ -146,6 +146,9 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
     @app.exception_handler(LaionError)
     async def laion_error(request: Request, exc: LaionError):
         log.warning("request failed: %s", exc)
+        if isinstance(exc, QueryError) and storage_fault(str(exc)):
+            # the server's disk, not the request: 503, and no file paths for the client
+            return _error(503, f"the store is unavailable ({storage_fault(str(exc))}); see the server log")
         return _error(400 if isinstance(exc, QueryError) else 500, str(exc) if isinstance(exc, QueryError)
                       else "the store could not answer; see the server log")
 
@@ -275,6 +278,26 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
         return HTMLResponse(html)
 
     return app
+
+
+#: Engine errors that come from the server's storage, not from the request (ClickHouse error names).
+_STORAGE_FAULTS = {
+    "FILE_DOESNT_EXIST": "its files are missing", "CANNOT_OPEN_FILE": "its files cannot be opened",
+    "CANNOT_READ_ALL_DATA": "its files cannot be read", "CANNOT_READ_FROM_FILE_DESCRIPTOR": "its files cannot be read",
+    "CORRUPTED_DATA": "its files are corrupt", "CHECKSUM_DOESNT_MATCH": "its files are corrupt",
+    "NOT_ENOUGH_SPACE": "the disk is full", "CANNOT_WRITE_TO_FILE_DESCRIPTOR": "its files cannot be written",
+    "CANNOT_FSYNC": "its files cannot be written",
+    "No space left on device": "the disk is full", "Read-only file system": "its directory is read-only",
+    "No such file or directory": "its files are missing",
+}
+
+
+def storage_fault(message: str) -> str | None:
+    """What is wrong with the store, when an engine error is a storage fault (else None)."""
+    for marker, what in _STORAGE_FAULTS.items():
+        if marker in message:
+            return what
+    return None
 
 
 def _error(status: int, message: str) -> JSONResponse:
