@@ -129,3 +129,37 @@ def test_bench_ingest_runs_end_to_end(tmp_path):
     assert result["ratios"]["ours_vs_guide"] > 1
     assert "| pipeline |" in result["markdown"]
     json.dumps(result)  # serialisable for --json
+
+
+def test_concurrent_queries_use_separate_sessions(tmp_path, shards_flat):
+    """Threads query one embedded store in parallel (a pool of chDB sessions): every search
+    returns what it returns alone, parameters never cross between queries, and a SET applies to
+    every session, including ones opened after it."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from laion_search import ingest
+    from laion_search.backend import MAX_SESSIONS
+    from laion_search.search import search
+
+    with connect(tmp_path / "db") as store:
+        ingest(store, shards_flat)
+        store.backend.command("SET max_execution_time = 17")
+        rng = np.random.default_rng(3)
+        queries = [rng.standard_normal(512).astype(np.float32) for _ in range(24)]
+        alone = [[r["id"] for r in search(store, q, k=5, exact=True).rows] for q in queries]
+        barrier = threading.Barrier(4)
+
+        def run(i: int) -> tuple[list[int], float]:
+            if i < 4:
+                barrier.wait(timeout=30)  # make the first four really overlap
+            ids = [r["id"] for r in search(store, queries[i], k=5, exact=True).rows]
+            return ids, float(store.scalar("SELECT getSetting('max_execution_time')"))
+
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(run, range(len(queries))))
+        assert [ids for ids, _ in together] == alone
+        assert {setting for _, setting in together} == {17.0}
+        assert 2 <= len(store.backend._all) <= MAX_SESSIONS
+    with pytest.raises(StoreError, match="closed"):
+        store.scalar("SELECT 1")

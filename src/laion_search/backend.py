@@ -101,6 +101,7 @@ def clean_engine_message(message: str) -> str:
 
 
 # chDB hosts one engine per process, bound to one data directory at a time.
+MAX_SESSIONS = max(4, os.cpu_count() or 1)  # concurrent queries on one embedded store
 _process_lock = threading.Lock()
 _open_path: str | None = None
 
@@ -131,11 +132,19 @@ class ChdbBackend:
                 raise _busy_or_store_error(self.path, RuntimeError("Cannot lock file"))
             uri = self.path if not udf_path else f"{self.path}?udf_path={udf_path}"
             try:
-                self._session = chdb_session.Session(uri)
+                first = chdb_session.Session(uri)
             except Exception as exc:  # chDB raises plain RuntimeError/ChdbError here
                 raise _busy_or_store_error(self.path, exc) from exc
             _open_path = self.path
-        self._lock = threading.RLock()
+        self._new_session = lambda: chdb_session.Session(uri)
+        # A pool of sessions over the one engine: concurrent queries from several threads run in
+        # parallel (one chDB session is not safe to share: parameters of one query leak into
+        # another). ``SET`` statements are recorded and replayed on every session.
+        self._cond = threading.Condition()
+        self._all = [first]
+        self._idle = [first]
+        self._applied = {id(first): 0}
+        self._sets: list[str] = []
         self._closed = False
         _write_owner(self.path)
 
@@ -157,25 +166,64 @@ class ChdbBackend:
         self._run(sql + settings_sql(settings or {}), None, "CSV")
 
     def _run(self, sql: str, params: Params | None, fmt: str) -> Any:
-        if self._closed:
-            raise StoreError(f"the store {self.path} is closed")
         text_params = {k: format_param(v) for k, v in (params or {}).items()}
-        with self._lock:
-            try:
-                if text_params:
-                    return self._session.query(sql, fmt, params=text_params)
-                return self._session.query(sql, fmt)
-            except Exception as exc:
-                raise QueryError(clean_engine_message(str(exc))) from exc
+        is_set = not params and _SET_RE.match(sql) is not None
+        session = self._acquire()
+        try:
+            if is_set:
+                session.query(sql, "CSV")  # raises on a bad setting before it is recorded
+                with self._cond:
+                    self._sets.append(sql)
+                    self._applied[id(session)] = len(self._sets)
+                return None
+            if text_params:
+                return session.query(sql, fmt, params=text_params)
+            return session.query(sql, fmt)
+        except Exception as exc:
+            raise QueryError(clean_engine_message(str(exc))) from exc
+        finally:
+            self._release(session)
+
+    def _acquire(self) -> Any:
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise StoreError(f"the store {self.path} is closed")
+                if self._idle:
+                    session = self._idle.pop()
+                    break
+                if len(self._all) < MAX_SESSIONS:
+                    session = self._new_session()
+                    self._all.append(session)
+                    self._applied[id(session)] = 0
+                    break
+                self._cond.wait()
+            pending = self._sets[self._applied[id(session)]:]
+            self._applied[id(session)] = len(self._sets)
+        for stmt in pending:
+            session.query(stmt, "CSV")
+        return session
+
+    def _release(self, session: Any) -> None:
+        with self._cond:
+            if self._closed:
+                session.close()
+            else:
+                self._idle.append(session)
+                self._cond.notify()
 
     def close(self) -> None:
         global _open_path
         with _process_lock:
             if self._closed:
                 return
-            self._closed = True
+            with self._cond:
+                self._closed = True
+                idle, self._idle = self._idle, []
+                self._cond.notify_all()
             try:
-                self._session.close()
+                for session in idle:  # sessions busy right now close when their query ends
+                    session.close()
             finally:
                 _open_path = None
                 try:
