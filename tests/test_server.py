@@ -53,6 +53,7 @@ def test_connection_errors_are_one_line(chdb_http):
         connect("clickhouse://u:p@127.0.0.1:9/default")  # nothing listens on port 9
 
 
+@pytest.mark.filterwarnings("ignore:Unverified HTTPS request")  # verify=0 is the point of the first half
 def test_https_url_over_tls(tmp_path):
     """``clickhouses://`` speaks HTTPS: against the fixture serving TLS with a self-signed certificate."""
     import select
