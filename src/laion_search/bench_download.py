@@ -96,7 +96,7 @@ def _run(shards: int, rows: int, rate: float, repeat: int, workdir: Path, out: P
         server = _Server(src, r)
         try:
             for method, jobs in ((baseline, 1), ("laion download -j 1", 1), ("laion download -j 4", 4)):
-                best = None
+                best, best_inner = None, None
                 for _ in range(repeat):
                     dest = workdir / "dest"
                     shutil.rmtree(dest, ignore_errors=True)
@@ -119,11 +119,17 @@ def _run(shards: int, rows: int, rate: float, repeat: int, workdir: Path, out: P
                     for k, n in files:
                         if not filecmp.cmp(src / k / _name(k, n), dest / _name(k, n), shallow=False):
                             raise RuntimeError(f"{method}: {_name(k, n)} differs from the source")
+                    inner = None
+                    if method != baseline:  # the tool's own clock: transfers + verify + fsync, no start-up
+                        import json as _json
+
+                        inner = _json.loads(proc.stdout.splitlines()[-1])["seconds"]
                     if best is None or seconds < best:
-                        best = seconds
+                        best, best_inner = seconds, inner
                     shutil.rmtree(dest, ignore_errors=True)
                 results.append({"setting": setting, "rate": r, "method": method, "jobs": jobs,
-                                "seconds": round(best, 3), "mb_per_s": round(total / 1e6 / best, 1)})
+                                "seconds": round(best, 3), "mb_per_s": round(total / 1e6 / best, 1),
+                                "in_process_seconds": best_inner})
         finally:
             server.close()
     for row in results:
@@ -132,10 +138,15 @@ def _run(shards: int, rows: int, rate: float, repeat: int, workdir: Path, out: P
     ratios = {f"{x['setting']} -j {x['jobs']}": x["vs_baseline"] for x in results if x["method"] != baseline}
     lines = [f"{shards} shard(s) × {rows:,} rows = {len(files)} files, {total / 1e6:,.0f} MB, from a loopback "
              f"HTTP server; throttled = {rate / 1e6:g} MB/s per connection; all downloads byte-identical to the source",
-             "", f"| server | method | seconds | MB/s | vs {baseline.split()[0]} |", "|---|---|---:|---:|---:|"]
+             "", f"| server | method | seconds | MB/s | vs {baseline.split()[0]} | in-process seconds |",
+             "|---|---|---:|---:|---:|---:|"]
     for x in results:
         label = f"throttled ({x['rate'] / 1e6:g} MB/s per connection)" if x["rate"] else "unthrottled"
-        lines.append(f"| {label} | {x['method']} | {x['seconds']:.2f} | {x['mb_per_s']:,.1f} | {x['vs_baseline']:.2f}× |")
+        inner = f"{x['in_process_seconds']:.2f}" if x["in_process_seconds"] is not None else "-"
+        lines.append(f"| {label} | {x['method']} | {x['seconds']:.2f} | {x['mb_per_s']:,.1f} | "
+                     f"{x['vs_baseline']:.2f}× | {inner} |")
+    lines += ["", "seconds: the whole process (start-up included); in-process: the downloader's own clock "
+              "(transfers, verification, fsync, manifest; no interpreter start-up)"]
     markdown = "\n".join(lines)
     if out:
         out.mkdir(parents=True, exist_ok=True)

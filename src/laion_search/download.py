@@ -34,6 +34,7 @@ Memory is bounded: each worker streams through one reusable buffer (``chunk_byte
 from __future__ import annotations
 
 import email.utils
+import errno
 import http.client
 import json
 import os
@@ -58,6 +59,8 @@ MANIFEST = ".laion-download.json"
 PART = ".part"
 USER_AGENT = "laion-search (+https://github.com/laion-ai)"
 RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
+#: local errors no retry can fix (disk full, quota, read-only, permission)
+_LOCAL_FATAL = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 PROGRESS_RESET_BYTES = 1 << 20  # an attempt that brought this much new data resets the failure count
 
 
@@ -370,6 +373,8 @@ class _Fetcher:
                            "reason": str(exc)})
                 continue
             except (_Retryable, OSError, http.client.HTTPException) as exc:
+                if isinstance(exc, OSError) and exc.errno in _LOCAL_FATAL:
+                    raise DownloadError(f"cannot write {job.dest.parent}: {exc.strerror or exc}") from None
                 if isinstance(exc, _Retryable):
                     reason, retry_after, progressed = exc.reason, exc.retry_after, exc.progressed
                 else:
