@@ -442,3 +442,50 @@ def test_complete_part_left_by_a_crash_before_the_rename(mirror, tmp_path):
     assert [(e.status, e.range) for e in mirror.log[before:] if e.path == "/img_emb/img_emb_0.npy"] == [
         (416, f"bytes={state['size']}-")]
     _assert_identical(mirror.root, dest, shards=(0,))
+
+
+def test_retry_after_forms():
+    import email.utils
+
+    from laion_search.download import _retry_after
+
+    assert _retry_after("7") == 7.0 and _retry_after(None) is None and _retry_after("soon") is None
+    when = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 25 <= _retry_after(when) <= 31
+    assert _retry_after(email.utils.formatdate(time.time() - 60, usegmt=True)) == 0.0
+
+
+@pytest.mark.parametrize("mode", ["bar", "plain", "json"])
+def test_progress_renderers(mirror, tmp_path, mode, monkeypatch, capsys):
+    """The three renderings of a run with a retry: a bar per active file plus the total on a terminal,
+    plain lines otherwise, JSON lines with --json."""
+    import io
+
+    from rich.console import Console
+
+    from laion_search import output
+
+    term = io.StringIO()
+    monkeypatch.setattr(output, "err", Console(file=term, force_terminal=(mode == "bar"), width=120))
+    mirror.fault(_remote_path("img_emb", 1), Fault(reset_after=20_000))
+    seen: dict[str, str] = {}
+    with output.DownloadProgress(mode) as progress:
+        def spy(event: dict) -> None:
+            progress(event)
+            if mode == "bar" and event["event"] == "file_bytes" and progress._progress is not None:
+                snap = io.StringIO()
+                Console(file=snap, width=120, color_system=None).print(progress._progress.get_renderable())
+                seen.setdefault("frame", snap.getvalue())
+        report = download([0, 1], tmp_path / "out", remote=Remote(base_url=mirror.url), jobs=2, policy=FAST,
+                          progress=spy)
+    assert report.ok
+    text = term.getvalue()
+    if mode == "json":
+        events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert events[0]["event"] == "start" and events[-1]["event"] == "summary" and events[-1]["ok"]
+        assert any(e["event"] == "retry" and e["file"] == "img_emb_1.npy" for e in events)
+    else:
+        assert "img_emb_1.npy: connection reset by peer; retry 2" in text
+        assert "shard 1: verified, 300 rows × 512-d" in text
+    if mode == "bar":
+        assert seen["frame"].splitlines()[0].startswith("total") and ".npy" in seen["frame"]
