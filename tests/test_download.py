@@ -293,9 +293,11 @@ def test_parallel_transfers_run_concurrently(source, tmp_path):
         t0 = time.perf_counter()
         report, _ = _run(srv, tmp_path / "out", jobs=4)
         elapsed = time.perf_counter() - t0
+        most = srv.max_active
     assert report.ok
+    assert most >= 3  # transfers overlapped on the server
     # 1.3 MB in total at 1 MB/s per stream: ≈1.3 s one at a time; 4 streams take well under that
-    assert elapsed < 1.0, elapsed
+    assert elapsed < 1.2, elapsed
     _assert_identical(root, tmp_path / "out")
 
 

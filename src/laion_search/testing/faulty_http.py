@@ -72,6 +72,8 @@ class FaultyServer:
         self._faults: dict[str, list[Fault]] = {}
         self._lock = threading.Lock()
         self.bytes_sent = 0
+        self.active = 0      # responses being sent right now
+        self.max_active = 0  # the most at once: shows parallel downloads really overlap
         handler = type("Handler", (_Handler,), {"owner": self})
         self.httpd = _QuietServer((host, port), handler)
         self.httpd.daemon_threads = True
@@ -161,6 +163,17 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _serve(self, head: bool) -> None:
+        srv = self.owner
+        with srv._lock:
+            srv.active += 1
+            srv.max_active = max(srv.max_active, srv.active)
+        try:
+            self._respond(head)
+        finally:
+            with srv._lock:
+                srv.active -= 1
+
+    def _respond(self, head: bool) -> None:
         srv = self.owner
         path = _norm(unquote(urlsplit(self.path).path))
         fault = srv._take(path)
