@@ -491,3 +491,23 @@ def test_progress_renderers(mirror, tmp_path, mode, monkeypatch, capsys):
         assert "shard 1: verified, 300 rows × 512-d" in text
     if mode == "bar":
         assert seen["frame"].splitlines()[0].startswith("total") and ".npy" in seen["frame"]
+
+
+def test_disk_full_is_a_clear_failure_not_retried(mirror, tmp_path):
+    """A full disk is not a network fault: the file fails at once, named, with nothing presented
+    as complete. (A small tmpfs; needs root or CAP_SYS_ADMIN, skipped otherwise.)"""
+    small = tmp_path / "small"
+    small.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(small)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()})")
+    try:
+        report, events = _run(mirror, small, shards=(0,), jobs=1)
+        names = sorted(p.name for p in small.iterdir())
+    finally:
+        subprocess.run(["umount", "-l", str(small)], capture_output=True)
+    assert not report.ok and report.shards_failed == [0] and report.retries == 0
+    reasons = [f["reason"] for f in report.failed]
+    assert any("No space left on device" in r and str(small) in r for r in reasons), reasons
+    assert not {f["file"] for f in report.failed} & set(names)  # a failed file never gets its real name
