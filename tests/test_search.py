@@ -69,6 +69,17 @@ def test_like_uses_stored_embedding_and_skips_itself(loaded):
         search(store, like=123456)
 
 
+def test_search_without_an_index_takes_the_exact_path(loaded):
+    """No vector index serves the column and metric: the engine would scan anyway, so the search
+    scans the fast exact way and says so; the results are numpy's."""
+    store, truth, _ = loaded
+    q = truth["text"][42]
+    res = search(store, q, k=8)
+    assert res.strategy == "exact (no index)" and "dotProduct" in res.sql
+    order, _ = _cosine_topk(truth["image"], q, 8)
+    assert [r["id"] for r in res.rows] == truth["ids"][order].tolist()
+
+
 def test_index_is_used_and_recall_is_high(loaded):
     store, truth, _ = loaded
     create_index(store, IndexSpec(column="image", m=16, ef_construction=64))
@@ -82,7 +93,7 @@ def test_index_is_used_and_recall_is_high(loaded):
             q = truth["image"][rng.integers(0, 1800)] + rng.standard_normal(512).astype(np.float32) * 0.02
             res = search(store, q, k=10)
             plan = explain(store, res)
-            assert "image_index" in plan and "vector_similarity" in plan
+            assert res.strategy == "index" and "image_index" in plan and "vector_similarity" in plan
             order, _ = _cosine_topk(truth["image"], q, 10)
             hits += len({r["id"] for r in res.rows} & set(truth["ids"][order].tolist()))
         assert hits / 100 >= 0.9
@@ -90,6 +101,8 @@ def test_index_is_used_and_recall_is_high(loaded):
         assert "image_index" not in explain(store, exact)
         # text column has no index: the plan must not claim one
         assert "text_index" not in explain(store, search(store, truth["text"][3], modality="text", k=5))
+        # a cosine index does not serve l2: that search scans, and says so
+        assert search(store, truth["image"][3], k=5, metric="l2").strategy == "exact (no index)"
     finally:
         assert drop_index(store, "image")
     assert index_status(store) == []

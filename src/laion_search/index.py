@@ -118,6 +118,7 @@ def create_index(store: Store, spec: IndexSpec, *, materialize: bool = True, rep
     if spec.name not in existing:
         store.backend.command(f"ALTER TABLE {store.data_table}{store.layout.on_cluster} ADD INDEX IF NOT EXISTS {spec.name} {spec.embedding_column} "
                               f"TYPE {want} GRANULARITY 100000000")
+    store.forget_dim()  # searches re-read which indexes exist
     if materialize:
         _materialize(store, spec, emit, poll_seconds)
     seconds = time.perf_counter() - t0
@@ -178,6 +179,7 @@ def drop_index(store: Store, column: str) -> bool:
         raise UsageError(f"column must be image or text, got {column!r}")
     existed = any(i["name"] == name for i in list_indexes(store))
     store.backend.command(f"ALTER TABLE {store.data_table}{store.layout.on_cluster} DROP INDEX IF EXISTS {name}")
+    store.forget_dim()
     return existed
 
 

@@ -162,11 +162,14 @@ def search(store: Store, vector: Any = None, *, like: int | None = None, text: s
            f"{' WHERE ' + where if where else ''} ORDER BY distance ASC LIMIT {k}")
     t0 = time.perf_counter()
     strategy = "exact" if exact else "index"
-    if exact:
+    # without a vector index for this column and metric the engine would scan anyway: take
+    # the exact path, which scans faster (dot product or the bf16 copy, then re-ranking)
+    unindexed = not exact and (column, func) not in store.vector_indexes()
+    if exact or unindexed:
         scan = column + SCAN_SUFFIX
         scan = scan if store.layout.cluster is None and scan in store.columns() else None
         sql = _exact_sql(select, column, func, where, k, scan)
-        strategy = "exact-bf16" if scan else "exact"
+        strategy = ("exact-bf16" if scan else "exact") + (" (no index)" if unindexed else "")
         rows = store.rows(sql, params)
     else:
         settings = _index_settings(options, filtered=bool(where))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from .errors import StoreError, UsageError
 TABLE = "laion"
 SHARDS_TABLE = "laion_shards"
 STAGE_PREFIX = "laion_stage_"
+SCHEMA_TTL = 30.0  # seconds a store trusts its cached column / index list
 UDF_DIR = "udf"  # <store>/udf: executable UDFs the embedded engine loads at open
 
 TABLE_DDL = """
@@ -114,7 +116,7 @@ class Store:
     def __init__(self, backend: Backend, *, create: bool = True):
         self.backend = backend
         self._dim: int | None = None
-        self._columns: frozenset[str] | None = None
+        self._columns: tuple[frozenset[str], frozenset[tuple[str, str]], float] | None = None
         #: where rows live: one node (``laion`` is MergeTree) or a cluster (``laion`` is Distributed)
         self.layout: SingleNode | ClusterLayout = detect_layout(backend, TABLE)
         if create and self.layout.cluster is None:
@@ -193,15 +195,30 @@ class Store:
         self._columns = None
 
     def columns(self) -> frozenset[str]:
-        """Names of the ``laion`` table's columns, cached like :meth:`dim` (searches ask whether
-        the bf16 scan copies of :mod:`laion_search.index` exist)."""
-        cols = self._columns
-        if cols is None:
+        """Names of the ``laion`` table's columns (searches ask whether the bf16 scan copies of
+        :mod:`laion_search.index` exist). Cached; see :meth:`_schema`."""
+        return self._schema()[0]
+
+    def vector_indexes(self) -> frozenset[tuple[str, str]]:
+        """``(column, distance function)`` of each vector index, e.g. ``("image_embedding",
+        "cosineDistance")``: a search goes through the engine's index only where one serves it."""
+        return self._schema()[1]
+
+    def _schema(self) -> tuple[frozenset[str], frozenset[tuple[str, str]]]:
+        """Columns and vector indexes, cached for :data:`SCHEMA_TTL` seconds (another client of
+        a server may change them) and dropped by :meth:`forget_dim`."""
+        cached = self._columns
+        if cached is None or time.monotonic() - cached[2] > SCHEMA_TTL:
             cols = frozenset(r["name"] for r in self.rows(
                 "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = {t:String}",
                 {"t": TABLE}))
-            self._columns = cols
-        return cols
+            idx = frozenset((r["expr"], r["type_full"].split(",")[1].strip(" '"))
+                            for r in self.rows(
+                "SELECT expr, type_full FROM " + self.layout.system("data_skipping_indices") + " WHERE "
+                "database = currentDatabase() AND table = {t:String} AND type = 'vector_similarity'",
+                {"t": self.data_table}) if r["type_full"].count(",") >= 1)
+            cached = self._columns = (cols, idx, time.monotonic())
+        return cached[0], cached[1]
 
     def dim(self) -> int | None:
         """Embedding dimension of the loaded rows, or None while the table is empty.
