@@ -511,3 +511,13 @@ def test_disk_full_is_a_clear_failure_not_retried(mirror, tmp_path):
     reasons = [f["reason"] for f in report.failed]
     assert any("No space left on device" in r and str(small) in r for r in reasons), reasons
     assert not {f["file"] for f in report.failed} & set(names)  # a failed file never gets its real name
+
+
+def test_redirect_is_followed_and_resume_goes_back_to_the_same_url(mirror, tmp_path):
+    path = _remote_path("img_emb", 0)
+    mirror.fault(path, Fault(redirect=f"{mirror.url}/img_emb/img_emb_0.npy?cdn=1"), Fault(reset_after=40_000),
+                 Fault(redirect="/img_emb/img_emb_0.npy?cdn=2"))
+    report, events = _run(mirror, tmp_path / "out", shards=(0,))
+    assert report.ok and report.retries == 1
+    assert [g.status for g in mirror.requests(path)] == [302, 200, 302, 206]
+    _assert_identical(mirror.root, tmp_path / "out", shards=(0,))

@@ -42,6 +42,7 @@ class Fault:
     stall_after: int | None = None       #: send this many body bytes, then go silent for ``stall`` seconds
     stall: float = 0.0
     ignore_range: bool = False           #: answer this request with 200 and the whole file
+    redirect: str | None = None          #: answer 302 with this Location (a mirror handing off to a CDN)
     before: Callable[[], None] | None = None  #: run before answering (e.g. rewrite the file)
 
 
@@ -179,6 +180,10 @@ class _Handler(BaseHTTPRequestHandler):
         fault = srv._take(path)
         if fault and fault.before:
             fault.before()
+        if fault and fault.redirect:
+            self._record(path, 302, fault)
+            self._simple(302, b"", {"Location": fault.redirect})
+            return
         if fault and fault.status:
             self._record(path, fault.status, fault)
             hdrs = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
