@@ -113,3 +113,14 @@ def _fixture_sql(chdb_http, sql: str) -> bytes:
                                  headers={"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()})
     with urllib.request.urlopen(req, timeout=60) as r:
         return r.read()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` run only with LAION_SLOW_TESTS=1 (the long reliability variants also
+    scale their kill points and fuzz cases with it)."""
+    if os.environ.get("LAION_SLOW_TESTS", "") not in ("", "0"):
+        return
+    skip = pytest.mark.skip(reason="long variant: set LAION_SLOW_TESTS=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -3,7 +3,7 @@ SIGKILLed at seeded random moments, then rerun to completion; nothing acknowledg
 duplicated, no shard is ever partly visible, embeddings stay bit-identical to the source files,
 and the index works afterwards.
 
-Default run: 22 kill points (12 ingest, 5 index create, 5 download --ingest), about a minute and
+Default run: 20 kill points (10 ingest, 5 index create, 5 download --ingest), about a minute and
 a half on 2 cores. ``LAION_SLOW_TESTS=1``: 40 + 15 + 15.
 """
 
@@ -24,7 +24,7 @@ from .crash_harness import (CrashLog, laion_cmd, record_figures, run_and_kill, r
                             source_checksums, summary_line, verify_store)
 
 SEED = 20261125
-KILLS = {"ingest": 40 if slow() else 12, "index": 15 if slow() else 5, "download": 15 if slow() else 5}
+KILLS = {"ingest": 40 if slow() else 10, "index": 15 if slow() else 5, "download": 15 if slow() else 5}
 
 
 def test_ingest_sigkill_then_rerun(tmp_path):

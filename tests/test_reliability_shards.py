@@ -25,6 +25,7 @@ from laion_search.errors import ShardError, ShardValidationError
 from laion_search.synth import synth
 
 from .conftest import run_cli
+from .crash_harness import record_figures
 
 ROWS, DIM = 50, 16
 
@@ -338,6 +339,7 @@ def test_broken_shard_fails_clearly_and_changes_nothing(corpus, name):
     assert "\n" not in str(info.value) and "Traceback" not in str(info.value)
     assert snapshot(store) == before, name
     shutil.rmtree(d)
+    record_figures("hostile shard", case=name, error=str(info.value).split(": ", 1)[-1][:160])
 
 
 def test_broken_shard_among_good_ones_stops_before_loading_anything(corpus):
@@ -380,6 +382,7 @@ def test_repair_non_normalised_vectors(corpus):
 
     report, _ = _ingest_case(store, root, "renorm", scale)
     assert report.renormalised == 9 and report.rows == ROWS
+    record_figures("hostile shard", case="non-normalised vectors", repair=True)
     norms = np.linalg.norm(np.array([r["image_embedding"] for r in _shard1(store, "image_embedding")]), axis=1)
     assert np.allclose(norms, 1.0, atol=2e-3)
     assert store.shard_records()[1].renormalised == 9
@@ -404,6 +407,9 @@ def test_repair_invalid_utf8_and_keep_control_characters(corpus):
 
     report, _ = _ingest_case(store, root, "text", write)
     assert report.text_repaired == 2 and report.rows == ROWS
+    for case in ("control characters and NUL", "10 MB caption", "invalid UTF-8 (2 kinds)", "null url",
+                 "unknown extra column"):
+        record_figures("hostile shard", case=case, repair=True)
     rows = _shard1(store)
     assert rows[3]["caption"] == caps[3]
     assert len(rows[4]["caption"]) == 10 * 1024 * 1024
@@ -430,6 +436,8 @@ def test_empty_shard_and_symlinked_files_load(corpus, tmp_path):
 
     report, _ = _ingest_case(store, root, "links", links)
     assert report.loaded == [1] and report.rows == ROWS
+    record_figures("hostile shard", case="empty shard", repair=True)
+    record_figures("hostile shard", case="all files symlinks", repair=True)
 
 
 # -- --skip-bad-rows ---------------------------------------------------------------------------------
@@ -469,6 +477,7 @@ def test_skip_bad_rows_drops_counts_and_records(corpus):
     src = np.load(d / "img_emb_1.npy").astype(np.float32)
     got = np.array([r["image_embedding"] for r in _shard1(store, "image_embedding")], np.float32)
     assert np.array_equal(got, np.delete(src, [2, 10, 20, 30, 45], axis=0))
+    record_figures("hostile shard", case="--skip-bad-rows (NaN, Inf, zero in both files)", repair=True)
 
 
 def test_skip_bad_rows_everything_bad_gives_an_empty_shard(corpus):
@@ -534,6 +543,7 @@ def test_unreadable_file_is_reported(tmp_path):
                               env={**os.environ, "HOME": str(base)})
         assert proc.returncode == 1, proc.stderr
         assert "text_emb_0.npy: not readable (permission denied)" in proc.stderr and "Traceback" not in proc.stderr
+        record_figures("hostile shard", case="unreadable file (mode 000, as nobody)")
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -548,7 +558,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from laion_search.shards import ACCEPTED_DTYPES, ID_STRIDE, discover, open_shard, read_npy_header  # noqa: E402
 
-from .crash_harness import record_figures, slow  # noqa: E402
+from .crash_harness import slow  # noqa: E402
 
 FUZZ_N = {"header": 1500 if slow() else 300, "shard": 600 if slow() else 120, "meta": 400 if slow() else 80}
 FUZZ_COUNT = {"header": 0, "shard": 0, "meta": 0}
@@ -707,5 +717,7 @@ def test_fuzz_metadata_schemas(data):
 
 
 def test_fuzz_figures():
+    from .crash_harness import record_figures
+
     record_figures("shard fuzz", **FUZZ_COUNT)
     assert sum(FUZZ_COUNT.values()) > 0
