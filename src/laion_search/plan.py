@@ -220,7 +220,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [head, "",
              "| | embedded (1 node) | cluster |",
              "|---|---:|---:|",
-             f"| shape | 1 node | {c['shards']} shards × {c['replicas']} replicas = {c['nodes_needed']} nodes"
+             f"| shape | 1 node | {c['shards']} shards × {c['replicas']} replica{'s' if c['replicas'] != 1 else ''} = {c['nodes_needed']} nodes"
              f"{'' if c['enough_nodes'] else ' (more than the ' + str(c['nodes_given']) + ' given)'} |",
              f"| table on disk | {human(t['table_bytes'])} | {human(t['table_bytes'] / c['shards'])} per node |",
              f"| HNSW index RAM | {human(t['index_ram_bytes'])} | {human(c['index_ram_bytes_per_node'])} per node |",
