@@ -7,7 +7,7 @@ PIP    := $(BIN)/python -m pip
 STAMP_RUN  := $(VENV)/.installed-run
 STAMP_TEST := $(VENV)/.installed-test
 
-.PHONY: demo test install install-test bench clean
+.PHONY: demo test install install-test bench clean reliability
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ $(CHROMIUM):
 
 test: $(STAMP_TEST) $(CHROMIUM)
 	$(BIN)/python -m pytest -q
+
+# The README's reliability figures (kill points, hostile inputs, fuzz cases, 5xx); LAION_SLOW_TESTS=1 for the long variant.
+reliability: $(STAMP_TEST)
+	$(BIN)/python scripts/reliability_report.py
 
 bench: $(STAMP_TEST)
 	$(BIN)/laion bench ingest --rows 1000000 --guide-rows 50000
