@@ -521,3 +521,74 @@ def test_redirect_is_followed_and_resume_goes_back_to_the_same_url(mirror, tmp_p
     assert report.ok and report.retries == 1
     assert [g.status for g in mirror.requests(path)] == [302, 200, 302, 206]
     _assert_identical(mirror.root, tmp_path / "out", shards=(0,))
+
+
+def test_no_fsync_files_are_trusted_until_a_reboot(mirror, tmp_path):
+    """fsync=False (--no-fsync): the manifest marks files as not flushed, with the boot id; a rerun in
+    the same boot skips them, a rerun after a reboot (another boot id) fetches them again."""
+    dest = tmp_path / "out"
+    report = download([0], dest, remote=Remote(base_url=mirror.url), jobs=2, policy=FAST, fsync=False)
+    assert report.ok and len(report.downloaded) == 3
+    manifest = json.loads((dest / MANIFEST).read_text())
+    entries = list(manifest["files"].values())
+    assert entries and all(e["durable"] is False and e["boot_id"] for e in entries)
+    again = download([0], dest, remote=Remote(base_url=mirror.url), jobs=2, policy=FAST)
+    assert again.ok and again.bytes == 0 and again.shards_skipped == [0]
+    for e in manifest["files"].values():
+        e["boot_id"] = "another-boot"
+    (dest / MANIFEST).write_text(json.dumps(manifest))
+    before = len(mirror.log)
+    after_reboot = download([0], dest, remote=Remote(base_url=mirror.url), jobs=2, policy=FAST)
+    assert after_reboot.ok and sorted(after_reboot.downloaded) == sorted(e for e in manifest["files"])
+    assert all(e.method == "GET" and e.range is None for e in mirror.log[before:])  # fetched whole, not adopted
+    _assert_identical(mirror.root, dest, shards=(0,))
+    assert all("durable" not in e for e in json.loads((dest / MANIFEST).read_text())["files"].values())
+
+
+def test_npy_check_reads_the_header_only_and_agrees_with_read_npy_header(tmp_path):
+    from laion_search.download import _npy_rows, verify_file
+    from laion_search.errors import ShardValidationError
+    from laion_search.shards import read_npy_header
+
+    good = tmp_path / "good.npy"
+    np.save(good, np.zeros((7, 4), dtype="<f2"))
+    assert _npy_rows(good) == 7 == read_npy_header(good).rows == verify_file(good, "img_emb")
+    v2 = tmp_path / "v2.npy"
+    with open(v2, "wb") as f:
+        np.lib.format.write_array(f, np.zeros((3, 2), dtype="<f4"), version=(2, 0))
+    assert _npy_rows(v2) == 3 == verify_file(v2, "text_emb")
+    bad = {"fortran": np.asfortranarray(np.zeros((3, 2), dtype="<f4")), "bigendian": np.zeros((3, 2), dtype=">f4"),
+           "float64": np.zeros((3, 2)), "1d": np.zeros(6, dtype="<f4")}
+    for name, arr in bad.items():
+        p = tmp_path / f"{name}.npy"
+        np.save(p, arr)
+        assert _npy_rows(p) is None, name
+        with pytest.raises(ShardValidationError):
+            verify_file(p, "img_emb")
+    truncated = tmp_path / "truncated.npy"
+    truncated.write_bytes(good.read_bytes()[:-1])
+    trailing = tmp_path / "trailing.npy"
+    trailing.write_bytes(good.read_bytes() + b"x")
+    garbage = tmp_path / "garbage.npy"
+    garbage.write_bytes(b"\x93NUMPY\x01\x00\x10\x00{'descr': <f2'}" + b"\0" * 40)
+    for p, why in ((truncated, "truncated"), (trailing, "trailing bytes"), (garbage, "corrupt .npy header")):
+        assert _npy_rows(p) is None
+        with pytest.raises(ShardValidationError, match=why):
+            verify_file(p, "img_emb")
+
+
+def test_download_command_starts_without_the_heavy_imports():
+    """`laion download` parses its arguments and starts transfers without chdb, pyarrow, numpy,
+    rich or torch (they come when the first file is verified); the package API is unchanged."""
+    code = textwrap.dedent("""
+        import sys
+        import laion_search, laion_search.cli, laion_search.download
+        heavy = {"chdb", "pyarrow", "numpy", "rich", "torch", "laion_search.store", "laion_search.ingest"}
+        print(sorted(heavy & set(sys.modules)))
+        from laion_search import connect, ingest, IngestReport
+        import laion_search.ingest as sub
+        from laion_search.ingest import ingest as fn
+        print(ingest is fn is laion_search.ingest is sub, callable(connect), IngestReport.__name__)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.split("\n")[:2] == ["[]", "True True IngestReport"], proc.stdout + proc.stderr

@@ -168,6 +168,10 @@ def download(
     delete_after_ingest: bool = typer.Option(False, "--delete-after-ingest",
                                              help="Delete a shard's files once it is loaded (and keep few on disk)."),
     batch_rows: int = typer.Option(32768, "--batch-rows", min=1, max=1_000_000, help="Rows per insert batch (--ingest)."),
+    no_fsync: bool = typer.Option(False, "--no-fsync",
+                                  help="Do not flush files to disk (faster when the network outruns the disk). "
+                                       "Safe if the process is killed; after a power cut or reboot, files written "
+                                       "this way are fetched again rather than trusted."),
     db: Optional[str] = DbOption,
     url: Optional[str] = UrlOption,
     json_output: bool = JsonOption,
@@ -179,7 +183,7 @@ def download(
     import contextlib
 
     from .download import DEFAULT_BASE_URL, Remote, RetryPolicy, download as do_download
-    from .shards import parse_shard_spec
+    from .shardspec import parse_shard_spec
 
     numbers = parse_shard_spec(shards) or []
     if not numbers:
@@ -193,7 +197,8 @@ def download(
         store = stack.enter_context(open_store(db, url)) if do_ingest else None
         progress = stack.enter_context(output.DownloadProgress(output.progress_mode(json_output)))
         report = do_download(numbers, to, remote=remote, jobs=jobs, policy=policy, store=store,
-                             delete_after_ingest=delete_after_ingest, batch_rows=batch_rows, progress=progress)
+                             delete_after_ingest=delete_after_ingest, batch_rows=batch_rows, progress=progress,
+                             fsync=not no_fsync)
     if not json_output:
         print_download_summary(report)
     if not report.ok:

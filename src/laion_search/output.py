@@ -6,14 +6,31 @@ import json
 import math
 import sys
 import time
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import pyarrow as pa
-from rich.console import Console
-from rich.table import Table
+if TYPE_CHECKING:
+    import pyarrow as pa
+    from rich.console import Console
 
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+    out: Console
+    err: Console
+
+
+def __getattr__(name: str) -> Any:
+    """``out`` (stdout) and ``err`` (stderr) rich consoles, made on first use: a command that
+    prints JSON only never imports rich."""
+    if name in ("out", "err"):
+        from rich.console import Console
+
+        console = Console(stderr=(name == "err"), soft_wrap=True)
+        globals()[name] = console
+        return console
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _console(name: str) -> "Console":
+    console = globals().get(name)  # a test may have replaced it
+    return console if console is not None else __getattr__(name)
 
 
 def human_bytes(n: float | int | None) -> str:
@@ -74,22 +91,24 @@ def dumps(obj: Any) -> str:
 def print_records(records: Sequence[dict[str, Any]], columns: Sequence[str] | None = None,
                   title: str | None = None, width: int = 80) -> None:
     if not records:
-        out.print("(no rows)")
+        _console("out").print("(no rows)")
         return
     cols = list(columns or records[0].keys())
+    from rich.table import Table
+
     table = Table(title=title, show_lines=False, header_style="bold")
     for c in cols:
         table.add_column(c, overflow="fold")
     for r in records:
         table.add_row(*(short(r.get(c), width) for c in cols))
-    out.print(table)
+    _console("out").print(table)
 
 
-def print_arrow(result: pa.Table, fmt: str = "table") -> None:
+def print_arrow(result: "pa.Table", fmt: str = "table") -> None:
     """Print a query result as ``table``, ``json`` (one array), ``jsonl``, ``csv`` or ``tsv``."""
     if result.num_columns == 0:  # DDL / DML: nothing to show but success
         if fmt == "table":
-            out.print("ok")
+            _console("out").print("ok")
         return
     records = result.to_pylist()
     if fmt == "table":
@@ -142,13 +161,13 @@ class IngestProgress:
     def _plain(self, e: dict[str, Any]) -> None:
         kind = e["event"]
         if kind == "start":
-            err.print(f"ingesting {len(e['shards'])} shard(s), {e['rows']:,} rows")
+            _console("err").print(f"ingesting {len(e['shards'])} shard(s), {e['rows']:,} rows")
         elif kind == "shard_skipped":
-            err.print(f"shard {e['shard']}: skipped ({e['reason']})")
+            _console("err").print(f"shard {e['shard']}: skipped ({e['reason']})")
         elif kind == "shard_done":
             rate = e["rows"] / e["seconds"] if e["seconds"] else 0
             extra = f", {e['renormalised']:,} vectors renormalised" if e["renormalised"] else ""
-            err.print(f"shard {e['shard']}: {e['rows']:,} rows in {e['seconds']:.1f} s ({rate:,.0f} rows/s){extra}")
+            _console("err").print(f"shard {e['shard']}: {e['rows']:,} rows in {e['seconds']:.1f} s ({rate:,.0f} rows/s){extra}")
 
     def _bar(self, e: dict[str, Any]) -> None:
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
@@ -158,7 +177,7 @@ class IngestProgress:
         if kind == "start":
             self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                       TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                                      TimeRemainingColumn(), console=err, transient=False)
+                                      TimeRemainingColumn(), console=_console("err"), transient=False)
             self._progress.start()
             self._task = self._progress.add_task("ingest", total=e["rows"] or None, rate="")
         elif self._progress is None:
@@ -184,7 +203,7 @@ class IngestProgress:
 def progress_mode(json_output: bool) -> str:
     if json_output:
         return "json"
-    return "bar" if err.is_terminal else "plain"
+    return "bar" if _console("err").is_terminal else "plain"
 
 
 class DownloadProgress:
@@ -272,12 +291,12 @@ class DownloadProgress:
         kind = e["event"]
         msg = self._message(e)
         if msg:
-            err.print(msg, highlight=False, markup=False)
+            _console("err").print(msg, highlight=False, markup=False)
         if kind == "file_bytes":
             now = time.monotonic()
             if now - self._last_plain >= 5.0:
                 self._last_plain = now
-                err.print(f"progress: {self._rate_eta()}", highlight=False)
+                _console("err").print(f"progress: {self._rate_eta()}", highlight=False)
 
     def _message(self, e: dict[str, Any]) -> str | None:
         kind = e["event"]
@@ -319,7 +338,7 @@ class DownloadProgress:
         if self._progress is None:
             self._progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                                       TransferSpeedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                                      console=err, transient=False)
+                                      console=_console("err"), transient=False)
             self._progress.start()
             self._total_task = self._progress.add_task("[bold]total", total=None)
         p = self._progress

@@ -33,9 +33,7 @@ KINDS = ("img_emb", "text_emb", "metadata")
 _EXT = {"img_emb": ".npy", "text_emb": ".npy", "metadata": ".parquet"}
 _NAME_RE = {kind: re.compile(rf"^{kind}_(\d+){re.escape(_EXT[kind])}$") for kind in KINDS}
 
-#: ``id = shard * ID_STRIDE + row``: unique, stable, and readable (id 3000000042 is shard 3, row 42).
-ID_STRIDE = 1_000_000_000
-MAX_SHARD = (2**63 - 1) // ID_STRIDE - 1
+from .shardspec import ID_STRIDE, MAX_SHARD, parse_shard_spec  # noqa: E402,F401 - re-exported
 
 #: A vector whose L2 norm is further than this from 1 is renormalised on ingest (and counted).
 NORM_TOLERANCE = 1e-2
@@ -56,35 +54,6 @@ METADATA_COLUMNS: dict[str, str] = {
     "LICENSE": "string",
 }
 REQUIRED_METADATA = ("url", "caption")
-
-
-def parse_shard_spec(spec: str | None) -> list[int] | None:
-    """Parse ``"0-9"``, ``"3,7,12-15"`` or ``"5"`` into a sorted list of shard numbers.
-
-    ``None`` or ``""`` means "all shards found".
-    """
-    if spec is None or not str(spec).strip():
-        return None
-    out: set[int] = set()
-    for part in str(spec).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part)
-        if m:
-            lo, hi = int(m.group(1)), int(m.group(2))
-            if hi < lo:
-                raise UsageError(f"shard range {part!r} runs backwards")
-            if hi - lo > 1_000_000:
-                raise UsageError(f"shard range {part!r} is too large")
-            out.update(range(lo, hi + 1))
-        elif re.fullmatch(r"\d+", part):
-            out.add(int(part))
-        else:
-            raise UsageError(f"invalid shard list {spec!r}: expected e.g. 0-9 or 3,7,12-15")
-    if any(n > MAX_SHARD for n in out):
-        raise UsageError(f"shard numbers must be at most {MAX_SHARD}")
-    return sorted(out)
 
 
 @dataclass(frozen=True)
