@@ -20,8 +20,17 @@ import pytest
 from laion_search import connect
 from laion_search.synth import synth
 
-from .crash_harness import (CrashLog, laion_cmd, record_figures, run_and_kill, run_to_completion, slow,
-                            source_checksums, summary_line, verify_store)
+from .crash_harness import (
+    CrashLog,
+    laion_cmd,
+    record_figures,
+    run_and_kill,
+    run_to_completion,
+    slow,
+    source_checksums,
+    summary_line,
+    verify_store,
+)
 
 SEED = 20261125
 KILLS = {"ingest": 40 if slow() else 10, "index": 15 if slow() else 5, "download": 15 if slow() else 5}

@@ -556,7 +556,13 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import seed as hyp_seed  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from laion_search.shards import ACCEPTED_DTYPES, ID_STRIDE, discover, open_shard, read_npy_header  # noqa: E402
+from laion_search.shards import (  # noqa: E402
+    ACCEPTED_DTYPES,
+    ID_STRIDE,
+    discover,
+    open_shard,
+    read_npy_header,
+)
 
 from .crash_harness import slow  # noqa: E402
 
