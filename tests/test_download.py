@@ -418,13 +418,20 @@ def test_bench_download_end_to_end(tmp_path):
     """`laion bench download` on tiny data: the table is produced and every copy was byte-identical
     (the bench itself fails otherwise). No timing asserts."""
     proc = run_cli("bench", "download", "--shards", "2", "--rows", "200", "--rate", "5", "--throttled-only",
-                   "--dir", str(tmp_path / "w"), "--out", str(tmp_path / "out"), "--json", check=True)
+                   "--repeat", "1", "--dir", str(tmp_path / "w"), "--out", str(tmp_path / "out"), "--json", check=True)
     result = json.loads(proc.stdout)
-    assert [r["method"] for r in result["results"]][1:] == ["laion download -j 1", "laion download -j 4"]
-    assert all(r["seconds"] > 0 and r["mb_per_s"] > 0 for r in result["results"])
+    methods = [r["method"] for r in result["results"]]
+    assert methods[2:] == ["laion download -j 1", "laion download -j 4", "laion download -j 1 --no-fsync",
+                           "laion download -j 4 --no-fsync"]
+    assert methods[1] == methods[0] + " + fsync"  # the durable baseline next to the plain one
+    assert all(r["seconds"] > 0 and r["mb_per_s"] > 0 and len(r["samples"]) == 1 for r in result["results"])
     table = (tmp_path / "out" / "bench-download.md").read_text()
     assert "| throttled (5 MB/s per connection) | laion download -j 4 |" in table
-    assert set(result["ratios"]) == {"throttled -j 1", "throttled -j 4"}
+    # like for like: the defaults (fsync) against curl + fsync, --no-fsync against plain curl
+    assert result["ratio_baselines"] == {"throttled -j 1": methods[1], "throttled -j 4": methods[1],
+                                         "throttled -j 1 --no-fsync": methods[0],
+                                         "throttled -j 4 --no-fsync": methods[0]}
+    assert set(result["ratios"]) == set(result["ratio_baselines"])
 
 
 def test_complete_part_left_by_a_crash_before_the_rename(mirror, tmp_path):
