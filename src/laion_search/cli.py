@@ -80,24 +80,13 @@ def synth(
     numbers = parse_shard_spec(shards) or [0]
     if layout not in ("flat", "folders"):
         raise UsageError("--layout must be 'flat' or 'folders'")
-    files = _with_simple_progress("synth", rows * len(numbers), json_output,
-                                  lambda cb: do_synth(out, numbers, rows, dim=dim, seed=seed, layout=layout,
-                                                      pad=pad, progress=cb))
+    with output.CountProgress(output.progress_mode(json_output), "synth", rows * len(numbers)) as progress:
+        files = do_synth(out, numbers, rows, dim=dim, seed=seed, layout=layout, pad=pad, progress=progress.count)
     if json_output:
         print(output.dumps({"out": str(out), "shards": numbers, "rows_per_shard": rows,
                             "files": [str(f) for f in files]}))
     else:
         output.out.print(f"wrote {len(numbers)} shard(s) × {rows:,} rows to {out}")
-
-
-def _with_simple_progress(label: str, total: int, quiet: bool, run: Callable[[Callable[[int, int], None]], Any]) -> Any:
-    if quiet or not output.err.is_terminal:
-        return run(lambda done, tot: None)
-    from rich.progress import Progress
-
-    with Progress(console=output.err) as progress:
-        task = progress.add_task(label, total=total)
-        return run(lambda done, tot: progress.update(task, completed=done))
 
 
 # -- ingest ---------------------------------------------------------------------------------------
@@ -408,24 +397,9 @@ def _print_built(results: list[dict], json_output: bool) -> None:
         output.out.print(f"{r['index']}: {r['type']} built over {r['rows']:,} rows in {r['seconds']:.1f} s{rate}")
 
 
-def _with_index_progress(quiet: bool, run: Callable[[Callable[[dict], None]], Any]) -> Any:
-    if quiet or not output.err.is_terminal:
-        return run(lambda e: output.err.print(f"{e['index']}: {e['parts_done']}/{e['parts']} parts")
-                   if (not quiet and e["event"] == "index_progress") else None)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("parts"),
-                  TimeElapsedColumn(), console=output.err) as progress:
-        task = None
-
-        def cb(e: dict) -> None:
-            nonlocal task
-            if e["event"] == "index_start":
-                task = progress.add_task(e["index"], total=e["parts"])
-            elif e["event"] == "index_progress" and task is not None:
-                progress.update(task, completed=e["parts_done"])
-
-        return run(cb)
+def _with_index_progress(json_output: bool, run: Callable[[Callable[[dict], None]], Any]) -> Any:
+    with output.IndexProgress(output.progress_mode(json_output)) as progress:
+        return run(progress)
 
 
 @index_app.command("status")
@@ -528,34 +502,9 @@ def embed(
 
     if captions and from_filenames:
         raise UsageError("use either --captions or --from-filenames")
-    mode = output.progress_mode(json_output)
-    bar = None
-    if mode == "bar":
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        bar = Progress(TextColumn("embed"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                       TimeRemainingColumn(), console=output.err)
-        bar.start()
-        task = bar.add_task("embed", total=None, rate="")
-
-    def on_event(e: dict) -> None:
-        if mode == "json":
-            if e["event"] != "batch":
-                print(output.dumps(e), flush=True)
-        elif bar is not None:
-            if e["event"] == "start":
-                bar.update(task, total=e["images"])
-            elif e["event"] == "batch":
-                bar.update(task, completed=e["images_done"], rate=f"{e['images_done'] / max(e['seconds'], 1e-9):.1f} images/s")
-        elif e["event"] in ("shard_done", "shard_skipped"):
-            output.err.print(f"shard {e['shard']}: {e['images']} images {'skipped (complete)' if 'skipped' in e['event'] else 'written'}")
-
-    try:
+    with output.EmbedProgress(output.progress_mode(json_output)) as progress:
         report = do_embed(images, out, captions=str(captions) if captions else None, model=model,
-                          shard_size=shard_size, batch_size=batch_size, progress=on_event)
-    finally:
-        if bar is not None:
-            bar.stop()
+                          shard_size=shard_size, batch_size=batch_size, progress=progress)
     if not json_output:
         output.out.print(f"embedded {report.images:,} images in {report.seconds:.1f} s "
                          f"({report.images_per_second:.1f} images/s) → {out}; shards written {report.shards_written}, "

@@ -688,7 +688,7 @@ def _changed(old: dict[str, Any], new: dict[str, Any], total: int | None) -> str
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
-        return "timed out (no data within the read timeout)" if "connect" not in str(exc).lower() else f"connect timed out"
+        return "timed out (no data within the read timeout)" if "connect" not in str(exc).lower() else "connect timed out"
     if isinstance(exc, ConnectionResetError):
         return "connection reset by peer"
     if isinstance(exc, http.client.RemoteDisconnected):

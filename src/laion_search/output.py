@@ -129,90 +129,211 @@ def print_arrow(result: "pa.Table", fmt: str = "table") -> None:
         raise ValueError(f"unknown format {fmt!r}")
 
 
-class IngestProgress:
-    """Turns ingest events into a rich progress bar (terminal), plain lines, or JSON lines."""
-
-    def __init__(self, mode: str):
-        self.mode = mode  # "bar", "plain" or "json"
-        self._progress = None
-        self._task = None
-        self._done_before = 0
-        self._t0 = time.perf_counter()
-
-    def __enter__(self) -> "IngestProgress":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        kind = event["event"]
-        if self.mode == "json":
-            if kind != "batch":
-                sys.stdout.write(dumps(event) + "\n")
-                sys.stdout.flush()
-            return
-        if self.mode == "plain":
-            self._plain(event)
-            return
-        self._bar(event)
-
-    def _plain(self, e: dict[str, Any]) -> None:
-        kind = e["event"]
-        if kind == "start":
-            _console("err").print(f"ingesting {len(e['shards'])} shard(s), {e['rows']:,} rows")
-        elif kind == "shard_skipped":
-            _console("err").print(f"shard {e['shard']}: skipped ({e['reason']})")
-        elif kind == "shard_done":
-            rate = e["rows"] / e["seconds"] if e["seconds"] else 0
-            extra = f", {e['renormalised']:,} vectors renormalised" if e["renormalised"] else ""
-            _console("err").print(f"shard {e['shard']}: {e['rows']:,} rows in {e['seconds']:.1f} s ({rate:,.0f} rows/s){extra}")
-
-    def _bar(self, e: dict[str, Any]) -> None:
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
-
-        kind = e["event"]
-        if kind == "start":
-            self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                                      TimeRemainingColumn(), console=_console("err"), transient=False)
-            self._progress.start()
-            self._task = self._progress.add_task("ingest", total=e["rows"] or None, rate="")
-        elif self._progress is None:
-            return
-        elif kind == "shard_start":
-            self._progress.update(self._task, description=f"shard {e['shard']}")
-        elif kind == "batch":
-            done = self._done_before + e["rows_done"]
-            elapsed = time.perf_counter() - self._t0
-            rate = f"{done / elapsed:,.0f} rows/s" if elapsed > 0 else ""
-            self._progress.update(self._task, completed=done, rate=rate)
-        elif kind == "shard_done":
-            self._done_before += e["rows"]
-            self._progress.update(self._task, completed=self._done_before)
-        elif kind == "shard_skipped":
-            self._done_before += e["rows"]
-            self._progress.update(self._task, completed=self._done_before)
-            self._progress.console.print(f"shard {e['shard']}: skipped ({e['reason']})")
-        elif kind == "done":
-            self._progress.update(self._task, completed=self._done_before, description="ingest")
-
-
 def progress_mode(json_output: bool) -> str:
     if json_output:
         return "json"
     return "bar" if _console("err").is_terminal else "plain"
 
 
-class DownloadProgress:
-    """Download events as rich bars (one per active file, plus a total with MB/s and ETA) on a
-    terminal, plain lines otherwise, or JSON lines (``file_bytes`` at most once a second per file)."""
+class Progress:
+    """A command's progress, rendered for where it goes — the one pattern every command uses:
+
+    * ``bar`` (stderr is a terminal): rich progress bars, drawn by :meth:`draw`;
+    * ``plain`` (stderr is a file or a pipe): the lines :meth:`line` returns, on stderr;
+    * ``json`` (``--json``): the events themselves as JSON lines on stdout, except ``json_skip``
+      (per-batch noise) — or nothing at all when ``json_lines`` is False (commands whose JSON
+      output is a single document).
+
+    Use it as a context manager (the bars stop at the end) and pass it as the ``progress``
+    callback. :meth:`observe` sees every event first, in every mode (for running totals)."""
+
+    json_lines = True
+    json_skip: frozenset[str] = frozenset({"batch"})
 
     def __init__(self, mode: str):
         self.mode = mode  # "bar", "plain" or "json"
-        self._progress = None
+        self._progress: Any = None  # the rich Progress, made by bars() on first use
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.observe(event)
+        if self.mode == "json":
+            if self.json_lines and self.want_json(event):
+                sys.stdout.write(dumps(event) + "\n")
+                sys.stdout.flush()
+        elif self.mode == "plain":
+            text = self.line(event)
+            if text:
+                _console("err").print(text, markup=False, highlight=False)
+        else:
+            self.draw(event)
+
+    # -- what a subclass says
+    def observe(self, e: dict[str, Any]) -> None:
+        pass
+
+    def want_json(self, e: dict[str, Any]) -> bool:
+        return e["event"] not in self.json_skip
+
+    def line(self, e: dict[str, Any]) -> str | None:
+        return None
+
+    def draw(self, e: dict[str, Any]) -> None:
+        pass
+
+    # -- helpers
+    def bars(self, *columns: Any) -> Any:
+        """The rich Progress on stderr with these columns, started on first use."""
+        if self._progress is None:
+            from rich.progress import Progress as RichProgress
+
+            self._progress = RichProgress(*columns, console=_console("err"), transient=False)
+            self._progress.start()
+        return self._progress
+
+
+class CountProgress(Progress):
+    """One bar counting to ``total`` (``synth``): ``progress.count(done, total)`` is the callback.
+    Nothing in plain or JSON mode."""
+
+    json_lines = False
+
+    def __init__(self, mode: str, label: str, total: int):
+        super().__init__(mode)
+        self.label, self.total, self._task = label, total, None
+
+    def count(self, done: int, total: int | None = None) -> None:
+        self({"event": "progress", "done": done, "total": total})
+
+    def draw(self, e: dict[str, Any]) -> None:
+        p = self.bars()  # rich's default columns
+        if self._task is None:
+            self._task = p.add_task(self.label, total=self.total)
+        p.update(self._task, completed=e["done"])
+
+
+class IndexProgress(Progress):
+    """Index builds (``index_start`` / ``index_progress`` events): a bar of parts per index on a
+    terminal, a ``NAME: done/total parts`` line per step otherwise; nothing with --json."""
+
+    json_lines = False
+
+    def __init__(self, mode: str):
+        super().__init__(mode)
+        self._task = None
+
+    def line(self, e: dict[str, Any]) -> str | None:
+        if e["event"] == "index_progress":
+            return f"{e['index']}: {e['parts_done']}/{e['parts']} parts"
+        return None
+
+    def draw(self, e: dict[str, Any]) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+        p = self.bars(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("parts"),
+                      TimeElapsedColumn())
+        if e["event"] == "index_start":
+            self._task = p.add_task(e["index"], total=e["parts"])
+        elif e["event"] == "index_progress" and self._task is not None:
+            p.update(self._task, completed=e["parts_done"])
+
+
+class EmbedProgress(Progress):
+    """``laion embed``: a bar of images with images/s on a terminal, a line per shard otherwise,
+    the events (but ``batch``) as JSON lines with --json."""
+
+    def __init__(self, mode: str):
+        super().__init__(mode)
+        self._task = None
+
+    def line(self, e: dict[str, Any]) -> str | None:
+        if e["event"] in ("shard_done", "shard_skipped"):
+            return f"shard {e['shard']}: {e['images']} images {'skipped (complete)' if 'skipped' in e['event'] else 'written'}"
+        return None
+
+    def draw(self, e: dict[str, Any]) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+        p = self.bars(TextColumn("embed"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                      TimeRemainingColumn())
+        if self._task is None:
+            self._task = p.add_task("embed", total=None, rate="")
+        if e["event"] == "start":
+            p.update(self._task, total=e["images"])
+        elif e["event"] == "batch":
+            p.update(self._task, completed=e["images_done"],
+                     rate=f"{e['images_done'] / max(e['seconds'], 1e-9):.1f} images/s")
+
+
+class IngestProgress(Progress):
+    """Ingest events: one bar of rows (rows/s, ETA) on a terminal, a line per shard otherwise, the
+    events (but ``batch``) as JSON lines with --json."""
+
+    def __init__(self, mode: str):
+        super().__init__(mode)
+        self._task = None
+        self._done_before = 0
+        self._t0 = time.perf_counter()
+
+    def line(self, e: dict[str, Any]) -> str | None:
+        kind = e["event"]
+        if kind == "start":
+            return f"ingesting {len(e['shards'])} shard(s), {e['rows']:,} rows"
+        if kind == "shard_skipped":
+            return f"shard {e['shard']}: skipped ({e['reason']})"
+        if kind == "shard_done":
+            rate = e["rows"] / e["seconds"] if e["seconds"] else 0
+            extra = f", {e['renormalised']:,} vectors renormalised" if e["renormalised"] else ""
+            return f"shard {e['shard']}: {e['rows']:,} rows in {e['seconds']:.1f} s ({rate:,.0f} rows/s){extra}"
+        return None
+
+    def draw(self, e: dict[str, Any]) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        kind = e["event"]
+        if kind == "start":
+            p = self.bars(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                          TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                          TimeRemainingColumn())
+            self._task = p.add_task("ingest", total=e["rows"] or None, rate="")
+            return
+        p = self._progress
+        if p is None:
+            return
+        if kind == "shard_start":
+            p.update(self._task, description=f"shard {e['shard']}")
+        elif kind == "batch":
+            done = self._done_before + e["rows_done"]
+            elapsed = time.perf_counter() - self._t0
+            rate = f"{done / elapsed:,.0f} rows/s" if elapsed > 0 else ""
+            p.update(self._task, completed=done, rate=rate)
+        elif kind in ("shard_done", "shard_skipped"):
+            self._done_before += e["rows"]
+            p.update(self._task, completed=self._done_before)
+            if kind == "shard_skipped":
+                p.console.print(f"shard {e['shard']}: skipped ({e['reason']})")
+        elif kind == "done":
+            p.update(self._task, completed=self._done_before, description="ingest")
+
+
+class DownloadProgress(Progress):
+    """Download events as rich bars (one per active file, plus a total with MB/s and ETA) on a
+    terminal, plain lines otherwise, or JSON lines (``file_bytes`` at most once a second per file)."""
+
+    json_skip = frozenset({"ingest_batch"})
+
+    def __init__(self, mode: str):
+        super().__init__(mode)
         self._total_task = None
         self._tasks: dict[str, Any] = {}
         self._files: dict[str, dict[str, Any]] = {}  # file → {base, size, done, kind}
@@ -220,14 +341,6 @@ class DownloadProgress:
         self._last_json: dict[str, float] = {}
         self._last_plain = time.monotonic()  # first plain progress line after 5 s
         self._t0 = time.perf_counter()
-
-    def __enter__(self) -> "DownloadProgress":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
 
     # -- totals over this run's transfers: bytes received vs bytes expected (unknown sizes estimated
     #    from the average size of files of the same kind seen so far)
@@ -240,7 +353,7 @@ class DownloadProgress:
                 total += n * sum(sizes) // len(sizes)
         return done, max(total, done)
 
-    def __call__(self, e: dict[str, Any]) -> None:
+    def observe(self, e: dict[str, Any]) -> None:
         kind = e["event"]
         if kind == "start":
             for f in e.get("todo", []):
@@ -261,24 +374,14 @@ class DownloadProgress:
         elif kind == "file_done" and e["file"] in self._files:
             self._files[e["file"]]["done"] = e["size"]
             self._files[e["file"]]["size"] = e["size"]
-        if self.mode == "json":
-            self._json(e)
-        elif self.mode == "plain":
-            self._plain(e)
-        else:
-            self._bar(e)
 
-    def _json(self, e: dict[str, Any]) -> None:
-        kind = e["event"]
-        if kind == "ingest_batch":
-            return
-        if kind == "file_bytes":
+    def want_json(self, e: dict[str, Any]) -> bool:
+        if e["event"] == "file_bytes":
             now = time.monotonic()
             if now - self._last_json.get(e["file"], 0.0) < 1.0:
-                return
+                return False
             self._last_json[e["file"]] = now
-        sys.stdout.write(dumps(e) + "\n")
-        sys.stdout.flush()
+        return super().want_json(e)
 
     def _rate_eta(self) -> str:
         done, total = self._totals()
@@ -287,16 +390,14 @@ class DownloadProgress:
         eta = f", ETA {(total - done) / rate:,.0f} s" if rate > 0 and total > done else ""
         return f"{human_bytes(done)} of ~{human_bytes(total)}, {rate / 1e6:,.1f} MB/s{eta}"
 
-    def _plain(self, e: dict[str, Any]) -> None:
-        kind = e["event"]
-        msg = self._message(e)
-        if msg:
-            _console("err").print(msg, highlight=False, markup=False)
-        if kind == "file_bytes":
+    def line(self, e: dict[str, Any]) -> str | None:
+        if e["event"] == "file_bytes":
             now = time.monotonic()
             if now - self._last_plain >= 5.0:
                 self._last_plain = now
-                _console("err").print(f"progress: {self._rate_eta()}", highlight=False)
+                return f"progress: {self._rate_eta()}"
+            return None
+        return self._message(e)
 
     def _message(self, e: dict[str, Any]) -> str | None:
         kind = e["event"]
@@ -330,16 +431,13 @@ class DownloadProgress:
             return f"shard {e['shard']}: files deleted after ingest"
         return None
 
-    def _bar(self, e: dict[str, Any]) -> None:
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                                   TransferSpeedColumn)
+    def draw(self, e: dict[str, Any]) -> None:
+        from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
         kind = e["event"]
         if self._progress is None:
-            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                                      TransferSpeedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                                      console=_console("err"), transient=False)
-            self._progress.start()
+            self.bars(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                      TextColumn("ETA"), TimeRemainingColumn())
             self._total_task = self._progress.add_task("[bold]total", total=None)
         p = self._progress
         if kind == "file_start":

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import ShardError, ShardValidationError, UsageError
+from .errors import ShardError, ShardValidationError
 
 KINDS = ("img_emb", "text_emb", "metadata")
 _EXT = {"img_emb": ".npy", "text_emb": ".npy", "metadata": ".parquet"}
