@@ -16,12 +16,13 @@ Targets: text search ≤ 1.5× encode; pooled UDF ≤ 1.5× in-process encode.
 from __future__ import annotations
 
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from .bench_common import scratch_dir
 
 QUERIES = ["a dog and a cat", "LEGO Friends set", "red sports car on a road", "sunset over the beach",
            "a bowl of salad", "city skyline at night", "vintage leather boots", "a white kitten sleeping"]
@@ -51,10 +52,7 @@ def run(rows: int = 100_000, model: str | None = None, repeat: int = 30, images:
     from .udf import install_udfs
 
     say = log or (lambda m: None)
-    tmp = tempfile.TemporaryDirectory(prefix="laion-bench-clip-") if workdir is None else None
-    root = Path(tmp.name if tmp else workdir)  # type: ignore[arg-type]
-    root.mkdir(parents=True, exist_ok=True)
-    try:
+    with scratch_dir(workdir, "laion-bench-clip-") as root:
         if model is None:
             model_dir = root / "vit-b-32-random"
             if not (model_dir / "config.json").exists():
@@ -97,9 +95,6 @@ def run(rows: int = 100_000, model: str | None = None, repeat: int = 30, images:
 
         shutil.rmtree(root / "embedded", ignore_errors=True)  # embed skips finished shards: start clean
         rep = embed(img_dir, root / "embedded", model=model, shard_size=10_000)
-    finally:
-        if tmp:
-            tmp.cleanup()
     result = {
         "model": model, "rows": rows, "encode_ms": encode_ms, "text_search_ms": search_ms,
         "indexed_search_only_ms": index_only_ms, "udf_first_call_ms": udf_first_ms, "udf_pooled_ms": udf_ms,

@@ -20,10 +20,11 @@ import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+from .bench_common import scratch_dir
 
 GUIDE_DDL = """
 CREATE TABLE laion
@@ -134,10 +135,7 @@ def run(rows: int = 200_000, guide_rows: int = 20_000, workdir: Path | None = No
     from .synth import synth
 
     say = log or (lambda msg: None)
-    tmp = tempfile.TemporaryDirectory(prefix="laion-bench-") if workdir is None else None
-    root = Path(tmp.name if tmp else workdir)  # type: ignore[arg-type]
-    root.mkdir(parents=True, exist_ok=True)
-    try:
+    with scratch_dir(workdir, "laion-bench-") as root:
         big, small = root / "shard-big", root / "shard-guide"
         say(f"synth: 1 shard × {rows:,} rows and 1 shard × {guide_rows:,} rows under {root}")
         synth(big, [0], rows, seed=1)
@@ -151,9 +149,6 @@ def run(rows: int = 200_000, guide_rows: int = 20_000, workdir: Path | None = No
             r["rows_per_second"] = r["rows"] / r["seconds"]
             results.append(r)
             say(f"  {method}: {r['rows']:,} rows in {r['seconds']:.2f} s, peak RSS {r['peak_rss'] / 2**20:,.0f} MB")
-    finally:
-        if tmp:
-            tmp.cleanup()
     by = {r["method"]: r for r in results}
     ratios = {
         "ours_vs_guide": by["ours"]["rows_per_second"] / by["guide"]["rows_per_second"],

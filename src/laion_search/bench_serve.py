@@ -15,13 +15,14 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from .bench_common import scratch_dir
 
 
 def _free_port() -> int:
@@ -41,86 +42,82 @@ def run(rows: int = 100_000, clients: int = 16, seconds: float = 30.0, workdir: 
     from .synth import synth
 
     say = log or (lambda m: None)
-    tmp = tempfile.TemporaryDirectory(prefix="laion-bench-serve-") if workdir is None else None
-    root = Path(tmp.name if tmp else workdir)  # type: ignore[arg-type]
-    root.mkdir(parents=True, exist_ok=True)
-    proc = None
-    try:
-        shards, db = root / "shards", root / "db"
-        if not (shards / "metadata_0.parquet").exists():
-            say(f"synth {rows:,} rows")
-            synth(shards, [0], rows, seed=21)
-        with connect(db) as store:
-            if store.scalar("SELECT count() FROM laion") != rows:
-                ingest(store, shards)
-            if not store.rows("SELECT name FROM system.data_skipping_indices WHERE table = 'laion'"):
-                say("index (M=16, ef_construction=128)")
-                create_index(store, IndexSpec("image"))
-        queries = np.load(shards / "text_emb_0.npy", mmap_mode="r")[:256].astype(np.float32)
-        port = _free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "laion_search.cli", "serve", "--db", str(db), "--port",
-                                 str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        else:
-            raise RuntimeError("server did not start")
-        server = psutil.Process(proc.pid)
-        rss_before = server.memory_info().rss
-        mix = ["indexed", "exact", "filtered", "like"]
-        lat: dict[str, list[float]] = {m: [] for m in mix}
-        errors = [0]
-        lock = threading.Lock()
-        stop_at = time.time() + seconds
-        say(f"{clients} clients × {seconds:.0f} s of mixed queries")
+    with scratch_dir(workdir, "laion-bench-serve-") as root:
+        proc = None
+        try:
+            shards, db = root / "shards", root / "db"
+            if not (shards / "metadata_0.parquet").exists():
+                say(f"synth {rows:,} rows")
+                synth(shards, [0], rows, seed=21)
+            with connect(db) as store:
+                if store.scalar("SELECT count() FROM laion") != rows:
+                    ingest(store, shards)
+                if not store.rows("SELECT name FROM system.data_skipping_indices WHERE table = 'laion'"):
+                    say("index (M=16, ef_construction=128)")
+                    create_index(store, IndexSpec("image"))
+            queries = np.load(shards / "text_emb_0.npy", mmap_mode="r")[:256].astype(np.float32)
+            port = _free_port()
+            proc = subprocess.Popen([sys.executable, "-m", "laion_search.cli", "serve", "--db", str(db), "--port",
+                                     str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            base = f"http://127.0.0.1:{port}"
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                try:
+                    if httpx.get(base + "/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.2)
+            else:
+                raise RuntimeError("server did not start")
+            server = psutil.Process(proc.pid)
+            rss_before = server.memory_info().rss
+            mix = ["indexed", "exact", "filtered", "like"]
+            lat: dict[str, list[float]] = {m: [] for m in mix}
+            errors = [0]
+            lock = threading.Lock()
+            stop_at = time.time() + seconds
+            say(f"{clients} clients × {seconds:.0f} s of mixed queries")
 
-        def client(seed: int) -> None:
-            rnd = random.Random(seed)
-            with httpx.Client(base_url=base, timeout=30) as c:
-                while time.time() < stop_at:
-                    kind = rnd.choice(mix)
-                    q = queries[rnd.randrange(len(queries))].tolist()
-                    body: dict[str, Any] = {"vector": q, "k": 10}
-                    if kind == "exact":
-                        body["exact"] = True
-                    elif kind == "filtered":
-                        body.update(nsfw="exclude", where=["width>=400"])
-                    elif kind == "like":
-                        body = {"like": rnd.randrange(rows), "k": 10}
-                    t = time.perf_counter()
-                    try:
-                        ok = c.post("/api/search", json=body).status_code == 200
-                    except httpx.HTTPError:
-                        ok = False
-                    dt = time.perf_counter() - t
-                    with lock:
-                        if ok:
-                            lat[kind].append(dt)
-                        else:
-                            errors[0] += 1
+            def client(seed: int) -> None:
+                rnd = random.Random(seed)
+                with httpx.Client(base_url=base, timeout=30) as c:
+                    while time.time() < stop_at:
+                        kind = rnd.choice(mix)
+                        q = queries[rnd.randrange(len(queries))].tolist()
+                        body: dict[str, Any] = {"vector": q, "k": 10}
+                        if kind == "exact":
+                            body["exact"] = True
+                        elif kind == "filtered":
+                            body.update(nsfw="exclude", where=["width>=400"])
+                        elif kind == "like":
+                            body = {"like": rnd.randrange(rows), "k": 10}
+                        t = time.perf_counter()
+                        try:
+                            ok = c.post("/api/search", json=body).status_code == 200
+                        except httpx.HTTPError:
+                            ok = False
+                        dt = time.perf_counter() - t
+                        with lock:
+                            if ok:
+                                lat[kind].append(dt)
+                            else:
+                                errors[0] += 1
 
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        elapsed = time.perf_counter() - t0
-        rss_after = server.memory_info().rss
-    finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        if tmp:
-            tmp.cleanup()
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            elapsed = time.perf_counter() - t0
+            rss_after = server.memory_info().rss
+        finally:
+            if proc is not None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
     all_lat = sorted(x for v in lat.values() for x in v)
 
     def pct(values: list[float], p: float) -> float:
