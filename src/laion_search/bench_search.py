@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -67,6 +66,7 @@ def _row(name: str, results, lat, truth, k, qps1, qpsn, **extra) -> dict[str, An
 def run(rows: int = 100_000, queries: int = 100, k: int = 10, configs: str = "16:128,64:256",
         quantization: str = "bf16", threads: int = 2, workdir: Path | None = None, out: Path | None = None,
         log: Callable[[str], Any] | None = None) -> dict[str, Any]:
+    from .bench_common import scratch_dir
     from .index import IndexSpec, create_index, create_scan_copy, drop_index, drop_scan_copy, index_status
     from .ingest import ingest
     from .search import search
@@ -74,11 +74,8 @@ def run(rows: int = 100_000, queries: int = 100, k: int = 10, configs: str = "16
     from .synth import synth
 
     say = log or (lambda m: None)
-    tmp = tempfile.TemporaryDirectory(prefix="laion-bench-search-") if workdir is None else None
-    root = Path(tmp.name if tmp else workdir)  # type: ignore[arg-type]
-    root.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
-    try:
+    with scratch_dir(workdir, "laion-bench-search-") as root:
         shard_dir = root / "shards"
         if not (shard_dir / "img_emb_0.npy").exists():
             say(f"synth: {rows:,} rows")
@@ -156,9 +153,6 @@ def run(rows: int = 100_000, queries: int = 100, k: int = 10, configs: str = "16
                                     m=m, ef_construction=ef))
                 results.append(_usearch_row(base, ids, qs, truth, k, m, ef, quantization, threads, root, say))
             drop_index(store, "image")
-    finally:
-        if tmp:
-            tmp.cleanup()
     md = _markdown(results, rows, len(qs), k, quantization, threads)
     ratios = _ratios(results)
     if out:
