@@ -187,14 +187,19 @@ def test_exact_through_bf16_scan_copy_equals_numpy(loaded):
             order, dist = _cosine_topk(truth["image"], q, 10)
             assert [r["id"] for r in res.rows] == truth["ids"][order].tolist()
             assert np.allclose([r["distance"] for r in res.rows], dist, atol=1e-5)
-        # l2 and a filter go through the same path
+        # a filter goes through the same path
         q = queries[-1]
-        res = search(store, q, k=6, exact=True, metric="l2", filters=Filters(nsfw="exclude"))
         keep = np.array([r["NSFW"] not in ("NSFW", "UNSURE") for r in truth["rows"]])
-        d = np.linalg.norm(truth["image"] - q, axis=1)
+        res = search(store, q, k=6, exact=True, filters=Filters(nsfw="exclude"))
+        assert res.strategy == "exact-bf16"
+        d = 1.0 - (truth["image"] @ q) / (np.linalg.norm(truth["image"], axis=1) * np.linalg.norm(q))
         d[~keep] = np.inf
-        order = np.argsort(d)[:6]
-        assert [r["id"] for r in res.rows] == truth["ids"][order].tolist()
+        assert [r["id"] for r in res.rows] == truth["ids"][np.argsort(d, kind="stable")[:6]].tolist()
+        # l2 scans the float32 column (the copy is normalised)
+        res = search(store, q, k=6, exact=True, metric="l2")
+        assert res.strategy == "exact"
+        d = np.linalg.norm(truth["image"] - q, axis=1)
+        assert [r["id"] for r in res.rows] == truth["ids"][np.argsort(d)[:6]].tolist()
         # the text column has no copy: plain exact path
         assert search(store, q, k=3, exact=True, modality="text").strategy == "exact"
         # rerun is a no-op that keeps the copy

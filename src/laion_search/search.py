@@ -167,7 +167,7 @@ def search(store: Store, vector: Any = None, *, like: int | None = None, text: s
     unindexed = not exact and (column, func) not in store.vector_indexes()
     if exact or unindexed:
         scan = column + SCAN_SUFFIX
-        scan = scan if store.layout.cluster is None and scan in store.columns() else None
+        scan = scan if (func == "cosineDistance" and store.layout.cluster is None and scan in store.columns()) else None
         sql = _exact_sql(select, column, func, where, k, scan)
         strategy = ("exact-bf16" if scan else "exact") + (" (no index)" if unindexed else "")
         rows = store.rows(sql, params)
@@ -196,17 +196,18 @@ def search(store: Store, vector: Any = None, *, like: int | None = None, text: s
 #: the order is the same up to float16 rounding of their norms), keeping a margin of candidates,
 #: then computes the true cosine distance for those only. dotProduct scans ~1.7× faster.
 EXACT_MARGIN = 2
-#: With a bf16 scan copy (``laion index create --kind scan``) the scan reads half the bytes and
-#: ranks by the copy; this many candidates per result are re-ranked in float32.
+#: With a bf16 scan copy (``laion index create --kind scan``: unit vectors in bfloat16) a cosine
+#: scan reads half the bytes and ranks by the copy's dot product; this many candidates per
+#: result are re-ranked with the float32 vectors. (l2 searches scan the float32 column.)
 SCAN_SUFFIX = "_bf16"
 SCAN_MARGIN = 4
 
 
 def _exact_sql(select: str, column: str, func: str, where: str, k: int, scan: str | None = None) -> str:
     where_sql = f" WHERE {where}" if where else ""
-    if scan is not None:
+    if scan is not None:  # the copy holds unit vectors: its dot product ranks by cosine
         candidates = min(MAX_K * SCAN_MARGIN, k * SCAN_MARGIN + 32)
-        first = f"{func}({scan}, {{q:Array(Float32)}}) ASC"
+        first = f"dotProduct({scan}, CAST({{q:Array(Float32)}}, 'Array(BFloat16)')) DESC"
     elif func == "cosineDistance":
         candidates = min(MAX_K * EXACT_MARGIN, k * EXACT_MARGIN + 16)
         first = f"dotProduct({column}, {{q:Array(Float32)}}) DESC"
