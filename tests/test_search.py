@@ -156,6 +156,9 @@ def test_bad_queries_are_refused_and_injection_is_inert(loaded):
         search(store, np.full(512, np.nan))
     with pytest.raises(UsageError, match="all zeros"):
         search(store, np.zeros(512))
+    for opts in (SearchOptions(ef_search=0), SearchOptions(fetch_multiplier=0.5)):  # no index here: still checked
+        with pytest.raises(UsageError, match="must be between"):
+            search(store, q, filters=Filters(nsfw="exclude"), options=opts)
     with pytest.raises(UsageError, match="is empty"):
         search(store, [])
     with pytest.raises(UsageError, match="not filterable"):

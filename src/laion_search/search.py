@@ -164,6 +164,7 @@ def search(store: Store, vector: Any = None, *, like: int | None = None, text: s
     strategy = "exact" if exact else "index"
     # without a vector index for this column and metric the engine would scan anyway: take
     # the exact path, which scans faster (dot product or the bf16 copy, then re-ranking)
+    settings = _index_settings(options, filtered=bool(where))  # validates the knobs on every path
     unindexed = not exact and (column, func) not in store.vector_indexes()
     if exact or unindexed:
         scan = column + SCAN_SUFFIX
@@ -172,7 +173,6 @@ def search(store: Store, vector: Any = None, *, like: int | None = None, text: s
         strategy = ("exact-bf16" if scan else "exact") + (" (no index)" if unindexed else "")
         rows = store.rows(sql, params)
     else:
-        settings = _index_settings(options, filtered=bool(where))
         if options.filter_strategy == "prefilter" and where:
             settings["vector_search_filter_strategy"] = "prefilter"
             strategy = "prefilter"
