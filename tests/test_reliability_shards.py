@@ -518,6 +518,8 @@ def test_cli_reports_errors_and_dropped_rows(corpus, tmp_path):
     assert shard_done["dropped_first_rows"] == [2, 10, 20, 30, 45]
     st = json.loads(run_cli("status", "--db", db, "--json", check=True).stdout)
     assert st["shards"][0]["dropped"] == 5 and st["rows"] == ROWS - 5
+    text = run_cli("status", "--db", db, env={"COLUMNS": "200"}, check=True).stdout
+    assert "dropped" in text and re.search(r"│ 5\s+│", text), text
 
 
 def test_unreadable_file_is_reported(tmp_path):

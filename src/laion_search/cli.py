@@ -245,8 +245,9 @@ def status(db: Optional[str] = DbOption, url: Optional[str] = UrlOption,
     o.print(f"table   {info['table']}: {info['rows']:,} rows, {info['parts']} parts, "
             f"{output.human_bytes(info['bytes_on_disk'])} on disk, dim {info['dim'] or '-'}")
     if info["shards"]:
-        output.print_records(info["shards"], ["shard", "rows", "state", "renormalised", "loaded_at", "source"],
-                             title="shards")
+        cols = ["shard", "rows", "state", "renormalised"]
+        cols += ["dropped"] if any(sh.get("dropped") for sh in info["shards"]) else []  # --skip-bad-rows
+        output.print_records(info["shards"], cols + ["loaded_at", "source"], title="shards")
     else:
         o.print("shards  none loaded (try: laion ingest DIR)")
     if info["indexes"]:
