@@ -63,7 +63,7 @@ def _row(name: str, results, lat, truth, k, qps1, qpsn, **extra) -> dict[str, An
             "p95_ms": lat_ms[min(len(lat_ms) - 1, int(0.95 * len(lat_ms)))], "qps_1": qps1, "qps_n": qpsn, **extra}
 
 
-def run(rows: int = 100_000, queries: int = 100, k: int = 10, configs: str = "16:128,64:256",
+def run(rows: int = 100_000, queries: int = 100, k: int = 10, configs: str = "16:64,64:256",
         quantization: str = "bf16", threads: int = 2, workdir: Path | None = None, out: Path | None = None,
         log: Callable[[str], Any] | None = None) -> dict[str, Any]:
     from .bench_common import scratch_dir

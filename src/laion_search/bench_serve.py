@@ -53,7 +53,7 @@ def run(rows: int = 100_000, clients: int = 16, seconds: float = 30.0, workdir: 
                 if store.scalar("SELECT count() FROM laion") != rows:
                     ingest(store, shards)
                 if not store.rows("SELECT name FROM system.data_skipping_indices WHERE table = 'laion'"):
-                    say("index (M=16, ef_construction=128)")
+                    say("index (default: M=16, ef_construction=64)")
                     create_index(store, IndexSpec("image"))
             queries = np.load(shards / "text_emb_0.npy", mmap_mode="r")[:256].astype(np.float32)
             port = _free_port()

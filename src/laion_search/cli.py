@@ -351,7 +351,7 @@ def index_create(
     quantization: str = typer.Option("bf16", "--quantization", help="bf16, f16, f32, i8 or b1."),
     m: Optional[int] = typer.Option(None, "--m", help="HNSW links per node (default 16; the guide uses 64)."),
     ef_construction: Optional[int] = typer.Option(None, "--ef-construction",
-                                                  help="HNSW build candidate list (default 128; the guide uses 256)."),
+                                                  help="HNSW build candidate list (default 64; 128 for more recall; the guide uses 256)."),
     guide: bool = typer.Option(False, "--guide", help="The guide's exact parameters: bf16, M=64, ef_construction=256."),
     replace: bool = typer.Option(False, "--replace", help="Replace an index that exists with other parameters."),
     kind: str = KindOption,
@@ -633,7 +633,8 @@ def plan(
     storage: str = typer.Option("f32-none", "--storage", help="f32-none (ours), f32-lz4 (the guide's) or bf16."),
     quantization: str = typer.Option("bf16", "--quantization", help="Index quantization: bf16, f16, f32, i8 or b1."),
     m: int = typer.Option(16, "--m", min=2, help="HNSW M."),
-    ef_construction: int = typer.Option(128, "--ef-construction", min=1, help="HNSW ef_construction."),
+    ef_construction: int = typer.Option(128, "--ef-construction", min=1,
+                                        help="HNSW ef_construction (128: the higher-recall setting, a conservative build estimate)."),
     indexes: int = typer.Option(2, "--indexes", min=0, max=2, help="Indexed columns: 2 (image and text), 1, 0."),
     replicas: Optional[int] = typer.Option(None, "--replicas", min=1, help="Replicas per shard (default: suggested)."),
     json_output: bool = JsonOption,
@@ -703,7 +704,7 @@ def bench_search(
     rows: int = typer.Option(100_000, "--rows", min=100, help="Rows of the synth shard to search."),
     queries: int = typer.Option(100, "--queries", min=1, help="Number of text→image queries."),
     k: int = typer.Option(10, "--k", min=1, max=1000, help="Neighbours per query (recall@k)."),
-    configs: str = typer.Option("16:128,64:256", "--configs", help="HNSW M:ef_construction pairs, comma-separated."),
+    configs: str = typer.Option("16:64,64:256", "--configs", help="HNSW M:ef_construction pairs, comma-separated."),
     quantization: str = typer.Option("bf16", "--quantization", help="bf16, f16, f32, i8 or b1."),
     threads: int = typer.Option(2, "--threads", min=1, max=64, help="Client threads for the QPS column."),
     workdir: Optional[Path] = typer.Option(None, "--dir", help="Scratch directory, reused between runs (default: temp)."),
@@ -712,7 +713,7 @@ def bench_search(
 ) -> None:
     """Recall@k, latency, QPS, build speed and index size: exact and HNSW, vs numpy, faiss and usearch.
 
-    Example: laion bench search --rows 1000000 --configs 16:128,32:128,64:256
+    Example: laion bench search --rows 1000000 --configs 16:64,16:128,64:256
     """
     from .bench_search import parse_configs, run as run_bench
 
