@@ -116,7 +116,7 @@ class Store:
     def __init__(self, backend: Backend, *, create: bool = True):
         self.backend = backend
         self._dim: int | None = None
-        self._columns: tuple[frozenset[str], frozenset[tuple[str, str]], float] | None = None
+        self._schema_cache: tuple[frozenset[str], frozenset[tuple[str, str]], float] | None = None
         #: where rows live: one node (``laion`` is MergeTree) or a cluster (``laion`` is Distributed)
         self.layout: SingleNode | ClusterLayout = detect_layout(backend, TABLE)
         if create and self.layout.cluster is None:
@@ -192,7 +192,7 @@ class Store:
         """Re-read the dimension (and the column list) next time: call after anything that
         changes the table's rows or columns."""
         self._dim = None
-        self._columns = None
+        self._schema_cache = None
 
     def columns(self) -> frozenset[str]:
         """Names of the ``laion`` table's columns (searches ask whether the bf16 scan copies of
@@ -207,7 +207,7 @@ class Store:
     def _schema(self) -> tuple[frozenset[str], frozenset[tuple[str, str]]]:
         """Columns and vector indexes, cached for :data:`SCHEMA_TTL` seconds (another client of
         a server may change them) and dropped by :meth:`forget_dim`."""
-        cached = self._columns
+        cached = self._schema_cache
         if cached is None or time.monotonic() - cached[2] > SCHEMA_TTL:
             cols = frozenset(r["name"] for r in self.rows(
                 "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = {t:String}",
@@ -217,7 +217,7 @@ class Store:
                 "SELECT expr, type_full FROM " + self.layout.system("data_skipping_indices") + " WHERE "
                 "database = currentDatabase() AND table = {t:String} AND type = 'vector_similarity'",
                 {"t": self.data_table}) if r["type_full"].count(",") >= 1)
-            cached = self._columns = (cols, idx, time.monotonic())
+            cached = self._schema_cache = (cols, idx, time.monotonic())
         return cached[0], cached[1]
 
     def dim(self) -> int | None:

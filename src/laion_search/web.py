@@ -146,9 +146,10 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
     @app.exception_handler(LaionError)
     async def laion_error(request: Request, exc: LaionError):
         log.warning("request failed: %s", exc)
-        if isinstance(exc, QueryError) and storage_fault(str(exc)):
+        fault = storage_fault(str(exc)) if isinstance(exc, QueryError) else None
+        if fault:
             # the server's disk, not the request: 503, and no file paths for the client
-            return _error(503, f"the store is unavailable ({storage_fault(str(exc))}); see the server log")
+            return _error(503, f"the store is unavailable ({fault}); see the server log")
         return _error(400 if isinstance(exc, QueryError) else 500, str(exc) if isinstance(exc, QueryError)
                       else "the store could not answer; see the server log")
 
