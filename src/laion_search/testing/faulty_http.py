@@ -31,6 +31,9 @@ from typing import Callable
 from urllib.parse import unquote, urlsplit
 
 
+RESET_GRACE = 0.3  # seconds between the last body byte and a scripted TCP reset
+
+
 @dataclass
 class Fault:
     """One scripted misbehaviour, consumed by one request for its path."""
@@ -244,6 +247,9 @@ class _Handler(BaseHTTPRequestHandler):
                     time.sleep(fault.stall)
                 self.close_connection = True
                 if fault.reset_after is not None:  # abort: close with SO_LINGER 0 sends a TCP RST, not a FIN
+                    # first let the client read what was sent: a reset arriving before it has read
+                    # makes its kernel drop those bytes, and the script would depend on timing
+                    time.sleep(RESET_GRACE)
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     self.connection.close()
 
