@@ -274,7 +274,9 @@ def read_owner(path: str) -> dict[str, Any] | None:
 
 def _busy_or_store_error(path: str, exc: Exception) -> StoreError:
     message = str(exc)
-    if "Cannot lock file" in message or "already running" in message:
+    # a process that won the race for the lock after our probe: chDB then reports only
+    # "Error initializing EmbeddedServer", so look at the lock again
+    if "Cannot lock file" in message or "already running" in message or _locked_by_other_process(path):
         owner = read_owner(path)
         who = ""
         if owner:
