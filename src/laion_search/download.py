@@ -625,12 +625,19 @@ class _Fetcher:
         if not resp.chunked and resp.length is not None and hasattr(fp, "readinto1"):
             # one socket read per call, straight into our buffer: bytes that arrived before a stall
             # or reset are written (and kept for the resume), and nothing is copied twice
-            left = {"n": resp.length}
+            left = {"n": resp.length, "drained": False}
 
             def read(v: memoryview) -> int:
                 if left["n"] <= 0:
                     return 0
-                k = fp.readinto1(v[:min(len(v), left["n"])])
+                want = min(len(v), left["n"])
+                if not left["drained"]:
+                    # body bytes that came in with the headers sit in fp's own buffer. Take exactly
+                    # those first: asked for more, readinto1 goes on to a socket read, and if that
+                    # read fails (a reset) the buffered bytes are lost with the exception
+                    left["drained"] = True
+                    want = min(want, len(fp.peek()) or want)
+                k = fp.readinto1(v[:want])
                 left["n"] -= k
                 return k
         else:

@@ -31,7 +31,57 @@ from typing import Callable
 from urllib.parse import unquote, urlsplit
 
 
-RESET_GRACE = 0.3  # seconds between the last body byte and a scripted TCP reset
+RESET_WAIT = 10.0  # at most this many seconds for the client to read what was sent before a scripted reset
+RESET_GRACE = 0.3  # where the client's receive queue cannot be seen: seconds to wait instead
+
+
+def _hex_addr(addr: tuple) -> str:
+    """``("127.0.0.1", 8080)`` as ``/proc/net/tcp`` writes it: ``0100007F:1F90``."""
+    host, port = addr[0], addr[1]
+    if ":" in host:  # IPv6: four 32-bit words, each in host (little-endian) order
+        raw = socket.inet_pton(socket.AF_INET6, host)
+        words = "".join(f"{int.from_bytes(raw[i:i + 4], 'little'):08X}" for i in range(0, 16, 4))
+        return f"{words}:{port:04X}"
+    return f"{int.from_bytes(socket.inet_aton(host), 'little'):08X}:{port:04X}"
+
+
+def _peer_unread(sock: socket.socket) -> int | None:
+    """Bytes sent on ``sock`` that the client has not read yet: still unacknowledged in our send
+    queue, or unread in the receive queue of the client's end (the client runs on this host:
+    loopback), from ``/proc/net/tcp``. None where the client's socket cannot be seen."""
+    try:
+        client, server = _hex_addr(sock.getpeername()), _hex_addr(sock.getsockname())
+    except OSError:
+        return None
+    in_flight, unread = 0, None
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    tx, rx = (int(x, 16) for x in fields[4].split(":"))
+                    if fields[1] == client and fields[2] == server:
+                        unread = rx
+                    elif fields[1] == server and fields[2] == client:
+                        in_flight = tx
+        except (OSError, StopIteration, IndexError, ValueError):
+            continue
+    return None if unread is None else in_flight + unread
+
+
+def _wait_until_read(sock: socket.socket) -> None:
+    """Block until the client has taken every byte sent so far off its socket. A TCP reset that
+    reaches a socket with unread data makes the client's kernel drop that data, so without this
+    wait a scripted "reset after N bytes" would deliver N bytes or none depending on scheduling."""
+    deadline = time.monotonic() + RESET_WAIT
+    unread = _peer_unread(sock)
+    if unread is None:
+        time.sleep(RESET_GRACE)
+        return
+    while unread and time.monotonic() < deadline:
+        time.sleep(0.005)
+        unread = _peer_unread(sock) or 0
 
 
 @dataclass
@@ -247,9 +297,7 @@ class _Handler(BaseHTTPRequestHandler):
                     time.sleep(fault.stall)
                 self.close_connection = True
                 if fault.reset_after is not None:  # abort: close with SO_LINGER 0 sends a TCP RST, not a FIN
-                    # first let the client read what was sent: a reset arriving before it has read
-                    # makes its kernel drop those bytes, and the script would depend on timing
-                    time.sleep(RESET_GRACE)
+                    _wait_until_read(self.connection)
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     self.connection.close()
 
