@@ -214,6 +214,30 @@ def test_exact_through_bf16_scan_copy_equals_numpy(loaded):
     assert drop_scan_copy(store, "image") is False
 
 
+@pytest.mark.parametrize("verify", [False, True])
+def test_exact_scan_read_settings(loaded, monkeypatch, verify):
+    """Exact scans read through mmap and, unless asked, without per-block checksums; with the
+    mmap threshold lowered to cover this small table, both read paths give the numpy answer."""
+    import laion_search.search as search_mod
+
+    store, truth, _ = loaded
+    monkeypatch.setattr(search_mod, "SCAN_READ_SETTINGS", {**search_mod.SCAN_READ_SETTINGS, "min_bytes_to_use_mmap_io": 1})
+    rng = np.random.default_rng(11)
+    for metric in ("cosine", "l2"):
+        q = rng.standard_normal(512).astype(np.float32)
+        res = search(store, q, k=8, exact=True, metric=metric, options=SearchOptions(verify_checksums=verify))
+        assert "local_filesystem_read_method = 'mmap'" in res.sql and "min_bytes_to_use_mmap_io = 1" in res.sql
+        assert ("checksum_on_read = 0" in res.sql) is not verify
+        if metric == "cosine":
+            order, dist = _cosine_topk(truth["image"], q, 8)
+        else:
+            dist_all = np.linalg.norm(truth["image"] - q, axis=1)
+            order = np.argsort(dist_all)[:8]
+            dist = dist_all[order]
+        assert [r["id"] for r in res.rows] == truth["ids"][order].tolist()
+        assert np.allclose([r["distance"] for r in res.rows], dist, atol=1e-5)
+
+
 def test_scan_copy_fills_shards_ingested_later(tmp_path):
     """The copy is a MATERIALIZED column: shards loaded after it exist get it at insert, through the
     staging table and REPLACE PARTITION; the guide's SELECT * does not show it."""

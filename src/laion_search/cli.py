@@ -304,6 +304,10 @@ def search(
     ef_search: Optional[int] = typer.Option(None, "--ef-search", help="HNSW candidate list size at query time."),
     rescoring: bool = typer.Option(False, "--rescoring", help="Re-rank index candidates with exact distances."),
     filter_strategy: str = typer.Option("auto", "--filter-strategy", help="auto, postfilter or prefilter."),
+    verify_checksums: bool = typer.Option(False, "--verify-checksums",
+                                          help="Exact scans: verify each data block's checksum as it is read "
+                                               "(off by default: ~20% slower; parts are checked when written "
+                                               "and merged)."),
     db: Optional[str] = DbOption,
     url: Optional[str] = UrlOption,
     json_output: bool = JsonOption,
@@ -320,7 +324,8 @@ def search(
         raise UsageError("give exactly one query: --text, --image, --vector FILE or --like ID")
     q = load_vector_file(vector) if vector is not None else None
     filters = Filters(nsfw=nsfw, min_similarity=min_similarity, caption_contains=caption_contains, where=where)
-    options = SearchOptions(ef_search=ef_search, rescoring=rescoring, filter_strategy=filter_strategy)
+    options = SearchOptions(ef_search=ef_search, rescoring=rescoring, filter_strategy=filter_strategy,
+                            verify_checksums=verify_checksums)
     with open_store(db, url) as store:
         result = do_search(store, q, like=like, text=text, image=image, model=model, modality=modality, k=k, exact=exact, metric=metric,
                            filters=filters, columns=columns, options=options)

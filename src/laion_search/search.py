@@ -66,6 +66,7 @@ class SearchOptions:
     rescoring: bool = False               # re-rank index candidates with exact distances
     filter_strategy: str = "auto"         # auto: post-filter, then pre-filter if short of k
     fetch_multiplier: float = 4.0         # candidates per wanted row when post-filtering
+    verify_checksums: bool = False        # exact scans: check each block's checksum as it is read
 
 
 @dataclass
@@ -169,7 +170,7 @@ def search(store: Store, vector: Any = None, *, like: int | None = None, text: s
     if exact or unindexed:
         scan = column + SCAN_SUFFIX
         scan = scan if (func == "cosineDistance" and store.layout.cluster is None and scan in store.columns()) else None
-        sql = _exact_sql(select, column, func, where, k, scan)
+        sql = _exact_sql(select, column, func, where, k, scan, verify_checksums=options.verify_checksums)
         strategy = ("exact-bf16" if scan else "exact") + (" (no index)" if unindexed else "")
         rows = store.rows(sql, params)
     else:
@@ -203,8 +204,19 @@ SCAN_SUFFIX = "_bf16"
 SCAN_MARGIN = 4
 
 
-def _exact_sql(select: str, column: str, func: str, where: str, k: int, scan: str | None = None) -> str:
+#: Exact scans read every stored vector (1 GB per million rows from a bf16 copy), so they read
+#: the big column files through mmap (no copy through a read buffer; the small reads of the
+#: re-ranking step stay on pread) and, unless asked, skip the checksum that MergeTree otherwise
+#: computes over every block it reads. Together these take ~45% off a 1M-row scan (bench: 274 →
+#: 149 ms). Checksums are still verified whenever parts are written, merged or fetched, and by
+#: ``CHECK TABLE``; ``verify_checksums`` (``--verify-checksums``) restores them for a search.
+SCAN_READ_SETTINGS = {"local_filesystem_read_method": "mmap", "min_bytes_to_use_mmap_io": 16 << 20}
+
+
+def _exact_sql(select: str, column: str, func: str, where: str, k: int, scan: str | None = None,
+               verify_checksums: bool = False) -> str:
     where_sql = f" WHERE {where}" if where else ""
+    settings = {"use_skip_indexes": 0, **SCAN_READ_SETTINGS, **({} if verify_checksums else {"checksum_on_read": 0})}
     if scan is not None:  # the copy holds unit vectors: its dot product ranks by cosine
         candidates = min(MAX_K * SCAN_MARGIN, k * SCAN_MARGIN + 32)
         first = f"dotProduct({scan}, CAST({{q:Array(Float32)}}, 'Array(BFloat16)')) DESC"
@@ -213,11 +225,11 @@ def _exact_sql(select: str, column: str, func: str, where: str, k: int, scan: st
         first = f"dotProduct({column}, {{q:Array(Float32)}}) DESC"
     else:
         return (f"SELECT {select}, {func}({column}, {{q:Array(Float32)}}) AS distance FROM {TABLE}{where_sql} "
-                f"ORDER BY distance ASC LIMIT {k} SETTINGS use_skip_indexes = 0")
+                f"ORDER BY distance ASC LIMIT {k}{settings_sql(settings)}")
     return (f"SELECT {select}, {func}(_emb, {{q:Array(Float32)}}) AS distance FROM "
             f"(SELECT {select}, {column} AS _emb FROM {TABLE}{where_sql} "
             f"ORDER BY {first} LIMIT {candidates}) "
-            f"ORDER BY distance ASC LIMIT {k} SETTINGS use_skip_indexes = 0")
+            f"ORDER BY distance ASC LIMIT {k}{settings_sql(settings)}")
 
 
 def explain(store: Store, result: SearchResult) -> str:
