@@ -152,9 +152,11 @@ class ClusterLayout:
         return out
 
     def create_stage(self, stage: str, table: str) -> list[str]:
+        from .store import TABLE_SETTINGS  # the store imports this module
+
         local = self.local(stage)
         return [f"CREATE TABLE {local}{self.on_cluster} AS {self.local(table)} ENGINE = {self.engine(local)} "
-                f"PARTITION BY shard ORDER BY id SETTINGS index_granularity = 1024",
+                f"PARTITION BY shard ORDER BY id SETTINGS {TABLE_SETTINGS}",
                 f"CREATE TABLE {stage}{self.on_cluster} AS {local} ENGINE = {self.distributed(local)}"]
 
     def insert_settings(self) -> dict:

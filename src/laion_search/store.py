@@ -12,7 +12,11 @@ verbatim, and adds LAION metadata columns plus the shard bookkeeping:
   codec makes both inserts and exact scans faster (see the benchmarks in the README);
 * ``index_granularity = 1024`` instead of the guide's 8192: a vector search fetches caption and
   url for its k hits only, and smaller granules make that read ~40 % cheaper (13 → 8 ms for 10
-  rows), which is most of an indexed query's cost.
+  rows), which is most of an indexed query's cost;
+* compressed blocks of 4–16 KiB instead of 64 KiB–1 MiB: reading one row decompresses the block
+  that holds it, so small blocks make the k-row reads of a search cheaper again (an indexed
+  query returning id, caption and url: 17.5 → 13.7 ms at 100K rows) at ~15 % more bytes for the
+  text columns; scans are not slower (the embeddings are stored uncompressed anyway).
 
 ``laion_shards`` records what was loaded (row count, file fingerprint, repairs).
 """
@@ -38,6 +42,9 @@ STAGE_PREFIX = "laion_stage_"
 SCHEMA_TTL = 30.0  # seconds a store trusts its cached column / index list
 UDF_DIR = "udf"  # <store>/udf: executable UDFs the embedded engine loads at open
 
+#: MergeTree settings of the ``laion`` table (and of its staging and cluster-local tables)
+TABLE_SETTINGS = "index_granularity = 1024, min_compress_block_size = 4096, max_compress_block_size = 16384"
+
 TABLE_DDL = """
 CREATE TABLE IF NOT EXISTS {table}
 (
@@ -60,8 +67,7 @@ CREATE TABLE IF NOT EXISTS {table}
 ENGINE = MergeTree
 PARTITION BY shard
 ORDER BY id
-SETTINGS index_granularity = 1024
-"""
+SETTINGS """ + TABLE_SETTINGS + "\n"
 
 SHARDS_DDL = """
 CREATE TABLE IF NOT EXISTS {table}
