@@ -288,3 +288,16 @@ def test_cli_search_and_guide_sql(loaded, tmp_path):
     assert bad.returncode == 2 and "k must be between 1 and 1000" in bad.stderr
     bad = run_cli("sql", "SELECT * FROM nope", "--db", str(db))
     assert bad.returncode == 1 and "UNKNOWN_TABLE" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_exact_sql_reads_whole_rows_for_the_k_best_only():
+    """The candidates are ranked by id and distance only; the k best are then read whole. On a
+    cluster the candidate subquery runs once, over the Distributed table (GLOBAL IN)."""
+    from laion_search.search import _exact_sql
+
+    sql = _exact_sql("`id`, `caption`", "image_embedding", "cosineDistance", "NSFW = 'NSFW'", 7, "image_embedding_bf16")
+    outer, inner = sql.split(" WHERE id IN (", 1)
+    assert "caption" in outer and "caption" not in inner and "NSFW = 'NSFW'" in inner
+    assert "LIMIT 60) ORDER BY cosineDistance(_emb, {q:Array(Float32)}) ASC LIMIT 7) ORDER BY distance ASC LIMIT 7" in sql
+    assert " GLOBAL IN (" in _exact_sql("`id`", "image_embedding", "cosineDistance", "", 7, cluster=True)
+    assert " GLOBAL IN " not in sql

@@ -170,7 +170,8 @@ def search(store: Store, vector: Any = None, *, like: int | None = None, text: s
     if exact or unindexed:
         scan = column + SCAN_SUFFIX
         scan = scan if (func == "cosineDistance" and store.layout.cluster is None and scan in store.columns()) else None
-        sql = _exact_sql(select, column, func, where, k, scan, verify_checksums=options.verify_checksums)
+        sql = _exact_sql(select, column, func, where, k, scan, verify_checksums=options.verify_checksums,
+                         cluster=store.layout.cluster is not None)
         strategy = ("exact-bf16" if scan else "exact") + (" (no index)" if unindexed else "")
         rows = store.rows(sql, params)
     else:
@@ -214,7 +215,7 @@ SCAN_READ_SETTINGS = {"local_filesystem_read_method": "mmap", "min_bytes_to_use_
 
 
 def _exact_sql(select: str, column: str, func: str, where: str, k: int, scan: str | None = None,
-               verify_checksums: bool = False) -> str:
+               verify_checksums: bool = False, cluster: bool = False) -> str:
     where_sql = f" WHERE {where}" if where else ""
     settings = {"use_skip_indexes": 0, **SCAN_READ_SETTINGS, **({} if verify_checksums else {"checksum_on_read": 0})}
     if scan is not None:  # the copy holds unit vectors: its dot product ranks by cosine
@@ -226,9 +227,13 @@ def _exact_sql(select: str, column: str, func: str, where: str, k: int, scan: st
     else:
         return (f"SELECT {select}, {func}({column}, {{q:Array(Float32)}}) AS distance FROM {TABLE}{where_sql} "
                 f"ORDER BY distance ASC LIMIT {k}{settings_sql(settings)}")
-    return (f"SELECT {select}, {func}(_emb, {{q:Array(Float32)}}) AS distance FROM "
-            f"(SELECT {select}, {column} AS _emb FROM {TABLE}{where_sql} "
-            f"ORDER BY {first} LIMIT {candidates}) "
+    # the candidates are ranked by the true distance and the best k kept by id; only those k rows
+    # are then read whole (caption, url, …): reading them for every candidate costs more than
+    # the ranking (1M rows, bf16 copy: 180 → 144 ms per query)
+    top = (f"SELECT id FROM (SELECT id, {column} AS _emb FROM {TABLE}{where_sql} ORDER BY {first} "
+           f"LIMIT {candidates}) ORDER BY {func}(_emb, {{q:Array(Float32)}}) ASC LIMIT {k}")
+    return (f"SELECT {select}, {func}({column}, {{q:Array(Float32)}}) AS distance FROM {TABLE} "
+            f"WHERE id {'GLOBAL IN' if cluster else 'IN'} ({top}) "
             f"ORDER BY distance ASC LIMIT {k}{settings_sql(settings)}")
 
 
