@@ -30,7 +30,10 @@ EF_SEARCH = 256  # ClickHouse's hnsw_candidate_list_size_for_search default
 
 
 def parse_configs(text: str) -> list[tuple[int, int]]:
-    out = []
+    """``"16:64,64:256"`` → ``[(16, 64), (64, 256)]``; ``"none"`` or empty: exact search only."""
+    out: list[tuple[int, int]] = []
+    if text.strip().lower() in ("", "none"):
+        return out
     for part in text.split(","):
         m, ef = part.strip().split(":")
         out.append((int(m), int(ef)))

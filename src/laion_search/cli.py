@@ -709,7 +709,7 @@ def bench_search(
     rows: int = typer.Option(100_000, "--rows", min=100, help="Rows of the synth shard to search."),
     queries: int = typer.Option(100, "--queries", min=1, help="Number of text→image queries."),
     k: int = typer.Option(10, "--k", min=1, max=1000, help="Neighbours per query (recall@k)."),
-    configs: str = typer.Option("16:64,64:256", "--configs", help="HNSW M:ef_construction pairs, comma-separated."),
+    configs: str = typer.Option("16:64,64:256", "--configs", help="HNSW M:ef_construction pairs, comma-separated; none: exact search only."),
     quantization: str = typer.Option("bf16", "--quantization", help="bf16, f16, f32, i8 or b1."),
     threads: int = typer.Option(2, "--threads", min=1, max=64, help="Client threads for the QPS column."),
     workdir: Optional[Path] = typer.Option(None, "--dir", help="Scratch directory, reused between runs (default: temp)."),
