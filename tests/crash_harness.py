@@ -2,8 +2,9 @@
 moment, check what a crash may leave behind, rerun to completion, check the end state.
 
 Used by tests/test_reliability_crash.py; reusable for any command that prints ``--json``
-progress lines. A "kill point" counts only when the process was still running when the signal
-was sent (a command that finished first is a plain run, not a survived kill).
+progress lines. Kills land on the command's own kill points (laion_search.killpoints: every progress event
+and the store's opening), never on the clock: the process stops at each point until the harness
+lets it go on, so the harness knows it is alive and mid-work when it sends the signal.
 
 Checks (:func:`verify_store`):
 
@@ -20,11 +21,10 @@ import hashlib
 import json
 import os
 import random
+import select
 import signal
 import subprocess
 import sys
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -36,7 +36,8 @@ from laion_search import connect
 
 @dataclass
 class KillPoint:
-    """One SIGKILL: when it landed, and the last progress event the process had printed."""
+    """One SIGKILL: the kill point it landed at (or after), and how long the process was let run
+    past that point first."""
 
     command: str
     delay: float
@@ -67,48 +68,108 @@ def laion_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "laion_search.cli", *args]
 
 
-def run_and_kill(cmd: Sequence[str], rng: random.Random, *, window: tuple[float, float],
-                 wait_for_first_line: bool = True, env: dict[str, str] | None = None,
-                 label: str = "", merge_stderr: bool = False) -> KillPoint:
-    """Start ``cmd``; once it prints its first line (it is under way), wait a random time drawn
-    from ``window`` and SIGKILL it if it is still running. Returns what happened."""
-    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, text=True,
-                            stderr=subprocess.STDOUT if merge_stderr else subprocess.DEVNULL,
-                            env={**os.environ, **(env or {})})
-    last = ["(no output yet)"]
-    first = threading.Event()
+def _describe(ev: dict[str, Any]) -> str:
+    desc = str(ev.get("event", "?"))
+    for key in ("shard", "index"):
+        if key in ev:
+            desc += f" {key} {ev[key]}"
+    return desc
 
-    def reader() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                ev = json.loads(line)
-                desc = ev.get("event", "?") if isinstance(ev, dict) else "output"
-                if isinstance(ev, dict) and "shard" in ev:
-                    desc += f" shard {ev['shard']}"
-            except ValueError:
-                desc = line[:48]
-            last[0] = desc
-            first.set()
-        first.set()
 
-    t = threading.Thread(target=reader, daemon=True)
-    t.start()
-    if wait_for_first_line:
-        first.wait(timeout=120)
-    delay = rng.uniform(*window)
-    deadline = time.monotonic() + delay
-    while time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.005)
-    killed = proc.poll() is None
-    if killed:
-        os.kill(proc.pid, signal.SIGKILL)
+def _start_gated(cmd: Sequence[str], env: dict[str, str] | None) -> tuple[subprocess.Popen, Any, int]:
+    """Start ``cmd`` with its kill points wired to us (see laion_search.killpoints): returns the
+    process, a line reader of its points, and the fd that lets it go on (one byte per point)."""
+    ev_r, ev_w = os.pipe()
+    ack_r, ack_w = os.pipe()
+    proc = subprocess.Popen(list(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            pass_fds=(ev_w, ack_r),
+                            env={**os.environ, **(env or {}), "LAION_KILLPOINT_FDS": f"{ev_w}:{ack_r}"})
+    os.close(ev_w)
+    os.close(ack_r)
+    return proc, os.fdopen(ev_r, "rb", buffering=0), ack_w
+
+
+def count_points(cmd: Sequence[str], *, env: dict[str, str] | None = None) -> list[str]:
+    """Run ``cmd`` to the end, letting it pass every kill point; returns the points in order (used
+    to size the range a kill is drawn from). Fails if the command fails."""
+    proc, events, ack = _start_gated(cmd, env)
+    seen = []
+    try:
+        for line in events:
+            seen.append(_describe(json.loads(line)))
+            os.write(ack, b"1")
+    finally:
+        events.close()
+        os.close(ack)
+    assert proc.wait(timeout=300) == 0, f"{' '.join(cmd)} failed"
+    return seen
+
+
+def kill_when(cmd: Sequence[str], stop: Callable[[list[dict[str, Any]]], bool], *,
+              env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Run ``cmd`` through its kill points until ``stop(points so far)`` is true, then SIGKILL it
+    while it waits at that point. Returns the points it reached; fails if it exits first."""
+    proc, events, ack = _start_gated(cmd, env)
+    seen: list[dict[str, Any]] = []
+    try:
+        for line in events:
+            seen.append(json.loads(line))
+            if stop(seen):
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            os.write(ack, b"1")
+    finally:
+        events.close()
+        os.close(ack)
     proc.wait(timeout=60)
-    t.join(timeout=5)
-    return KillPoint(label or Path(cmd[3] if len(cmd) > 3 else cmd[0]).name, round(delay, 3), last[0], killed)
+    assert proc.returncode == -signal.SIGKILL, f"it exited ({proc.returncode}) before the kill point: {seen[-5:]}"
+    return seen
+
+
+def run_and_kill(cmd: Sequence[str], rng: random.Random, *, points: int, env: dict[str, str] | None = None,
+                 label: str = "", last: Sequence[str] = ()) -> KillPoint:
+    """Start ``cmd`` and SIGKILL it at a kill point drawn at random from its first ``points``
+    (about as many as a whole run reaches, see :func:`count_points`): at that point, either while
+    it waits there, or after letting it go on for a random moment — it cannot finish meanwhile,
+    since it must stop at the next point first. A process that reaches one of the events named in
+    ``last`` (its final ones: event names, or descriptions such as ``"index_done index text_index"``) before the drawn point is killed there, so every attempt kills a
+    running process; one that exits before (a failure) is reported with ``killed=False``."""
+    proc, events, ack = _start_gated(cmd, env)
+    target = rng.randint(1, max(1, points))
+    jitter = rng.choice([0.0, rng.uniform(0.0, 0.3)])
+    n, desc, killed = 0, "(none)", False
+    try:
+        for line in events:
+            n += 1
+            ev = json.loads(line)
+            desc = _describe(ev)
+            final = ev.get("event") in last or desc in last
+            if n < target and not final:
+                os.write(ack, b"1")
+                continue
+            if jitter and not final:
+                # let it run on, then kill it mid-way (or at the next point, if it gets there first)
+                os.write(ack, b"1")
+                ready, _, _ = select.select([events], [], [], jitter)
+                if ready:
+                    nxt = events.readline()
+                    if nxt:
+                        desc = _describe(json.loads(nxt)) + " (after " + desc + ")"
+                    else:  # it exited: the drawn point was its last
+                        break
+                else:
+                    desc = "after " + desc
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                killed = True
+            break
+    finally:
+        events.close()
+        os.close(ack)
+    proc.wait(timeout=60)
+    if killed:
+        assert proc.returncode == -signal.SIGKILL
+    return KillPoint(label or Path(cmd[3] if len(cmd) > 3 else cmd[0]).name, round(jitter, 3), desc, killed)
 
 
 def run_to_completion(cmd: Sequence[str], *, env: dict[str, str] | None = None,

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from laion_search.synth import synth
 from laion_search.testing.faulty_http import Fault, FaultyServer
 
 from .conftest import run_cli
+from .crash_harness import kill_when
 
 ROWS = 300  # 300 × 512 float16 = 307 KB per .npy: fast, yet many socket reads per file
 FAST = RetryPolicy(tries=5, base_delay=0.01, max_delay=0.05, connect_timeout=2, read_timeout=0.5)
@@ -149,27 +151,34 @@ def test_5xx_and_429_are_retried(mirror, tmp_path, status):
     _assert_identical(mirror.root, tmp_path / "out")
 
 
-def test_retry_after_is_honoured(mirror, tmp_path):
+def test_retry_after_is_honoured(mirror, tmp_path, monkeypatch):
     path = _remote_path("metadata", 0)
     mirror.fault(path, Fault(status=429, retry_after="1"), Fault(status=503, retry_after="0"))
-    t0 = time.perf_counter()
+    waits: list[float | None] = []
+    real_wait = threading.Event.wait
+
+    def recording_wait(self, timeout=None):
+        waits.append(timeout)
+        return real_wait(self, timeout)
+
+    monkeypatch.setattr(threading.Event, "wait", recording_wait)
     report, events = _run(mirror, tmp_path / "out", shards=(0,))
-    elapsed = time.perf_counter() - t0
+    monkeypatch.undo()
     assert report.ok
     retries = _of(events, "retry")
     assert [e["delay"] for e in retries] == [1.0, 0.0] and retries[0]["retry_after"] == 1.0
-    assert elapsed >= 1.0  # waited what the server asked, not FAST's 10 ms backoff
+    assert 1.0 in waits  # waited what the server asked, not FAST's 10 ms backoff
     _assert_identical(mirror.root, tmp_path / "out", shards=(0,))
 
 
 def test_stall_past_read_timeout_is_retried(mirror, tmp_path):
     path = _remote_path("img_emb", 1)
-    mirror.fault(path, Fault(stall_after=100_000, stall=3.0))
-    t0 = time.perf_counter()
+    mirror.fault(path, Fault(stall_after=100_000, stall=30.0))
     report, events = _run(mirror, tmp_path / "out")
     assert report.ok and report.retries == 1
+    # gave up on the stall after read_timeout (0.5 s): had it waited the stall out, the bytes
+    # would have come and there would be no retry
     assert "timed out" in _of(events, "retry")[0]["reason"]
-    assert time.perf_counter() - t0 < 2.5  # gave up on the stall after read_timeout (0.5 s), not 3 s
     gets = mirror.requests(path)
     assert gets[1].range == "bytes=100000-"  # kept the bytes that came before the stall
     _assert_identical(mirror.root, tmp_path / "out")
@@ -290,14 +299,10 @@ def test_parallel_transfers_run_concurrently(source, tmp_path):
     root = tmp_path / "mirror"
     shutil.copytree(source, root)
     with FaultyServer(root, rate=1_000_000) as srv:  # 1 MB/s per connection
-        t0 = time.perf_counter()
         report, _ = _run(srv, tmp_path / "out", jobs=4)
-        elapsed = time.perf_counter() - t0
         most = srv.max_active
     assert report.ok
     assert most >= 3  # transfers overlapped on the server
-    # 1.3 MB in total at 1 MB/s per stream: ≈1.3 s one at a time; 4 streams take well under that
-    assert elapsed < 1.2, elapsed
     _assert_identical(root, tmp_path / "out")
 
 
@@ -338,21 +343,10 @@ def test_cli_download_ingest_killed_then_rerun(tmp_path):
     with FaultyServer(src, rate=1_500_000) as srv:  # slow mirror: time to kill mid-transfer
         args = ["download", "0-3", "--to", str(dest), "--base-url", srv.url, "-j", "2", "--ingest",
                 "--db", str(db), "--json", "--retry-delay", "0.01", "--read-timeout", "5"]
-        proc = subprocess.Popen([sys.executable, "-m", "laion_search.cli", *args], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        seen = []
-        try:
-            for line in proc.stdout:
-                seen.append(json.loads(line))
-                if seen[-1]["event"] == "ingest_done":
-                    break
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and not any(p.stat().st_size for p in dest.glob("*.part")):
-                time.sleep(0.02)
-        finally:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-        assert any(e["event"] == "ingest_done" for e in seen), (seen, proc.stderr.read())
+        # killed once a shard is ingested and a later file has bytes on disk
+        seen = kill_when([sys.executable, "-m", "laion_search.cli", *args],
+                         lambda pts: any(p["event"] == "ingest_done" for p in pts) and pts[-1]["event"] == "file_bytes")
+        assert any(e["event"] == "ingest_done" for e in seen)
         parts = {p.name[:-5]: p.stat().st_size for p in dest.glob("*.part") if p.stat().st_size}
         assert parts, "killed while a file was in flight"
         mid = _check_store(db, src, [])

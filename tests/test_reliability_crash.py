@@ -3,15 +3,16 @@ SIGKILLed at seeded random moments, then rerun to completion; nothing acknowledg
 duplicated, no shard is ever partly visible, embeddings stay bit-identical to the source files,
 and the index works afterwards.
 
-Default run: 20 kill points (10 ingest, 5 index create, 5 download --ingest), about a minute and
-a half on 2 cores. ``LAION_SLOW_TESTS=1``: 40 + 15 + 15.
+Each kill lands on a kill point the process reports (laion_search.killpoints), drawn at random
+from a whole run's points, so every attempt kills a process that is mid-work, however busy the
+machine. Default run: 20 kills (10 ingest, 5 index create, 5 download --ingest).
+``LAION_SLOW_TESTS=1``: 40 + 15 + 15.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from laion_search.synth import synth
 
 from .crash_harness import (
     CrashLog,
+    count_points,
     laion_cmd,
     record_figures,
     run_and_kill,
@@ -44,17 +46,20 @@ def test_ingest_sigkill_then_rerun(tmp_path):
     db = tmp_path / "db"
     rng = random.Random(SEED)
     log = CrashLog()
-    attempt = 0
-    while log.kills < KILLS["ingest"] and attempt < KILLS["ingest"] * 3:
-        attempt += 1
-        # every other run reloads everything (--force), so each run has work left to interrupt;
-        # one in four is killed during start-up (store open, header checks), before any output
-        force = ["--force"] if attempt % 2 == 0 else []
-        early = attempt % 4 == 0
-        cmd = laion_cmd("ingest", str(src), "--db", str(db), "--batch-rows", "200", "--json", *force)
-        point = run_and_kill(cmd, rng, window=(0.3, 2.5) if early else (0.0, 1.8), wait_for_first_line=not early,
-                             label="ingest")
+
+    def cmd(*extra: str) -> list[str]:
+        return laion_cmd("ingest", str(src), "--db", str(db), "--batch-rows", "200", "--json", *extra)
+
+    # a whole run's kill points, counted on a scratch store: store open, start, then per shard
+    # shard_start, batches, shard_done, and done
+    points = len(count_points(laion_cmd("ingest", str(src), "--db", str(tmp_path / "scratch"),
+                                        "--batch-rows", "200", "--json")))
+    for attempt in range(KILLS["ingest"]):
+        # every other run reloads everything (--force), so each run has work left to interrupt
+        force = ["--force"] if attempt % 2 else []
+        point = run_and_kill(cmd(*force), rng, points=points, last=("done",), label="ingest")
         log.points.append(point)
+        assert point.killed, point
         log.checks += verify_store(db, expected, complete=False)
     assert log.kills >= KILLS["ingest"], log.points
     run_to_completion(laion_cmd("ingest", str(src), "--db", str(db), "--json"))
@@ -91,17 +96,16 @@ def test_index_create_sigkill_then_rerun(tmp_path):
 
     rng = random.Random(SEED + 1)
     log = CrashLog()
-    attempt = 0
-    while log.kills < KILLS["index"] and attempt < KILLS["index"] * 3:
-        attempt += 1
+    cmd = laion_cmd("index", "create", "--column", "both", "--db", str(db))
+    points = len(count_points(cmd))
+    for _ in range(KILLS["index"]):
         with connect(db) as store:
             drop_index(store, "image")
             drop_index(store, "text")
-        # no output before it finishes: the window spans start-up, compaction, ADD INDEX and the build
-        cmd = laion_cmd("index", "create", "--column", "both", "--db", str(db))  # progress lines on stderr
-        point = run_and_kill(cmd, rng, window=(1.0, 5.0), wait_for_first_line=False, label="index create",
-                             merge_stderr=True)
+        # kill points: store open, compaction, each index's start, parts built, done
+        point = run_and_kill(cmd, rng, points=points, last=("index_done index text_index",), label="index create")
         log.points.append(point)
+        assert point.killed, point
         log.checks += verify_store(db, expected, complete=True, extra=lambda s: _search_works(s, indexed=False))
     assert log.kills >= KILLS["index"], log.points
     run_to_completion(laion_cmd("index", "create", "--column", "both", "--db", str(db), "--json"))
@@ -142,23 +146,21 @@ def test_download_ingest_sigkill_then_rerun(tmp_path):
     dest, db = tmp_path / "out", tmp_path / "db"
     rng = random.Random(SEED + 2)
     log = CrashLog()
-    with FaultyServer(src, rate=150_000) as srv:  # ~1.5 s per shard per connection: time to land kills mid-transfer
-        cmd = laion_cmd("download", "0-3", "--to", str(dest), "--base-url", srv.url, "-j", "2", "--ingest",
-                        "--db", str(db), "--json", "--batch-rows", "200", "--retry-delay", "0.01",
-                        "--read-timeout", "5")
-        attempt = 0
-        while log.kills < KILLS["download"] and attempt < KILLS["download"] * 3:
-            attempt += 1
-            point = run_and_kill(cmd, rng, window=(0.0, 3.0), label="download --ingest")
+    with FaultyServer(src, rate=300_000) as srv:  # transfers last long enough for a kill to land mid-file
+        def cmd(to: Path, into: Path) -> list[str]:
+            return laion_cmd("download", "0-3", "--to", str(to), "--base-url", srv.url, "-j", "2", "--ingest",
+                             "--db", str(into), "--json", "--batch-rows", "200", "--retry-delay", "0.01",
+                             "--read-timeout", "5")
+
+        points = len(count_points(cmd(tmp_path / "scratch-out", tmp_path / "scratch-db")))
+        for _ in range(KILLS["download"]):
+            point = run_and_kill(cmd(dest, db), rng, points=points, last=("summary",), label="download --ingest")
             log.points.append(point)
+            assert point.killed, point
             log.checks += verify_store(db, expected, complete=False)
             log.checks += _files_identical(src, dest)
-            if not point.killed:  # it finished: start over so the next run has work to interrupt
-                shutil.rmtree(dest, ignore_errors=True)
-                shutil.rmtree(db, ignore_errors=True)
         assert log.kills >= KILLS["download"], log.points
-        srv.rate = None
-        run_to_completion(cmd)
+        run_to_completion(cmd(dest, db))
     log.checks += verify_store(db, expected, complete=True)
     assert _files_identical(src, dest) == 12
     print(summary_line("download --ingest", log))

@@ -364,18 +364,34 @@ text_values = st.text(st.characters(blacklist_categories=("Cs",)), max_size=60)
 
 @st.composite
 def where_exprs(draw):
-    col = draw(st.one_of(st.sampled_from(sorted(WHERE_TYPES)), st.text(max_size=12)))
+    """Hostile expressions that are mostly well-formed: an allow-listed column with a value of its
+    type most of the time (its text is still anything), garbage otherwise."""
+    col = draw(st.sampled_from(sorted(WHERE_TYPES)) if draw(st.integers(0, 9)) else st.text(max_size=12))
+    if col in WHERE_TYPES and draw(st.integers(0, 9)):
+        kind = WHERE_TYPES[col]
+        if kind == "String":
+            op = draw(st.sampled_from(["=", "==", "!=", "<>", "<", "<=", ">", ">=", "~", " ~ "]))
+            value = draw(text_values)
+        else:
+            op = draw(st.sampled_from(["=", "==", "!=", "<>", "<", "<=", ">", ">="]))
+            value = str(draw(st.floats(-1e6, 1e6)) if kind.startswith("Float") else draw(st.integers(0, 2**31 - 1)))
+        return f"{col}{op}{value}"
     op = draw(st.sampled_from(["=", "==", "!=", "<>", "<", "<=", ">", ">=", "~", "=>", " LIKE "]))
     value = draw(st.one_of(text_values, st.integers().map(str), st.floats().map(str)))
     return f"{col}{op}{value}"
 
 
+@st.composite
+def _nsfw(draw):
+    return draw(st.sampled_from(["any", "exclude", "only"]) if draw(st.integers(0, 9)) else st.text(max_size=8))
+
+
 filters_strategy = st.builds(
     Filters,
-    nsfw=st.one_of(st.sampled_from(["any", "exclude", "only"]), st.text(max_size=8)),
-    min_similarity=st.one_of(st.none(), st.floats()),
+    nsfw=_nsfw(),
+    min_similarity=st.one_of(st.none(), st.floats(-1, 1), st.floats(-1, 1), st.floats()),
     caption_contains=st.one_of(st.none(), text_values),
-    where=st.lists(where_exprs(), max_size=4),
+    where=st.lists(where_exprs(), max_size=3),
     exclude_ids=st.lists(st.integers(-(2**63), 2**63 - 1), max_size=3),
 )
 
@@ -383,20 +399,37 @@ FUZZ = {"builder": 2000 if slow() else 400, "roundtrip": 600 if slow() else 150,
 FUZZ_DONE = {"builder": 0, "roundtrip": 0, "engine": 0}
 
 
-@hyp_seed(7)
-@settings(max_examples=FUZZ["builder"], deadline=None, database=None)
-@given(filters=filters_strategy)
-def test_build_where_only_emits_fixed_tokens(filters):
-    FUZZ_DONE["builder"] += 1
-    try:
-        clause, params = build_where(filters)
-    except UsageError:
-        return
-    skeleton = _PLACEHOLDER.sub("P", clause)
-    assert _ALLOWED.match(skeleton), clause
-    assert set(re.findall(r"`[^`]*`", skeleton)) <= ALLOWED_COLS
-    for v in params.values():  # every value went out as a parameter, typed
-        assert isinstance(v, (str, int, float, list))
+@pytest.fixture(scope="module", autouse=True)
+def _fuzz_figures():
+    """The fuzz counts for scripts/reliability_report.py, once the module's tests have run."""
+    yield
+    record_figures("query fuzz", **FUZZ_DONE)
+
+
+def test_build_where_only_emits_fixed_tokens():
+    tally = {"accepted": 0, "rejected": 0}
+
+    @hyp_seed(7)
+    @settings(max_examples=FUZZ["builder"], deadline=None, database=None)
+    @given(filters=filters_strategy)
+    def run(filters):
+        FUZZ_DONE["builder"] += 1
+        try:
+            clause, params = build_where(filters)
+        except UsageError as exc:
+            assert str(exc), "a refusal says why"
+            tally["rejected"] += 1
+            return
+        tally["accepted"] += 1
+        skeleton = _PLACEHOLDER.sub("P", clause)
+        assert _ALLOWED.match(skeleton), clause
+        assert set(re.findall(r"`[^`]*`", skeleton)) <= ALLOWED_COLS
+        assert len(_PLACEHOLDER.findall(clause)) == len(params)  # one parameter per placeholder
+        for v in params.values():  # every value went out as a parameter, typed
+            assert isinstance(v, (str, int, float, list))
+
+    run()
+    assert tally["accepted"] >= tally["rejected"], tally  # the generator mostly builds valid filters
 
 
 @hyp_seed(8)
@@ -413,24 +446,137 @@ def test_parameters_round_trip_through_the_engine(env, s, arr, vec):
     assert np.array_equal(np.array(got["v"], np.float32), np.array(vec, np.float32))
 
 
-@hyp_seed(9)
-@settings(max_examples=FUZZ["engine"], deadline=None, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(filters=filters_strategy, k=st.integers(-5, 2000), exact=st.booleans(),
-       modality=st.sampled_from(["image", "text", "audio"]))
-def test_generated_searches_never_crash(env, filters, k, exact, modality):
-    FUZZ_DONE["engine"] += 1
+# -- generated searches: mostly valid filters, with bad pieces mixed in; each accepted search is
+#    checked against the same filters evaluated here in Python, each rejection must have a cause
+_NUM_OPS = ["=", "==", "!=", "<>", "<", "<=", ">", ">="]
+
+
+@pytest.fixture(scope="module")
+def table_rows(env):
     store = env[0]
-    try:
-        res = search(store, like=7, k=k, exact=exact, modality=modality, filters=filters)
-    except LaionError as exc:
-        assert isinstance(exc, UsageError), f"{type(exc).__name__}: {exc}"
-        return
-    assert len(res.rows) <= k
+    rows = store.rows("SELECT id, image_embedding, text_embedding, " + ", ".join(f"`{c}`" for c in WHERE_TYPES if c != "id")
+                      + " FROM laion ORDER BY id")
+    return rows
 
 
-def test_query_fuzz_figures():
-    record_figures("query fuzz", **FUZZ_DONE)
+@st.composite
+def where_pieces(draw, rows):
+    """(expression, valid): a column/op/value drawn from the table's own values, or a bad piece."""
+    if draw(st.integers(0, 9)) == 0:  # one in ten: something the parser must refuse
+        bad = draw(st.sampled_from(["nocolumn=1", "width=wide", "similarity~x", "width=99999999999", "=5",
+                                    "similarity=inf", "shard_row>-1"]))
+        return bad, False
+    col = draw(st.sampled_from(sorted(WHERE_TYPES)))
+    value = draw(st.sampled_from(rows))[col]
+    if WHERE_TYPES[col] == "String":
+        op = draw(st.sampled_from([*_NUM_OPS, "~"]))
+        text = str(value)
+        if op == "~" and text:
+            a = draw(st.integers(0, len(text) - 1))
+            text = text[a:a + draw(st.integers(1, 8))]
+        text = text.strip().replace("'", "").replace('"', "")
+        return f"{col}{op}{text}", True
+    op = draw(st.sampled_from(_NUM_OPS))
+    if WHERE_TYPES[col].startswith("Float"):
+        value = float(np.float32(value) + np.float32(draw(st.sampled_from([0.0, -0.01, 0.01]))))
+        return f"{col}{op}{value!r}", True
+    return f"{col} {op} {int(value) + draw(st.sampled_from([0, -1, 1]))}", True
+
+
+def _python_match(row: dict, f: Filters) -> bool:
+    """The filters' meaning, written again independently of build_where."""
+    if f.nsfw == "exclude" and row["NSFW"] in ("NSFW", "UNSURE"):
+        return False
+    if f.nsfw == "only" and row["NSFW"] != "NSFW":
+        return False
+    if f.min_similarity is not None and not np.float32(row["similarity"]) >= np.float32(f.min_similarity):
+        return False
+    if f.caption_contains and f.caption_contains.lower() not in row["caption"].lower():
+        return False
+    if row["id"] in f.exclude_ids:
+        return False
+    for expr in f.where:
+        m = re.match(r"^\s*(\w+)\s*(==|=|!=|<>|<=|>=|<|>|~)\s*(.*?)\s*$", expr)
+        col, op, raw = m.group(1), m.group(2), m.group(3)
+        have = row[col]
+        if op == "~":
+            ok = raw.lower() in str(have).lower()
+        else:
+            kind = WHERE_TYPES[col]
+            want = raw if kind == "String" else np.float32(raw) if kind.startswith("Float") else int(raw)
+            if kind.startswith("Float"):
+                have = np.float32(have)
+            ok = {"=": have == want, "==": have == want, "!=": have != want, "<>": have != want, "<": have < want,
+                  "<=": have <= want, ">": have > want, ">=": have >= want}[op]
+        if not ok:
+            return False
+    return True
+
+
+def test_generated_searches_return_what_their_filters_allow(env, table_rows):
+    store = env[0]
+    by_id = {r["id"]: r for r in table_rows}
+    ids = sorted(by_id)
+    tally = {"accepted": 0, "rejected": 0, "rows_checked": 0}
+
+    @hyp_seed(9)
+    @settings(max_examples=FUZZ["engine"], deadline=None, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(data=st.data(), exact=st.booleans(), modality=st.sampled_from(["image", "text"]))
+    def run(data, exact, modality):
+        FUZZ_DONE["engine"] += 1
+        where = data.draw(st.lists(where_pieces(table_rows), max_size=3))
+        nsfw = data.draw(st.sampled_from(["any", "exclude", "only"]))
+        min_sim = data.draw(st.one_of(st.none(), st.floats(0.0, 0.6)))
+        contains = data.draw(st.one_of(st.none(), st.sampled_from([r["caption"].split()[0] for r in table_rows[:20]]),
+                                       st.sampled_from(["a", "e", "zzzz"])))
+        k = data.draw(st.one_of(st.integers(1, 60), st.integers(1, ROWS + 20)))
+        like = data.draw(st.sampled_from(ids))
+        excluded = data.draw(st.lists(st.sampled_from(ids), max_size=3))
+        # one search in four gets one bad knob on top of the bad where pieces
+        spoil = data.draw(st.sampled_from(["", "", "", "k", "modality", "nsfw", "min_similarity"]))
+        if spoil == "k":
+            k = data.draw(st.sampled_from([0, -3, 1001]))
+        elif spoil == "modality":
+            modality = "audio"
+        elif spoil == "nsfw":
+            nsfw = "maybe"
+        elif spoil == "min_similarity":
+            min_sim = float("nan")
+        f = Filters(nsfw=nsfw, min_similarity=min_sim, caption_contains=contains, where=[w for w, _ in where],
+                    exclude_ids=excluded)
+        valid = all(ok for _, ok in where) and not spoil
+        try:
+            res = search(store, like=like, k=k, exact=exact, modality=modality, filters=f)
+        except LaionError as exc:
+            assert isinstance(exc, UsageError), f"{type(exc).__name__}: {exc}"
+            assert not valid, f"a valid search was refused: {exc} ({f}, k={k}, {modality})"
+            tally["rejected"] += 1
+            return
+        assert valid, f"an invalid search was accepted: {f}, k={k}, {modality}"
+        tally["accepted"] += 1
+        allowed = {i for i in ids if i != like and _python_match(by_id[i], f)}
+        got = [r["id"] for r in res.rows]
+        assert set(got) <= allowed, f"rows outside the filters: {set(got) - allowed} for {f}"
+        assert len(got) == len(set(got)) == min(k, len(allowed)), (len(got), k, len(allowed))
+        col = "image_embedding" if modality == "image" else "text_embedding"
+        q = np.asarray(by_id[like][col], np.float64)
+
+        def cos(i):
+            v = np.asarray(by_id[i][col], np.float64)
+            return 1 - v @ q / (np.linalg.norm(v) * np.linalg.norm(q))
+
+        dists = [r["distance"] for r in res.rows]
+        assert dists == sorted(dists)
+        np.testing.assert_allclose(dists, [cos(i) for i in got], atol=1e-5)
+        if got:  # nothing allowed and left out is nearer than the last row returned
+            rest = [cos(i) for i in allowed - set(got)]
+            assert not rest or min(rest) >= dists[-1] - 1e-5
+        tally["rows_checked"] += len(got)
+
+    run()
+    assert tally["accepted"] >= tally["rejected"], tally  # at least half the generated searches ran
+    assert tally["rows_checked"] > 0
 
 
 # -- schemathesis: the OpenAPI schema, fuzzed ------------------------------------------------------------

@@ -8,6 +8,8 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Sequence
 
+from . import killpoints
+
 if TYPE_CHECKING:
     import pyarrow as pa
     from rich.console import Console
@@ -166,6 +168,7 @@ class Progress:
             self._progress = None
 
     def __call__(self, event: dict[str, Any]) -> None:
+        killpoints.reached(event["event"], **{k: event[k] for k in ("shard", "index", "file") if k in event})
         self.observe(event)
         if self.mode == "json":
             if self.json_lines and self.want_json(event):

@@ -32,6 +32,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from . import killpoints
 from .backend import Backend, ChdbBackend, ClickHouseBackend, Params, is_url
 from .cluster import ClusterLayout, SingleNode, detect_layout
 from .errors import StoreError, UsageError
@@ -302,6 +303,7 @@ def connect(target: str | os.PathLike[str] | None = None, *, create: bool = True
         if any(candidate.glob("*_function.xml")):
             udf_path = str(candidate.resolve())
     check_store_dir(text)
+    killpoints.reached("store_open")
     backend = ChdbBackend(text, udf_path=udf_path)
     try:
         return Store(backend, create=create)
