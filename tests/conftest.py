@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from laion_search import connect
-from laion_search.synth import synth
+from laion_search.sources.synth import synth
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def test_bench_search_end_to_end(tmp_path):
-    from laion_search.bench_search import run
+    from laion_search.bench.search import run
 
     result = run(rows=600, queries=8, k=5, configs="8:32", threads=2, workdir=tmp_path / "w", out=tmp_path / "out")
     by = {r["method"]: r for r in result["results"]}

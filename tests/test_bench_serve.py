@@ -8,7 +8,7 @@ pytest.importorskip("fastapi")
 
 
 def test_bench_serve_small_load_has_no_errors(tmp_path):
-    from laion_search.bench_serve import run
+    from laion_search.bench.serve import run
 
     result = run(rows=500, clients=3, seconds=2, workdir=tmp_path)
     assert result["requests"] > 0 and result["errors"] == 0

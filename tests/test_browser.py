@@ -27,9 +27,9 @@ def server(tmp_path_factory):
     import uvicorn
 
     from laion_search import connect, ingest
-    from laion_search.synth import synth
-    from laion_search.tinyclip import make_clip_model
-    from laion_search.web import create_app
+    from laion_search.sources.synth import synth
+    from laion_search.clip.tiny import make_clip_model
+    from laion_search.web.app import create_app
 
     root = tmp_path_factory.mktemp("browser")
     model = str(make_clip_model(root / "tiny", "tiny"))

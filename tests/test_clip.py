@@ -15,11 +15,11 @@ pytest.importorskip("transformers")
 from PIL import Image  # noqa: E402
 
 from laion_search import EncoderError, connect, ingest  # noqa: E402
-from laion_search.embed import embed  # noqa: E402
-from laion_search.encoders import HFClipEncoder, get_encoder  # noqa: E402
+from laion_search.clip.embed import embed  # noqa: E402
+from laion_search.clip.encoders import HFClipEncoder, get_encoder  # noqa: E402
 from laion_search.search import search  # noqa: E402
-from laion_search.tinyclip import make_clip_model  # noqa: E402
-from laion_search.udf import format_vector, install_udfs, tsv_unescape  # noqa: E402
+from laion_search.clip.tiny import make_clip_model  # noqa: E402
+from laion_search.clip.udf import format_vector, install_udfs, tsv_unescape  # noqa: E402
 
 from .conftest import run_cli  # noqa: E402
 
@@ -86,7 +86,7 @@ def test_images_formats_exif_alpha_and_errors(tiny_model, tmp_path):
 
 
 def test_missing_dependency_gives_install_hint(monkeypatch, tiny_model):
-    import laion_search.encoders as encoders
+    import laion_search.clip.encoders as encoders
 
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(EncoderError, match=r"pip install 'laion-search\[clip\]'"):
@@ -184,7 +184,7 @@ def test_cli_search_text_image_and_embed(embedded_store, tiny_model, image_dir, 
 
 
 def test_bench_clip_end_to_end(tmp_path, tiny_model):
-    from laion_search.bench_clip import run
+    from laion_search.bench.clip import run
 
     result = run(rows=300, model=tiny_model, repeat=3, images=3, workdir=tmp_path)
     assert result["encode_ms"] > 0 and result["text_search_ms"] > 0 and result["udf_pooled_ms"] > 0

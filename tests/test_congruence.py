@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from laion_search import connect
-from laion_search.cluster import ClusterLayout
+from laion_search.backends.cluster import ClusterLayout
 from laion_search.index import IndexSpec, create_index
 from laion_search.ingest import ingest
 from laion_search.search import Filters, explain, search

@@ -8,7 +8,6 @@ import filecmp
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -19,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from laion_search.download import DEFAULT_BASE_URL, MANIFEST, Remote, RetryPolicy, download
+from laion_search.sources.download import DEFAULT_BASE_URL, MANIFEST, Remote, RetryPolicy, download
 from laion_search.errors import UsageError
-from laion_search.shards import KINDS, discover
-from laion_search.synth import synth
+from laion_search.sources.shards import KINDS, discover
+from laion_search.sources.synth import synth
 from laion_search.testing.faulty_http import Fault, FaultyServer
 
 from .conftest import run_cli
@@ -395,7 +394,7 @@ def test_cli_delete_after_ingest_plain_output_and_rerun(tmp_path):
 def test_cli_failure_exit_code_and_usage_errors(tmp_path):
     from typer.testing import CliRunner
 
-    from laion_search.cli import app
+    from laion_search.cli.main import app
 
     runner = CliRunner()
     with FaultyServer(tmp_path) as srv:  # serves nothing: every file is a 404
@@ -450,7 +449,7 @@ def test_complete_part_left_by_a_crash_before_the_rename(mirror, tmp_path):
 def test_retry_after_forms():
     import email.utils
 
-    from laion_search.download import _retry_after
+    from laion_search.sources.download import _retry_after
 
     assert _retry_after("7") == 7.0 and _retry_after(None) is None and _retry_after("soon") is None
     when = email.utils.formatdate(time.time() + 30, usegmt=True)
@@ -466,7 +465,7 @@ def test_progress_renderers(mirror, tmp_path, mode, monkeypatch, capsys):
 
     from rich.console import Console
 
-    from laion_search import output
+    from laion_search.cli import output
 
     term = io.StringIO()
     monkeypatch.setattr(output, "err", Console(file=term, force_terminal=(mode == "bar"), width=120))
@@ -547,9 +546,9 @@ def test_no_fsync_files_are_trusted_until_a_reboot(mirror, tmp_path):
 
 
 def test_npy_check_reads_the_header_only_and_agrees_with_read_npy_header(tmp_path):
-    from laion_search.download import _npy_rows, verify_file
+    from laion_search.sources.download import _npy_rows, verify_file
     from laion_search.errors import ShardValidationError
-    from laion_search.shards import read_npy_header
+    from laion_search.sources.shards import read_npy_header
 
     good = tmp_path / "good.npy"
     np.save(good, np.zeros((7, 4), dtype="<f2"))
@@ -583,7 +582,7 @@ def test_download_command_starts_without_the_heavy_imports():
     rich or torch (they come when the first file is verified); the package API is unchanged."""
     code = textwrap.dedent("""
         import sys
-        import laion_search, laion_search.cli, laion_search.download
+        import laion_search, laion_search.cli.main, laion_search.sources.download
         heavy = {"chdb", "pyarrow", "numpy", "rich", "torch", "laion_search.store", "laion_search.ingest"}
         print(sorted(heavy & set(sys.modules)))
         from laion_search import connect, ingest, IngestReport

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from laion_search import ShardValidationError, connect, ingest
-from laion_search.shards import ID_STRIDE
+from laion_search.sources.shards import ID_STRIDE
 
 from .conftest import run_cli
 
@@ -64,7 +64,7 @@ def test_values_match_source_exactly(store, shards_flat):
 
 
 def test_verbatim_hand_written_captions(store, tmp_path):
-    from laion_search.synth import synth
+    from laion_search.sources.synth import synth
 
     d = tmp_path / "s"
     synth(d, [0], 5, dim=16)
@@ -121,7 +121,7 @@ def test_bad_shard_leaves_table_unchanged(store, shards_flat, tmp_path):
 
 
 def test_dimension_must_match_table(store, shards_flat, tmp_path):
-    from laion_search.synth import synth
+    from laion_search.sources.synth import synth
 
     ingest(store, shards_flat, [0])
     d = tmp_path / "small"
@@ -141,7 +141,7 @@ def test_status(store, shards_flat):
 def test_killed_load_then_rerun(tmp_path):
     """SIGKILL a real `laion ingest` while it streams, then rerun: exact rows, no duplicates,
     never a partial shard visible."""
-    from laion_search.synth import synth
+    from laion_search.sources.synth import synth
 
     d = tmp_path / "shards"
     synth(d, [0, 1, 2, 3], 3000, seed=11)

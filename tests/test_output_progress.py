@@ -9,8 +9,8 @@ import json
 import pytest
 from rich.console import Console
 
-from laion_search import output
-from laion_search.bench_common import scratch_dir
+from laion_search.cli import output
+from laion_search.bench.common import scratch_dir
 
 INDEX_EVENTS = [{"event": "index_start", "index": "image_hnsw", "parts": 4},
                 {"event": "index_progress", "index": "image_hnsw", "parts_done": 2, "parts": 4},

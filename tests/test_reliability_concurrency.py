@@ -23,7 +23,7 @@ import pytest
 
 from laion_search import connect, ingest
 from laion_search.search import search
-from laion_search.synth import synth
+from laion_search.sources.synth import synth
 
 from .conftest import run_cli
 from .crash_harness import laion_cmd, record_figures, source_checksums, verify_store
@@ -57,7 +57,7 @@ def test_searches_in_threads_and_http_while_ingesting(data, tmp_path):
     pytest.importorskip("fastapi")
     import httpx
 
-    from laion_search.web import create_app
+    from laion_search.web.app import create_app
 
     src = data / "s"
     vecs = _vectors(src, [0, 1, 2, 3])

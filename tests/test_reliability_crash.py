@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from laion_search import connect
-from laion_search.synth import synth
+from laion_search.sources.synth import synth
 
 from .crash_harness import (
     CrashLog,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from laion_search.synth import synth
+from laion_search.sources.synth import synth
 
 from .conftest import run_cli
 from .crash_harness import record_figures, source_checksums, verify_store

@@ -22,7 +22,7 @@ import pytest
 
 from laion_search import connect, ingest
 from laion_search.errors import ShardError, ShardValidationError
-from laion_search.synth import synth
+from laion_search.sources.synth import synth
 
 from .conftest import run_cli
 from .crash_harness import record_figures
@@ -558,7 +558,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import seed as hyp_seed  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from laion_search.shards import (  # noqa: E402
+from laion_search.sources.shards import (  # noqa: E402
     ACCEPTED_DTYPES,
     ID_STRIDE,
     discover,
@@ -696,7 +696,7 @@ def _column(t: pa.DataType, n: int, draw) -> pa.Array:
 @given(data=st.data())
 def test_fuzz_metadata_schemas(data):
     """Any set of metadata columns and types: a ShardValidationError naming the column, or a clean load."""
-    from laion_search.shards import METADATA_COLUMNS, REQUIRED_METADATA
+    from laion_search.sources.shards import METADATA_COLUMNS, REQUIRED_METADATA
 
     rows = 5
     cols = data.draw(st.dictionaries(st.sampled_from(sorted(METADATA_COLUMNS) + ["extra", "id"]),

@@ -249,7 +249,7 @@ import sys, numpy as np
 from laion_search import connect, ingest
 from laion_search.index import create_scan_copy, index_status
 from laion_search.search import search
-from laion_search.synth import synth
+from laion_search.sources.synth import synth
 root = sys.argv[1]
 synth(root + "/a", [0], 300, seed=1); synth(root + "/b", [1], 300, seed=2)
 store = connect(root + "/db")

@@ -5,15 +5,14 @@ plus the cluster DDL and the capacity plan, which need no server."""
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from laion_search import connect
-from laion_search.backend import ClickHouseBackend, parse_url, redact_url
-from laion_search.cluster import ClusterLayout, SingleNode, parse_distributed
+from laion_search.backends import ClickHouseBackend, parse_url, redact_url
+from laion_search.backends.cluster import ClusterLayout, SingleNode, parse_distributed
 from laion_search.errors import QueryError, StoreError, UsageError
 from laion_search.index import IndexSpec, create_index, drop_index, index_status
 from laion_search.ingest import ingest
@@ -137,7 +136,7 @@ def test_parameters_arrive_byte_exact(server_url):
 
 
 def test_captions_with_control_characters_round_trip_and_filter(server_url, tmp_path):
-    from laion_search.synth import synth
+    from laion_search.sources.synth import synth
 
     synth(tmp_path, [5], 50, seed=3)
     import pyarrow.parquet as pq
@@ -175,7 +174,7 @@ def cli(*args: str, env: dict[str, str] | None = None):
     """The `laion` app in-process (a server URL opens no chDB here, so this is safe and fast)."""
     from typer.testing import CliRunner
 
-    from laion_search.cli import app
+    from laion_search.cli.main import app
 
     return CliRunner().invoke(app, list(args), env=env)
 
@@ -214,7 +213,7 @@ def test_http_api_over_a_server_store(server_url, shards_flat):
 
     import httpx
 
-    from laion_search.web import create_app
+    from laion_search.web.app import create_app
 
     with connect(server_url) as s:
         ingest(s, shards_flat, [1])
@@ -276,7 +275,7 @@ def test_cluster_local_statements_run_on_the_engine(server_url, shards_flat):
     """What a cluster node runs locally, run for real on one node: laion_local, the explicit-engine
     staging table, the partition swap (with a vector index on laion_local) and the drops. Only
     ``ON CLUSTER`` (needs Keeper) and the Distributed tables (need remote_servers) are left out."""
-    from laion_search.shards import discover, open_shard
+    from laion_search.sources.shards import discover, open_shard
 
     lay = ClusterLayout("c", "x")
     local = lambda q: q.replace(lay.on_cluster, "")  # noqa: E731 - this node's share of an ON CLUSTER statement

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from laion_search.errors import ShardError, ShardValidationError, UsageError
-from laion_search.shards import ID_STRIDE, discover, open_shard, parse_shard_spec
-from laion_search.synth import synth
+from laion_search.sources.shards import ID_STRIDE, discover, open_shard, parse_shard_spec
+from laion_search.sources.synth import synth
 
 
 def test_parse_shard_spec():

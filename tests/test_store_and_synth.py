@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from laion_search import QueryError, StoreError, UsageError, connect
-from laion_search.backend import format_param
-from laion_search.synth import synth
+from laion_search.backends import format_param
+from laion_search.sources.synth import synth
 from laion_search.vectors import parse_params
 
 from .conftest import run_cli
@@ -120,7 +120,7 @@ def test_cli_synth_layouts(tmp_path):
 
 
 def test_bench_ingest_runs_end_to_end(tmp_path):
-    from laion_search.bench_ingest import run
+    from laion_search.bench.ingest import run
 
     result = run(rows=3000, guide_rows=300, workdir=tmp_path)
     by = {r["method"]: r for r in result["results"]}
@@ -139,7 +139,7 @@ def test_concurrent_queries_use_separate_sessions(tmp_path, shards_flat):
     from concurrent.futures import ThreadPoolExecutor
 
     from laion_search import ingest
-    from laion_search.backend import MAX_SESSIONS
+    from laion_search.backends import MAX_SESSIONS
     from laion_search.search import search
 
     with connect(tmp_path / "db") as store:

@@ -15,9 +15,9 @@ pytest.importorskip("torch")
 from PIL import Image  # noqa: E402
 
 from laion_search import connect, ingest  # noqa: E402
-from laion_search.synth import synth  # noqa: E402
-from laion_search.tinyclip import make_clip_model  # noqa: E402
-from laion_search.web import create_app  # noqa: E402
+from laion_search.sources.synth import synth  # noqa: E402
+from laion_search.clip.tiny import make_clip_model  # noqa: E402
+from laion_search.web.app import create_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +206,7 @@ def test_engine_failure_is_a_clean_500(web_store, monkeypatch):
     def boom(*a, **kw):
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setattr("laion_search.web.search", boom)
+    monkeypatch.setattr("laion_search.web.app.search", boom)
     r = call(app, "POST", "/api/search", json={"like": 1})
     assert r.status_code == 500 and r.json() == {"error": "internal error"}
     assert "secret" not in r.text

@@ -9,7 +9,7 @@ import sys as _sys
 import types as _types
 from typing import Any as _Any
 
-from .errors import (EncoderError, LaionError, QueryError, ShardError, ShardValidationError, StoreBusyError, StoreError,
+from laion_search.errors import (EncoderError, LaionError, QueryError, ShardError, ShardValidationError, StoreBusyError, StoreError,
                      UsageError)
 
 __version__ = "0.1.0"

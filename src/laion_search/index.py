@@ -18,9 +18,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .errors import UsageError
-from .search import METRICS, SCAN_SUFFIX
-from .store import TABLE, Store
+from laion_search.errors import UsageError
+from laion_search.search import METRICS, SCAN_SUFFIX
+from laion_search.store import TABLE, Store
 
 QUANTIZATIONS = ("bf16", "f16", "f32", "i8", "b1")
 INDEX_NAMES = {"image": ("image_index", "image_embedding"), "text": ("text_index", "text_embedding")}
@@ -153,7 +153,7 @@ def _run_mutation(store: Store, label: str, action: str, emit: ProgressFn, poll_
             last = done
         fails = [p["latest_fail_reason"] for p in pending if p["latest_fail_reason"]]
         if fails:
-            from .errors import StoreError
+            from laion_search.errors import StoreError
 
             raise StoreError(f"building {label} failed: {fails[0]}")
         if not pending:

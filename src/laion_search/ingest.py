@@ -27,9 +27,9 @@ from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 
-from .errors import LaionError, QueryError, StoreError
-from .shards import ShardFiles, ShardReader, discover, open_shard
-from .store import SHARDS_TABLE, TABLE, Store, list_stage_tables, stage_table_name
+from laion_search.errors import LaionError, QueryError, StoreError
+from laion_search.sources.shards import ShardFiles, ShardReader, discover, open_shard
+from laion_search.store import SHARDS_TABLE, TABLE, Store, list_stage_tables, stage_table_name
 
 ProgressFn = Callable[[dict[str, Any]], None]
 

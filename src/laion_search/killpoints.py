@@ -5,7 +5,7 @@ every :func:`reached` call writes one JSON line describing the moment to ``W`` a
 for one byte on ``R`` before going on. The harness therefore knows the process is alive and
 exactly where it is: it can acknowledge and let it run on, or SIGKILL it while it waits, or
 acknowledge and kill it a moment later, mid-way to the next point. Every progress event is a
-kill point (see :class:`laion_search.output.Progress`), and so is opening the store.
+kill point (see :class:`laion_search.cli.output.Progress`), and so is opening the store.
 
 Unset (always, outside tests), :func:`reached` costs one dictionary lookup. When the harness
 closes its end, the process runs on without waiting.

@@ -37,7 +37,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .errors import UsageError
+from laion_search.errors import UsageError
 
 #: Bytes per 512-d vector on disk, measured (see the module docstring).
 VECTOR_BYTES_512 = {"f32-none": 2056.0, "f32-lz4": 1210.0, "bf16": 1032.0}

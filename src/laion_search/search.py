@@ -21,10 +21,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .backend import settings_sql
-from .errors import UsageError
-from .store import COLUMNS, TABLE, Store
-from .vectors import as_vector
+from laion_search.backends import settings_sql
+from laion_search.errors import UsageError
+from laion_search.store import COLUMNS, TABLE, Store
+from laion_search.vectors import as_vector
 
 MAX_K = 1000  # ClickHouse's max_limit_for_vector_search_queries default
 MODALITIES = {"image": "image_embedding", "text": "text_embedding"}
@@ -144,7 +144,7 @@ def search(store: Store, vector: Any = None, *, like: int | None = None, text: s
     if options.filter_strategy not in FILTER_STRATEGIES:
         raise UsageError(f"filter strategy must be one of {', '.join(FILTER_STRATEGIES)}")
     if text is not None or image is not None:
-        from .encoders import get_encoder
+        from laion_search.clip.encoders import get_encoder
 
         enc = get_encoder(model)
         vector = enc.encode_text([text])[0] if text is not None else enc.encode_image([image])[0]

@@ -1,4 +1,4 @@
-"""The store: the ``laion`` table and its bookkeeping, over one :class:`~laion_search.backend.Backend`.
+"""The store: the ``laion`` table and its bookkeeping, over one :class:`~laion_search.backends.base.Backend`.
 
 Open one with :func:`connect` (a directory → embedded chDB; a ``clickhouse://`` URL → server).
 
@@ -32,10 +32,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from . import killpoints
-from .backend import Backend, ChdbBackend, ClickHouseBackend, Params, is_url
-from .cluster import ClusterLayout, SingleNode, detect_layout
-from .errors import StoreError, UsageError
+from laion_search import killpoints
+from laion_search.backends import Backend, ChdbBackend, ClickHouseBackend, Params, is_url
+from laion_search.backends.cluster import ClusterLayout, SingleNode, detect_layout
+from laion_search.errors import StoreError, UsageError
 
 TABLE = "laion"
 SHARDS_TABLE = "laion_shards"
@@ -141,7 +141,7 @@ class Store:
 
     def init_cluster(self, layout: ClusterLayout) -> list[str]:
         """Create ``laion_local`` / ``laion`` (Distributed) and the shard registry ``ON CLUSTER``
-        (idempotent); returns the statements run. See :mod:`laion_search.cluster`."""
+        (idempotent); returns the statements run. See :mod:`laion_search.backends.cluster`."""
         statements = layout.init_statements(TABLE_DDL, SHARDS_DDL, TABLE, SHARDS_TABLE)
         for stmt in statements:
             self.backend.command(stmt)
@@ -245,7 +245,7 @@ class Store:
             "sum(data_uncompressed_bytes) AS bytes_uncompressed "
             f"FROM {self.layout.system('parts')} "
             "WHERE database = currentDatabase() AND table = {t:String} AND active", {"t": self.data_table})[0]
-        from .index import index_status  # index builds on store: import here, not at module level
+        from laion_search.index import index_status  # index builds on store: import here, not at module level
 
         indexes = [{k: i[k] for k in ("name", "column", "type", "parts_covered", "parts", "bytes_on_disk")}
                    for i in index_status(self)]
@@ -278,7 +278,7 @@ def connect(target: str | os.PathLike[str] | None = None, *, create: bool = True
             udf_path: str | None = None) -> Store:
     """Open a store: a directory (embedded chDB, created if needed) or a ClickHouse server URL
     (``clickhouse://user:password@host:8123/db``, ``clickhouses://…:8443/db`` for TLS; see
-    :func:`laion_search.backend.parse_url`). Both run the same statements and give the same results.
+    :func:`laion_search.backends.server.parse_url`). Both run the same statements and give the same results.
 
     ``None`` uses ``$LAION_URL``, else :func:`default_db_path` (``$LAION_DB`` or the per-user data directory).
 

@@ -8,7 +8,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .errors import UsageError
+from laion_search.errors import UsageError
 
 MAX_VECTOR_FILE_BYTES = 64 * 1024 * 1024
 

@@ -3,7 +3,7 @@
 No ClickHouse server binary can be installed on our build machines, but chDB *is* the
 ClickHouse engine (in-process). This module puts the part of ClickHouse's HTTP interface that
 clickhouse-connect uses in front of one chDB store, so the server code path of laion-search
-(:class:`~laion_search.backend.ClickHouseBackend`: URL parsing, clickhouse-connect, server-side
+(:class:`~laion_search.backends.server.ClickHouseBackend`: URL parsing, clickhouse-connect, server-side
 query parameters, Arrow results, Arrow inserts, error mapping) runs in every ``make test``
 against the real engine. Run it in its own process (chDB hosts one store per process)::
 
@@ -51,7 +51,6 @@ import re
 import sys
 import tempfile
 import threading
-import time
 import uuid
 import zlib
 from email.parser import BytesParser

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import EncoderError, UsageError
+from laion_search.errors import EncoderError, UsageError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -79,8 +79,8 @@ def list_images(root: Path) -> list[Path]:
 def embed(images_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, captions: str | None = None,
           model: str | None = None, shard_size: int = 10_000, batch_size: int = 32, start_shard: int = 0,
           progress: ProgressFn | None = None) -> EmbedReport:
-    from .encoders import get_encoder
-    from .images import load_image
+    from laion_search.clip.encoders import get_encoder
+    from laion_search.clip.images import load_image
 
     emit = progress or (lambda e: None)
     root, out = Path(images_dir), Path(out)

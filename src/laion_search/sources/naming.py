@@ -1,11 +1,11 @@
 """Shard numbers: ``"0-9"``, ``"3,7,12-15"`` — parsed without numpy or pyarrow, so a command can
-read its arguments before the heavy imports (re-exported by :mod:`laion_search.shards`)."""
+read its arguments before the heavy imports (re-exported by :mod:`laion_search.sources.shards`)."""
 
 from __future__ import annotations
 
 import re
 
-from .errors import UsageError
+from laion_search.errors import UsageError
 
 #: ``id = shard * ID_STRIDE + row``: unique, stable, and readable (id 3000000042 is shard 3, row 42).
 ID_STRIDE = 1_000_000_000

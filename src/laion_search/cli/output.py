@@ -8,7 +8,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Sequence
 
-from . import killpoints
+from laion_search import killpoints
 
 if TYPE_CHECKING:
     import pyarrow as pa

@@ -35,9 +35,9 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .errors import EncoderError, LaionError, QueryError, UsageError
-from .search import MAX_K, Filters, SearchOptions, search
-from .store import COLUMNS, TABLE, Store
+from laion_search.errors import EncoderError, LaionError, QueryError, UsageError
+from laion_search.search import MAX_K, Filters, SearchOptions, search
+from laion_search.store import COLUMNS, TABLE, Store
 
 log = logging.getLogger("laion_search.web")
 
@@ -275,7 +275,7 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
-        html = resources.files("laion_search").joinpath("static/index.html").read_text(encoding="utf-8")
+        html = resources.files("laion_search").joinpath("web/static/index.html").read_text(encoding="utf-8")
         return HTMLResponse(html)
 
     return app

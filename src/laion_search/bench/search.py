@@ -69,12 +69,12 @@ def _row(name: str, results, lat, truth, k, qps1, qpsn, **extra) -> dict[str, An
 def run(rows: int = 100_000, queries: int = 100, k: int = 10, configs: str = "16:64,64:256",
         quantization: str = "bf16", threads: int = 2, workdir: Path | None = None, out: Path | None = None,
         log: Callable[[str], Any] | None = None) -> dict[str, Any]:
-    from .bench_common import scratch_dir
-    from .index import IndexSpec, create_index, create_scan_copy, drop_index, drop_scan_copy, index_status
-    from .ingest import ingest
-    from .search import search
-    from .store import connect
-    from .synth import synth
+    from laion_search.bench.common import scratch_dir
+    from laion_search.index import IndexSpec, create_index, create_scan_copy, drop_index, drop_scan_copy, index_status
+    from laion_search.ingest import ingest
+    from laion_search.search import search
+    from laion_search.store import connect
+    from laion_search.sources.synth import synth
 
     say = log or (lambda m: None)
     results: list[dict[str, Any]] = []

@@ -54,7 +54,7 @@ _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
 
 def check_name(kind: str, name: str) -> str:
-    from .errors import UsageError
+    from laion_search.errors import UsageError
 
     if not name or not _NAME_RE.match(name):
         raise UsageError(f"{kind} must be letters, digits, '_' or '-', got {name!r}")
@@ -105,7 +105,7 @@ class ClusterLayout:
     replicated: bool = False
 
     def __post_init__(self) -> None:
-        from .errors import UsageError
+        from laion_search.errors import UsageError
 
         check_name("cluster name", self.cluster)
         check_name("database name", self.database)
@@ -152,7 +152,7 @@ class ClusterLayout:
         return out
 
     def create_stage(self, stage: str, table: str) -> list[str]:
-        from .store import TABLE_SETTINGS  # the store imports this module
+        from laion_search.store import TABLE_SETTINGS  # the store imports this module
 
         local = self.local(stage)
         return [f"CREATE TABLE {local}{self.on_cluster} AS {self.local(table)} ENGINE = {self.engine(local)} "

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .bench_common import scratch_dir
+from laion_search.bench.common import scratch_dir
 
 QUERIES = ["a dog and a cat", "LEGO Friends set", "red sports car on a road", "sunset over the beach",
            "a bowl of salad", "city skyline at night", "vintage leather boots", "a white kitten sleeping"]
@@ -41,15 +41,15 @@ def run(rows: int = 100_000, model: str | None = None, repeat: int = 30, images:
         workdir: Path | None = None, log: Callable[[str], Any] | None = None) -> dict[str, Any]:
     from PIL import Image
 
-    from .embed import embed
-    from .encoders import get_encoder
-    from .index import IndexSpec, create_index
-    from .ingest import ingest
-    from .search import search
-    from .store import connect
-    from .synth import synth
-    from .tinyclip import make_clip_model
-    from .udf import install_udfs
+    from laion_search.clip.embed import embed
+    from laion_search.clip.encoders import get_encoder
+    from laion_search.index import IndexSpec, create_index
+    from laion_search.ingest import ingest
+    from laion_search.search import search
+    from laion_search.store import connect
+    from laion_search.sources.synth import synth
+    from laion_search.clip.tiny import make_clip_model
+    from laion_search.clip.udf import install_udfs
 
     say = log or (lambda m: None)
     with scratch_dir(workdir, "laion-bench-clip-") as root:

@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .errors import EncoderError
+from laion_search.errors import EncoderError
 
 #: Formats we accept (Pillow names). Anything else is refused before decoding.
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")

@@ -47,7 +47,7 @@ XML = """<functions>
 SCRIPT = """#!{python}
 # Written by `laion udf install`: ClickHouse executable_pool UDF {name}(String) -> Array(Float32).
 # Model: {model_label}. The interpreter above is the environment that has laion-search[clip].
-from laion_search.udf import serve
+from laion_search.clip.udf import serve
 
 raise SystemExit(serve({kind!r}, {model!r}))
 """
@@ -56,7 +56,7 @@ raise SystemExit(serve({kind!r}, {model!r}))
 def install_udfs(directory: str | os.PathLike[str], *, python: str | None = None, model: str | None = None,
                  pool_size: int = 1) -> list[Path]:
     """Write ``encode_text.py``, ``encode_image.py`` and their ``*_function.xml`` into ``directory``."""
-    from .encoders import resolve_model
+    from laion_search.clip.encoders import resolve_model
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -94,9 +94,9 @@ def server_instructions(directory: str | os.PathLike[str]) -> str:
             f"  2. copy {d}/*_function.xml to the directory matched by user_defined_executable_functions_config\n"
             f"     (default /etc/clickhouse-server/*_function.xml); e.g. config.d/laion-udf.xml:\n"
             + "\n".join("       " + line for line in SERVER_CONFIG.splitlines()) + "\n"
-            f"  3. the scripts' first line names the Python with laion-search[clip]: install it on the server\n"
-            f"     (or rewrite with --python PATH) and put the CLIP model there (--model DIR);\n"
-            f"  4. run: SYSTEM RELOAD FUNCTIONS   (ON CLUSTER name, on a cluster)")
+            "  3. the scripts' first line names the Python with laion-search[clip]: install it on the server\n"
+            "     (or rewrite with --python PATH) and put the CLIP model there (--model DIR);\n"
+            "  4. run: SYSTEM RELOAD FUNCTIONS   (ON CLUSTER name, on a cluster)")
 
 
 _UNESCAPE = {"\\\\": "\\", "\\t": "\t", "\\n": "\n", "\\r": "\r", "\\0": "\0", "\\'": "'", "\\b": "\b",
@@ -117,8 +117,8 @@ def serve(kind: str, model: str | None = None, stdin=None, stdout=None, stderr=N
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
-    from .encoders import get_encoder
-    from .errors import LaionError
+    from laion_search.clip.encoders import get_encoder
+    from laion_search.errors import LaionError
 
     try:
         enc = get_encoder(model)

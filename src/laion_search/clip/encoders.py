@@ -25,8 +25,8 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from .errors import EncoderError, UsageError
-from .images import load_image
+from laion_search.errors import EncoderError, UsageError
+from laion_search.clip.images import load_image
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 ENV_MODEL = "LAION_CLIP_MODEL"

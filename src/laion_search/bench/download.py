@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .shards import KINDS
+from laion_search.sources.shards import KINDS
 
 _URLLIB_COPY = """
 import shutil, sys, urllib.request
@@ -96,7 +96,7 @@ def _gnu_sync() -> str | None:
 
 def run(shards: int = 4, rows: int = 50_000, rate: float = 25e6, repeat: int = 3, workdir: Path | None = None,
         out: Path | None = None, unthrottled: bool = True, log: Callable[[str], Any] | None = None) -> dict[str, Any]:
-    from .bench_common import scratch_dir
+    from laion_search.bench.common import scratch_dir
 
     with scratch_dir(workdir, "laion-bench-download-") as root:
         return _run(shards, rows, rate, repeat, root, out, unthrottled, log or (lambda msg: None))
@@ -104,7 +104,7 @@ def run(shards: int = 4, rows: int = 50_000, rate: float = 25e6, repeat: int = 3
 
 def _run(shards: int, rows: int, rate: float, repeat: int, workdir: Path, out: Path | None, unthrottled: bool,
          say: Callable[[str], Any]) -> dict[str, Any]:
-    from .synth import synth
+    from laion_search.sources.synth import synth
 
     numbers = list(range(shards))
     src = workdir / f"src-{shards}x{rows}"

@@ -9,8 +9,8 @@ from typing import Any, Callable, List, Optional
 
 import typer
 
-from . import output
-from .errors import LaionError, UsageError
+from laion_search.cli import output
+from laion_search.errors import LaionError, UsageError
 
 app = typer.Typer(help="Search LAION image-text embeddings in ClickHouse: embedded chDB, or a server, "
                        "cluster or Cloud service with --url clickhouse://….",
@@ -52,7 +52,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def open_store(db: Optional[str], url: Optional[str] = None):
-    from .store import connect
+    from laion_search.store import connect
 
     return connect(url or db)
 
@@ -74,8 +74,8 @@ def synth(
 
     Example: laion synth ./shards --shards 0-2 --rows 100000
     """
-    from .shards import parse_shard_spec
-    from .synth import synth as do_synth
+    from laion_search.sources.shards import parse_shard_spec
+    from laion_search.sources.synth import synth as do_synth
 
     numbers = parse_shard_spec(shards) or [0]
     if layout not in ("flat", "folders"):
@@ -109,8 +109,8 @@ def ingest(
 
     Example: laion ingest ./shards --shards 0-9 --db ./laion-db
     """
-    from .ingest import ingest as do_ingest
-    from .shards import parse_shard_spec
+    from laion_search.ingest import ingest as do_ingest
+    from laion_search.sources.shards import parse_shard_spec
 
     numbers = parse_shard_spec(shards)
     with open_store(db, url) as store, output.IngestProgress(output.progress_mode(json_output)) as progress:
@@ -171,8 +171,8 @@ def download(
     """
     import contextlib
 
-    from .download import DEFAULT_BASE_URL, Remote, RetryPolicy, download as do_download
-    from .shardspec import parse_shard_spec
+    from laion_search.sources.download import DEFAULT_BASE_URL, Remote, RetryPolicy, download as do_download
+    from laion_search.sources.naming import parse_shard_spec
 
     numbers = parse_shard_spec(shards) or []
     if not numbers:
@@ -272,7 +272,7 @@ def sql(
     Example: laion sql "SELECT url, caption FROM laion ORDER BY cosineDistance(image_embedding,
     {target:Array(Float32)}) LIMIT 10" --param target=@vector.json
     """
-    from .vectors import parse_params
+    from laion_search.vectors import parse_params
 
     if fmt not in ("table", "json", "jsonl", "csv", "tsv"):
         raise UsageError("--format must be table, json, jsonl, csv or tsv")
@@ -316,9 +316,9 @@ def search(
 
     Example: laion search --text "a dog and a cat" --k 5 --nsfw exclude --where "width>=400"
     """
-    from .search import Filters, SearchOptions
-    from .search import search as do_search
-    from .vectors import load_vector_file
+    from laion_search.search import Filters, SearchOptions
+    from laion_search.search import search as do_search
+    from laion_search.vectors import load_vector_file
 
     if sum(x is not None for x in (vector, like, text, image)) != 1:
         raise UsageError("give exactly one query: --text, --image, --vector FILE or --like ID")
@@ -368,7 +368,7 @@ def index_create(
 
     Examples: laion index create --column both --guide · laion index create --kind scan
     """
-    from .index import (DEFAULT_EF_CONSTRUCTION, DEFAULT_M, GUIDE_EF_CONSTRUCTION, GUIDE_M, IndexSpec, columns_for,
+    from laion_search.index import (DEFAULT_EF_CONSTRUCTION, DEFAULT_M, GUIDE_EF_CONSTRUCTION, GUIDE_M, IndexSpec, columns_for,
                         create_index, create_scan_copy)
 
     if _check_kind(kind) == "scan":
@@ -416,7 +416,7 @@ def index_status_cmd(db: Optional[str] = DbOption, url: Optional[str] = UrlOptio
 
     Example: laion index status
     """
-    from .index import index_status
+    from laion_search.index import index_status
 
     with open_store(db, url) as store:
         info = index_status(store)
@@ -443,7 +443,7 @@ def index_drop(column: str = typer.Option("both", "--column", help="image, text 
 
     Example: laion index drop --column text
     """
-    from .index import INDEX_NAMES, columns_for, drop_index, drop_scan_copy, scan_column
+    from laion_search.index import INDEX_NAMES, columns_for, drop_index, drop_scan_copy, scan_column
 
     with open_store(db, url) as store:
         if _check_kind(kind) == "scan":
@@ -478,7 +478,7 @@ def serve(
 
     Example: laion serve --port 8000 --db ./laion-db
     """
-    from .web import serve as run_server
+    from laion_search.web.app import serve as run_server
 
     with open_store(db, url) as store:
         output.err.print(f"serving {store.location} on http://{host}:{port}/  (API docs: /docs)")
@@ -504,7 +504,7 @@ def embed(
 
     Example: laion embed ./photos ./photo-shards --captions captions.csv && laion ingest ./photo-shards
     """
-    from .embed import embed as do_embed
+    from laion_search.clip.embed import embed as do_embed
 
     if captions and from_filenames:
         raise UsageError("use either --captions or --from-filenames")
@@ -541,9 +541,9 @@ def udf_install(
 
     Example: laion udf install --model ./clip-b32 && laion sql "SELECT encode_text('a cat')"
     """
-    from .backend import is_url
-    from .store import UDF_DIR, default_db_path
-    from .udf import install_udfs, server_instructions
+    from laion_search.backends import is_url
+    from laion_search.store import UDF_DIR, default_db_path
+    from laion_search.clip.udf import install_udfs, server_instructions
 
     server = url or (db if db and is_url(db) else None)
     if server and not directory:
@@ -553,7 +553,7 @@ def udf_install(
     files = install_udfs(target, python=python, model=model, pool_size=pool_size)
     loaded = None
     if server:
-        from .store import connect
+        from laion_search.store import connect
 
         with connect(server) as store:
             loaded = sorted(r["name"] for r in store.rows(
@@ -595,9 +595,9 @@ def init(
 
     Example: laion init --url clickhouse://default:@ch1:8123/default --cluster laion --replicated
     """
-    from .backend import is_url, parse_url
-    from .cluster import ClusterLayout
-    from .store import SHARDS_DDL, SHARDS_TABLE, TABLE, TABLE_DDL
+    from laion_search.backends import is_url, parse_url
+    from laion_search.backends.cluster import ClusterLayout
+    from laion_search.store import SHARDS_DDL, SHARDS_TABLE, TABLE, TABLE_DDL
 
     target = url or db
     if cluster is None:
@@ -613,7 +613,7 @@ def init(
         layout = ClusterLayout(cluster, database, shards_by, replicated)
         statements = layout.init_statements(TABLE_DDL, SHARDS_DDL, TABLE, SHARDS_TABLE)
         if not dry_run:
-            from .store import connect
+            from laion_search.store import connect
 
             with connect(str(target), create=False) as store:
                 store.init_cluster(layout)
@@ -648,8 +648,8 @@ def plan(
 
     Example: laion plan --rows 400M --nodes 6 ; laion plan --rows 5.85B --dim 768 --nodes 64 --ram-gib 512
     """
-    from .plan import PlanInputs, markdown, parse_count
-    from .plan import plan as do_plan
+    from laion_search.plan import PlanInputs, markdown, parse_count
+    from laion_search.plan import plan as do_plan
 
     result = do_plan(PlanInputs(rows=parse_count(rows), dim=dim, nodes=nodes, cores=cores, ram_gib=ram,
                                 disk_tib=disk, storage=storage, quantization=quantization, m=m,
@@ -672,7 +672,7 @@ def demo(
 
     Example: laion demo --dir ./laion-demo
     """
-    from .demo import run_demo
+    from laion_search.cli.demo import run_demo
 
     run_demo(workdir, rows=rows, shards=shards)
 
@@ -692,7 +692,7 @@ def bench_ingest(
 
     Example: laion bench ingest --rows 1000000 --guide-rows 50000
     """
-    from .bench_ingest import run as run_bench
+    from laion_search.bench.ingest import run as run_bench
 
     result = run_bench(rows=rows, guide_rows=guide_rows, workdir=workdir, log=None if json_output else output.err.print)
     if json_output:
@@ -720,7 +720,7 @@ def bench_search(
 
     Example: laion bench search --rows 1000000 --configs 16:64,16:128,64:256
     """
-    from .bench_search import parse_configs, run as run_bench
+    from laion_search.bench.search import parse_configs, run as run_bench
 
     try:
         parse_configs(configs)
@@ -753,7 +753,7 @@ def bench_clip(
 
     Example: laion bench clip --rows 1000000
     """
-    from .bench_clip import run as run_bench
+    from laion_search.bench.clip import run as run_bench
 
     result = run_bench(rows=rows, model=model, repeat=repeat, images=images, workdir=workdir,
                        log=None if json_output else output.err.print)
@@ -773,7 +773,7 @@ def bench_serve(
 
     Example: laion bench serve --rows 1000000 --clients 16 --seconds 30
     """
-    from .bench_serve import run as run_bench
+    from laion_search.bench.serve import run as run_bench
 
     result = run_bench(rows=rows, clients=clients, seconds=seconds, workdir=workdir,
                        log=None if json_output else output.err.print)
@@ -798,7 +798,7 @@ def bench_download(
 
     Example: laion bench download --shards 4 --rows 50000 --rate 25 --repeat 3
     """
-    from .bench_download import run as run_bench
+    from laion_search.bench.download import run as run_bench
 
     result = run_bench(shards=shards, rows=rows, rate=rate * 1e6, repeat=repeat, unthrottled=unthrottled,
                        workdir=workdir, out=out, log=None if json_output else output.err.print)

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .bench_common import scratch_dir
+from laion_search.bench.common import scratch_dir
 
 
 def _free_port() -> int:
@@ -36,10 +36,10 @@ def run(rows: int = 100_000, clients: int = 16, seconds: float = 30.0, workdir: 
     import httpx
     import psutil
 
-    from .index import IndexSpec, create_index
-    from .ingest import ingest
-    from .store import connect
-    from .synth import synth
+    from laion_search.index import IndexSpec, create_index
+    from laion_search.ingest import ingest
+    from laion_search.store import connect
+    from laion_search.sources.synth import synth
 
     say = log or (lambda m: None)
     with scratch_dir(workdir, "laion-bench-serve-") as root:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import output
-from .index import IndexSpec, create_index
-from .ingest import ingest
-from .search import Filters, search
-from .shards import ID_STRIDE
-from .store import connect
-from .synth import synth
+from laion_search.cli import output
+from laion_search.index import IndexSpec, create_index
+from laion_search.ingest import ingest
+from laion_search.search import Filters, search
+from laion_search.sources.shards import ID_STRIDE
+from laion_search.store import connect
+from laion_search.sources.synth import synth
 
 GUIDE_QUERY = ("SELECT url, caption FROM laion "
                "ORDER BY cosineDistance(image_embedding, {target:Array(Float32)}) LIMIT 10")

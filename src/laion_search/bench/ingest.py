@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .bench_common import scratch_dir
+from laion_search.bench.common import scratch_dir
 
 GUIDE_DDL = """
 CREATE TABLE laion
@@ -103,7 +103,7 @@ def worker(method: str, shard_dir: str, db: str) -> dict[str, Any]:
         t_process = time.perf_counter() - t0
         csv_bytes = os.path.getsize(str_i + ".csv")
         # --- then the guide's CREATE TABLE and INSERT … FROM INFILE ---
-        from laion_search.backend import ChdbBackend
+        from laion_search.backends import ChdbBackend
 
         backend = ChdbBackend(db)
         try:
@@ -123,7 +123,7 @@ def _run_worker(method: str, shard_dir: Path, db: Path) -> dict[str, Any]:
     # Flush dirty pages left by the synth step or the previous worker, so that no pipeline is
     # throttled by another's writeback.
     os.sync()
-    proc = subprocess.run([sys.executable, "-m", "laion_search.bench_ingest", method, str(shard_dir), str(db)],
+    proc = subprocess.run([sys.executable, "-m", "laion_search.bench.ingest", method, str(shard_dir), str(db)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"bench worker {method} failed:\n{proc.stderr[-2000:]}")
@@ -132,7 +132,7 @@ def _run_worker(method: str, shard_dir: Path, db: Path) -> dict[str, Any]:
 
 def run(rows: int = 200_000, guide_rows: int = 20_000, workdir: Path | None = None,
         log: Callable[[str], Any] | None = None) -> dict[str, Any]:
-    from .synth import synth
+    from laion_search.sources.synth import synth
 
     say = log or (lambda msg: None)
     with scratch_dir(workdir, "laion-bench-") as root:

@@ -4,7 +4,7 @@
 ``"vit-b-32"`` has exactly OpenAI CLIP ViT-B/32's architecture (so its timings are the real
 model's) with random weights. Both are saved with a real CLIP byte-level BPE tokenizer (a small
 vocabulary) and load through the same code path as the published model
-(:class:`laion_search.encoders.HFClipEncoder`). Their vectors carry no meaning across models, but
+(:class:`laion_search.clip.encoders.HFClipEncoder`). Their vectors carry no meaning across models, but
 they are deterministic: the same text always gives the same vector.
 """
 

@@ -26,7 +26,7 @@ Per file:
   (``--no-fsync``) skips the flushes: safe against a killed process, not against a power cut, so
   such files are not trusted after a reboot (the manifest keeps the boot id).
 
-Per shard, once its three files are complete: :func:`laion_search.shards.open_shard` checks they
+Per shard, once its three files are complete: :func:`laion_search.sources.shards.open_shard` checks they
 agree (dimensions, dtypes, metadata columns, row counts), and the shard is recorded in the
 manifest. With a store, verified shards are handed to ingest (in the calling thread) while the
 pool keeps downloading; ``delete_after_ingest`` removes a shard's files once it is loaded (and
@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urljoin, urlsplit
 
-from .errors import DownloadError, LaionError, UsageError
+from laion_search.errors import DownloadError, LaionError, UsageError
 
 # numpy and pyarrow (through .shards) are imported when the first file needs them, not at start-up.
 # (Not in a background thread during the first transfers: on a busy machine the import's hold on
@@ -384,7 +384,7 @@ def verify_file(path: Path, kind: str) -> int:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from .errors import ShardValidationError
+        from laion_search.errors import ShardValidationError
 
         try:
             return pq.ParquetFile(path).metadata.num_rows
@@ -393,7 +393,7 @@ def verify_file(path: Path, kind: str) -> int:
     rows = _npy_rows(path)
     if rows is not None:
         return rows
-    from .shards import read_npy_header
+    from laion_search.sources.shards import read_npy_header
 
     return read_npy_header(path).rows
 
@@ -841,7 +841,7 @@ def download(shards: list[int], to: str | os.PathLike[str], *, remote: Remote | 
                     cond.notify_all()
             return
         try:
-            from .shards import ShardFiles, open_shard
+            from laion_search.sources.shards import ShardFiles, open_shard
 
             if fsync:  # the files' new names are durable before the shard is recorded as verified
                 _fsync_dirs(j.dest.parent for j in files)
@@ -953,7 +953,7 @@ def download(shards: list[int], to: str | os.PathLike[str], *, remote: Remote | 
 
 
 def _fingerprint(files: list[FileJob]) -> str | None:
-    from .shards import ShardFiles
+    from laion_search.sources.shards import ShardFiles
 
     try:
         return ShardFiles(files[0].shard, *(j.dest for j in files)).fingerprint()
@@ -963,8 +963,8 @@ def _fingerprint(files: list[FileJob]) -> str | None:
 
 def _ingest_one(store: Any, n: int, files: list[FileJob], report: DownloadReport, emit: ProgressFn,
                 batch_rows: int | None) -> None:
-    from .ingest import DEFAULT_BATCH_ROWS, ingest_files
-    from .shards import ShardFiles
+    from laion_search.ingest import DEFAULT_BATCH_ROWS, ingest_files
+    from laion_search.sources.shards import ShardFiles
 
     def relay(e: dict[str, Any]) -> None:
         kind = e.get("event")

@@ -1,0 +1,3 @@
+from laion_search.cli.main import main
+
+main()
