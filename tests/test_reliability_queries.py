@@ -480,7 +480,8 @@ def where_pieces(draw, rows):
     if WHERE_TYPES[col].startswith("Float"):
         value = float(np.float32(value) + np.float32(draw(st.sampled_from([0.0, -0.01, 0.01]))))
         return f"{col}{op}{value!r}", True
-    return f"{col} {op} {int(value) + draw(st.sampled_from([0, -1, 1]))}", True
+    number = int(value) + draw(st.sampled_from([0, -1, 1]))
+    return f"{col} {op} {number}", not (WHERE_TYPES[col].startswith("UInt") and number < 0)  # -1: out of range
 
 
 def _python_match(row: dict, f: Filters) -> bool:
