@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from laion_search import ShardValidationError, connect, ingest
-from laion_search.sources.shards import ID_STRIDE
+from laion_search.schema import ID_STRIDE
 
 from .conftest import run_cli
 

@@ -134,7 +134,7 @@ def test_searches_in_threads_and_http_while_ingesting(data, tmp_path):
 
 
 def test_searches_while_index_is_materialised(data, tmp_path):
-    from laion_search.index import IndexSpec, create_index, index_status
+    from laion_search.index import IndexSpec, create_index
 
     src = data / "s"
     vecs = _vectors(src, [0, 1, 2, 3])
@@ -171,7 +171,7 @@ def test_searches_while_index_is_materialised(data, tmp_path):
             t.join(timeout=30)
         assert errors == [], errors[:5]
         assert counts["exact"] >= 2 and counts["indexed"] >= 2, counts
-        assert all(i["parts_covered"] == i["parts"] for i in index_status(store))
+        assert all(i["parts_covered"] == i["parts"] for i in store.index_status())
     finally:
         done.set()
         store.close()

@@ -111,9 +111,7 @@ def test_index_create_sigkill_then_rerun(tmp_path):
     run_to_completion(laion_cmd("index", "create", "--column", "both", "--db", str(db), "--json"))
 
     def index_ok(store):
-        from laion_search.index import index_status
-
-        info = {i["name"]: i for i in index_status(store)}
+        info = {i["name"]: i for i in store.index_status()}
         assert set(info) == {"image_index", "text_index"}
         assert all(i["parts_covered"] == i["parts"] for i in info.values()), info
         _search_works(store, indexed=True)

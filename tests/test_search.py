@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from laion_search import UsageError, connect, ingest
-from laion_search.index import IndexSpec, create_index, drop_index, index_status
+from laion_search.index import IndexSpec, create_index, drop_index
 from laion_search.search import Filters, SearchOptions, explain, search
 
 from .conftest import run_cli
@@ -84,7 +84,7 @@ def test_index_is_used_and_recall_is_high(loaded):
     store, truth, _ = loaded
     create_index(store, IndexSpec(column="image", m=16, ef_construction=64))
     try:
-        info = index_status(store)
+        info = store.index_status()
         assert info[0]["name"] == "image_index" and info[0]["parts_covered"] == info[0]["parts"]
         assert info[0]["m"] == 16 and info[0]["quantization"] == "bf16"
         rng = np.random.default_rng(1)
@@ -105,7 +105,7 @@ def test_index_is_used_and_recall_is_high(loaded):
         assert search(store, truth["image"][3], k=5, metric="l2").strategy == "exact (no index)"
     finally:
         assert drop_index(store, "image")
-    assert index_status(store) == []
+    assert store.index_status() == []
 
 
 def test_filtered_indexed_search_returns_k(loaded):
@@ -179,7 +179,7 @@ def test_exact_through_bf16_scan_copy_equals_numpy(loaded):
     info = create_scan_copy(store, "image")
     try:
         assert info["index"] == "image_embedding_bf16" and info["rows"] == len(truth["ids"])
-        status = {i["name"]: i for i in index_status(store)}
+        status = {i["name"]: i for i in store.index_status()}
         assert status["image_embedding_bf16"]["parts_covered"] == status["image_embedding_bf16"]["parts"]
         rng = np.random.default_rng(5)
         queries = [rng.standard_normal(512).astype(np.float32) for _ in range(4)]
@@ -247,7 +247,7 @@ def test_scan_copy_fills_shards_ingested_later(tmp_path):
     code = r'''
 import sys, numpy as np
 from laion_search import connect, ingest
-from laion_search.index import create_scan_copy, index_status
+from laion_search.index import create_scan_copy
 from laion_search.search import search
 from laion_search.sources.synth import synth
 root = sys.argv[1]
@@ -256,7 +256,7 @@ store = connect(root + "/db")
 ingest(store, root + "/a")
 create_scan_copy(store, "text")
 ingest(store, root + "/b")
-st = [i for i in index_status(store) if i["name"] == "text_embedding_bf16"][0]
+st = [i for i in store.index_status() if i["name"] == "text_embedding_bf16"][0]
 assert st["parts_covered"] == st["parts"], st
 n = store.scalar("SELECT count() FROM laion WHERE length(text_embedding_bf16) = 512")
 assert n == 600, n

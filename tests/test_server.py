@@ -14,11 +14,11 @@ from laion_search import connect
 from laion_search.backends import ClickHouseBackend, parse_url, redact_url
 from laion_search.backends.cluster import ClusterLayout, SingleNode, parse_distributed
 from laion_search.errors import QueryError, StoreError, UsageError
-from laion_search.index import IndexSpec, create_index, drop_index, index_status
+from laion_search.index import IndexSpec, create_index, drop_index
 from laion_search.ingest import ingest
 from laion_search.plan import PlanInputs, parse_count, plan
 from laion_search.search import Filters, explain, search
-from laion_search.store import SHARDS_DDL, SHARDS_TABLE, TABLE, TABLE_DDL
+from laion_search.schema import SHARDS_DDL, SHARDS_TABLE, TABLE, TABLE_DDL
 
 from .conftest import run_cli
 
@@ -110,7 +110,7 @@ def test_ingest_search_index_on_server(server_url, shards_flat):
         exact = search(s, like=1_000_000_042, k=10, exact=True)
         assert len(exact.rows) == 10 and 1_000_000_042 not in [r["id"] for r in exact.rows]
         create_index(s, IndexSpec("image", m=16, ef_construction=128))
-        info = index_status(s)
+        info = s.index_status()
         assert info[0]["name"] == "image_index" and info[0]["parts_covered"] == info[0]["parts"] > 0
         indexed = search(s, like=1_000_000_042, k=10)
         assert "vector_similarity" in explain(s, indexed) or "image_index" in explain(s, indexed)
@@ -119,7 +119,7 @@ def test_ingest_search_index_on_server(server_url, shards_flat):
         filt = search(s, like=1_000_000_042, k=5, filters=Filters(nsfw="exclude", where=["width>=300"]),
                       columns=["NSFW", "width"])
         assert len(filt.rows) == 5 and all(r["NSFW"] not in ("NSFW", "UNSURE") and r["width"] >= 300 for r in filt.rows)
-        assert drop_index(s, "image") is True and index_status(s) == []
+        assert drop_index(s, "image") is True and s.index_status() == []
 
 
 def test_parameters_arrive_byte_exact(server_url):

@@ -11,7 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from laion_search.errors import ShardError, ShardValidationError, UsageError
-from laion_search.sources.shards import ID_STRIDE, discover, open_shard, parse_shard_spec
+from laion_search.schema import ID_STRIDE
+from laion_search.sources.naming import parse_shard_spec
+from laion_search.sources.shards import discover, open_shard
 from laion_search.sources.synth import synth
 
 

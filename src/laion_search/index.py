@@ -19,11 +19,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from laion_search.errors import UsageError
-from laion_search.search import METRICS, SCAN_SUFFIX
-from laion_search.store import TABLE, Store
-
-QUANTIZATIONS = ("bf16", "f16", "f32", "i8", "b1")
-INDEX_NAMES = {"image": ("image_index", "image_embedding"), "text": ("text_index", "text_embedding")}
+from laion_search.schema import INDEX_NAMES, METRICS, QUANTIZATIONS, TABLE, scan_column
+from laion_search.store import Store
 #: Chosen from the sweep in the README (100K rows): ≥ 4× faster to build than the guide's (64, 256)
 #: at recall@10 ≥ 0.95 — (16, 64) built 7.1× faster at recall 0.960; (16, 128), recall 0.998, was
 #: 3.8–4.5× across runs, one flag away (--ef-construction 128), as is the guide's (--guide).
@@ -77,26 +74,6 @@ def columns_for(which: str) -> list[str]:
     return [which]
 
 
-def list_indexes(store: Store) -> list[dict[str, Any]]:
-    return store.rows(
-        "SELECT name, expr, type_full, data_compressed_bytes AS bytes_on_disk, "
-        "data_uncompressed_bytes AS bytes_uncompressed FROM " + _sys(store, "data_skipping_indices") + " "
-        "WHERE database = currentDatabase() AND table = {t:String} AND type = 'vector_similarity' ORDER BY name",
-        {"t": store.data_table})
-
-
-def parse_type(type_full: str) -> dict[str, Any]:
-    """``vector_similarity('hnsw', 'cosineDistance', 512, 'bf16', 64, 256)`` → its parameters."""
-    args = [a.strip().strip("'") for a in re.sub(r"^[^(]*\(|\)$", "", type_full).split(",")]
-    out: dict[str, Any] = {"method": args[0] if args else None}
-    if len(args) >= 3:
-        out["distance"] = args[1]
-        out["dim"] = int(args[2])
-    if len(args) >= 6:
-        out.update(quantization=args[3], m=int(args[4]), ef_construction=int(args[5]))
-    return out
-
-
 def create_index(store: Store, spec: IndexSpec, *, materialize: bool = True, replace: bool = False,
                  progress: ProgressFn | None = None, poll_seconds: float = 0.2) -> dict[str, Any]:
     """Add the index (if absent) and build it on every part. Idempotent: an index that exists
@@ -107,7 +84,7 @@ def create_index(store: Store, spec: IndexSpec, *, materialize: bool = True, rep
     if dim is None:
         raise UsageError("the table is empty: ingest shards before creating an index (its dimension comes from them)")
     want = spec.type_sql(dim)
-    existing = {i["name"]: i for i in list_indexes(store)}
+    existing = {i["name"]: i for i in store.list_indexes()}
     if spec.name in existing and _normal(existing[spec.name]["type_full"]) != _normal(want):
         if not replace:
             raise UsageError(f"{spec.name} exists with different parameters ({existing[spec.name]['type_full']}); "
@@ -136,7 +113,7 @@ def _materialize(store: Store, spec: IndexSpec, emit: ProgressFn, poll_seconds: 
 
 def _run_mutation(store: Store, label: str, action: str, emit: ProgressFn, poll_seconds: float) -> None:
     """``ALTER TABLE … <action>`` as a background mutation, reporting parts done until it ends."""
-    total = store.scalar("SELECT count() FROM " + _sys(store, "parts") + " WHERE database = currentDatabase() "
+    total = store.scalar("SELECT count() FROM " + store.layout.system("parts") + " WHERE database = currentDatabase() "
                          "AND table = {t:String} AND active", {"t": store.data_table}) or 0
     emit({"event": "index_start", "index": label, "parts": total})
     # The engine runs the mutation in the background; mutations_sync = 0 lets us watch it.
@@ -144,7 +121,7 @@ def _run_mutation(store: Store, label: str, action: str, emit: ProgressFn, poll_
     last = -1
     while True:
         pending = store.rows(
-            "SELECT mutation_id, parts_to_do, latest_fail_reason FROM " + _sys(store, "mutations") + " "
+            "SELECT mutation_id, parts_to_do, latest_fail_reason FROM " + store.layout.system("mutations") + " "
             "WHERE database = currentDatabase() AND table = {t:String} AND NOT is_done", {"t": store.data_table})
         todo = sum(int(p["parts_to_do"]) for p in pending)
         done = max(total - todo, 0)
@@ -166,7 +143,7 @@ def compact(store: Store, progress: ProgressFn | None = None) -> int:
     indexes: one HNSW graph per shard instead of one per insert batch (faster queries, and no
     graph is built twice because a later merge would rebuild it). Returns partitions merged."""
     emit = progress or (lambda e: None)
-    rows = store.rows("SELECT partition_id, count() AS parts FROM " + _sys(store, "parts") + " WHERE database = currentDatabase() "
+    rows = store.rows("SELECT partition_id, count() AS parts FROM " + store.layout.system("parts") + " WHERE database = currentDatabase() "
                       "AND table = {t:String} AND active GROUP BY partition_id HAVING parts > 1 ORDER BY partition_id",
                       {"t": store.data_table})
     for i, r in enumerate(rows):
@@ -179,51 +156,10 @@ def drop_index(store: Store, column: str) -> bool:
     name = INDEX_NAMES[column][0] if column in INDEX_NAMES else None
     if name is None:
         raise UsageError(f"column must be image or text, got {column!r}")
-    existed = any(i["name"] == name for i in list_indexes(store))
+    existed = any(i["name"] == name for i in store.list_indexes())
     store.backend.command(f"ALTER TABLE {store.data_table}{store.layout.on_cluster} DROP INDEX IF EXISTS {name}")
     store.forget_dim()
     return existed
-
-
-def index_status(store: Store) -> list[dict[str, Any]]:
-    """Each vector index: its parameters, how many parts carry it, size on disk."""
-    out = []
-    parts = store.rows(
-        "SELECT name, rows FROM " + _sys(store, "parts") + " WHERE database = currentDatabase() AND table = {t:String} AND active",
-        {"t": store.data_table})
-    indexes = list_indexes(store)
-    # system.parts reports secondary-index bytes per part, not per index, so "covered" is
-    # approximate: a part counts once it carries any skip index (one query serves all indexes).
-    covered = store.rows(
-        "SELECT count() AS parts, sum(rows) AS rows FROM " + _sys(store, "parts") + " WHERE database = currentDatabase() "
-        "AND table = {t:String} AND active AND secondary_indices_compressed_bytes > 0", {"t": store.data_table})[0] \
-        if indexes else {}
-    for idx in indexes:
-        info = parse_type(idx["type_full"])
-        out.append({
-            "name": idx["name"], "column": idx["expr"], **info,
-            "parts": len(parts), "parts_covered": int(covered["parts"] or 0),
-            "rows": sum(int(p["rows"]) for p in parts), "rows_covered": int(covered["rows"] or 0),
-            "bytes_on_disk": int(idx["bytes_on_disk"] or 0),
-            "memory_bytes_estimate": _memory_estimate(info, sum(int(p["rows"]) for p in parts)),
-            "type": idx["type_full"],
-        })
-    return out + scan_status(store)
-
-
-_BYTES = {"f32": 4, "f16": 2, "bf16": 2, "i8": 1, "b1": 1 / 8}
-
-
-def _memory_estimate(info: dict[str, Any], rows: int) -> int | None:
-    """ClickHouse's sizing rule: rows × dim × bytes per value + rows × M × 2 × 4 bytes of links."""
-    if "quantization" not in info:
-        return None
-    return int(rows * info["dim"] * _BYTES.get(info["quantization"], 4) + rows * info["m"] * 8)
-
-
-def _sys(store: Store, name: str) -> str:
-    """``system.<name>``; on a cluster, that table of every shard (``cluster('c', system.<name>)``)."""
-    return store.layout.system(name)
 
 
 def _normal(t: str) -> str:
@@ -237,13 +173,6 @@ def _normal(t: str) -> str:
 #: candidates and re-ranks those with the float32 vectors: results and distances are the
 #: full-precision ones (bf16 keeps 8 bits of mantissa: a dot product moves by ~1e-4, far less
 #: than the gap between the k-th and the last candidate).
-def scan_column(column: str) -> str:
-    """``image`` → ``image_embedding_bf16``."""
-    if column not in INDEX_NAMES:
-        raise UsageError(f"column must be image or text, got {column!r}")
-    return INDEX_NAMES[column][1] + SCAN_SUFFIX
-
-
 def create_scan_copy(store: Store, column: str, *, progress: ProgressFn | None = None,
                      poll_seconds: float = 0.2) -> dict[str, Any]:
     """Add the bf16 copy of one embedding column and fill it on every part. Idempotent: parts
@@ -262,7 +191,7 @@ def create_scan_copy(store: Store, column: str, *, progress: ProgressFn | None =
                           f"MATERIALIZED CAST(arrayMap(x -> x / L2Norm(`{emb}`), `{emb}`), 'Array(BFloat16)') "
                           "CODEC(NONE)")
     store.forget_dim()
-    if _parts_missing(store, name):
+    if store.parts_missing(name):
         _run_mutation(store, name, f"MATERIALIZE COLUMN `{name}`", emit, poll_seconds)
     seconds = time.perf_counter() - t0
     rows = store.scalar(f"SELECT count() FROM {TABLE}") or 0
@@ -277,29 +206,3 @@ def drop_scan_copy(store: Store, column: str) -> bool:
     store.backend.command(f"ALTER TABLE {store.data_table}{store.layout.on_cluster} DROP COLUMN IF EXISTS `{name}`")
     store.forget_dim()
     return existed
-
-
-def _parts_missing(store: Store, name: str) -> int:
-    """Active parts whose files lack the column (written before it was added)."""
-    return int(store.scalar(
-        "SELECT count() FROM system.parts AS p WHERE database = currentDatabase() AND table = {t:String} AND active "
-        "AND name NOT IN (SELECT part_name FROM system.parts_columns WHERE database = currentDatabase() "
-        "AND table = {t:String} AND active AND column = {c:String})", {"t": store.data_table, "c": name}) or 0)
-
-
-def scan_status(store: Store) -> list[dict[str, Any]]:
-    """Each bf16 scan copy: parts that carry it and its size on disk."""
-    out = []
-    for column in INDEX_NAMES:
-        name = scan_column(column)
-        if name not in store.columns():
-            continue
-        parts = int(store.scalar("SELECT count() FROM system.parts WHERE database = currentDatabase() "
-                                 "AND table = {t:String} AND active", {"t": store.data_table}) or 0)
-        size = store.scalar("SELECT data_compressed_bytes FROM system.columns WHERE database = currentDatabase() "
-                            "AND table = {t:String} AND name = {c:String}", {"t": store.data_table, "c": name})
-        out.append({"name": name, "column": INDEX_NAMES[column][1], "method": "scan", "quantization": "bf16",
-                    "parts": parts, "parts_covered": parts - _parts_missing(store, name),
-                    "bytes_on_disk": int(size or 0), "memory_bytes_estimate": 0,
-                    "type": "Array(BFloat16) copy for exact search"})
-    return out

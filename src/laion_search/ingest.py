@@ -29,7 +29,8 @@ import pyarrow as pa
 
 from laion_search.errors import LaionError, QueryError, StoreError
 from laion_search.sources.shards import ShardFiles, ShardReader, discover, open_shard
-from laion_search.store import SHARDS_TABLE, TABLE, Store, list_stage_tables, stage_table_name
+from laion_search.schema import SHARDS_TABLE, TABLE
+from laion_search.store import Store, list_stage_tables, stage_table_name
 
 ProgressFn = Callable[[dict[str, Any]], None]
 

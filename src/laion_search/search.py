@@ -23,22 +23,11 @@ import numpy as np
 
 from laion_search.backends import settings_sql
 from laion_search.errors import UsageError
-from laion_search.store import COLUMNS, TABLE, Store
+from laion_search.schema import (COLUMNS, DEFAULT_COLUMNS, FILTER_STRATEGIES, MAX_K, METRICS, MODALITIES, NSFW_MODES,
+                                 SCAN_SUFFIX, TABLE, WHERE_TYPES)
+from laion_search.store import Store
 from laion_search.vectors import as_vector
 
-MAX_K = 1000  # ClickHouse's max_limit_for_vector_search_queries default
-MODALITIES = {"image": "image_embedding", "text": "text_embedding"}
-METRICS = {"cosine": "cosineDistance", "l2": "L2Distance"}
-NSFW_MODES = ("any", "exclude", "only")
-FILTER_STRATEGIES = ("auto", "postfilter", "prefilter")
-DEFAULT_COLUMNS = ("id", "caption", "url")
-
-#: Column types for ``--where`` values (the allow-list).
-WHERE_TYPES = {
-    "id": "Int64", "url": "String", "caption": "String", "NSFW": "String", "similarity": "Float32",
-    "shard": "UInt32", "shard_row": "UInt32", "key": "String", "width": "Int32", "height": "Int32",
-    "original_width": "Int32", "original_height": "Int32", "LICENSE": "String",
-}
 _WHERE_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(==|=|!=|<>|<=|>=|<|>|~)\s*(.*?)\s*$", re.S)
 _OPS = {"=": "=", "==": "=", "!=": "!=", "<>": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
 
@@ -201,7 +190,6 @@ EXACT_MARGIN = 2
 #: With a bf16 scan copy (``laion index create --kind scan``: unit vectors in bfloat16) a cosine
 #: scan reads half the bytes and ranks by the copy's dot product; this many candidates per
 #: result are re-ranked with the float32 vectors. (l2 searches scan the float32 column.)
-SCAN_SUFFIX = "_bf16"
 SCAN_MARGIN = 4
 
 

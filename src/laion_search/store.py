@@ -2,21 +2,7 @@
 
 Open one with :func:`connect` (a directory → embedded chDB; a ``clickhouse://`` URL → server).
 
-The ``laion`` table keeps the guide's columns and types exactly, so the guide's SQL runs
-verbatim, and adds LAION metadata columns plus the shard bookkeeping:
-
-* ``id = shard * 1_000_000_000 + row`` (unique, stable, readable);
-* ``PARTITION BY shard`` so that a shard becomes visible in one atomic step
-  (``REPLACE PARTITION`` from a staging table) and re-ingesting it replaces it;
-* embeddings stored with ``CODEC(NONE)``: CLIP vectors do not compress, and skipping the
-  codec makes both inserts and exact scans faster (see the benchmarks in the README);
-* ``index_granularity = 1024`` instead of the guide's 8192: a vector search fetches caption and
-  url for its k hits only, and smaller granules make that read ~40 % cheaper (13 → 8 ms for 10
-  rows), which is most of an indexed query's cost;
-* compressed blocks of 4–16 KiB instead of 64 KiB–1 MiB: reading one row decompresses the block
-  that holds it, so small blocks make the k-row reads of a search cheaper again (an indexed
-  query returning id, caption and url: 17.5 → 13.7 ms at 100K rows) at ~15 % more bytes for the
-  text columns; scans are not slower (the embeddings are stored uncompressed anyway).
+The table's columns, DDL and layout choices live in :mod:`laion_search.schema`.
 
 ``laion_shards`` records what was loaded (row count, file fingerprint, repairs).
 """
@@ -36,60 +22,11 @@ from laion_search import killpoints
 from laion_search.backends import Backend, ChdbBackend, ClickHouseBackend, Params, is_url
 from laion_search.backends.cluster import ClusterLayout, SingleNode, detect_layout
 from laion_search.errors import StoreError, UsageError
+from laion_search.schema import (INDEX_NAMES, SHARDS_DDL, SHARDS_TABLE, STAGE_PREFIX, TABLE, TABLE_DDL,
+                                 index_memory_estimate, parse_index_type, scan_column)
 
-TABLE = "laion"
-SHARDS_TABLE = "laion_shards"
-STAGE_PREFIX = "laion_stage_"
 SCHEMA_TTL = 30.0  # seconds a store trusts its cached column / index list
 UDF_DIR = "udf"  # <store>/udf: executable UDFs the embedded engine loads at open
-
-#: MergeTree settings of the ``laion`` table (and of its staging and cluster-local tables)
-TABLE_SETTINGS = "index_granularity = 1024, min_compress_block_size = 4096, max_compress_block_size = 16384"
-
-TABLE_DDL = """
-CREATE TABLE IF NOT EXISTS {table}
-(
-    `id` Int64,
-    `url` String,
-    `caption` String,
-    `NSFW` String,
-    `similarity` Float32,
-    `image_embedding` Array(Float32) CODEC(NONE),
-    `text_embedding` Array(Float32) CODEC(NONE),
-    `shard` UInt32,
-    `shard_row` UInt32,
-    `key` String,
-    `width` Int32,
-    `height` Int32,
-    `original_width` Int32,
-    `original_height` Int32,
-    `LICENSE` String
-)
-ENGINE = MergeTree
-PARTITION BY shard
-ORDER BY id
-SETTINGS """ + TABLE_SETTINGS + "\n"
-
-SHARDS_DDL = """
-CREATE TABLE IF NOT EXISTS {table}
-(
-    `shard` UInt32,
-    `rows` UInt64,
-    `dim` UInt32,
-    `source` String,
-    `fingerprint` String,
-    `renormalised` UInt64,
-    `loaded_at` DateTime64(3),
-    `dropped` UInt64 DEFAULT 0,
-    `text_repaired` UInt64 DEFAULT 0
-)
-ENGINE = ReplacingMergeTree(loaded_at)
-ORDER BY shard
-"""
-
-#: Columns that searches and ``--where`` may name; everything else is refused.
-COLUMNS = ("id", "url", "caption", "NSFW", "similarity", "shard", "shard_row", "key", "width", "height",
-           "original_width", "original_height", "LICENSE")
 
 
 _READ_ONLY_RE = re.compile(r"^\s*(\(\s*)*(SELECT|WITH|EXPLAIN|SHOW|DESC|DESCRIBE|EXISTS)\b", re.I)
@@ -236,6 +173,58 @@ class Store:
             self._dim = self.scalar(f"SELECT image_embedding.size0 FROM {TABLE} LIMIT 1")
         return self._dim
 
+    # -- indexes (introspection; building them is laion_search.index's job) ----------------------
+    def list_indexes(self) -> list[dict[str, Any]]:
+        """The table's ``vector_similarity`` indexes as the engine lists them."""
+        return self.rows(
+            "SELECT name, expr, type_full, data_compressed_bytes AS bytes_on_disk, "
+            "data_uncompressed_bytes AS bytes_uncompressed FROM " + self.layout.system("data_skipping_indices") + " "
+            "WHERE database = currentDatabase() AND table = {t:String} AND type = 'vector_similarity' ORDER BY name",
+            {"t": self.data_table})
+
+    def index_status(self) -> list[dict[str, Any]]:
+        """Each vector index and bf16 scan copy: its parameters, how many parts carry it, size on disk."""
+        out = []
+        parts = self.rows(
+            "SELECT name, rows FROM " + self.layout.system("parts") + " WHERE database = currentDatabase() "
+            "AND table = {t:String} AND active", {"t": self.data_table})
+        rows = sum(int(p["rows"]) for p in parts)
+        indexes = self.list_indexes()
+        # system.parts reports secondary-index bytes per part, not per index, so "covered" is
+        # approximate: a part counts once it carries any skip index (one query serves all indexes).
+        covered = self.rows(
+            "SELECT count() AS parts, sum(rows) AS rows FROM " + self.layout.system("parts") + " WHERE "
+            "database = currentDatabase() AND table = {t:String} AND active AND secondary_indices_compressed_bytes > 0",
+            {"t": self.data_table})[0] if indexes else {}
+        for idx in indexes:
+            info = parse_index_type(idx["type_full"])
+            out.append({
+                "name": idx["name"], "column": idx["expr"], **info,
+                "parts": len(parts), "parts_covered": int(covered["parts"] or 0),
+                "rows": rows, "rows_covered": int(covered["rows"] or 0),
+                "bytes_on_disk": int(idx["bytes_on_disk"] or 0),
+                "memory_bytes_estimate": index_memory_estimate(info, rows),
+                "type": idx["type_full"],
+            })
+        for column in INDEX_NAMES:
+            name = scan_column(column)
+            if name not in self.columns():
+                continue
+            size = self.scalar("SELECT data_compressed_bytes FROM system.columns WHERE database = currentDatabase() "
+                               "AND table = {t:String} AND name = {c:String}", {"t": self.data_table, "c": name})
+            out.append({"name": name, "column": INDEX_NAMES[column][1], "method": "scan", "quantization": "bf16",
+                        "parts": len(parts), "parts_covered": len(parts) - self.parts_missing(name),
+                        "bytes_on_disk": int(size or 0), "memory_bytes_estimate": 0,
+                        "type": "Array(BFloat16) copy for exact search"})
+        return out
+
+    def parts_missing(self, column: str) -> int:
+        """Active parts whose files lack ``column`` (written before it was added)."""
+        return int(self.scalar(
+            "SELECT count() FROM system.parts AS p WHERE database = currentDatabase() AND table = {t:String} AND active "
+            "AND name NOT IN (SELECT part_name FROM system.parts_columns WHERE database = currentDatabase() "
+            "AND table = {t:String} AND active AND column = {c:String})", {"t": self.data_table, "c": column}) or 0)
+
     def status(self) -> dict[str, Any]:
         """Rows, shards, size on disk and vector indexes, as plain data."""
         records = self.shard_records()
@@ -245,10 +234,8 @@ class Store:
             "sum(data_uncompressed_bytes) AS bytes_uncompressed "
             f"FROM {self.layout.system('parts')} "
             "WHERE database = currentDatabase() AND table = {t:String} AND active", {"t": self.data_table})[0]
-        from laion_search.index import index_status  # index builds on store: import here, not at module level
-
         indexes = [{k: i[k] for k in ("name", "column", "type", "parts_covered", "parts", "bytes_on_disk")}
-                   for i in index_status(self)]
+                   for i in self.index_status()]
         shards = []
         for n in sorted(set(records) | set(counts)):
             rec = records.get(n)

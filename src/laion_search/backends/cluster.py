@@ -45,6 +45,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from laion_search.schema import TABLE_SETTINGS
+
 LOCAL_SUFFIX = "_local"
 SHARDS_BY = {"modulo": "shard", "hash": "cityHash64(shard)"}
 #: Sent with every insert into a Distributed table: write synchronously to the target shard.
@@ -152,7 +154,6 @@ class ClusterLayout:
         return out
 
     def create_stage(self, stage: str, table: str) -> list[str]:
-        from laion_search.store import TABLE_SETTINGS  # the store imports this module
 
         local = self.local(stage)
         return [f"CREATE TABLE {local}{self.on_cluster} AS {self.local(table)} ENGINE = {self.engine(local)} "

@@ -70,7 +70,7 @@ def run(rows: int = 100_000, queries: int = 100, k: int = 10, configs: str = "16
         quantization: str = "bf16", threads: int = 2, workdir: Path | None = None, out: Path | None = None,
         log: Callable[[str], Any] | None = None) -> dict[str, Any]:
     from laion_search.bench.common import scratch_dir
-    from laion_search.index import IndexSpec, create_index, create_scan_copy, drop_index, drop_scan_copy, index_status
+    from laion_search.index import IndexSpec, create_index, create_scan_copy, drop_index, drop_scan_copy
     from laion_search.ingest import ingest
     from laion_search.search import search
     from laion_search.store import connect
@@ -134,7 +134,7 @@ def run(rows: int = 100_000, queries: int = 100, k: int = 10, configs: str = "16
                                 _qps(laion_exact, qs, threads)))
             say("bf16 scan copy")
             built = create_scan_copy(store, "image")
-            scan = next(i for i in index_status(store) if i["name"] == "image_embedding_bf16")
+            scan = next(i for i in store.index_status() if i["name"] == "image_embedding_bf16")
             res, lat = _latencies(laion_exact, qs)
             results.append(_row("laion exact, bf16 scan copy (chDB)", res, lat, truth, k, _qps(laion_exact, qs, 1),
                                 _qps(laion_exact, qs, threads), build_vps=built["vectors_per_second"],
@@ -144,7 +144,7 @@ def run(rows: int = 100_000, queries: int = 100, k: int = 10, configs: str = "16
                 drop_index(store, "image")
                 say(f"build hnsw M={m} ef_construction={ef}")
                 built = create_index(store, IndexSpec("image", "cosine", quantization, m, ef))
-                st = index_status(store)[0]
+                st = store.index_status()[0]
 
                 def laion_hnsw(q: np.ndarray) -> list[int]:
                     return [r["id"] for r in search(store, q, k=k).rows]

@@ -74,7 +74,7 @@ def synth(
 
     Example: laion synth ./shards --shards 0-2 --rows 100000
     """
-    from laion_search.sources.shards import parse_shard_spec
+    from laion_search.sources.naming import parse_shard_spec
     from laion_search.sources.synth import synth as do_synth
 
     numbers = parse_shard_spec(shards) or [0]
@@ -110,7 +110,7 @@ def ingest(
     Example: laion ingest ./shards --shards 0-9 --db ./laion-db
     """
     from laion_search.ingest import ingest as do_ingest
-    from laion_search.sources.shards import parse_shard_spec
+    from laion_search.sources.naming import parse_shard_spec
 
     numbers = parse_shard_spec(shards)
     with open_store(db, url) as store, output.IngestProgress(output.progress_mode(json_output)) as progress:
@@ -416,10 +416,9 @@ def index_status_cmd(db: Optional[str] = DbOption, url: Optional[str] = UrlOptio
 
     Example: laion index status
     """
-    from laion_search.index import index_status
 
     with open_store(db, url) as store:
-        info = index_status(store)
+        info = store.index_status()
     if json_output:
         print(output.dumps(info))
         return
@@ -443,7 +442,8 @@ def index_drop(column: str = typer.Option("both", "--column", help="image, text 
 
     Example: laion index drop --column text
     """
-    from laion_search.index import INDEX_NAMES, columns_for, drop_index, drop_scan_copy, scan_column
+    from laion_search.index import columns_for, drop_index, drop_scan_copy
+    from laion_search.schema import INDEX_NAMES, scan_column
 
     with open_store(db, url) as store:
         if _check_kind(kind) == "scan":
@@ -597,7 +597,7 @@ def init(
     """
     from laion_search.backends import is_url, parse_url
     from laion_search.backends.cluster import ClusterLayout
-    from laion_search.store import SHARDS_DDL, SHARDS_TABLE, TABLE, TABLE_DDL
+    from laion_search.schema import SHARDS_DDL, SHARDS_TABLE, TABLE, TABLE_DDL
 
     target = url or db
     if cluster is None:

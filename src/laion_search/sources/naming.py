@@ -6,10 +6,8 @@ from __future__ import annotations
 import re
 
 from laion_search.errors import UsageError
+from laion_search.schema import MAX_SHARD
 
-#: ``id = shard * ID_STRIDE + row``: unique, stable, and readable (id 3000000042 is shard 3, row 42).
-ID_STRIDE = 1_000_000_000
-MAX_SHARD = (2**63 - 1) // ID_STRIDE - 1
 
 
 def parse_shard_spec(spec: str | None) -> list[int] | None:

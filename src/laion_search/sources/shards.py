@@ -33,7 +33,7 @@ KINDS = ("img_emb", "text_emb", "metadata")
 _EXT = {"img_emb": ".npy", "text_emb": ".npy", "metadata": ".parquet"}
 _NAME_RE = {kind: re.compile(rf"^{kind}_(\d+){re.escape(_EXT[kind])}$") for kind in KINDS}
 
-from laion_search.sources.naming import ID_STRIDE, MAX_SHARD, parse_shard_spec  # noqa: E402,F401 - re-exported
+from laion_search.schema import ID_STRIDE  # noqa: E402
 
 #: A vector whose L2 norm is further than this from 1 is renormalised on ingest (and counted).
 NORM_TOLERANCE = 1e-2

@@ -36,8 +36,9 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from laion_search.errors import EncoderError, LaionError, QueryError, UsageError
-from laion_search.search import MAX_K, Filters, SearchOptions, search
-from laion_search.store import COLUMNS, TABLE, Store
+from laion_search.schema import COLUMNS, MAX_K, TABLE
+from laion_search.search import Filters, SearchOptions, search
+from laion_search.store import Store
 
 log = logging.getLogger("laion_search.web")
 
