@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -60,6 +60,9 @@ class SearchOptions:
 
 @dataclass
 class SearchResult:
+    """The rows of one search, nearest first: iterate over it for row dicts (``rank``,
+    ``distance``, ``id``, ``caption``, ``url`` and any extra columns asked for)."""
+
     rows: list[dict[str, Any]]
     k: int
     modality: str
@@ -69,6 +72,15 @@ class SearchResult:
     seconds: float
     sql: str = field(repr=False, default="")
     params: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.rows[i]
 
     def to_records(self) -> list[dict[str, Any]]:
         return self.rows
@@ -110,43 +122,108 @@ def row_vector(store: Store, row_id: Any, modality: str = "image") -> np.ndarray
     return np.asarray(t.column(0)[0].as_py(), dtype=np.float32)
 
 
-def search(store: Store, vector: Any = None, *, like: int | None = None, text: str | None = None,
-           image: Any = None, model: str | None = None, modality: str = "image", k: int = 10,
-           exact: bool = False, metric: str = "cosine", filters: Filters | None = None,
-           columns: Sequence[str] | None = None, options: SearchOptions | None = None) -> SearchResult:
-    """Find the k rows nearest to one query in one modality's embeddings.
+@dataclass
+class SearchQuery:
+    """One search: the model the library, the CLI (``laion search``) and the HTTP API (``/api/search``
+    as a JSON body, a query string or an upload form) all take, so a knob exists in all or in none.
 
-    The query is exactly one of: ``vector``; ``like`` (a row id: its stored embedding);
-    ``text`` or ``image`` (a path, bytes or PIL image), encoded with the CLIP ``model``
-    (default: ``$LAION_CLIP_MODEL`` or OpenAI CLIP ViT-B/32). ``modality="image"`` searches
-    image embeddings — so ``text=`` is LAION's text→image search; ``modality="text"`` searches
-    caption embeddings.
+    The query is exactly one of ``text``, ``image`` (a path, bytes or PIL image; base64 over HTTP),
+    ``vector`` or ``like`` (a row id: its stored embedding). ``model`` picks the CLIP encoder for
+    text and images (over HTTP the server's ``--model`` does)."""
+
+    text: str | None = None
+    image: Any = None
+    vector: Any = None
+    like: int | None = None
+    k: int = 10
+    modality: str = "image"           # which embeddings to search: image | text
+    exact: bool = False               # brute force, ignoring vector indexes
+    metric: str = "cosine"            # cosine | l2
+    model: str | None = None
+    columns: Sequence[str] = ()       # result columns besides id, caption, url
+    # filters (see Filters)
+    nsfw: str = "any"
+    min_similarity: float | None = None
+    caption_contains: str | None = None
+    where: Sequence[str] = ()
+    exclude_ids: Sequence[int] = ()
+    # index and scan knobs (see SearchOptions)
+    ef_search: int | None = None
+    rescoring: bool = False
+    filter_strategy: str = "auto"
+    fetch_multiplier: float = 4.0
+    verify_checksums: bool = False
+
+    @classmethod
+    def build(cls, vector: Any = None, *, filters: Filters | None = None, options: SearchOptions | None = None,
+              **fields: Any) -> "SearchQuery":
+        """From keyword arguments, with filters and options given field by field or as
+        :class:`Filters` / :class:`SearchOptions`."""
+        parts = {**(filters.__dict__ if filters else {}), **(options.__dict__ if options else {})}
+        return cls(vector=vector, **{**parts, **fields})
+
+    @property
+    def filters(self) -> Filters:
+        return Filters(nsfw=self.nsfw, min_similarity=self.min_similarity, caption_contains=self.caption_contains,
+                       where=tuple(self.where or ()), exclude_ids=tuple(self.exclude_ids or ()))
+
+    @property
+    def options(self) -> SearchOptions:
+        return SearchOptions(ef_search=self.ef_search, rescoring=self.rescoring, filter_strategy=self.filter_strategy,
+                             fetch_multiplier=self.fetch_multiplier, verify_checksums=self.verify_checksums)
+
+    def check(self) -> "SearchQuery":
+        """Everything that can be checked without the store, with a one-line reason; returns self."""
+        given = [x is not None for x in (self.vector, self.like, self.text, self.image)]
+        if sum(given) != 1:
+            raise UsageError("give exactly one query: a text, an image, a vector or like=<row id>")
+        check_k(self.k)
+        _column(self.modality)
+        _metric(self.metric)
+        _columns(self.columns)
+        if self.filter_strategy not in FILTER_STRATEGIES:
+            raise UsageError(f"filter strategy must be one of {', '.join(FILTER_STRATEGIES)}")
+        _index_settings(self.options, filtered=True)
+        build_where(self.filters)
+        return self
+
+
+def search(store: Store, vector: Any = None, *, query: SearchQuery | None = None, filters: Filters | None = None,
+           options: SearchOptions | None = None, **fields: Any) -> SearchResult:
+    """Find the k rows nearest to one query in one modality's embeddings: a :class:`SearchQuery`,
+    or its fields as keyword arguments (``search(store, text="a dog", k=5, nsfw="exclude")``).
+
+    ``modality="image"`` searches image embeddings — so ``text=`` is LAION's text→image search;
+    ``modality="text"`` searches caption embeddings. Text and images are encoded with the CLIP
+    ``model`` (default: ``$LAION_CLIP_MODEL`` or OpenAI CLIP ViT-B/32).
     """
-    given = [x is not None for x in (vector, like, text, image)]
-    if sum(given) != 1:
-        raise UsageError("give exactly one query: a vector, like=<row id>, text= or image=")
-    k = check_k(k)
-    column = _column(modality)
-    func = _metric(metric)
-    filters = filters or Filters()
-    options = options or SearchOptions()
-    if options.filter_strategy not in FILTER_STRATEGIES:
-        raise UsageError(f"filter strategy must be one of {', '.join(FILTER_STRATEGIES)}")
-    if text is not None or image is not None:
+    if query is None:
+        query = SearchQuery.build(vector, filters=filters, options=options, **fields)
+    elif vector is not None or filters is not None or options is not None or fields:
+        raise UsageError("give a SearchQuery or keyword arguments, not both")
+    q = query.check()
+    k = check_k(q.k)
+    column = _column(q.modality)
+    func = _metric(q.metric)
+    filters = q.filters
+    options = q.options
+    vector = q.vector
+    if q.text is not None or q.image is not None:
         from laion_search.clip.encoders import get_encoder
 
-        enc = get_encoder(model)
-        vector = enc.encode_text([text])[0] if text is not None else enc.encode_image([image])[0]
-    if like is not None:
-        vector = row_vector(store, like, modality)
-        filters = Filters(**{**filters.__dict__, "exclude_ids": [*filters.exclude_ids, int(like)]})
+        enc = get_encoder(q.model)
+        vector = enc.encode_text([q.text])[0] if q.text is not None else enc.encode_image([q.image])[0]
+    if q.like is not None:
+        vector = row_vector(store, q.like, q.modality)
+        filters = Filters(**{**filters.__dict__, "exclude_ids": [*filters.exclude_ids, int(q.like)]})
+    modality, metric, exact, columns = q.modality, q.metric, q.exact, q.columns
     dim = store.dim()
     if dim is None:
         return SearchResult([], k, modality, metric, exact, "empty", 0.0)
-    q = as_vector(vector, dim=dim, source="query vector")
+    qv = as_vector(vector, dim=dim, source="query vector")
     cols = _columns(columns)
     where, params = build_where(filters)
-    params["q"] = q
+    params["q"] = qv
     select = ", ".join(f"`{c}`" for c in cols)
     sql = (f"SELECT {select}, {func}({column}, {{q:Array(Float32)}}) AS distance FROM {TABLE}"
            f"{' WHERE ' + where if where else ''} ORDER BY distance ASC LIMIT {k}")

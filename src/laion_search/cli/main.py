@@ -301,9 +301,12 @@ def search(
     where: List[str] = typer.Option([], "--where", help="COLUMN OP VALUE on an allowed column, e.g. width>=512, "
                                                         "LICENSE!=?, url~flickr (repeatable, ANDed)."),
     columns: List[str] = typer.Option([], "--column", "-c", help="Extra result columns (e.g. NSFW, similarity, width)."),
+    exclude_ids: List[int] = typer.Option([], "--exclude-id", help="Leave this row id out of the results (repeatable)."),
     ef_search: Optional[int] = typer.Option(None, "--ef-search", help="HNSW candidate list size at query time."),
     rescoring: bool = typer.Option(False, "--rescoring", help="Re-rank index candidates with exact distances."),
     filter_strategy: str = typer.Option("auto", "--filter-strategy", help="auto, postfilter or prefilter."),
+    fetch_multiplier: float = typer.Option(4.0, "--fetch-multiplier",
+                                           help="Index candidates fetched per wanted row when filtering or rescoring."),
     verify_checksums: bool = typer.Option(False, "--verify-checksums",
                                           help="Exact scans: verify each data block's checksum as it is read "
                                                "(off by default: ~20% slower; parts are checked when written "
@@ -316,19 +319,18 @@ def search(
 
     Example: laion search --text "a dog and a cat" --k 5 --nsfw exclude --where "width>=400"
     """
-    from laion_search.search import Filters, SearchOptions
+    from laion_search.search import SearchQuery
     from laion_search.search import search as do_search
     from laion_search.vectors import load_vector_file
 
-    if sum(x is not None for x in (vector, like, text, image)) != 1:
-        raise UsageError("give exactly one query: --text, --image, --vector FILE or --like ID")
-    q = load_vector_file(vector) if vector is not None else None
-    filters = Filters(nsfw=nsfw, min_similarity=min_similarity, caption_contains=caption_contains, where=where)
-    options = SearchOptions(ef_search=ef_search, rescoring=rescoring, filter_strategy=filter_strategy,
-                            verify_checksums=verify_checksums)
+    query = SearchQuery(
+        text=text, image=image, vector=load_vector_file(vector) if vector is not None else None, like=like, k=k,
+        modality=modality, exact=exact, metric=metric, model=model, columns=columns, nsfw=nsfw,
+        min_similarity=min_similarity, caption_contains=caption_contains, where=where, exclude_ids=exclude_ids,
+        ef_search=ef_search, rescoring=rescoring, filter_strategy=filter_strategy, fetch_multiplier=fetch_multiplier,
+        verify_checksums=verify_checksums).check()
     with open_store(db, url) as store:
-        result = do_search(store, q, like=like, text=text, image=image, model=model, modality=modality, k=k, exact=exact, metric=metric,
-                           filters=filters, columns=columns, options=options)
+        result = do_search(store, query=query)
     print_search(result, json_output)
 
 

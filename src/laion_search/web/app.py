@@ -21,6 +21,7 @@ message, never a traceback. The page at ``/`` is one static HTML file, no build 
 """
 
 import base64
+import dataclasses
 import binascii
 import logging
 import re
@@ -29,7 +30,7 @@ from importlib import resources
 from typing import Any, Optional
 
 import numpy as np
-from fastapi import Body, FastAPI, File, Form, Request, UploadFile
+from fastapi import Body, FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field, ValidationError
@@ -37,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from laion_search.errors import EncoderError, LaionError, QueryError, UsageError
 from laion_search.schema import COLUMNS, MAX_K, TABLE
-from laion_search.search import Filters, SearchOptions, search
+from laion_search.search import SearchQuery, search
 from laion_search.store import Store
 
 log = logging.getLogger("laion_search.web")
@@ -55,23 +56,57 @@ _FORBIDDEN_SQL = re.compile(
     re.I)
 
 
+#: SearchQuery fields the HTTP API does not take from clients: the server's --model encodes.
+SERVER_SIDE = frozenset({"model"})
+
+
 class SearchBody(BaseModel):
+    """:class:`~laion_search.search.SearchQuery` over HTTP (JSON body, query string or form);
+    a field added there must be added here (checked when this module loads, and by a test)."""
+
     text: Optional[str] = Field(None, max_length=MAX_TEXT_CHARS, description="Text query (CLIP-encoded).")
     image: Optional[str] = Field(None, description="Base64 image (optionally a data: URL).")
     vector: Optional[list[float]] = Field(None, max_length=4096, description="Query embedding.")
     like: Optional[int] = Field(None, description="Row id: search with its stored embedding.")
     k: int = Field(10, description=f"Results, 1-{MAX_K}.")
     modality: str = Field("image", description="image or text embeddings.")
-    exact: bool = False
-    metric: str = "cosine"
+    exact: bool = Field(False, description="Brute force, ignoring vector indexes.")
+    metric: str = Field("cosine", description="cosine or l2.")
+    columns: list[str] = Field(default_factory=list, max_length=len(COLUMNS), description="Extra result columns.")
     nsfw: str = Field("any", description="any, exclude or only.")
     min_similarity: Optional[float] = None
     caption_contains: Optional[str] = Field(None, max_length=1000)
-    where: list[str] = Field(default_factory=list, max_length=16)
-    columns: list[str] = Field(default_factory=list, max_length=len(COLUMNS))
+    where: list[str] = Field(default_factory=list, max_length=16, description="COLUMN OP VALUE filters, ANDed.")
+    exclude_ids: list[int] = Field(default_factory=list, max_length=MAX_K)
     ef_search: Optional[int] = None
     rescoring: bool = False
     filter_strategy: str = "auto"
+    fetch_multiplier: float = 4.0
+    verify_checksums: bool = False
+
+    def query(self, *, model: str | None, image: bytes | None = None) -> SearchQuery:
+        fields = self.model_dump()
+        fields["image"] = image if image is not None else (decode_base64_image(self.image) if self.image else None)
+        return SearchQuery(**fields, model=model)
+
+
+_QUERY_FIELDS = {f.name for f in dataclasses.fields(SearchQuery)}
+if set(SearchBody.model_fields) != _QUERY_FIELDS - SERVER_SIDE:  # pragma: no cover - a programming error
+    raise RuntimeError(f"SearchBody and SearchQuery differ: {set(SearchBody.model_fields) ^ (_QUERY_FIELDS - SERVER_SIDE)}")
+_LIST_FIELDS = {"columns", "where", "exclude_ids"}
+
+
+def search_body_from_params(items: list[tuple[str, str]]) -> SearchBody:
+    """A query string or form (``?text=dog&k=5&where=width>=512&where=height>=512``) as a SearchBody."""
+    data: dict[str, Any] = {}
+    for key, value in items:
+        if key in _LIST_FIELDS:
+            data.setdefault(key, []).append(value)
+        elif key in SearchBody.model_fields:
+            data[key] = value
+        elif key != "token":
+            raise UsageError(f"unknown search parameter {key!r}")
+    return SearchBody.model_validate(data)
 
 
 class KnnBody(BaseModel):
@@ -173,18 +208,8 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
         return _error(500, "internal error")
 
     def run_search(body: SearchBody, image_bytes: bytes | None = None) -> dict[str, Any]:
-        if body.image is not None:
-            image_bytes = decode_base64_image(body.image)
-        given = sum(x is not None for x in (body.text, image_bytes, body.vector, body.like))
-        if given != 1:
-            raise UsageError("give exactly one query: text, image, vector or like")
         t0 = time.perf_counter()
-        res = search(store, body.vector, like=body.like, text=body.text, image=image_bytes, model=model, k=body.k,
-                     modality=body.modality, exact=body.exact, metric=body.metric,
-                     filters=Filters(nsfw=body.nsfw, min_similarity=body.min_similarity,
-                                     caption_contains=body.caption_contains, where=body.where),
-                     columns=body.columns, options=SearchOptions(ef_search=body.ef_search, rescoring=body.rescoring,
-                                                                 filter_strategy=body.filter_strategy))
+        res = search(store, query=body.query(model=model, image=image_bytes))
         out = res.as_dict()
         out["total_seconds"] = round(time.perf_counter() - t0, 6)
         return out
@@ -203,16 +228,19 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
         return run_search(body)
 
     @app.get("/api/search", tags=["search"])
-    def api_search_get(text: Optional[str] = None, like: Optional[int] = None, k: int = 10, modality: str = "image",
-                       exact: bool = False, nsfw: str = "any", caption_contains: Optional[str] = None) -> dict[str, Any]:
-        if text is not None and len(text) > MAX_TEXT_CHARS:
-            raise UsageError(f"text is over {MAX_TEXT_CHARS} characters")
-        return run_search(SearchBody(text=text, like=like, k=k, modality=modality, exact=exact, nsfw=nsfw,
-                                     caption_contains=caption_contains))
+    def api_search_get(request: Request, text: Optional[str] = Query(None, max_length=MAX_TEXT_CHARS),
+                       like: Optional[int] = None, k: int = 10) -> dict[str, Any]:
+        """Every /api/search field as a query parameter (lists repeated: ``&where=a&where=b``);
+        the common ones are listed here."""
+        return run_search(search_body_from_params(list(request.query_params.multi_items())))
 
     @app.post("/api/search/upload", tags=["search"])
-    async def api_search_upload(file: UploadFile = File(...), k: int = Form(10), modality: str = Form("image"),
-                                exact: bool = Form(False), nsfw: str = Form("any")) -> dict[str, Any]:
+    async def api_search_upload(request: Request, file: UploadFile = File(...)) -> dict[str, Any]:
+        """An image file as the query; every other /api/search field as a form field."""
+        form = await request.form()
+        body = search_body_from_params([(k, v) for k, v in form.multi_items() if k != "file" and isinstance(v, str)])
+        if body.text is not None or body.vector is not None or body.like is not None or body.image is not None:
+            raise UsageError("give exactly one query: the uploaded file is the query here")
         data = await file.read(MAX_IMAGE_BYTES + 1)
         if len(data) > MAX_IMAGE_BYTES:
             raise UsageError(f"image over {MAX_IMAGE_BYTES} bytes")
@@ -220,7 +248,7 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
             raise UsageError("the uploaded file is empty")
         from starlette.concurrency import run_in_threadpool
 
-        return await run_in_threadpool(run_search, SearchBody(k=k, modality=modality, exact=exact, nsfw=nsfw), data)
+        return await run_in_threadpool(run_search, body, data)
 
     if allow_sql:
         @app.post("/api/sql", tags=["sql"])
