@@ -1,4 +1,4 @@
-# Two commands on a fresh machine: `make demo` and `make test`.
+# Two commands on a fresh machine: `make demo` and `make test` (and `make docs` for the documentation site).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -6,8 +6,9 @@ PIP    := $(BIN)/python -m pip
 # torch is pinned to the CPU build this machine carries; never let a bare `torch` resolve.
 STAMP_RUN  := $(VENV)/.installed-run
 STAMP_TEST := $(VENV)/.installed-test
+STAMP_DOCS := $(VENV)/.installed-docs
 
-.PHONY: demo test install install-test bench clean reliability
+.PHONY: demo test install install-test bench clean reliability docs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +26,11 @@ $(STAMP_TEST): pyproject.toml | $(BIN)/python
 	$(PIP) install --quiet $(TORCH)
 	$(PIP) install --quiet -e '.[clip,server,test,bench]'
 	touch $@ $(STAMP_RUN)
+
+# The docs need only the package (for the CLI reference script) and mkdocs: no torch.
+$(STAMP_DOCS): pyproject.toml | $(BIN)/python
+	$(PIP) install --quiet -e '.[docs]'
+	touch $@
 
 install: $(STAMP_RUN)
 install-test: $(STAMP_TEST)
@@ -44,8 +50,12 @@ test: $(STAMP_TEST) $(CHROMIUM)
 reliability: $(STAMP_TEST)
 	$(BIN)/python scripts/reliability_report.py
 
+# The documentation site (README.md is the front page; the pages are docs/*.md) into site/.
+docs: $(STAMP_DOCS)
+	$(BIN)/mkdocs build --strict --site-dir site
+
 bench: $(STAMP_TEST)
 	$(BIN)/laion bench ingest --rows 1000000 --guide-rows 50000
 
 clean:
-	rm -rf $(VENV) laion-demo bench-out .pytest_cache
+	rm -rf $(VENV) laion-demo bench-out .pytest_cache site
