@@ -19,14 +19,27 @@ def _modules() -> dict[str, Path]:
     return out
 
 
+def _runtime_nodes(tree: ast.AST):
+    """Every node but those under ``if TYPE_CHECKING:`` (imports for type checkers never run)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                todo.extend(child.orelse)
+                continue
+            todo.append(child)
+
+
 def import_graph() -> dict[str, set[str]]:
     """Module → the package modules it imports anywhere in its text (top level or inside a
-    function), absolute or relative."""
+    function), absolute or relative; ``if TYPE_CHECKING:`` blocks aside."""
     mods = _modules()
     graph: dict[str, set[str]] = {m: set() for m in mods}
     for name, path in mods.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        for node in _runtime_nodes(ast.parse(path.read_text(encoding="utf-8"))):
             targets: list[str] = []
             if isinstance(node, ast.ImportFrom):
                 base = node.module or ""
@@ -90,6 +103,8 @@ def test_the_cycle_check_sees_deferred_and_relative_imports():
     # its commands (deferred): both must be in the graph
     assert "laion_search.backends.chdb" in real["laion_search.backends"]
     assert "laion_search.store" in real["laion_search.cli.main"]
+    # the package's names load on first use: its __init__ imports only the errors at run time
+    assert real["laion_search"] == {"laion_search.errors"}
 
 
 def test_schema_names_live_in_one_module():

@@ -26,7 +26,8 @@ pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium m
 def server(tmp_path_factory):
     import uvicorn
 
-    from laion_search import connect, ingest
+    from laion_search import connect
+    from laion_search.ingest import ingest
     from laion_search.sources.synth import synth
     from laion_search.clip.tiny import make_clip_model
     from laion_search.web.app import create_app

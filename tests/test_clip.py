@@ -14,7 +14,8 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 from PIL import Image  # noqa: E402
 
-from laion_search import EncoderError, connect, ingest  # noqa: E402
+from laion_search import EncoderError, connect  # noqa: E402
+from laion_search.ingest import ingest  # noqa: E402
 from laion_search.clip.embed import embed  # noqa: E402
 from laion_search.clip.encoders import HFClipEncoder, get_encoder  # noqa: E402
 from laion_search.search import search  # noqa: E402

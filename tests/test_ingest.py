@@ -16,7 +16,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from laion_search import ShardValidationError, connect, ingest
+from laion_search import ShardValidationError, connect
+from laion_search.ingest import ingest
 from laion_search.schema import ID_STRIDE
 
 from .conftest import run_cli
@@ -132,7 +133,7 @@ def test_dimension_must_match_table(store, shards_flat, tmp_path):
 
 def test_status(store, shards_flat):
     ingest(store, shards_flat, [0, 2])
-    info = store.status()
+    info = store.status().as_dict()
     assert info["rows"] == 1200 and info["dim"] == 512
     assert [(s["shard"], s["rows"], s["state"]) for s in info["shards"]] == [(0, 600, "loaded"), (2, 600, "loaded")]
     assert info["bytes_on_disk"] > 600 * 2 * 512 * 4

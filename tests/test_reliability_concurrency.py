@@ -21,7 +21,8 @@ import time
 import numpy as np
 import pytest
 
-from laion_search import connect, ingest
+from laion_search import connect
+from laion_search.ingest import ingest
 from laion_search.search import search
 from laion_search.sources.synth import synth
 

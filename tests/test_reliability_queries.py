@@ -30,7 +30,8 @@ from hypothesis import strategies as st
 pytest.importorskip("fastapi")
 pytest.importorskip("torch")
 
-from laion_search import connect, ingest  # noqa: E402
+from laion_search import connect  # noqa: E402
+from laion_search.ingest import ingest  # noqa: E402
 from laion_search.errors import EncoderError, LaionError, UsageError  # noqa: E402
 from laion_search.search import WHERE_TYPES, Filters, SearchOptions, build_where, search  # noqa: E402
 from laion_search.sources.synth import synth  # noqa: E402

@@ -20,7 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from laion_search import connect, ingest
+from laion_search import connect
+from laion_search.ingest import ingest
 from laion_search.errors import ShardError, ShardValidationError
 from laion_search.sources.synth import synth
 
@@ -471,7 +472,7 @@ def test_skip_bad_rows_drops_counts_and_records(corpus):
     assert ids == [1_000_000_000 + i for i in range(ROWS) if i not in (2, 10, 20, 30, 45)]  # ids stay stable
     rec = store.shard_records()[1]
     assert rec.rows == ROWS - 5 and rec.dropped == 5
-    assert store.status()["shards"][1]["state"] == "loaded"
+    assert store.status().shards[1].state == "loaded"
     again = ingest(store, d, skip_bad_rows=True)
     assert again.skipped == [1] and again.loaded == []  # a rerun is a no-op
     src = np.load(d / "img_emb_1.npy").astype(np.float32)

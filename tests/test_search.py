@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from laion_search import UsageError, connect, ingest
+from laion_search import UsageError, connect
+from laion_search.ingest import ingest
 from laion_search.index import IndexSpec, create_index, drop_index
 from laion_search.search import Filters, SearchOptions, explain, search
 
@@ -246,7 +247,8 @@ def test_scan_copy_fills_shards_ingested_later(tmp_path):
 
     code = r'''
 import sys, numpy as np
-from laion_search import connect, ingest
+from laion_search import connect
+from laion_search.ingest import ingest
 from laion_search.index import create_scan_copy
 from laion_search.search import search
 from laion_search.sources.synth import synth

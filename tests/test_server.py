@@ -102,7 +102,7 @@ def test_ingest_search_index_on_server(server_url, shards_flat):
         # every bulk insert went over Arrow (clickhouse-connect's insert_arrow → INSERT … FORMAT Arrow)
         assert inserts and all(t is pa.Table for _, t in inserts)
         assert ingest(s, shards_flat).skipped == [0, 1, 2]          # rerun = no-op, as embedded
-        st = s.status()
+        st = s.status().as_dict()
         assert st["backend"] == "clickhouse" and st["rows"] == 1800 and st["dim"] == 512 and st["cluster"] is None
         assert [x["state"] for x in st["shards"]] == ["loaded"] * 3 and "***" in st["store"]
         assert s.scalar("SELECT uniqExact(id) FROM laion") == 1800

@@ -138,7 +138,7 @@ def test_concurrent_queries_use_separate_sessions(tmp_path, shards_flat):
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from laion_search import ingest
+    from laion_search.ingest import ingest
     from laion_search.backends import MAX_SESSIONS
     from laion_search.search import search
 

@@ -14,7 +14,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("torch")
 from PIL import Image  # noqa: E402
 
-from laion_search import connect, ingest  # noqa: E402
+from laion_search import connect  # noqa: E402
+from laion_search.ingest import ingest  # noqa: E402
 from laion_search.sources.synth import synth  # noqa: E402
 from laion_search.clip.tiny import make_clip_model  # noqa: E402
 from laion_search.web.app import create_app  # noqa: E402

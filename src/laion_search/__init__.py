@@ -1,54 +1,55 @@
 """laion-search: LAION embedding shards in a ClickHouse table, searchable by text, image, vector or row.
 
 >>> import laion_search
->>> store = laion_search.connect("./my-laion")          # doctest: +SKIP
->>> laion_search.ingest(store, "./shards")               # doctest: +SKIP
+>>> with laion_search.connect("./my-laion") as db:             # doctest: +SKIP
+...     db.ingest("./shards")
+...     db.create_index("image")
+...     for row in db.search(text="a red car", k=5):
+...         print(row["rank"], row["caption"])
+
+Everything here is imported on first use: ``laion download``, ``laion plan`` and ``--help``
+start without chDB, pyarrow or numpy.
 """
 
-import sys as _sys
-import types as _types
-from typing import Any as _Any
+from __future__ import annotations
 
-from laion_search.errors import (EncoderError, LaionError, QueryError, ShardError, ShardValidationError, StoreBusyError, StoreError,
-                     UsageError)
+from typing import TYPE_CHECKING, Any
+
+from laion_search.errors import (EncoderError, LaionError, QueryError, ShardError, ShardValidationError,
+                                 StoreBusyError, StoreError, UsageError)
+
+if TYPE_CHECKING:
+    from laion_search.api import Database, IndexBuild, connect
+    from laion_search.ingest import IngestReport
+    from laion_search.search import Filters, SearchOptions, SearchQuery, SearchResult
+    from laion_search.store import IndexInfo, ShardStatus, StoreStatus
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "connect", "Store", "default_db_path", "ingest", "IngestReport",
-    "EncoderError", "LaionError", "UsageError", "ShardError", "ShardValidationError", "StoreError", "StoreBusyError",
-    "QueryError", "__version__",
+    "connect", "Database", "SearchQuery", "SearchResult", "Filters", "SearchOptions", "IngestReport",
+    "IndexBuild", "StoreStatus", "ShardStatus", "IndexInfo",
+    "LaionError", "UsageError", "ShardError", "ShardValidationError", "StoreError", "StoreBusyError",
+    "QueryError", "EncoderError", "__version__",
 ]
 
-# The store and ingest API (chDB, pyarrow, numpy) is imported on first use, not with the package:
-# ``laion download``, ``laion plan`` and ``--help`` start without them.
-_LAZY = {"connect": ".store", "Store": ".store", "default_db_path": ".store",
-         "ingest": ".ingest", "IngestReport": ".ingest"}
+_LAZY = {"connect": "laion_search.api", "Database": "laion_search.api", "IndexBuild": "laion_search.api",
+         "SearchQuery": "laion_search.search", "SearchResult": "laion_search.search",
+         "Filters": "laion_search.search", "SearchOptions": "laion_search.search",
+         "IngestReport": "laion_search.ingest", "StoreStatus": "laion_search.store",
+         "ShardStatus": "laion_search.store", "IndexInfo": "laion_search.store"}
 
 
-def __getattr__(name: str) -> _Any:
+def __getattr__(name: str) -> Any:
     where = _LAZY.get(name)
     if where is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     import importlib
 
-    value = getattr(importlib.import_module(where, __name__), name)
+    value = getattr(importlib.import_module(where), name)
     globals()[name] = value
     return value
 
 
-def __dir__() -> list:
+def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
-
-
-class _Package(_types.ModuleType):
-    """``laion_search.ingest`` is the function, as it was when the package imported it eagerly:
-    importing the submodule ``laion_search.ingest`` must not rebind the name to the module."""
-
-    def __setattr__(self, name: str, value: _Any) -> None:
-        if name == "ingest" and isinstance(value, _types.ModuleType):
-            value = value.ingest
-        super().__setattr__(name, value)
-
-
-_sys.modules[__name__].__class__ = _Package

@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 
@@ -225,8 +225,8 @@ class Store:
             "AND name NOT IN (SELECT part_name FROM system.parts_columns WHERE database = currentDatabase() "
             "AND table = {t:String} AND active AND column = {c:String})", {"t": self.data_table, "c": column}) or 0)
 
-    def status(self) -> dict[str, Any]:
-        """Rows, shards, size on disk and vector indexes, as plain data."""
+    def status(self) -> StoreStatus:
+        """Rows, shards, size on disk and vector indexes (``.as_dict()`` for plain data)."""
         records = self.shard_records()
         counts = self.partition_rows()
         parts = self.rows(
@@ -234,31 +234,67 @@ class Store:
             "sum(data_uncompressed_bytes) AS bytes_uncompressed "
             f"FROM {self.layout.system('parts')} "
             "WHERE database = currentDatabase() AND table = {t:String} AND active", {"t": self.data_table})[0]
-        indexes = [{k: i[k] for k in ("name", "column", "type", "parts_covered", "parts", "bytes_on_disk")}
-                   for i in self.index_status()]
+        indexes = [IndexInfo(name=i["name"], column=i["column"], type=i["type"], parts_covered=i["parts_covered"],
+                             parts=i["parts"], bytes_on_disk=i["bytes_on_disk"]) for i in self.index_status()]
         shards = []
         for n in sorted(set(records) | set(counts)):
             rec = records.get(n)
             loaded = counts.get(n, 0)
             state = "loaded" if rec and rec.rows == loaded else ("untracked" if not rec else "mismatch")
-            shards.append({"shard": n, "rows": loaded, "expected_rows": rec.rows if rec else None,
-                           "state": state, "renormalised": rec.renormalised if rec else 0,
-                           "dropped": rec.dropped if rec else 0,
-                           "source": rec.source if rec else None,
-                           "loaded_at": str(rec.loaded_at) if rec else None})
-        return {
-            "store": self.location,
-            "backend": self.backend.name,
-            "cluster": self.layout.cluster,
-            "table": TABLE,
-            "rows": int(parts["rows"] or 0),
-            "parts": int(parts["parts"] or 0),
-            "bytes_on_disk": int(parts["bytes_on_disk"] or 0),
-            "bytes_uncompressed": int(parts["bytes_uncompressed"] or 0),
-            "dim": self.dim(),
-            "shards": shards,
-            "indexes": indexes,
-        }
+            shards.append(ShardStatus(shard=n, rows=loaded, expected_rows=rec.rows if rec else None, state=state,
+                                      renormalised=rec.renormalised if rec else 0, dropped=rec.dropped if rec else 0,
+                                      source=rec.source if rec else None,
+                                      loaded_at=str(rec.loaded_at) if rec else None))
+        return StoreStatus(
+            store=self.location, backend=self.backend.name, cluster=self.layout.cluster, table=TABLE,
+            rows=int(parts["rows"] or 0), parts=int(parts["parts"] or 0),
+            bytes_on_disk=int(parts["bytes_on_disk"] or 0), bytes_uncompressed=int(parts["bytes_uncompressed"] or 0),
+            dim=self.dim(), shards=shards, indexes=indexes)
+
+
+@dataclass
+class ShardStatus:
+    """One shard as the table holds it: ``state`` is loaded, mismatch (rows differ from the
+    record) or untracked (rows without a record)."""
+
+    shard: int
+    rows: int
+    expected_rows: int | None
+    state: str
+    renormalised: int = 0
+    dropped: int = 0
+    source: str | None = None
+    loaded_at: str | None = None
+
+
+@dataclass
+class IndexInfo:
+    """A vector index or bf16 scan copy, and how many of the table's parts carry it."""
+
+    name: str
+    column: str
+    type: str
+    parts_covered: int
+    parts: int
+    bytes_on_disk: int
+
+
+@dataclass
+class StoreStatus:
+    store: str
+    backend: str
+    cluster: str | None
+    table: str
+    rows: int
+    parts: int
+    bytes_on_disk: int
+    bytes_uncompressed: int
+    dim: int | None
+    shards: list[ShardStatus] = field(default_factory=list)
+    indexes: list[IndexInfo] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def connect(target: str | os.PathLike[str] | None = None, *, create: bool = True,
@@ -269,18 +305,25 @@ def connect(target: str | os.PathLike[str] | None = None, *, create: bool = True
 
     ``None`` uses ``$LAION_URL``, else :func:`default_db_path` (``$LAION_DB`` or the per-user data directory).
 
-    >>> import laion_search
-    >>> store = laion_search.connect("./my-laion")          # doctest: +SKIP
-    >>> store.rows("SELECT count() AS n FROM laion")         # doctest: +SKIP
-    [{'n': 0}]
+    The library's public entry is :func:`laion_search.connect`, which returns a
+    :class:`~laion_search.api.Database` (this Store plus ingest/search/index methods).
     """
+    return open_backend(Store, target, create=create, udf_path=udf_path)
+
+
+S = TypeVar("S", bound=Store)
+
+
+def open_backend(cls: type[S], target: str | os.PathLike[str] | None = None, *, create: bool = True,
+                 udf_path: str | None = None) -> S:
+    """``cls`` (a Store or a subclass) over the backend ``target`` names; see :func:`connect`."""
     if target is None:
         target = os.environ.get("LAION_URL") or default_db_path()
     text = str(target)
     if is_url(text):
         server = ClickHouseBackend(text)
         try:
-            return Store(server, create=create)
+            return cls(server, create=create)
         except Exception:
             server.close()
             raise
@@ -293,7 +336,7 @@ def connect(target: str | os.PathLike[str] | None = None, *, create: bool = True
     killpoints.reached("store_open")
     backend = ChdbBackend(text, udf_path=udf_path)
     try:
-        return Store(backend, create=create)
+        return cls(backend, create=create)
     except Exception:
         backend.close()
         raise

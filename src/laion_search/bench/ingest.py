@@ -57,7 +57,8 @@ def _peak_rss_bytes() -> int:
 
 
 def worker(method: str, shard_dir: str, db: str) -> dict[str, Any]:
-    from laion_search import connect, ingest
+    from laion_search import connect
+    from laion_search.ingest import ingest
 
     t0 = time.perf_counter()
     if method == "ours":

@@ -235,7 +235,7 @@ def status(db: Optional[str] = DbOption, url: Optional[str] = UrlOption,
     Example: laion status --db ./laion-db
     """
     with open_store(db, url) as store:
-        info = store.status()
+        info = store.status().as_dict()
     if json_output:
         print(output.dumps(info))
         return

@@ -220,7 +220,7 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
 
     @app.get("/api/status", tags=["service"])
     def status() -> dict[str, Any]:
-        info = store.status()
+        info = store.status().as_dict()
         return {k: info[k] for k in ("rows", "parts", "bytes_on_disk", "dim", "shards", "indexes", "backend")}
 
     @app.post("/api/search", tags=["search"])

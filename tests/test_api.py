@@ -1,0 +1,92 @@
+"""The object API: connect → ingest / search / create_index / drop_index / status, typed results."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import laion_search
+from laion_search import Database, Filters, SearchQuery, SearchResult, StoreStatus, UsageError, connect
+from laion_search.sources.synth import synth
+
+
+def test_exports_are_exact():
+    assert sorted(laion_search.__all__) == sorted([
+        "connect", "Database", "SearchQuery", "SearchResult", "Filters", "SearchOptions", "IngestReport",
+        "IndexBuild", "StoreStatus", "ShardStatus", "IndexInfo", "LaionError", "UsageError", "ShardError",
+        "ShardValidationError", "StoreError", "StoreBusyError", "QueryError", "EncoderError", "__version__"])
+    for name in laion_search.__all__:
+        assert getattr(laion_search, name) is not None, name
+    assert type(laion_search) is type(dataclasses)  # a plain module, no class swap
+    with pytest.raises(AttributeError):
+        laion_search.no_such_name  # noqa: B018
+
+
+def test_connect_ingest_index_search_status(tmp_path):
+    synth(tmp_path / "shards", [0, 1], 300, dim=32, seed=3)
+    with connect(tmp_path / "db") as db:
+        assert isinstance(db, Database)
+        report = db.ingest(tmp_path / "shards")
+        assert report.loaded == [0, 1] and report.rows == 600
+        built = db.create_index("image", m=8, ef_construction=32)
+        assert built.index == "image_index" and built.rows == 600 and "vector_similarity" in built.type
+        st = db.status()
+        assert isinstance(st, StoreStatus) and st.rows == 600 and st.dim == 32
+        assert [s.shard for s in st.shards] == [0, 1] and all(s.state == "loaded" for s in st.shards)
+        assert [i.name for i in st.indexes] == ["image_index"] and st.indexes[0].parts_covered == st.indexes[0].parts
+        assert st.as_dict()["shards"][0]["rows"] == 300
+
+        by_kw = db.search(like=7, k=5, exact=True, nsfw="exclude")
+        by_query = db.search(SearchQuery(like=7, k=5, exact=True, nsfw="exclude"))
+        assert isinstance(by_kw, SearchResult) and len(by_kw) == 5
+        assert [r["id"] for r in by_kw] == [r["id"] for r in by_query]
+        rows = list(by_kw)
+        assert [r["rank"] for r in rows] == [1, 2, 3, 4, 5] and rows[0] is by_kw[0]
+        assert all(r["distance"] <= s["distance"] for r, s in zip(rows, rows[1:]))
+        with pytest.raises(UsageError, match="not both"):
+            db.search(SearchQuery(like=7), k=3)
+
+        v = np.asarray(db.rows("SELECT image_embedding FROM laion WHERE id = 7")[0]["image_embedding"], np.float32)
+        assert db.search(vector=v, k=1, exact=True)[0]["id"] == 7
+        filt = db.search(vector=v, k=3, exact=True, filters=Filters(exclude_ids=[7]))
+        assert 7 not in [r["id"] for r in filt]
+
+        assert db.drop_index("image") is True and db.drop_index("image") is False
+        assert db.status().indexes == []
+        db.create_index("image", kind="scan")
+        assert [i.name for i in db.status().indexes] == ["image_embedding_bf16"]
+        assert db.drop_index("image", kind="scan") is True
+        with pytest.raises(UsageError, match="kind must be"):
+            db.create_index("image", kind="ivf")
+
+
+def test_search_query_checks_once_with_one_line_reasons():
+    with pytest.raises(UsageError, match="exactly one query"):
+        SearchQuery(text="a", like=3).check()
+    with pytest.raises(UsageError, match="k must be between"):
+        SearchQuery(like=1, k=0).check()
+    with pytest.raises(UsageError, match="modality"):
+        SearchQuery(like=1, modality="audio").check()
+    with pytest.raises(UsageError, match="fetch_multiplier"):
+        SearchQuery(like=1, fetch_multiplier=0.5).check()
+    with pytest.raises(UsageError, match="--where"):
+        SearchQuery(like=1, where=["nocolumn=1"]).check()
+    q = SearchQuery.build(None, filters=Filters(nsfw="exclude"), like=4)
+    assert q.nsfw == "exclude" and q.filters.nsfw == "exclude" and q.options.fetch_multiplier == 4.0
+
+
+def test_one_query_model_everywhere():
+    """Every SearchQuery field is a `laion search` option and an /api/search field (the model is
+    the server's --model over HTTP), so a knob cannot exist on one side only."""
+    import typer.main
+
+    from laion_search.cli.main import app
+    from laion_search.web.app import SERVER_SIDE, SearchBody
+
+    fields = {f.name for f in dataclasses.fields(SearchQuery)}
+    command = typer.main.get_command(app).commands["search"]  # type: ignore[attr-defined]
+    cli = {p.name for p in command.params} - {"db", "url", "json_output"}
+    assert cli == fields
+    assert set(SearchBody.model_fields) == fields - SERVER_SIDE and SERVER_SIDE == {"model"}
