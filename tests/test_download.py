@@ -546,23 +546,24 @@ def test_no_fsync_files_are_trusted_until_a_reboot(mirror, tmp_path):
 
 
 def test_npy_check_reads_the_header_only_and_agrees_with_read_npy_header(tmp_path):
-    from laion_search.sources.download import _npy_rows, verify_file
+    from laion_search.sources.download import verify_file
+    from laion_search.sources.npy import embedding_rows
     from laion_search.errors import ShardValidationError
     from laion_search.sources.shards import read_npy_header
 
     good = tmp_path / "good.npy"
     np.save(good, np.zeros((7, 4), dtype="<f2"))
-    assert _npy_rows(good) == 7 == read_npy_header(good).rows == verify_file(good, "img_emb")
+    assert embedding_rows(good) == 7 == read_npy_header(good).rows == verify_file(good, "img_emb")
     v2 = tmp_path / "v2.npy"
     with open(v2, "wb") as f:
         np.lib.format.write_array(f, np.zeros((3, 2), dtype="<f4"), version=(2, 0))
-    assert _npy_rows(v2) == 3 == verify_file(v2, "text_emb")
+    assert embedding_rows(v2) == 3 == verify_file(v2, "text_emb")
     bad = {"fortran": np.asfortranarray(np.zeros((3, 2), dtype="<f4")), "bigendian": np.zeros((3, 2), dtype=">f4"),
            "float64": np.zeros((3, 2)), "1d": np.zeros(6, dtype="<f4")}
     for name, arr in bad.items():
         p = tmp_path / f"{name}.npy"
         np.save(p, arr)
-        assert _npy_rows(p) is None, name
+        assert embedding_rows(p) is None, name
         with pytest.raises(ShardValidationError):
             verify_file(p, "img_emb")
     truncated = tmp_path / "truncated.npy"
@@ -572,7 +573,7 @@ def test_npy_check_reads_the_header_only_and_agrees_with_read_npy_header(tmp_pat
     garbage = tmp_path / "garbage.npy"
     garbage.write_bytes(b"\x93NUMPY\x01\x00\x10\x00{'descr': <f2'}" + b"\0" * 40)
     for p, why in ((truncated, "truncated"), (trailing, "trailing bytes"), (garbage, "corrupt .npy header")):
-        assert _npy_rows(p) is None
+        assert embedding_rows(p) is None
         with pytest.raises(ShardValidationError, match=why):
             verify_file(p, "img_emb")
 

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from laion_search.sources.shards import KINDS
+from laion_search.sources.naming import KINDS, shard_file_name
 
 _URLLIB_COPY = """
 import shutil, sys, urllib.request
@@ -55,10 +55,6 @@ for p in sys.argv[1:]:
 METHODS = [("curl", "curl", 1, False), ("curl + fsync", "curl", 1, True),
            ("laion download -j 1", "laion", 1, True), ("laion download -j 4", "laion", 4, True),
            ("laion download -j 1 --no-fsync", "laion", 1, False), ("laion download -j 4 --no-fsync", "laion", 4, False)]
-
-
-def _name(kind: str, n: int) -> str:
-    return f"{kind}_{n}{'.parquet' if kind == 'metadata' else '.npy'}"
 
 
 class _Server:
@@ -108,11 +104,11 @@ def _run(shards: int, rows: int, rate: float, repeat: int, workdir: Path, out: P
 
     numbers = list(range(shards))
     src = workdir / f"src-{shards}x{rows}"
-    if not all((src / k / _name(k, n)).is_file() for n in numbers for k in KINDS):
+    if not all((src / k / shard_file_name(k, n)).is_file() for n in numbers for k in KINDS):
         say(f"synthesizing {shards} shard(s) × {rows:,} rows …")
         synth(src, numbers, rows, seed=0, layout="folders")
     files = [(k, n) for n in numbers for k in KINDS]
-    total = sum((src / k / _name(k, n)).stat().st_size for k, n in files)
+    total = sum((src / k / shard_file_name(k, n)).stat().st_size for k, n in files)
     curl = shutil.which("curl")
     sync = _gnu_sync()
     baseline = "curl" if curl else "python urllib (curl not found)"
@@ -133,11 +129,11 @@ def _run(shards: int, rows: int, rate: float, repeat: int, workdir: Path, out: P
                     if tool == "curl":
                         pairs: list[str] = []
                         for k, n in files:
-                            url = f"{server.url}/{k}/{_name(k, n)}"
-                            pairs += ["-o", str(dest / _name(k, n)), url] if curl else [url, str(dest / _name(k, n))]
+                            url = f"{server.url}/{k}/{shard_file_name(k, n)}"
+                            pairs += ["-o", str(dest / shard_file_name(k, n)), url] if curl else [url, str(dest / shard_file_name(k, n))]
                         cmds = [[curl, "-sS", "--fail", *pairs] if curl else [sys.executable, "-c", _URLLIB_COPY, *pairs]]
                         if fsync:
-                            paths = [str(dest / _name(k, n)) for k, n in files] + [str(dest)]
+                            paths = [str(dest / shard_file_name(k, n)) for k, n in files] + [str(dest)]
                             cmds.append([sync, *paths] if sync else [sys.executable, "-c", _FSYNC, *paths])
                     else:
                         cmds = [[sys.executable, "-m", "laion_search.cli", "download", f"0-{shards - 1}", "--to",
@@ -152,8 +148,8 @@ def _run(shards: int, rows: int, rate: float, repeat: int, workdir: Path, out: P
                     if tool == "laion":  # the tool's own clock: transfers + verify + fsync, no start-up
                         inner[label].append(json.loads(proc.stdout.splitlines()[-1])["seconds"])
                     for k, n in files:
-                        if not filecmp.cmp(src / k / _name(k, n), dest / _name(k, n), shallow=False):
-                            raise RuntimeError(f"{label}: {_name(k, n)} differs from the source")
+                        if not filecmp.cmp(src / k / shard_file_name(k, n), dest / shard_file_name(k, n), shallow=False):
+                            raise RuntimeError(f"{label}: {shard_file_name(k, n)} differs from the source")
             shutil.rmtree(dest, ignore_errors=True)
         finally:
             server.close()

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from laion_search.errors import EncoderError, UsageError
+from laion_search.sources.naming import KINDS, shard_file_name
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -137,7 +138,7 @@ def embed(images_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, ca
 
 
 def _complete(out: Path, shard: int, rel: list[str]) -> bool:
-    paths = [out / f"img_emb_{shard}.npy", out / f"text_emb_{shard}.npy", out / f"metadata_{shard}.parquet"]
+    paths = [out / shard_file_name(kind, shard) for kind in KINDS]
     if not all(p.exists() for p in paths):
         return False
     try:
@@ -162,8 +163,8 @@ def _write_shard(out: Path, shard: int, root: Path, rel: list[str], captions: li
         "width": pa.array([w for w, _ in sizes], pa.int64()),
         "height": pa.array([h for _, h in sizes], pa.int64()),
     })
-    targets = {"img": out / f"img_emb_{shard}.npy", "text": out / f"text_emb_{shard}.npy",
-               "meta": out / f"metadata_{shard}.parquet"}
+    targets = {"img": out / shard_file_name("img_emb", shard), "text": out / shard_file_name("text_emb", shard),
+               "meta": out / shard_file_name("metadata", shard)}
     tmp = {k: v.with_name(v.name + ".tmp") for k, v in targets.items()}
     with open(tmp["img"], "wb") as f:
         np.save(f, image)

@@ -38,7 +38,6 @@ Memory is bounded: each worker streams through one reusable buffer (``chunk_byte
 
 from __future__ import annotations
 
-import ast
 import email.utils
 import errno
 import http.client
@@ -55,11 +54,12 @@ from typing import Any, Callable
 from urllib.parse import urljoin, urlsplit
 
 from laion_search.errors import DownloadError, LaionError, UsageError
+from laion_search.sources.naming import KINDS, shard_file_name, shard_file_relpath
+from laion_search.sources.npy import embedding_rows
 
 # numpy and pyarrow (through .shards) are imported when the first file needs them, not at start-up.
 # (Not in a background thread during the first transfers: on a busy machine the import's hold on
 # the GIL slowed the transfers by more than it saved.)
-KINDS = ("img_emb", "text_emb", "metadata")  # = shards.KINDS
 
 ProgressFn = Callable[[dict[str, Any]], None]
 
@@ -110,15 +110,13 @@ class Remote:
             raise UsageError(f"base URL must be http:// or https://, not {self.base_url!r}")
 
     def name(self, kind: str, shard: int) -> str:
-        ext = ".parquet" if kind == "metadata" else ".npy"
-        return f"{kind}_{shard:0{self.pad}d}{ext}" if self.pad else f"{kind}_{shard}{ext}"
+        return shard_file_name(kind, shard, self.pad)
 
     def url(self, kind: str, shard: int) -> str:
-        rel = f"{kind}/{self.name(kind, shard)}" if self.remote_layout == "folders" else self.name(kind, shard)
-        return self.base_url.rstrip("/") + "/" + rel
+        return self.base_url.rstrip("/") + "/" + shard_file_relpath(kind, shard, self.pad, self.remote_layout)
 
     def relpath(self, kind: str, shard: int) -> str:
-        return f"{kind}/{self.name(kind, shard)}" if self.layout == "folders" else self.name(kind, shard)
+        return shard_file_relpath(kind, shard, self.pad, self.layout)
 
 
 @dataclass
@@ -344,39 +342,6 @@ def _boot_id() -> str | None:
 
 
 # -- verification --------------------------------------------------------------------------------
-_NPY_ITEMSIZE = {"<f2": 2, "<f4": 4}
-
-
-def _npy_rows(path: Path) -> int | None:
-    """Row count of a well-formed embeddings ``.npy`` (2-D, C order, little-endian float16/32, and
-    exactly header + rows × dim × itemsize bytes) read from its header alone, without importing
-    numpy; None for anything else, which :func:`shards.read_npy_header` then examines and names."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(12)
-            if len(head) < 12 or head[:6] != b"\x93NUMPY" or head[6] not in (1, 2, 3):
-                return None
-            start, hlen = (10, int.from_bytes(head[8:10], "little")) if head[6] == 1 else \
-                (12, int.from_bytes(head[8:12], "little"))
-            if hlen > 1 << 16:
-                return None
-            f.seek(start)
-            header = f.read(hlen)
-            size = os.fstat(f.fileno()).st_size
-        meta = ast.literal_eval(header.decode("utf-8" if head[6] == 3 else "latin1"))
-    except (OSError, ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        return None
-    if not isinstance(meta, dict) or set(meta) != {"descr", "fortran_order", "shape"}:
-        return None
-    shape, itemsize = meta["shape"], _NPY_ITEMSIZE.get(meta["descr"]) if isinstance(meta["descr"], str) else None
-    if meta["fortran_order"] is not False or itemsize is None or not isinstance(shape, tuple) or len(shape) != 2 \
-            or not all(type(x) is int and x >= 0 for x in shape):
-        return None
-    if size != start + hlen + shape[0] * shape[1] * itemsize:
-        return None
-    return shape[0]
-
-
 def verify_file(path: Path, kind: str) -> int:
     """Structural check of one downloaded file, from its header (``.npy``: and the size it implies)
     or footer (Parquet) — never a read of the whole file; returns its row count. Raises ShardError."""
@@ -390,7 +355,7 @@ def verify_file(path: Path, kind: str) -> int:
             return pq.ParquetFile(path).metadata.num_rows
         except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
             raise ShardValidationError(f"not a complete parquet file ({exc})", path=str(path)) from None
-    rows = _npy_rows(path)
+    rows = embedding_rows(path)
     if rows is not None:
         return rows
     from laion_search.sources.shards import read_npy_header

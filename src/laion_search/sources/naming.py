@@ -8,6 +8,25 @@ import re
 from laion_search.errors import UsageError
 from laion_search.schema import MAX_SHARD
 
+#: The three files of a LAION shard, and their extensions.
+KINDS = ("img_emb", "text_emb", "metadata")
+EXT = {"img_emb": ".npy", "text_emb": ".npy", "metadata": ".parquet"}
+#: ``img_emb_7.npy`` or zero-padded ``img_emb_0007.npy`` → shard 7.
+NAME_RE = {kind: re.compile(rf"^{kind}_(\d+){re.escape(EXT[kind])}$") for kind in KINDS}
+
+
+def shard_file_name(kind: str, shard: int, pad: int = 0) -> str:
+    """``shard_file_name("img_emb", 7, pad=4)`` → ``img_emb_0007.npy`` (LAION-5B's zero padding;
+    ``pad=0``: ``img_emb_7.npy`` as in ClickHouse's guide)."""
+    return f"{kind}_{shard:0{pad}d}{EXT[kind]}" if pad else f"{kind}_{shard}{EXT[kind]}"
+
+
+def shard_file_relpath(kind: str, shard: int, pad: int = 0, layout: str = "flat") -> str:
+    """The file's path under a shard directory: ``flat`` (``img_emb_7.npy``) or ``folders``
+    (``img_emb/img_emb_7.npy``, as LAION publishes them)."""
+    name = shard_file_name(kind, shard, pad)
+    return f"{kind}/{name}" if layout == "folders" else name
+
 
 
 def parse_shard_spec(spec: str | None) -> list[int] | None:

@@ -18,7 +18,6 @@ Parquet record batch. Memory is bounded by the batch size, not by the shard size
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -28,12 +27,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from laion_search.errors import ShardError, ShardValidationError
-
-KINDS = ("img_emb", "text_emb", "metadata")
-_EXT = {"img_emb": ".npy", "text_emb": ".npy", "metadata": ".parquet"}
-_NAME_RE = {kind: re.compile(rf"^{kind}_(\d+){re.escape(_EXT[kind])}$") for kind in KINDS}
-
 from laion_search.schema import ID_STRIDE  # noqa: E402
+from laion_search.sources.naming import KINDS, NAME_RE
+from laion_search.sources.npy import parse_npy_header  # noqa: E402,F401 - KINDS re-exported
 
 #: A vector whose L2 norm is further than this from 1 is renormalised on ingest (and counted).
 NORM_TOLERANCE = 1e-2
@@ -94,7 +90,7 @@ def discover(directory: str | os.PathLike[str], shards: list[int] | None = None)
             if not folder.is_dir():
                 continue
             for entry in sorted(folder.iterdir()):
-                m = _NAME_RE[kind].match(entry.name)
+                m = NAME_RE[kind].match(entry.name)
                 if not m:
                     continue
                 n = int(m.group(1))
@@ -134,36 +130,18 @@ class NpyInfo:
 
 
 def read_npy_header(path: Path) -> NpyInfo:
-    """Read and check an ``.npy`` header without loading the array."""
+    """Read and check an embeddings ``.npy`` header without loading the array."""
     _check_regular_file(path)
-    if path.stat().st_size == 0:
-        raise ShardValidationError("empty file (0 bytes): an .npy file starts with a header", path=str(path))
+    header = parse_npy_header(path)
+    fortran, shape, offset = header.fortran_order, header.shape, header.offset
     try:
-        with open(path, "rb") as f:
-            try:
-                version = np.lib.format.read_magic(f)
-            except ValueError:
-                raise ShardValidationError("not an .npy file (bad magic bytes)", path=str(path)) from None
-            try:
-                if version == (1, 0):
-                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-                elif version in ((2, 0), (3, 0)):
-                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-                else:
-                    raise ShardValidationError(f"unsupported .npy format version {version}", path=str(path))
-            except ShardValidationError:
-                raise
-            except Exception as exc:  # numpy parses the header with ast/tokenize: any of their errors
-                raise ShardValidationError(f"corrupt .npy header: {type(exc).__name__}: {exc}",
-                                           path=str(path)) from None
-            offset = f.tell()
-    except OSError as exc:
-        raise ShardError(f"cannot read: {exc.strerror or exc}", path=str(path)) from None
+        dtype = np.dtype(header.descr)
+    except TypeError as exc:
+        raise ShardValidationError(f"corrupt .npy header: dtype {header.descr!r}: {exc}", path=str(path)) from None
     if fortran:
         raise ShardValidationError("Fortran-ordered arrays are not supported; save with C order", path=str(path))
     if len(shape) != 2:
         raise ShardValidationError(f"expected a 2-D array (rows × dim), found shape {shape}", path=str(path))
-    dtype = np.dtype(dtype)
     if dtype not in ACCEPTED_DTYPES:
         hint = ""
         if dtype.kind == "f" and dtype.byteorder == ">":
@@ -175,7 +153,7 @@ def read_npy_header(path: Path) -> NpyInfo:
             path=str(path))
     rows, dim = int(shape[0]), int(shape[1])
     expected = offset + rows * dim * dtype.itemsize
-    size = path.stat().st_size
+    size = header.file_size
     if size < expected:
         raise ShardValidationError(
             f"truncated: header promises {rows} × {dim} {dtype.name} ({expected} bytes) but the file has {size}",

@@ -25,6 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from laion_search.sources.naming import shard_file_name
+
 TOPICS = [
     ("lego", ["LEGO", "bricks", "set", "minifigure", "Friends", "castle", "Technic", "build"]),
     ("cat", ["cat", "kitten", "tabby", "whiskers", "sleeping", "cute", "paws", "fluffy"]),
@@ -48,11 +50,6 @@ LICENSES = ["?", "?", "?", "creativecommons.org/licenses/by/4.0", "creativecommo
 ProgressFn = Callable[[int, int], None]
 
 
-def shard_name(kind: str, shard: int, pad: int) -> str:
-    ext = ".parquet" if kind == "metadata" else ".npy"
-    return f"{kind}_{shard:0{pad}d}{ext}" if pad else f"{kind}_{shard}{ext}"
-
-
 def synth(out: str | os.PathLike[str], shards: list[int], rows: int, *, dim: int = 512, seed: int = 0,
           layout: str = "flat", pad: int = 0, topics: int = 200, chunk_rows: int = 65536,
           progress: ProgressFn | None = None) -> list[Path]:
@@ -74,7 +71,7 @@ def synth(out: str | os.PathLike[str], shards: list[int], rows: int, *, dim: int
     done = 0
     written = []
     for shard in shards:
-        paths = {k: dirs[k] / shard_name(k, shard, pad) for k in dirs}
+        paths = {k: dirs[k] / shard_file_name(k, shard, pad) for k in dirs}
         tmp = {k: p.with_name(p.name + ".tmp") for k, p in paths.items()}
         img = np.lib.format.open_memmap(tmp["img_emb"], mode="w+", dtype="<f2", shape=(rows, dim))
         txt = np.lib.format.open_memmap(tmp["text_emb"], mode="w+", dtype="<f2", shape=(rows, dim))
