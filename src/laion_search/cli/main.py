@@ -135,8 +135,11 @@ def ingest(
 @app.command()
 @handle_errors
 def download(
-    shards: str = typer.Argument(..., help="Shard numbers: 0-9, 3,7,12-15."),
+    shards: Optional[str] = typer.Argument(None, help="Shard numbers: 0-9, 3,7,12-15. With --source: its parts "
+                                                      "(1-3; sisap-*: data,queries,gold), default all."),
     to: Path = typer.Option(..., "--to", help="Directory to download into."),
+    source: Optional[str] = typer.Option(None, "--source", help="A named source from `laion sources` "
+                                                               "(laion400m, laion5b-100m, sisap-300k …)."),
     base_url: str = typer.Option(None, "--base-url", envvar="LAION_BASE_URL", show_envvar=True,
                                  help="Prefix under which img_emb/img_emb_N.npy, text_emb/text_emb_N.npy and "
                                       "metadata/metadata_N.parquet live. Default: LAION-400M's, as in the guide."),
@@ -165,18 +168,24 @@ def download(
     url: Optional[str] = UrlOption,
     json_output: bool = JsonOption,
 ) -> None:
-    """Download LAION shards: parallel, retried, resumed, verified; optionally ingested as they arrive.
+    """Download LAION shards (or a named source's files): parallel, retried, resumed, verified;
+    shards optionally ingested as they arrive.
 
     Example: laion download 0-9 --to ./shards -j 4 --ingest --db ./laion-db
+
+    Example: laion download --source sisap-300k --to ./sisap
     """
     import contextlib
 
+    from laion_search.sources.catalog import download_source, hint_for
     from laion_search.sources.download import DEFAULT_BASE_URL, Remote, RetryPolicy, download as do_download
     from laion_search.sources.naming import parse_shard_spec
 
-    numbers = parse_shard_spec(shards) or []
-    if not numbers:
-        raise UsageError("no shards given: e.g. 0-9 or 3,7,12-15")
+    numbers: list[int] = []
+    if source is None:
+        numbers = parse_shard_spec(shards) or []
+        if not numbers:
+            raise UsageError("no shards given: e.g. 0-9 or 3,7,12-15 (or a named source: --source NAME)")
     if delete_after_ingest and not do_ingest:
         raise UsageError("--delete-after-ingest needs --ingest")
     remote = Remote(base_url=base_url or DEFAULT_BASE_URL, remote_layout=remote_layout, layout=layout, pad=pad)
@@ -185,44 +194,50 @@ def download(
     with contextlib.ExitStack() as stack:
         store = stack.enter_context(open_store(db, url)) if do_ingest else None
         progress = stack.enter_context(output.DownloadProgress(output.progress_mode(json_output)))
-        report = do_download(numbers, to, remote=remote, jobs=jobs, policy=policy, store=store,
-                             delete_after_ingest=delete_after_ingest, batch_rows=batch_rows, progress=progress,
-                             fsync=not no_fsync)
+        if source is not None:
+            report = download_source(source, shards, to, base_url=base_url, store=store, jobs=jobs, policy=policy,
+                                     progress=progress, fsync=not no_fsync, delete_after_ingest=delete_after_ingest,
+                                     batch_rows=batch_rows)
+        else:
+            report = do_download(numbers, to, remote=remote, jobs=jobs, policy=policy, store=store,
+                                 delete_after_ingest=delete_after_ingest, batch_rows=batch_rows, progress=progress,
+                                 fsync=not no_fsync)
     if not json_output:
         print_download_summary(report)
+    hint = hint_for(report, base_url, source)
+    if hint:
+        output.err.print(f"hint: {hint}", markup=False, highlight=False)
     if not report.ok:
         raise typer.Exit(1)
 
 
-def print_download_summary(report) -> None:
+# -- sources --------------------------------------------------------------------------------------
+@app.command()
+@handle_errors
+def sources(json_output: bool = JsonOption) -> None:
+    """Named sources of real LAION embeddings: rows, size, dimension, model, ids and licence.
+
+    Example: laion sources --json
+    """
     from rich.table import Table
 
-    table = Table(title="download summary", header_style="bold")
-    for col in ("", "count", "detail"):
-        table.add_column(col)
-    table.add_row("files downloaded", str(len(report.downloaded)),
-                  f"{output.human_bytes(report.bytes)} in {report.seconds:.1f} s ({report.mb_per_s:,.1f} MB/s), "
-                  f"{report.retries} retries")
-    table.add_row("files skipped", str(len(report.skipped)), "already complete")
-    table.add_row("files failed", str(len(report.failed)), "")
-    table.add_row("shards verified", str(len(report.shards_verified)), _numbers(report.shards_verified))
-    table.add_row("shards skipped", str(len(report.shards_skipped)), _numbers(report.shards_skipped))
-    if report.ingested or report.ingest_skipped:
-        table.add_row("shards ingested", str(len(report.ingested)), f"{report.ingested_rows:,} rows")
-        table.add_row("already in store", str(len(report.ingest_skipped)), _numbers(report.ingest_skipped))
-    if report.deleted:
-        table.add_row("shards deleted", str(len(report.deleted)), "after ingest")
-    table.add_row("shards failed", str(len(report.shards_failed)), _numbers(report.shards_failed))
+    from laion_search.sources.catalog import list_sources
+
+    items = list_sources()
+    if json_output:
+        print(output.dumps({"sources": [s.as_dict() for s in items]}))
+        return
+    table = Table(title="sources: laion download --source NAME \\[parts] --to DIR", header_style="bold")
+    for col in ("name", "rows", "size", "dim", "model", "files", "ids"):
+        table.add_column(col, overflow="fold")
+    for s in items:
+        files = f"{s.shards} shards × 3" if s.layout == "shards" else \
+            ", ".join(sorted({f.role for f in s.files}, key=["data", "queries", "gold"].index)) + f" ({len(s.files)})"
+        table.add_row(s.name, f"{s.rows:,}", ("~" if s.size_estimated else "") + output.human_bytes(s.size_bytes),
+                      str(s.dim), s.model.removeprefix("OpenAI CLIP "), files, s.ids)
     output.out.print(table)
-    for f in report.failed:
-        output.out.print(f"failed: shard {f['shard']} {f['file']} ({f['url']}): {f['reason']}",
-                         markup=False, highlight=False)
-
-
-def _numbers(ns) -> str:
-    ns = list(ns)
-    text = ", ".join(str(n) for n in ns[:20])
-    return text + (f", … ({len(ns)})" if len(ns) > 20 else "")
+    for s in items:
+        output.out.print(f"{s.name}: {s.note}. Licence: {s.licence}.", markup=False, highlight=False)
 
 
 # -- status ---------------------------------------------------------------------------------------
