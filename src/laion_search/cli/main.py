@@ -211,6 +211,37 @@ def download(
         raise typer.Exit(1)
 
 
+def print_download_summary(report) -> None:
+    from rich.table import Table
+
+    table = Table(title="download summary", header_style="bold")
+    for col in ("", "count", "detail"):
+        table.add_column(col)
+    table.add_row("files downloaded", str(len(report.downloaded)),
+                  f"{output.human_bytes(report.bytes)} in {report.seconds:.1f} s ({report.mb_per_s:,.1f} MB/s), "
+                  f"{report.retries} retries")
+    table.add_row("files skipped", str(len(report.skipped)), "already complete")
+    table.add_row("files failed", str(len(report.failed)), "")
+    table.add_row("shards verified", str(len(report.shards_verified)), _numbers(report.shards_verified))
+    table.add_row("shards skipped", str(len(report.shards_skipped)), _numbers(report.shards_skipped))
+    if report.ingested or report.ingest_skipped:
+        table.add_row("shards ingested", str(len(report.ingested)), f"{report.ingested_rows:,} rows")
+        table.add_row("already in store", str(len(report.ingest_skipped)), _numbers(report.ingest_skipped))
+    if report.deleted:
+        table.add_row("shards deleted", str(len(report.deleted)), "after ingest")
+    table.add_row("shards failed", str(len(report.shards_failed)), _numbers(report.shards_failed))
+    output.out.print(table)
+    for f in report.failed:
+        output.out.print(f"failed: shard {f['shard']} {f['file']} ({f['url']}): {f['reason']}",
+                         markup=False, highlight=False)
+
+
+def _numbers(ns) -> str:
+    ns = list(ns)
+    text = ", ".join(str(n) for n in ns[:20])
+    return text + (f", … ({len(ns)})" if len(ns) > 20 else "")
+
+
 # -- sources --------------------------------------------------------------------------------------
 @app.command()
 @handle_errors
@@ -722,27 +753,59 @@ def bench_ingest(
 @handle_errors
 def bench_search(
     rows: int = typer.Option(100_000, "--rows", min=100, help="Rows of the synth shard to search."),
-    queries: int = typer.Option(100, "--queries", min=1, help="Number of text→image queries."),
-    k: int = typer.Option(10, "--k", min=1, max=1000, help="Neighbours per query (recall@k)."),
-    configs: str = typer.Option("16:64,64:256", "--configs", help="HNSW M:ef_construction pairs, comma-separated; none: exact search only."),
+    queries: str = typer.Option("100", "--queries", help="Number of text→image queries on the synth shard; or a "
+                                                         "query file (.h5 with emb, SISAP's; or .npy) to measure "
+                                                         "recall against --gold on the store's table."),
+    gold: Optional[Path] = typer.Option(None, "--gold", help="Gold standard for --queries FILE: .h5 with knns "
+                                                              "(SISAP: ids from 1) or a 2-D integer .npy."),
+    limit: int = typer.Option(1000, "--limit", min=0, help="With --gold: the first N queries (0: all)."),
+    k: int = typer.Option(10, "--k", min=1, max=1000, help="Neighbours per query (recall@k; --gold: 10 and 30)."),
+    configs: Optional[str] = typer.Option(None, "--configs", help="HNSW M:ef_construction pairs, comma-separated; "
+                                                                  "none: exact search only. Default 16:64,64:256; "
+                                                                  "with --gold: the table's own index, if any."),
     quantization: str = typer.Option("bf16", "--quantization", help="bf16, f16, f32, i8 or b1."),
+    metric: str = typer.Option("cosine", "--metric", help="With --gold: cosine (= dot product on unit vectors) or l2."),
     threads: int = typer.Option(2, "--threads", min=1, max=64, help="Client threads for the QPS column."),
     workdir: Optional[Path] = typer.Option(None, "--dir", help="Scratch directory, reused between runs (default: temp)."),
     out: Optional[Path] = typer.Option(Path("bench-out"), "--out", help="Where bench-search.md and .png go."),
+    db: Optional[str] = DbOption,
+    url: Optional[str] = UrlOption,
     json_output: bool = JsonOption,
 ) -> None:
-    """Recall@k, latency, QPS, build speed and index size: exact and HNSW, vs numpy, faiss and usearch.
+    """Recall@k, latency, QPS, build speed and index size: exact and HNSW, vs numpy, faiss and usearch;
+    or, with --queries FILE --gold FILE, recall@10/@30 against a published gold standard on your table.
 
     Example: laion bench search --rows 1000000 --configs 16:64,16:128,64:256
+
+    Example: laion bench search --db ./sisap-db --queries public-queries-2024-laion2B-en-clip768v2-n=10k.h5
+    --gold gold-standard-dbsize=300K--public-queries-2024-laion2B-en-clip768v2-n=10k.h5 --limit 1000
     """
-    from laion_search.bench.search import parse_configs, run as run_bench
+    from laion_search.bench.search import parse_configs, run as run_bench, run_gold
 
     try:
-        parse_configs(configs)
+        parse_configs(configs or "none")
     except ValueError:
         raise UsageError("--configs must look like 16:128,64:256") from None
-    result = run_bench(rows=rows, queries=queries, k=k, configs=configs, quantization=quantization, threads=threads,
-                       workdir=workdir, out=out, log=None if json_output else output.err.print)
+    n_queries = int(queries) if queries.strip().isdigit() else None
+    if n_queries is None or gold is not None:
+        if gold is None:
+            raise UsageError("--queries FILE needs --gold FILE (the gold standard for those queries)")
+        if n_queries is not None:
+            raise UsageError("--gold needs --queries FILE (the query vectors), not a number")
+        qpath = Path(queries)
+        for p in (qpath, gold):
+            if not p.is_file():
+                raise UsageError(f"{p}: no such file")
+        with open_store(db, url) as store:
+            result = run_gold(store, qpath, gold, limit=limit or None,
+                              configs=None if configs in (None, "none") else configs, quantization=quantization,
+                              threads=threads, metric=metric, out=out, log=None if json_output else output.err.print)
+    else:
+        if n_queries < 1:
+            raise UsageError("--queries must be at least 1")
+        result = run_bench(rows=rows, queries=n_queries, k=k, configs=configs or "16:64,64:256",
+                           quantization=quantization, threads=threads, workdir=workdir, out=out,
+                           log=None if json_output else output.err.print)
     if json_output:
         print(output.dumps(result))
     else:
