@@ -372,9 +372,26 @@ class HTTPFile(io.RawIOBase):
 
     def _stream(self, resp: http.client.HTTPResponse, view: memoryview, done: dict[str, int] | None = None) -> int:
         got = 0
+        fp = getattr(resp, "fp", None)
+        direct = not resp.chunked and resp.length is not None and hasattr(fp, "readinto1")
+        left = resp.length or 0
+        drained = False
         while got < len(view):
             try:
-                k = resp.readinto(view[got:])
+                if direct:
+                    # one socket read per call (as the downloader does): bytes that arrived before a
+                    # reset are kept, so the retry asks only for the rest. The body bytes that came
+                    # with the headers sit in fp's buffer: take exactly those first
+                    want = min(len(view) - got, left)
+                    if want <= 0:
+                        break
+                    if not drained:
+                        drained = True
+                        want = min(want, len(fp.peek()) or want)
+                    k = fp.readinto1(view[got:got + want])
+                    left -= k
+                else:
+                    k = resp.readinto(view[got:])
             except (OSError, http.client.HTTPException) as exc:
                 if done is not None:
                     done["n"] += got
@@ -446,7 +463,7 @@ def open_input(path_or_url: str | os.PathLike[str], *, headers: dict[str, str] |
     Errors: :class:`~laion_search.errors.DownloadError` (remote), ``OSError`` (local)."""
     url, path, hdrs = resolve(path_or_url, headers)
     if path is not None:
-        return LocalFile(path, "rb")
+        return LocalFile(os.fspath(path), "rb")
     assert url is not None
     name = safe_url(os.fspath(path_or_url))
     try:
@@ -455,7 +472,7 @@ def open_input(path_or_url: str | os.PathLike[str], *, headers: dict[str, str] |
     except DownloadError as exc:
         cache = cache_dir if cache_dir is not None else os.environ.get(CACHE_ENV)
         if cache and "does not support Range requests" in str(exc):
-            return LocalFile(cached_copy(url, cache, headers=hdrs, policy=policy, progress=progress, name=name), "rb")
+            return LocalFile(os.fspath(cached_copy(url, cache, headers=hdrs, policy=policy, progress=progress, name=name)), "rb")
         raise
 
 
