@@ -203,7 +203,7 @@ def download(
                                  delete_after_ingest=delete_after_ingest, batch_rows=batch_rows, progress=progress,
                                  fsync=not no_fsync)
     if not json_output:
-        print_download_summary(report)
+        print_download_summary(report, "shards" if source in (None, "laion400m") else "parts")
     hint = hint_for(report, base_url, source)
     if hint:
         output.err.print(f"hint: {hint}", markup=False, highlight=False)
@@ -211,7 +211,7 @@ def download(
         raise typer.Exit(1)
 
 
-def print_download_summary(report) -> None:
+def print_download_summary(report, unit: str = "shards") -> None:
     from rich.table import Table
 
     table = Table(title="download summary", header_style="bold")
@@ -222,14 +222,14 @@ def print_download_summary(report) -> None:
                   f"{report.retries} retries")
     table.add_row("files skipped", str(len(report.skipped)), "already complete")
     table.add_row("files failed", str(len(report.failed)), "")
-    table.add_row("shards verified", str(len(report.shards_verified)), _numbers(report.shards_verified))
-    table.add_row("shards skipped", str(len(report.shards_skipped)), _numbers(report.shards_skipped))
+    table.add_row(f"{unit} verified", str(len(report.shards_verified)), _numbers(report.shards_verified))
+    table.add_row(f"{unit} skipped", str(len(report.shards_skipped)), _numbers(report.shards_skipped))
     if report.ingested or report.ingest_skipped:
         table.add_row("shards ingested", str(len(report.ingested)), f"{report.ingested_rows:,} rows")
         table.add_row("already in store", str(len(report.ingest_skipped)), _numbers(report.ingest_skipped))
     if report.deleted:
         table.add_row("shards deleted", str(len(report.deleted)), "after ingest")
-    table.add_row("shards failed", str(len(report.shards_failed)), _numbers(report.shards_failed))
+    table.add_row(f"{unit} failed", str(len(report.shards_failed)), _numbers(report.shards_failed))
     output.out.print(table)
     for f in report.failed:
         output.out.print(f"failed: shard {f['shard']} {f['file']} ({f['url']}): {f['reason']}",
