@@ -491,3 +491,15 @@ def test_downloader_sends_credentials_to_the_first_origin_only(files, tmp_path):
             assert f.read() == (files / "part.parquet").read_bytes()
         assert _gets(hub) and all(e.authorization == "Bearer abc" for e in _gets(hub))
         assert len(_gets(cdn)) == 2 and all(e.authorization is None for e in _gets(cdn))  # probe + full copy
+
+
+def test_a_stalled_range_is_retried_from_the_byte_it_reached(files, srv):
+    raw = (files / "data.h5").read_bytes()
+    srv.fault("/data.h5", Fault(), Fault(stall_after=6_000, stall=3.0))  # silent for longer than read_timeout
+    policy = RetryPolicy(tries=4, base_delay=0.01, max_delay=0.02, connect_timeout=2, read_timeout=0.3)
+    events: list[dict] = []
+    with open_input(srv.url + "/data.h5", block_size=BLOCK, policy=policy, progress=events.append) as f:
+        assert f.read(len(raw)) == raw
+    gets = _gets(srv, "/data.h5")
+    assert gets[2].range == f"bytes={6_000}-{len(raw) - 1}"
+    assert [e["reason"] for e in events] == ["timed out (no data within the read timeout)"]
