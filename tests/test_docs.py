@@ -176,9 +176,13 @@ def documented_commands(path: Path) -> list[tuple[int, str]]:
         if block.lang in NOT_SHELL:
             continue
         pending, first = "", 0
+        # a block that shows a session ("$ laion …" then what it printed): only prompts are commands
+        prompted = any(line.lstrip().startswith("$ ") for _, line in block.lines)
         for no, line in block.lines:
             if not pending:
                 first = no
+                if prompted and not line.lstrip().startswith("$ "):
+                    continue
             if line.rstrip().endswith("\\"):
                 pending += line.rstrip()[:-1] + " "
                 continue

@@ -257,3 +257,166 @@ def _plot(results: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# -- recall against a published gold standard (SISAP) ------------------------------------------------
+GOLD_KS = (10, 30)
+
+
+def _h5_dataset(path: Path, names: tuple[str, ...], what: str):
+    try:
+        import h5py
+    except ImportError:
+        from laion_search.errors import UsageError
+
+        raise UsageError(f"{path}: reading .h5 needs h5py (pip install 'laion-search[hdf5]')") from None
+    from laion_search.errors import ShardValidationError
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise ShardValidationError(f"not a readable HDF5 file ({exc})", path=str(path)) from None
+    with f:
+        for name in names:
+            if name in f:
+                return np.asarray(f[name][()])
+        found = ", ".join(sorted(f.keys())) or "none"
+    raise ShardValidationError(f"no {what} dataset {names[0]!r} (datasets: {found})", path=str(path))
+
+
+def read_queries(path: str | os.PathLike[str]) -> np.ndarray:
+    """Query vectors, float32 rows: an ``.h5`` file's ``emb`` dataset (SISAP) or a 2-D ``.npy``."""
+    from laion_search.errors import ShardValidationError
+
+    p = Path(path)
+    arr = _h5_dataset(p, ("emb",), "query") if p.suffix.lower() in (".h5", ".hdf5") else _npy(p)
+    if arr.ndim != 2 or arr.shape[0] == 0 or arr.dtype.kind != "f":
+        raise ShardValidationError(f"queries must be a non-empty 2-D float array, got {arr.dtype} {arr.shape}",
+                                   path=str(p))
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def read_gold(path: str | os.PathLike[str]) -> np.ndarray:
+    """Gold-standard neighbour ids, one row per query, nearest first: an ``.h5`` file's ``knns``
+    (SISAP: int32, starting at 1) or a 2-D integer ``.npy``."""
+    from laion_search.errors import ShardValidationError
+
+    p = Path(path)
+    arr = _h5_dataset(p, ("knns",), "gold") if p.suffix.lower() in (".h5", ".hdf5") else _npy(p)
+    if arr.ndim != 2 or arr.dtype.kind not in "iu":
+        raise ShardValidationError(f"gold ids must be a 2-D integer array (knns), got {arr.dtype} {arr.shape}",
+                                   path=str(p))
+    return arr.astype(np.int64)
+
+
+def _npy(p: Path) -> np.ndarray:
+    from laion_search.errors import ShardValidationError
+
+    try:
+        return np.load(p, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ShardValidationError(f"not a readable .npy file ({exc})", path=str(p)) from None
+
+
+def gold_recall(results: list[list[int]], gold: np.ndarray, k: int) -> float:
+    """Mean over queries of |first k results ∩ first k gold ids| / k."""
+    return float(np.mean([len(set(r[:k]) & set(g[:k].tolist())) / k for r, g in zip(results, gold)]))
+
+
+def run_gold(store: Any, queries: str | os.PathLike[str], gold: str | os.PathLike[str], *, limit: int | None = 1000,
+             configs: str | None = None, quantization: str = "bf16", threads: int = 2, metric: str = "cosine",
+             qps_queries: int = 200, out: Path | None = None,
+             log: Callable[[str], Any] | None = None) -> dict[str, Any]:
+    """Recall@10 and @30 of exact and indexed search on ``store`` against a published gold standard.
+
+    The table's ids must be the ids the gold standard uses (SISAP: the 1-based row number, which
+    is how a SISAP .h5 is ingested). ``limit``: the first N queries (None: all). ``configs``:
+    ``"16:64,…"`` builds each HNSW index in turn (replacing the image index; the last one stays),
+    None measures the image index the table already has, if any. Writes ``bench-search.md`` and
+    ``bench-search.png`` into ``out``."""
+    from laion_search.errors import UsageError
+    from laion_search.index import IndexSpec, create_index, drop_index
+    from laion_search.search import search
+
+    say = log or (lambda m: None)
+    qs = read_queries(queries)
+    truth = read_gold(gold)
+    kmax = max(GOLD_KS)
+    if truth.shape[0] != qs.shape[0]:
+        raise UsageError(f"{gold} has {truth.shape[0]:,} rows but {queries} has {qs.shape[0]:,} queries: "
+                         "they must come from the same query set")
+    if truth.shape[1] < kmax:
+        raise UsageError(f"{gold} has {truth.shape[1]} neighbours per query; recall@{kmax} needs at least {kmax}")
+    if limit is not None and limit > 0:
+        qs, truth = qs[:limit], truth[:limit]
+    dim = store.dim()
+    rows = store.scalar("SELECT count() FROM laion") or 0
+    if dim is None or rows == 0:
+        raise UsageError("the table is empty: ingest the data set the gold standard was computed on first")
+    if qs.shape[1] != dim:
+        raise UsageError(f"{queries} has {qs.shape[1]}-d queries but the table holds {dim}-d vectors")
+    if rows < kmax:
+        raise UsageError(f"the table has {rows} rows; recall@{kmax} needs at least {kmax}")
+    lo, hi = int(truth[:, :kmax].min()), int(truth[:, :kmax].max())
+    have = store.rows("SELECT min(id) AS lo, max(id) AS hi FROM laion")[0]
+    if lo < have["lo"] or hi > have["hi"]:
+        say(f"warning: gold ids span {lo}..{hi} but table ids span {have['lo']}..{have['hi']}: "
+            "is this the data set the gold standard was computed on?")
+    timed = qs[:max(1, min(qps_queries, len(qs)))]
+    results: list[dict[str, Any]] = []
+
+    def measure(name: str, fn: Callable[[np.ndarray], list[int]], **extra: Any) -> None:
+        say(f"{name}: {len(qs):,} queries")
+        res, lat = _latencies(fn, qs)
+        lat_ms = sorted(x * 1000 for x in lat)
+        results.append({"method": name, **{f"recall@{k}": gold_recall(res, truth, k) for k in GOLD_KS},
+                        "recall": gold_recall(res, truth, GOLD_KS[0]), "p50_ms": statistics.median(lat_ms),
+                        "p95_ms": lat_ms[min(len(lat_ms) - 1, int(0.95 * len(lat_ms)))],
+                        "qps_1": _qps(fn, timed, 1), "qps_n": _qps(fn, timed, threads), **extra})
+
+    def exact(q: np.ndarray) -> list[int]:
+        return [r["id"] for r in search(store, q, k=kmax, exact=True, metric=metric, columns=["id"]).rows]
+
+    def indexed(q: np.ndarray) -> list[int]:
+        return [r["id"] for r in search(store, q, k=kmax, metric=metric, columns=["id"]).rows]
+
+    measure("laion exact (chDB)", exact)
+    if configs:
+        for m, ef in parse_configs(configs):
+            drop_index(store, "image")
+            say(f"build hnsw M={m} ef_construction={ef}")
+            built = create_index(store, IndexSpec("image", metric, quantization, m, ef))
+            st = next(i for i in store.index_status() if i["name"] == IndexSpec("image").name)
+            measure(f"laion hnsw M={m} ef_c={ef}", indexed, build_vps=built["vectors_per_second"],
+                    index_disk=st["bytes_on_disk"], index_memory=st["memory_bytes_estimate"], m=m, ef_construction=ef)
+    else:
+        existing = [i for i in store.list_indexes() if i["name"] == IndexSpec("image").name]
+        if existing:
+            st = next(i for i in store.index_status() if i["name"] == existing[0]["name"])
+            measure(f"laion hnsw (the table's index: {existing[0]['type_full']})", indexed,
+                    index_disk=st["bytes_on_disk"], index_memory=st["memory_bytes_estimate"])
+        else:
+            say("no image index on the table: exact search only (--configs 16:64 builds one)")
+    md = _markdown_gold(results, rows, dim, len(qs), Path(queries).name, Path(gold).name, threads, len(timed))
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench-search.md").write_text(md + "\n")
+        _plot(results, out / "bench-search.png")
+    return {"rows": rows, "dim": dim, "queries": len(qs), "gold": str(gold), "ks": list(GOLD_KS),
+            "results": results, "ratios": {}, "markdown": md}
+
+
+def _markdown_gold(results, rows, dim, queries, qname, gname, threads, timed) -> str:
+    ks = " | ".join(f"recall@{k}" for k in GOLD_KS)
+    lines = [f"{rows:,} rows × {dim}-d, {queries:,} queries from {qname}, gold standard {gname}; "
+             f"QPS with 1 and {threads} client threads over the first {timed} queries",
+             "",
+             f"| method | {ks} | p50 ms | p95 ms | QPS (1) | QPS ({threads}) | build vectors/s | index memory | index disk |",
+             "|---|" + "---:|" * (len(GOLD_KS) + 7)]
+    for r in results:
+        bv = r.get("build_vps")
+        recalls = " | ".join(f"{r[f'recall@{k}']:.3f}" for k in GOLD_KS)
+        lines.append(f"| {r['method']} | {recalls} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['qps_1']:,.0f} | "
+                     f"{r['qps_n']:,.0f} | {'-' if not bv else f'{bv:,.0f}'} | {_mb(r.get('index_memory'))} | "
+                     f"{_mb(r.get('index_disk'))} |")
+    return "\n".join(lines)

@@ -135,8 +135,11 @@ def ingest(
 @app.command()
 @handle_errors
 def download(
-    shards: str = typer.Argument(..., help="Shard numbers: 0-9, 3,7,12-15."),
+    shards: Optional[str] = typer.Argument(None, help="Shard numbers: 0-9, 3,7,12-15. With --source: its parts "
+                                                      "(1-3; sisap-*: data,queries,gold), default all."),
     to: Path = typer.Option(..., "--to", help="Directory to download into."),
+    source: Optional[str] = typer.Option(None, "--source", help="A named source from `laion sources` "
+                                                               "(laion400m, laion5b-100m, sisap-300k …)."),
     base_url: str = typer.Option(None, "--base-url", envvar="LAION_BASE_URL", show_envvar=True,
                                  help="Prefix under which img_emb/img_emb_N.npy, text_emb/text_emb_N.npy and "
                                       "metadata/metadata_N.parquet live. Default: LAION-400M's, as in the guide."),
@@ -165,18 +168,24 @@ def download(
     url: Optional[str] = UrlOption,
     json_output: bool = JsonOption,
 ) -> None:
-    """Download LAION shards: parallel, retried, resumed, verified; optionally ingested as they arrive.
+    """Download LAION shards (or a named source's files): parallel, retried, resumed, verified;
+    shards optionally ingested as they arrive.
 
     Example: laion download 0-9 --to ./shards -j 4 --ingest --db ./laion-db
+
+    Example: laion download --source sisap-300k --to ./sisap
     """
     import contextlib
 
+    from laion_search.sources.catalog import download_source, hint_for
     from laion_search.sources.download import DEFAULT_BASE_URL, Remote, RetryPolicy, download as do_download
     from laion_search.sources.naming import parse_shard_spec
 
-    numbers = parse_shard_spec(shards) or []
-    if not numbers:
-        raise UsageError("no shards given: e.g. 0-9 or 3,7,12-15")
+    numbers: list[int] = []
+    if source is None:
+        numbers = parse_shard_spec(shards) or []
+        if not numbers:
+            raise UsageError("no shards given: e.g. 0-9 or 3,7,12-15 (or a named source: --source NAME)")
     if delete_after_ingest and not do_ingest:
         raise UsageError("--delete-after-ingest needs --ingest")
     remote = Remote(base_url=base_url or DEFAULT_BASE_URL, remote_layout=remote_layout, layout=layout, pad=pad)
@@ -185,16 +194,24 @@ def download(
     with contextlib.ExitStack() as stack:
         store = stack.enter_context(open_store(db, url)) if do_ingest else None
         progress = stack.enter_context(output.DownloadProgress(output.progress_mode(json_output)))
-        report = do_download(numbers, to, remote=remote, jobs=jobs, policy=policy, store=store,
-                             delete_after_ingest=delete_after_ingest, batch_rows=batch_rows, progress=progress,
-                             fsync=not no_fsync)
+        if source is not None:
+            report = download_source(source, shards, to, base_url=base_url, store=store, jobs=jobs, policy=policy,
+                                     progress=progress, fsync=not no_fsync, delete_after_ingest=delete_after_ingest,
+                                     batch_rows=batch_rows)
+        else:
+            report = do_download(numbers, to, remote=remote, jobs=jobs, policy=policy, store=store,
+                                 delete_after_ingest=delete_after_ingest, batch_rows=batch_rows, progress=progress,
+                                 fsync=not no_fsync)
     if not json_output:
-        print_download_summary(report)
+        print_download_summary(report, "shards" if source in (None, "laion400m") else "parts")
+    hint = hint_for(report, base_url, source)
+    if hint:
+        output.err.print(f"hint: {hint}", markup=False, highlight=False)
     if not report.ok:
         raise typer.Exit(1)
 
 
-def print_download_summary(report) -> None:
+def print_download_summary(report, unit: str = "shards") -> None:
     from rich.table import Table
 
     table = Table(title="download summary", header_style="bold")
@@ -205,14 +222,14 @@ def print_download_summary(report) -> None:
                   f"{report.retries} retries")
     table.add_row("files skipped", str(len(report.skipped)), "already complete")
     table.add_row("files failed", str(len(report.failed)), "")
-    table.add_row("shards verified", str(len(report.shards_verified)), _numbers(report.shards_verified))
-    table.add_row("shards skipped", str(len(report.shards_skipped)), _numbers(report.shards_skipped))
+    table.add_row(f"{unit} verified", str(len(report.shards_verified)), _numbers(report.shards_verified))
+    table.add_row(f"{unit} skipped", str(len(report.shards_skipped)), _numbers(report.shards_skipped))
     if report.ingested or report.ingest_skipped:
         table.add_row("shards ingested", str(len(report.ingested)), f"{report.ingested_rows:,} rows")
         table.add_row("already in store", str(len(report.ingest_skipped)), _numbers(report.ingest_skipped))
     if report.deleted:
         table.add_row("shards deleted", str(len(report.deleted)), "after ingest")
-    table.add_row("shards failed", str(len(report.shards_failed)), _numbers(report.shards_failed))
+    table.add_row(f"{unit} failed", str(len(report.shards_failed)), _numbers(report.shards_failed))
     output.out.print(table)
     for f in report.failed:
         output.out.print(f"failed: shard {f['shard']} {f['file']} ({f['url']}): {f['reason']}",
@@ -223,6 +240,35 @@ def _numbers(ns) -> str:
     ns = list(ns)
     text = ", ".join(str(n) for n in ns[:20])
     return text + (f", … ({len(ns)})" if len(ns) > 20 else "")
+
+
+# -- sources --------------------------------------------------------------------------------------
+@app.command()
+@handle_errors
+def sources(json_output: bool = JsonOption) -> None:
+    """Named sources of real LAION embeddings: rows, size, dimension, model, ids and licence.
+
+    Example: laion sources --json
+    """
+    from rich.table import Table
+
+    from laion_search.sources.catalog import list_sources
+
+    items = list_sources()
+    if json_output:
+        print(output.dumps({"sources": [s.as_dict() for s in items]}))
+        return
+    table = Table(title="sources: laion download --source NAME \\[parts] --to DIR", header_style="bold")
+    for col in ("name", "rows", "size", "dim", "model", "files", "ids"):
+        table.add_column(col, overflow="fold")
+    for s in items:
+        files = f"{s.shards} shards × 3" if s.layout == "shards" else \
+            ", ".join(sorted({f.role for f in s.files}, key=["data", "queries", "gold"].index)) + f" ({len(s.files)})"
+        table.add_row(s.name, f"{s.rows:,}", ("~" if s.size_estimated else "") + output.human_bytes(s.size_bytes),
+                      str(s.dim), s.model.removeprefix("OpenAI CLIP "), files, s.ids)
+    output.out.print(table)
+    for s in items:
+        output.out.print(f"{s.name}: {s.note}. Licence: {s.licence}.", markup=False, highlight=False)
 
 
 # -- status ---------------------------------------------------------------------------------------
@@ -709,27 +755,59 @@ def bench_ingest(
 @handle_errors
 def bench_search(
     rows: int = typer.Option(100_000, "--rows", min=100, help="Rows of the synth shard to search."),
-    queries: int = typer.Option(100, "--queries", min=1, help="Number of text→image queries."),
-    k: int = typer.Option(10, "--k", min=1, max=1000, help="Neighbours per query (recall@k)."),
-    configs: str = typer.Option("16:64,64:256", "--configs", help="HNSW M:ef_construction pairs, comma-separated; none: exact search only."),
+    queries: str = typer.Option("100", "--queries", help="Number of text→image queries on the synth shard; or a "
+                                                         "query file (.h5 with emb, SISAP's; or .npy) to measure "
+                                                         "recall against --gold on the store's table."),
+    gold: Optional[Path] = typer.Option(None, "--gold", help="Gold standard for --queries FILE: .h5 with knns "
+                                                              "(SISAP: ids from 1) or a 2-D integer .npy."),
+    limit: int = typer.Option(1000, "--limit", min=0, help="With --gold: the first N queries (0: all)."),
+    k: int = typer.Option(10, "--k", min=1, max=1000, help="Neighbours per query (recall@k; --gold: 10 and 30)."),
+    configs: Optional[str] = typer.Option(None, "--configs", help="HNSW M:ef_construction pairs, comma-separated; "
+                                                                  "none: exact search only. Default 16:64,64:256; "
+                                                                  "with --gold: the table's own index, if any."),
     quantization: str = typer.Option("bf16", "--quantization", help="bf16, f16, f32, i8 or b1."),
+    metric: str = typer.Option("cosine", "--metric", help="With --gold: cosine (= dot product on unit vectors) or l2."),
     threads: int = typer.Option(2, "--threads", min=1, max=64, help="Client threads for the QPS column."),
     workdir: Optional[Path] = typer.Option(None, "--dir", help="Scratch directory, reused between runs (default: temp)."),
     out: Optional[Path] = typer.Option(Path("bench-out"), "--out", help="Where bench-search.md and .png go."),
+    db: Optional[str] = DbOption,
+    url: Optional[str] = UrlOption,
     json_output: bool = JsonOption,
 ) -> None:
-    """Recall@k, latency, QPS, build speed and index size: exact and HNSW, vs numpy, faiss and usearch.
+    """Recall@k, latency, QPS, build speed and index size: exact and HNSW, vs numpy, faiss and usearch;
+    or, with --queries FILE --gold FILE, recall@10/@30 against a published gold standard on your table.
 
     Example: laion bench search --rows 1000000 --configs 16:64,16:128,64:256
+
+    Example: laion bench search --db ./sisap-db --queries public-queries-2024-laion2B-en-clip768v2-n=10k.h5
+    --gold gold-standard-dbsize=300K--public-queries-2024-laion2B-en-clip768v2-n=10k.h5 --limit 1000
     """
-    from laion_search.bench.search import parse_configs, run as run_bench
+    from laion_search.bench.search import parse_configs, run as run_bench, run_gold
 
     try:
-        parse_configs(configs)
+        parse_configs(configs or "none")
     except ValueError:
         raise UsageError("--configs must look like 16:128,64:256") from None
-    result = run_bench(rows=rows, queries=queries, k=k, configs=configs, quantization=quantization, threads=threads,
-                       workdir=workdir, out=out, log=None if json_output else output.err.print)
+    n_queries = int(queries) if queries.strip().isdigit() else None
+    if n_queries is None or gold is not None:
+        if gold is None:
+            raise UsageError("--queries FILE needs --gold FILE (the gold standard for those queries)")
+        if n_queries is not None:
+            raise UsageError("--gold needs --queries FILE (the query vectors), not a number")
+        qpath = Path(queries)
+        for p in (qpath, gold):
+            if not p.is_file():
+                raise UsageError(f"{p}: no such file")
+        with open_store(db, url) as store:
+            result = run_gold(store, qpath, gold, limit=limit or None,
+                              configs=None if configs in (None, "none") else configs, quantization=quantization,
+                              threads=threads, metric=metric, out=out, log=None if json_output else output.err.print)
+    else:
+        if n_queries < 1:
+            raise UsageError("--queries must be at least 1")
+        result = run_bench(rows=rows, queries=n_queries, k=k, configs=configs or "16:64,64:256",
+                           quantization=quantization, threads=threads, workdir=workdir, out=out,
+                           log=None if json_output else output.err.print)
     if json_output:
         print(output.dumps(result))
     else:

@@ -404,6 +404,9 @@ class DownloadProgress(Progress):
 
     def _message(self, e: dict[str, Any]) -> str | None:
         kind = e["event"]
+        if kind == "start" and e.get("source"):
+            return (f"downloading {e['files']} file(s) of {e['source']} from {e['base_url'] or 'its URLs'} "
+                    f"to {e['to']} with {e['jobs']} connection(s)")
         if kind == "start":
             return (f"downloading {len(e['todo'])} shard(s) ({e['files']} files) from {e['base_url']} "
                     f"to {e['to']} with {e['jobs']} connection(s)" + (", ingesting as they verify" if e["ingest"] else ""))

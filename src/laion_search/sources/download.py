@@ -38,7 +38,6 @@ Memory is bounded: each worker streams through one reusable buffer (``chunk_byte
 
 from __future__ import annotations
 
-import email.utils
 import errno
 import http.client
 import json
@@ -46,16 +45,23 @@ import os
 import random
 import threading
 import time
-import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
-from urllib.parse import urljoin, urlsplit
+from typing import Any
+from urllib.parse import urlsplit
 
 from laion_search.errors import DownloadError, LaionError, UsageError
 from laion_search.sources.naming import KINDS, shard_file_name, shard_file_relpath
 from laion_search.sources.npy import embedding_rows
+from laion_search.sources.http import RETRY_STATUSES, USER_AGENT, RetryPolicy  # noqa: F401
+from laion_search.sources.http import Retryable as _Retryable
+from laion_search.sources.http import content_range as _content_range
+from laion_search.sources.http import describe as _describe
+from laion_search.sources.http import request as _request
+from laion_search.sources.http import retry_after as _retry_after
+from laion_search.sources.http import validators as _validators
 
 # numpy and pyarrow (through .shards) are imported when the first file needs them, not at start-up.
 # (Not in a background thread during the first transfers: on a busy machine the import's hold on
@@ -67,27 +73,11 @@ ProgressFn = Callable[[dict[str, Any]], None]
 DEFAULT_BASE_URL = "https://deploy.laion.ai/8f83b608504d46bb81708ec86e912220/embeddings"
 MANIFEST = ".laion-download.json"
 PART = ".part"
-USER_AGENT = "laion-search (+https://github.com/laion-ai)"
-RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
 #: local errors no retry can fix (disk full, quota, read-only, permission)
 _LOCAL_FATAL = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 PROGRESS_RESET_BYTES = 1 << 20  # an attempt that brought this much new data resets the failure count
 CHUNK_BYTES = 4 << 20  # one reusable read buffer per transfer
 WRITEBACK_BYTES = 8 << 20  # with fsync: start the disk writeback of every 8 MiB received (sync_file_range)
-
-
-@dataclass
-class RetryPolicy:
-    tries: int = 20                #: consecutive failed attempts (without progress) before giving up
-    base_delay: float = 1.0        #: first backoff, doubled each failure, with full jitter
-    max_delay: float = 60.0        #: backoff cap
-    max_retry_after: float = 600.0  #: cap on a server's Retry-After
-    connect_timeout: float = 15.0
-    read_timeout: float = 60.0     #: longest silence between two packets of a response
-
-    def backoff(self, failures: int, rng: random.Random) -> float:
-        cap = min(self.max_delay, self.base_delay * 2 ** max(0, failures - 1))
-        return rng.uniform(cap / 2, cap)
 
 
 @dataclass
@@ -121,11 +111,13 @@ class Remote:
 
 @dataclass
 class FileJob:
-    shard: int
-    kind: str
+    shard: int   #: shard number, or part number of a single-file source
+    kind: str    #: img_emb, text_emb, metadata (a shard's files); parquet or h5 (single-file sources)
     url: str
     rel: str
     dest: Path
+    #: extra request headers (e.g. Authorization for Hugging Face): never printed, logged or repr'd
+    headers: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -162,14 +154,6 @@ class DownloadReport:
 
 
 # -- errors used inside the retry loop -----------------------------------------------------------
-class _Retryable(Exception):
-    def __init__(self, reason: str, retry_after: float | None = None, progressed: int = 0):
-        super().__init__(reason)
-        self.reason = reason
-        self.retry_after = retry_after
-        self.progressed = progressed
-
-
 class _Restart(Exception):
     """Partial data is unusable (file changed, bad range): discard it and start again now."""
 
@@ -240,97 +224,11 @@ class Manifest:
 
 
 # -- HTTP ----------------------------------------------------------------------------------------
-def _connect(url: str, policy: RetryPolicy) -> tuple[http.client.HTTPConnection, str]:
-    """A connected HTTP(S) connection for ``url`` (through $HTTP(S)_PROXY when set) and the
-    request target. Connect uses ``connect_timeout``; every later socket read ``read_timeout``."""
-    u = urlsplit(url)
-    https = u.scheme == "https"
-    port = u.port or (443 if https else 80)
-    target = (u.path or "/") + (f"?{u.query}" if u.query else "")
-    proxy = urllib.request.getproxies().get(u.scheme)
-    if proxy and urllib.request.proxy_bypass(u.hostname or ""):
-        proxy = None
-    if proxy:
-        p = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-        if https:
-            conn: http.client.HTTPConnection = http.client.HTTPSConnection(p.hostname, p.port or 80,
-                                                                            timeout=policy.connect_timeout)
-            conn.set_tunnel(u.hostname, port)
-        else:
-            conn = http.client.HTTPConnection(p.hostname, p.port or 80, timeout=policy.connect_timeout)
-            target = url
-    elif https:
-        conn = http.client.HTTPSConnection(u.hostname, port, timeout=policy.connect_timeout)
-    else:
-        conn = http.client.HTTPConnection(u.hostname, port, timeout=policy.connect_timeout)
-    conn.connect()
-    conn.sock.settimeout(policy.read_timeout)
-    return conn, target
-
-
-def _request(method: str, url: str, headers: dict[str, str], policy: RetryPolicy
-             ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse, str]:
-    """Send a request, following up to 5 redirects. Returns the connection, response and final URL."""
-    for _ in range(6):
-        u = urlsplit(url)
-        if u.scheme not in ("http", "https"):
-            raise DownloadError(f"unsupported URL scheme in {url}")
-        conn, target = _connect(url, policy)
-        try:
-            conn.request(method, target, headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity",
-                                                  **headers})
-            resp = conn.getresponse()
-        except BaseException:
-            conn.close()
-            raise
-        if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
-            location = resp.getheader("Location")
-            resp.close()
-            conn.close()
-            url = urljoin(url, location)
-            continue
-        return conn, resp, url
-    raise DownloadError(f"too many redirects for {url}")
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def _validators(resp: http.client.HTTPResponse) -> dict[str, Any]:
-    etag = resp.getheader("ETag")
-    return {"etag": etag, "last_modified": resp.getheader("Last-Modified")}
-
-
 def _if_range(state: dict[str, Any]) -> str | None:
     etag = state.get("etag")
     if etag and not etag.startswith("W/"):  # If-Range needs a strong validator
         return etag
     return state.get("last_modified")
-
-
-def _content_range(value: str | None) -> tuple[int | None, int | None] | None:
-    """``bytes START-END/TOTAL`` → (START, TOTAL or None); ``bytes */TOTAL`` (a 416's) → (None, TOTAL)."""
-    if not value or not value.startswith("bytes "):
-        return None
-    spec = value[6:].strip()
-    rng, _, total = spec.partition("/")
-    start, _, _end = rng.partition("-")
-    try:
-        return (None if rng.strip() == "*" else int(start)), (None if total.strip() == "*" else int(total))
-    except ValueError:
-        return None
 
 
 def _boot_id() -> str | None:
@@ -343,9 +241,18 @@ def _boot_id() -> str | None:
 
 # -- verification --------------------------------------------------------------------------------
 def verify_file(path: Path, kind: str) -> int:
-    """Structural check of one downloaded file, from its header (``.npy``: and the size it implies)
-    or footer (Parquet) — never a read of the whole file; returns its row count. Raises ShardError."""
-    if kind == "metadata":
+    """Structural check of one downloaded file, from its header (``.npy``: and the size it implies;
+    HDF5: the signature and the end-of-file address its superblock records) or footer (Parquet) —
+    never a read of the whole file; returns its row count (HDF5: 0, rows are per dataset). Raises
+    ShardError."""
+    if kind == "raw":  # a file of no known format: its size (checked by the caller) is all there is
+        return 0
+    if kind == "h5":
+        from laion_search.sources.remote import check_hdf5
+
+        check_hdf5(path)
+        return 0
+    if kind in ("metadata", "parquet"):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -486,7 +393,7 @@ class _Fetcher:
             return False
 
         def head() -> dict[str, Any] | None:
-            conn, resp, _ = _request("HEAD", job.url, {}, self.policy)
+            conn, resp, _ = _request("HEAD", job.url, dict(job.headers), self.policy)
             try:
                 resp.read()
             finally:
@@ -516,7 +423,7 @@ class _Fetcher:
         if state is None:
             _unlink(side)
         offset = part.stat().st_size if state is not None and part.exists() else 0
-        headers: dict[str, str] = {}
+        headers: dict[str, str] = dict(job.headers)
         if offset:
             headers["Range"] = f"bytes={offset}-"
             validator = _if_range(state or {})
@@ -656,19 +563,6 @@ def _changed(old: dict[str, Any], new: dict[str, Any], total: int | None) -> str
     if old.get("last_modified") and new.get("last_modified") and old["last_modified"] != new["last_modified"]:
         return f"Last-Modified {old['last_modified']} → {new['last_modified']}"
     return None
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timed out (no data within the read timeout)" if "connect" not in str(exc).lower() else "connect timed out"
-    if isinstance(exc, ConnectionResetError):
-        return "connection reset by peer"
-    if isinstance(exc, http.client.RemoteDisconnected):
-        return "server closed the connection without a response"
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
 
 
 def _int(value: str | None) -> int | None:
@@ -917,6 +811,83 @@ def download(shards: list[int], to: str | os.PathLike[str], *, remote: Remote | 
     return report
 
 
+def download_files(files: list[FileJob], to: str | os.PathLike[str], *, jobs: int = 4,
+                   policy: RetryPolicy | None = None, chunk_bytes: int = CHUNK_BYTES,
+                   progress: ProgressFn | None = None, fsync: bool = True, source: str | None = None,
+                   base_url: str | None = None) -> DownloadReport:
+    """Download single-file parts (a Parquet part, an ``.h5``) into ``to`` with every per-file
+    guarantee of :func:`download`: skipped when the manifest says complete, adopted when already
+    there and sound, resumed from ``.part`` + sidecar, retried with backoff and Retry-After, verified
+    by kind (Parquet footer; HDF5 signature and end-of-file address) and size, then fsync and an
+    atomic rename. A part is one whole file, so there is no cross-file shard check; each verified
+    part is listed in ``report.shards_verified`` by its number. Never raises for a failed file."""
+    policy = policy or RetryPolicy()
+    if jobs < 1:
+        raise UsageError("jobs must be at least 1")
+    root = Path(to)
+    root.mkdir(parents=True, exist_ok=True)
+    lock = threading.Lock()
+    user_emit = progress or (lambda e: None)
+
+    def emit(event: dict[str, Any]) -> None:
+        with lock:
+            user_emit(event)
+
+    report = DownloadReport()
+    t_start = time.perf_counter()
+    manifest = Manifest(root)
+    cancel = threading.Event()
+    fetcher = _Fetcher(policy, emit, cancel, manifest, chunk_bytes, fsync=fsync)
+    emit({"event": "start", "source": source, "shards": [j.shard for j in files], "todo": [],
+          "files": len(files), "jobs": jobs, "base_url": base_url or "", "to": str(root), "ingest": False})
+    queue = list(files)
+
+    def worker() -> None:
+        while not cancel.is_set():
+            with lock:
+                if not queue:
+                    return
+                job = queue.pop(0)
+            try:
+                job.dest.parent.mkdir(parents=True, exist_ok=True)
+                finish = fetcher.fetch(job)
+                if finish is not None:
+                    finish()
+                    if fsync:
+                        _fsync_dir(job.dest.parent)
+                with lock:
+                    (report.downloaded if finish is not None else report.skipped).append(job.rel)
+                    report.shards_verified.append(job.shard)
+            except _Cancelled:
+                return
+            except (LaionError, OSError, http.client.HTTPException) as exc:
+                reason = str(exc) if isinstance(exc, LaionError) else _describe(exc)
+                with lock:
+                    report.failed.append({"shard": job.shard, "file": job.rel, "url": job.url, "reason": reason})
+                    report.shards_failed.append(job.shard)
+                emit({"event": "file_failed", "shard": job.shard, "file": job.rel, "url": job.url, "reason": reason})
+
+    threads = [threading.Thread(target=worker, name=f"laion-download-{i}", daemon=True)
+               for i in range(min(jobs, max(1, len(files))))]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            t.join()
+    except BaseException:
+        cancel.set()
+        for t in threads:
+            t.join(timeout=2)
+        raise
+    report.bytes = fetcher.bytes
+    report.retries = fetcher.retries
+    report.seconds = time.perf_counter() - t_start
+    report.shards_verified.sort()
+    report.shards_failed.sort()
+    emit({"event": "summary", **report.as_dict()})
+    return report
+
+
 def _fingerprint(files: list[FileJob]) -> str | None:
     from laion_search.sources.shards import ShardFiles
 
@@ -966,4 +937,5 @@ def _delete_shard(files: list[FileJob], manifest: Manifest, n: int, report: Down
         emit({"event": "shard_deleted", "shard": n})
 
 
-__all__ = ["DEFAULT_BASE_URL", "DownloadReport", "Remote", "RetryPolicy", "download", "verify_file"]
+__all__ = ["DEFAULT_BASE_URL", "DownloadReport", "FileJob", "Remote", "RetryPolicy", "download", "download_files",
+           "verify_file"]

@@ -8,7 +8,11 @@ connection (``rate`` bytes/s: a mirror's per-stream limit).
 Faults are scripted per path: ``server.fault("/img_emb/img_emb_0.npy", Fault(reset_after=1000), Fault(status=503))``
 queues faults that the next requests for that path consume, one each. Server-wide switches:
 ``no_range`` (ignore Range: always 200 with the whole file), ``ignore_if_range`` (serve the range
-even when If-Range does not match). Every request is logged in ``server.log``.
+even when If-Range does not match), ``auth`` (answer ``401`` unless the request's ``Authorization``
+header equals it: a gated repository), ``redirect_to`` (answer every request with ``302`` to this
+prefix + the path, after the ``auth`` check: a hub whose files live on a CDN). ``Fault(redirect=URL)`` answers ``302`` (a hub handing off to
+its CDN; with ``redirect_prefix`` the request's path is appended). Every request is logged in
+``server.log``, with its ``Range`` and ``Authorization`` headers.
 
 Run standalone for benchmarks: ``python -m laion_search.testing.faulty_http ROOT --rate 20e6``
 (prints ``PORT <n>`` and serves until killed).
@@ -96,6 +100,7 @@ class Fault:
     stall: float = 0.0
     ignore_range: bool = False           #: answer this request with 200 and the whole file
     redirect: str | None = None          #: answer 302 with this Location (a mirror handing off to a CDN)
+    redirect_prefix: str | None = None   #: answer 302 with this prefix + the request's path
     before: Callable[[], None] | None = None  #: run before answering (e.g. rewrite the file)
 
 
@@ -108,6 +113,7 @@ class LogEntry:
     status: int
     fault: Fault | None
     sent: int = 0
+    authorization: str | None = None
 
 
 class FaultyServer:
@@ -115,13 +121,16 @@ class FaultyServer:
 
     def __init__(self, root: str | os.PathLike[str], *, rate: float | None = None, no_range: bool = False,
                  ignore_if_range: bool = False, etag: bool = True, last_modified: bool = True,
-                 host: str = "127.0.0.1", port: int = 0):
+                 host: str = "127.0.0.1", port: int = 0, auth: str | None = None,
+                 redirect_to: str | None = None):
         self.root = Path(root).resolve()
         self.rate = rate
         self.no_range = no_range
         self.ignore_if_range = ignore_if_range
         self.etag = etag
         self.last_modified = last_modified
+        self.auth = auth
+        self.redirect_to = redirect_to
         self.log: list[LogEntry] = []
         self._faults: dict[str, list[Fault]] = {}
         self._lock = threading.Lock()
@@ -202,7 +211,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve(head=False)
 
     def _record(self, path: str, status: int, fault: Fault | None) -> LogEntry:
-        entry = LogEntry(path, self.command, self.headers.get("Range"), self.headers.get("If-Range"), status, fault)
+        entry = LogEntry(path, self.command, self.headers.get("Range"), self.headers.get("If-Range"), status, fault,
+                         authorization=self.headers.get("Authorization"))
         with self.owner._lock:
             self.owner.log.append(entry)
         return entry
@@ -230,12 +240,21 @@ class _Handler(BaseHTTPRequestHandler):
     def _respond(self, head: bool) -> None:
         srv = self.owner
         path = _norm(unquote(urlsplit(self.path).path))
+        if srv.auth is not None and self.headers.get("Authorization") != srv.auth:
+            self._record(path, 401, None)  # checked first: a refused request consumes no fault
+            self._simple(401, b"unauthorized\n", {"WWW-Authenticate": "Bearer"})
+            return
+        if srv.redirect_to is not None:  # a hub: every file lives on the CDN
+            self._record(path, 302, None)
+            self._simple(302, b"", {"Location": srv.redirect_to.rstrip("/") + path})
+            return
         fault = srv._take(path)
         if fault and fault.before:
             fault.before()
-        if fault and fault.redirect:
+        if fault and (fault.redirect or fault.redirect_prefix):
             self._record(path, 302, fault)
-            self._simple(302, b"", {"Location": fault.redirect})
+            location = fault.redirect or (fault.redirect_prefix or "").rstrip("/") + path
+            self._simple(302, b"", {"Location": location})
             return
         if fault and fault.status:
             self._record(path, fault.status, fault)
