@@ -612,203 +612,233 @@ def download(shards: list[int], to: str | os.PathLike[str], *, remote: Remote | 
     ``fsync=False`` skips flushing files and directories to disk: faster where the network outruns
     the disk, and still safe against a killed process, but not against a power cut — so files
     written that way are not trusted after a reboot (they are fetched again)."""
-    remote = remote or Remote()
-    policy = policy or RetryPolicy()
     if jobs < 1:
         raise UsageError("jobs must be at least 1")
     if delete_after_ingest and store is None:
         raise UsageError("--delete-after-ingest needs --ingest")
-    root = Path(to)
-    root.mkdir(parents=True, exist_ok=True)
-    emit_lock = threading.Lock()
-    user_emit = progress or (lambda e: None)
+    return ShardScheduler(shards, Path(to), remote=remote or Remote(), jobs=jobs, policy=policy or RetryPolicy(),
+                          store=store, delete_after_ingest=delete_after_ingest, ahead=ahead, chunk_bytes=chunk_bytes,
+                          progress=progress, batch_rows=batch_rows, fsync=fsync).run()
 
-    def emit(event: dict[str, Any]) -> None:
-        with emit_lock:
-            user_emit(event)
 
-    report = DownloadReport()
-    t_start = time.perf_counter()
-    manifest = Manifest(root)
-    cancel = threading.Event()
-    fetcher = _Fetcher(policy, emit, cancel, manifest, chunk_bytes, fsync=fsync)
-    jobs_by_shard = plan(shards, root, remote)
+class ShardScheduler:
+    """One run of :func:`download`: ``jobs`` worker threads take the shards' files in shard order
+    (with ``delete_after_ingest``, never more than ``ahead`` shards on disk), a shard whose three
+    files are in is verified as a whole, and the calling thread ingests verified shards in order
+    while later ones download. All shared state lives here, guarded by :attr:`cond`."""
 
-    # shards the store already holds from the files we verified: nothing to fetch
-    records, counts = ({}, {})
-    if store is not None:
-        records, counts = store.shard_records(), store.partition_rows()
-    todo: list[int] = []
-    ready: list[int] = []  # verified and present, only ingest left
-    early: list[dict[str, Any]] = []  # told after "start"
-    for n in shards:
-        info = manifest.shards.get(str(n))
-        rec = records.get(n)
-        if (info and rec is not None and rec.fingerprint == info.get("fingerprint")
-                and counts.get(n, 0) == rec.rows == info.get("rows")):
-            report.shards_skipped.append(n)
-            report.ingest_skipped.append(n)
-            early.append({"event": "shard_skipped", "shard": n, "rows": info.get("rows"), "reason": "already ingested"})
-            if delete_after_ingest:
-                _delete_shard(jobs_by_shard[n], manifest, n, report, early.append)
-            continue
-        if info and all(manifest.file_complete(j.rel, j.dest) for j in jobs_by_shard[n]) and \
-                _fingerprint(jobs_by_shard[n]) == info.get("fingerprint"):
-            report.shards_skipped.append(n)
-            report.skipped.extend(j.rel for j in jobs_by_shard[n])
-            early.append({"event": "shard_skipped", "shard": n, "rows": info.get("rows"), "reason": "already verified"})
-            ready.append(n)
-            continue
-        todo.append(n)
-    emit({"event": "start", "shards": shards, "todo": todo, "files": 3 * len(todo), "jobs": jobs,
-          "base_url": remote.base_url, "to": str(root), "ingest": store is not None})
-    for event in early:
-        emit(event)
+    def __init__(self, shards: list[int], root: Path, *, remote: Remote, jobs: int, policy: RetryPolicy,
+                 store: Any, delete_after_ingest: bool, ahead: int | None, chunk_bytes: int,
+                 progress: ProgressFn | None, batch_rows: int | None, fsync: bool):
+        self.shards, self.root, self.remote, self.jobs = shards, root, remote, jobs
+        self.store, self.delete_after_ingest, self.batch_rows, self.fsync = store, delete_after_ingest, batch_rows, fsync
+        root.mkdir(parents=True, exist_ok=True)
+        self._emit_lock = threading.Lock()
+        self._user_emit = progress or (lambda e: None)
+        self.report = DownloadReport()
+        self.manifest = Manifest(root)
+        self.cancel = threading.Event()
+        self.fetcher = _Fetcher(policy, self.emit, self.cancel, self.manifest, chunk_bytes, fsync=fsync)
+        self.jobs_by_shard = plan(shards, root, remote)
+        self.cond = threading.Condition()
+        #: at most this many shards on disk at once (only with delete_after_ingest)
+        self.limit = (ahead or max(2, (jobs + 2) // 3 + 1)) if delete_after_ingest else None
+        self.todo: list[int] = []
+        self.queue: list[FileJob] = []
+        self.next_index = 0
+        self.open_shards: set[int] = set()
+        self.remaining: dict[int, int] = {}
+        self.failed: dict[int, bool] = {}
+        self.verified: list[int] = []  # verified shards waiting for ingest, in order
+        self.downloaded_shards = 0
 
-    # work queue in shard order; with delete_after_ingest, at most `ahead` shards on disk at once
-    cond = threading.Condition()
-    queue_jobs = [j for n in todo for j in jobs_by_shard[n]]
-    pos = {"i": 0}
-    limit = (ahead or max(2, (jobs + 2) // 3 + 1)) if delete_after_ingest else None
-    open_shards: set[int] = set(ready) if limit else set()
-    remaining = {n: 3 for n in todo}
-    shard_failed: dict[int, bool] = {n: False for n in todo}
-    verified_q: list[int] = list(ready)
-    done_downloading = {"n": 0}
+    def emit(self, event: dict[str, Any]) -> None:
+        with self._emit_lock:
+            self._user_emit(event)
 
-    def next_job() -> FileJob | None:
-        with cond:
+    # -- what needs doing --------------------------------------------------------------------------
+    def _sort_shards(self) -> list[dict[str, Any]]:
+        """Split the shards into skipped (ingested already), ready (verified, only ingest left) and
+        to do; returns the events to tell after ``start``."""
+        records, counts = ({}, {})
+        if self.store is not None:
+            records, counts = self.store.shard_records(), self.store.partition_rows()
+        early: list[dict[str, Any]] = []
+        report, manifest = self.report, self.manifest
+        for n in self.shards:
+            info = manifest.shards.get(str(n))
+            rec = records.get(n)
+            files = self.jobs_by_shard[n]
+            if (info and rec is not None and rec.fingerprint == info.get("fingerprint")
+                    and counts.get(n, 0) == rec.rows == info.get("rows")):
+                report.shards_skipped.append(n)
+                report.ingest_skipped.append(n)
+                early.append({"event": "shard_skipped", "shard": n, "rows": info.get("rows"),
+                              "reason": "already ingested"})
+                if self.delete_after_ingest:
+                    _delete_shard(files, manifest, n, report, early.append)
+                continue
+            if info and all(manifest.file_complete(j.rel, j.dest) for j in files) and \
+                    _fingerprint(files) == info.get("fingerprint"):
+                report.shards_skipped.append(n)
+                report.skipped.extend(j.rel for j in files)
+                early.append({"event": "shard_skipped", "shard": n, "rows": info.get("rows"),
+                              "reason": "already verified"})
+                self.verified.append(n)
+                continue
+            self.todo.append(n)
+        self.queue = [j for n in self.todo for j in self.jobs_by_shard[n]]
+        self.remaining = {n: len(self.jobs_by_shard[n]) for n in self.todo}
+        self.failed = {n: False for n in self.todo}
+        if self.limit:
+            self.open_shards = set(self.verified)
+        return early
+
+    # -- worker threads ------------------------------------------------------------------------------
+    def next_job(self) -> FileJob | None:
+        with self.cond:
             while True:
-                if cancel.is_set() or pos["i"] >= len(queue_jobs):
+                if self.cancel.is_set() or self.next_index >= len(self.queue):
                     return None
-                job = queue_jobs[pos["i"]]
-                if limit and job.shard not in open_shards and len(open_shards) >= limit:
-                    cond.wait(0.2)
+                job = self.queue[self.next_index]
+                if self.limit and job.shard not in self.open_shards and len(self.open_shards) >= self.limit:
+                    self.cond.wait(0.2)
                     continue
-                if limit:
-                    open_shards.add(job.shard)
-                pos["i"] += 1
+                if self.limit:
+                    self.open_shards.add(job.shard)
+                self.next_index += 1
                 return job
 
-    def finish_shard(n: int) -> None:
-        files = jobs_by_shard[n]
-        if shard_failed[n]:
-            report.shards_failed.append(n)
-            if limit:
-                with cond:
-                    open_shards.discard(n)
-                    cond.notify_all()
+    def _close_shard(self, n: int) -> None:
+        """Shard ``n`` no longer counts against the on-disk limit."""
+        if self.limit:
+            with self.cond:
+                self.open_shards.discard(n)
+                self.cond.notify_all()
+
+    def finish_shard(self, n: int) -> None:
+        """All of shard ``n``'s files are settled: verify them together and queue it for ingest."""
+        files = self.jobs_by_shard[n]
+        if self.failed[n]:
+            self.report.shards_failed.append(n)
+            self._close_shard(n)
             return
         try:
             from laion_search.sources.shards import ShardFiles, open_shard
 
-            if fsync:  # the files' new names are durable before the shard is recorded as verified
+            if self.fsync:  # the files' new names are durable before the shard is recorded as verified
                 _fsync_dirs(j.dest.parent for j in files)
             sf = ShardFiles(n, *(j.dest for j in files))
             reader = open_shard(sf)
-            info = {"rows": reader.rows, "dim": reader.dim, "fingerprint": sf.fingerprint(),
-                    "verified_at": time.time()}
-            manifest.set_shard(n, info)
-            report.shards_verified.append(n)
-            emit({"event": "shard_verified", "shard": n, "rows": reader.rows, "dim": reader.dim})
-            with cond:
-                verified_q.append(n)
-                cond.notify_all()
+            self.manifest.set_shard(n, {"rows": reader.rows, "dim": reader.dim, "fingerprint": sf.fingerprint(),
+                                        "verified_at": time.time()})
+            self.report.shards_verified.append(n)
+            self.emit({"event": "shard_verified", "shard": n, "rows": reader.rows, "dim": reader.dim})
+            with self.cond:
+                self.verified.append(n)
+                self.cond.notify_all()
         except LaionError as exc:
-            report.shards_failed.append(n)
+            self.report.shards_failed.append(n)
             path = getattr(exc, "path", None)
             job = next((j for j in files if path and Path(path) == j.dest), files[-1])
-            report.failed.append({"shard": n, "file": job.rel, "url": job.url, "reason": f"shard check failed: {exc}"})
-            emit({"event": "shard_failed", "shard": n, "file": job.rel, "url": job.url, "reason": str(exc)})
-            if limit:
-                with cond:
-                    open_shards.discard(n)
-                    cond.notify_all()
+            self.report.failed.append({"shard": n, "file": job.rel, "url": job.url,
+                                       "reason": f"shard check failed: {exc}"})
+            self.emit({"event": "shard_failed", "shard": n, "file": job.rel, "url": job.url, "reason": str(exc)})
+            self._close_shard(n)
 
-    def settle(job: FileJob, finish: Callable[[], None] | None, error: BaseException | None = None) -> None:
+    def settle(self, job: FileJob, finish: Callable[[], None] | None, error: BaseException | None = None) -> None:
+        """Record one file's outcome (running its durable-rename step first, if any); the last
+        file of a shard triggers :meth:`finish_shard`."""
+        report = self.report
         try:
             if error is not None:
                 raise error
             if finish is not None:
                 finish()
-            with cond:
+            with self.cond:
                 (report.downloaded if finish is not None else report.skipped).append(job.rel)
         except (LaionError, OSError, http.client.HTTPException) as exc:
             reason = str(exc) if isinstance(exc, LaionError) else _describe(exc)
-            with cond:
-                shard_failed[job.shard] = True
+            with self.cond:
+                self.failed[job.shard] = True
                 report.failed.append({"shard": job.shard, "file": job.rel, "url": job.url, "reason": reason})
-            emit({"event": "file_failed", "shard": job.shard, "file": job.rel, "url": job.url, "reason": reason})
+            self.emit({"event": "file_failed", "shard": job.shard, "file": job.rel, "url": job.url, "reason": reason})
         except BaseException as exc:  # noqa: BLE001 - a bug must not hang the run
-            with cond:
-                shard_failed[job.shard] = True
+            with self.cond:
+                self.failed[job.shard] = True
                 report.failed.append({"shard": job.shard, "file": job.rel, "url": job.url,
                                       "reason": f"internal error: {exc!r}"})
-        with cond:
-            remaining[job.shard] -= 1
-            last = remaining[job.shard] == 0
+        with self.cond:
+            self.remaining[job.shard] -= 1
+            last = self.remaining[job.shard] == 0
         if last:
-            finish_shard(job.shard)
-        with cond:
+            self.finish_shard(job.shard)
+        with self.cond:
             if last:
-                done_downloading["n"] += 1
-            cond.notify_all()
+                self.downloaded_shards += 1
+            self.cond.notify_all()
 
-    finisher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="laion-download-fsync")
-
-    def worker() -> None:
+    def worker(self, finisher: ThreadPoolExecutor) -> None:
         while True:
-            job = next_job()
+            job = self.next_job()
             if job is None:
                 return
             try:
-                finish = fetcher.fetch(job)
+                finish = self.fetcher.fetch(job)
             except _Cancelled:
                 return
             except BaseException as exc:  # noqa: BLE001 - recorded by settle
-                settle(job, None, exc)
+                self.settle(job, None, exc)
                 continue
             if finish is None:
-                settle(job, None)
+                self.settle(job, None)
             else:
-                finisher.submit(settle, job, finish)
+                finisher.submit(self.settle, job, finish)
 
-    threads = [threading.Thread(target=worker, name=f"laion-download-{i}", daemon=True)
-               for i in range(min(jobs, max(1, len(queue_jobs))))]
-    for t in threads:
-        t.start()
-    try:
-        while True:
-            with cond:
-                while not verified_q and done_downloading["n"] < len(todo) and not cancel.is_set():
-                    cond.wait(0.2)
-                if not verified_q:
-                    break
-                n = verified_q.pop(0)
-            if store is not None:
-                _ingest_one(store, n, jobs_by_shard[n], report, emit, batch_rows)
-                if delete_after_ingest and n not in report.shards_failed:
-                    _delete_shard(jobs_by_shard[n], manifest, n, report, emit)
-                if limit:
-                    with cond:
-                        open_shards.discard(n)
-                        cond.notify_all()
+    # -- the calling thread ----------------------------------------------------------------------------
+    def _next_verified(self) -> int | None:
+        with self.cond:
+            while not self.verified and self.downloaded_shards < len(self.todo) and not self.cancel.is_set():
+                self.cond.wait(0.2)
+            return self.verified.pop(0) if self.verified else None
+
+    def run(self) -> DownloadReport:
+        t_start = time.perf_counter()
+        early = self._sort_shards()
+        self.emit({"event": "start", "shards": self.shards, "todo": self.todo, "files": len(self.queue),
+                   "jobs": self.jobs, "base_url": self.remote.base_url, "to": str(self.root),
+                   "ingest": self.store is not None})
+        for event in early:
+            self.emit(event)
+        finisher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="laion-download-fsync")
+        threads = [threading.Thread(target=self.worker, args=(finisher,), name=f"laion-download-{i}", daemon=True)
+                   for i in range(min(self.jobs, max(1, len(self.queue))))]
         for t in threads:
-            t.join()
-        finisher.shutdown(wait=True)
-    except BaseException:
-        cancel.set()
-        finisher.shutdown(wait=False, cancel_futures=True)
-        for t in threads:
-            t.join(timeout=2)
-        raise
-    report.bytes = fetcher.bytes
-    report.retries = fetcher.retries
-    report.seconds = time.perf_counter() - t_start
-    report.shards_verified.sort()
-    report.shards_failed = sorted(set(report.shards_failed))
-    emit({"event": "summary", **report.as_dict()})
-    return report
+            t.start()
+        try:
+            while (n := self._next_verified()) is not None:
+                if self.store is not None:
+                    _ingest_one(self.store, n, self.jobs_by_shard[n], self.report, self.emit, self.batch_rows)
+                    if self.delete_after_ingest and n not in self.report.shards_failed:
+                        _delete_shard(self.jobs_by_shard[n], self.manifest, n, self.report, self.emit)
+                    self._close_shard(n)
+            for t in threads:
+                t.join()
+            finisher.shutdown(wait=True)
+        except BaseException:
+            self.cancel.set()
+            finisher.shutdown(wait=False, cancel_futures=True)
+            for t in threads:
+                t.join(timeout=2)
+            raise
+        report = self.report
+        report.bytes = self.fetcher.bytes
+        report.retries = self.fetcher.retries
+        report.seconds = time.perf_counter() - t_start
+        report.shards_verified.sort()
+        report.shards_failed = sorted(set(report.shards_failed))
+        self.emit({"event": "summary", **report.as_dict()})
+        return report
 
 
 def download_files(files: list[FileJob], to: str | os.PathLike[str], *, jobs: int = 4,
