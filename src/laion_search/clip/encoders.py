@@ -160,8 +160,13 @@ class HFClipEncoder:
 
         size = self.image_size
         w, h = img.size
-        scale = size / min(w, h)
-        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+        # the long side as transformers' CLIPImageProcessor and torchvision's Resize compute it:
+        # truncated, not rounded (a 100×30 image becomes 106×32, not 107×32)
+        if w <= h:
+            new = (size, int(size * h / w))
+        else:
+            new = (int(size * w / h), size)
+        img = img.resize(new, Image.Resampling.BICUBIC)
         w, h = img.size
         left, top = (w - size) // 2, (h - size) // 2
         img = img.crop((left, top, left + size, top + size))

@@ -38,10 +38,8 @@ def _vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 def make_clip_model(out: str | Path, size: str = "tiny", seed: int = 0) -> Path:
     """Save a random CLIP model + tokenizer to ``out``; returns the directory."""
-    import json
-
     import torch
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -64,7 +62,9 @@ def make_clip_model(out: str | Path, size: str = "tiny", seed: int = 0) -> Path:
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection))
     model.save_pretrained(out)
     CLIPTokenizer(vocab=vocab, merges=merges).save_pretrained(out)
-    (out / "preprocessor_config.json").write_text(json.dumps({
-        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "crop_size": vision["image_size"]}))
+    # the published models' preprocessing (OpenAI CLIP's), at this model's image size
+    CLIPImageProcessor(size={"shortest_edge": vision["image_size"]},
+                       crop_size={"height": vision["image_size"], "width": vision["image_size"]},
+                       image_mean=[0.48145466, 0.4578275, 0.40821073],
+                       image_std=[0.26862954, 0.26130258, 0.27577711]).save_pretrained(out)
     return out
