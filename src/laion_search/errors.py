@@ -10,6 +10,7 @@
     │   ├── StoreBusyError          another process holds the embedded store's lock
     │   └── QueryError              the engine rejected a statement (wraps chDB / server errors)
     ├── EncoderError                CLIP model missing/unloadable, or an input it cannot encode
+    │   └── EncoderUnavailable      a server's start-up check found no usable encoder (or is still running)
     └── DownloadError               a shard file could not be downloaded (after the retry budget)
 
 Third-party errors are re-raised as ours with ``raise … from`` so callers (CLI, HTTP API)
@@ -55,6 +56,15 @@ class QueryError(StoreError):
 
 class EncoderError(LaionError):
     """A CLIP model could not be loaded, or an input (text, image) could not be encoded."""
+
+
+class EncoderUnavailable(EncoderError):
+    """A server has no usable CLIP encoder: its start-up check failed (the message says why and
+    how to fix it), or is still running (``retry_after`` seconds)."""
+
+    def __init__(self, message: str, *, retry_after: int | None = None):
+        self.retry_after = retry_after
+        super().__init__(message)
 
 
 class DownloadError(LaionError):

@@ -471,19 +471,42 @@ def serve(
                                          help="Let /knn-service fetch image_url (10 MB, 5 s limits). Off: SSRF risk."),
     cors_origin: List[str] = typer.Option([], "--cors-origin", help="Allow this browser origin (CORS is off by default)."),
     query_timeout: float = typer.Option(30.0, "--query-timeout", min=0.1, max=3600, help="Seconds any query may run."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Folder that relative picture URLs resolve against "
+                                                                 "(e.g. the shard folder of `laion synth --images`); "
+                                                                 "served same-origin at /local/."),
+    cache_size: int = typer.Option(256, "--cache-size", min=0, max=1_000_000,
+                                   help="Results of identical requests kept (LRU; 0 = off)."),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info or warning."),
     db: Optional[str] = DbOption,
     url: Optional[str] = UrlOption,
 ) -> None:
     """HTTP API + web page at http://HOST:PORT/ (OpenAPI docs at /docs); speaks clip-retrieval's /knn-service.
 
-    Example: laion serve --port 8000 --db ./laion-db
+    The CLIP model is checked once at start-up; without one, text and image search answer 503
+    with the fix while vector and "more like this" search keep working. SIGTERM cancels running
+    queries and exits within a few seconds.
+
+    Example: laion serve --port 8000 --db ./laion-db --images ./shards
     """
+    import logging
+
     from laion_search.web.app import serve as run_server
 
+    if log_level.lower() not in ("debug", "info", "warning"):
+        raise UsageError("--log-level must be debug, info or warning")
+    if images is not None and not images.is_dir():
+        raise UsageError(f"--images {images}: no such folder")
+    web_log = logging.getLogger("laion_search.web")
+    web_log.setLevel(log_level.upper())
+    if not web_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        web_log.addHandler(handler)
     with open_store(db, url) as store:
         output.err.print(f"serving {store.location} on http://{host}:{port}/  (API docs: /docs)")
         run_server(store, host=host, port=port, token=token, model=model, allow_sql=allow_sql,
-                   allow_image_url=allow_image_url, cors_origins=cors_origin or None, query_timeout=query_timeout)
+                   allow_image_url=allow_image_url, cors_origins=cors_origin or None, query_timeout=query_timeout,
+                   image_root=images, cache_size=cache_size)
 
 
 # -- embed --------------------------------------------------------------------------------------
