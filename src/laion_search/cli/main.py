@@ -68,11 +68,14 @@ def synth(
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed writes the same files."),
     layout: str = typer.Option("flat", "--layout", help="flat (the guide's) or folders (img_emb/ text_emb/ metadata/)."),
     pad: int = typer.Option(0, "--pad", min=0, max=12, help="Zero-pad shard numbers to this width (4 = LAION-5B style)."),
+    images: bool = typer.Option(False, "--images", help="Also draw a small picture per row (images/<shard>/<row>.jpg, "
+                                                        "1-3 KB, look-alikes for near rows); url = that path. "
+                                                        "Serve them with `laion serve --images OUT`."),
     json_output: bool = JsonOption,
 ) -> None:
     """Write synthetic LAION-400M-format shards (clustered, correlated image/text vectors).
 
-    Example: laion synth ./shards --shards 0-2 --rows 100000
+    Example: laion synth ./shards --shards 0-2 --rows 100000 --images
     """
     from laion_search.sources.shards import parse_shard_spec
     from laion_search.sources.synth import synth as do_synth
@@ -81,12 +84,14 @@ def synth(
     if layout not in ("flat", "folders"):
         raise UsageError("--layout must be 'flat' or 'folders'")
     with output.CountProgress(output.progress_mode(json_output), "synth", rows * len(numbers)) as progress:
-        files = do_synth(out, numbers, rows, dim=dim, seed=seed, layout=layout, pad=pad, progress=progress.count)
+        files = do_synth(out, numbers, rows, dim=dim, seed=seed, layout=layout, pad=pad, progress=progress.count,
+                         images=images)
     if json_output:
         print(output.dumps({"out": str(out), "shards": numbers, "rows_per_shard": rows,
                             "files": [str(f) for f in files]}))
     else:
-        output.out.print(f"wrote {len(numbers)} shard(s) × {rows:,} rows to {out}")
+        output.out.print(f"wrote {len(numbers)} shard(s) × {rows:,} rows to {out}"
+                         + (f" (pictures in {Path(out) / 'images'})" if images else ""))
 
 
 # -- ingest ---------------------------------------------------------------------------------------

@@ -614,6 +614,9 @@ def serve(store: Store, host: str = "127.0.0.1", port: int = 8000, **options: An
         def handle_exit(self, sig: int, frame: Any) -> None:
             first = not self.should_exit
             super().handle_exit(sig, frame)
+            # uvicorn re-raises the signal after shutting down, which would kill the process
+            # before the store is closed: exit normally instead (status 0)
+            self._captured_signals.clear()
             if first:
                 log.info("signal %s: shutting down", sig)
                 threading.Thread(target=begin_shutdown, args=(app,), name="laion-shutdown", daemon=True).start()
