@@ -210,3 +210,32 @@ def test_sigterm_with_a_query_in_flight(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+
+
+def test_synth_images_small_local_and_alike_for_near_rows(tmp_path):
+    from PIL import Image
+
+    synth(tmp_path / "plain", [0], 120, dim=16, seed=9, topics=6)
+    r = run_cli("synth", str(tmp_path / "pics"), "--rows", "120", "--dim", "16", "--seed", "9", "--images",
+                check=True)
+    assert "pictures in" in r.stdout
+    synth(tmp_path / "pics6", [0], 120, dim=16, seed=9, topics=6, images=True)
+    for name in ("img_emb_0.npy", "text_emb_0.npy"):  # pictures do not change the data
+        assert np.array_equal(np.load(tmp_path / "plain" / name), np.load(tmp_path / "pics6" / name))
+    import pyarrow.parquet as pq
+
+    urls = pq.read_table(tmp_path / "pics6" / "metadata_0.parquet").column("url").to_pylist()
+    assert urls[5] == "images/0/5.jpg"
+    files = [tmp_path / "pics6" / u for u in urls]
+    sizes = [f.stat().st_size for f in files]
+    assert all(300 < s < 8_000 for s in sizes), (min(sizes), max(sizes))
+    pix = np.stack([np.asarray(Image.open(f).convert("RGB"), np.float32).ravel() / 255 for f in files])
+    emb = np.load(tmp_path / "pics6" / "img_emb_0.npy").astype(np.float32)
+    sims = emb @ emb.T
+    np.fill_diagonal(sims, -2)
+    near = sims.argmax(1)  # each row's nearest neighbour in embedding space
+    np.fill_diagonal(sims, 2)
+    far = sims.argmin(1)
+    d_near = np.linalg.norm(pix - pix[near], axis=1).mean()
+    d_far = np.linalg.norm(pix - pix[far], axis=1).mean()
+    assert d_near < 0.6 * d_far, (d_near, d_far)  # near rows look alike
