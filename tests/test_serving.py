@@ -239,3 +239,62 @@ def test_synth_images_small_local_and_alike_for_near_rows(tmp_path):
     d_near = np.linalg.norm(pix - pix[near], axis=1).mean()
     d_far = np.linalg.norm(pix - pix[far], axis=1).mean()
     assert d_near < 0.6 * d_far, (d_near, d_far)  # near rows look alike
+
+
+def test_admission_gate_queues_then_sheds():
+    from laion_search.admission import AdmissionGate
+    from laion_search.errors import Overloaded
+
+    gate = AdmissionGate("exact scan", running=1, queue=1)
+    inside, release, second_in = threading.Event(), threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with gate.admit():
+            inside.set()
+            release.wait(60)
+
+    def queued() -> None:
+        with gate.admit():
+            second_in.set()
+
+    a = threading.Thread(target=holder)
+    a.start()
+    assert inside.wait(60)
+    b = threading.Thread(target=queued)
+    b.start()
+    while gate.stats()["waiting"] != 1:  # b is queued behind a
+        assert b.is_alive()
+        time.sleep(0.01)
+    with pytest.raises(Overloaded) as err:  # running 1 + queue 1 full: shed at once
+        with gate.admit():
+            pass
+    assert err.value.retry_after >= 1 and "1 running, 1 queued" in str(err.value)
+    assert not second_in.is_set()
+    release.set()
+    a.join(60)
+    b.join(60)
+    assert second_in.is_set() and gate.stats() == {"running": 0, "waiting": 0, "max_running": 1, "max_queue": 1,
+                                                   "admitted": 2, "shed": 1}
+
+
+def test_scans_shed_with_429_while_indexed_searches_pass(served_store):
+    from laion_search.index import IndexSpec, create_index
+
+    store, model, _ = served_store
+    create_index(store, IndexSpec("image"))
+    app = create_app(store, model=model, max_scans=1, scan_queue=0, cache_size=0)
+    gate = app.state.scan_gate
+    vec = store.rows("SELECT image_embedding FROM laion WHERE id = 9")[0]["image_embedding"]
+    ok = call(app, "POST", "/api/search", json={"vector": vec, "k": 3, "exact": True})
+    assert ok.status_code == 200 and ok.json()["strategy"].startswith("exact")
+    with gate.admit():  # the one scan slot is busy (as with a long scan in flight)
+        r = call(app, "POST", "/api/search", json={"vector": vec, "k": 3, "exact": True})
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+        assert "too many exact scan queries" in r.json()["error"]
+        idx = call(app, "POST", "/api/search", json={"vector": vec, "k": 3})
+        assert idx.status_code == 200 and idx.json()["strategy"] == "index"  # not queued behind the scan
+        text = call(app, "POST", "/api/search", json={"text": "a cat", "k": 3})
+        assert text.status_code == 200
+        status = call(app, "GET", "/api/status").json()["admission"]
+    assert status["exact_scan"]["shed"] == 1 and status["exact_scan"]["admitted"] == 2
+    assert status["encoding"]["admitted"] == 1

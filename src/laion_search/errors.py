@@ -11,7 +11,8 @@
     │   └── QueryError              the engine rejected a statement (wraps chDB / server errors)
     ├── EncoderError                CLIP model missing/unloadable, or an input it cannot encode
     │   └── EncoderUnavailable      a server's start-up check found no usable encoder (or is still running)
-    └── DownloadError               a shard file could not be downloaded (after the retry budget)
+    ├── DownloadError               a shard file could not be downloaded (after the retry budget)
+    └── Overloaded                  a server's queue for this class of query is full (retry after a while)
 
 Third-party errors are re-raised as ours with ``raise … from`` so callers (CLI, HTTP API)
 only need to know this tree, and the original is kept as ``__cause__``.
@@ -69,3 +70,12 @@ class EncoderUnavailable(EncoderError):
 
 class DownloadError(LaionError):
     """A file could not be downloaded: a final HTTP status, or the retry budget ran out."""
+
+
+class Overloaded(LaionError):
+    """A server sheds a query: the admission queue of its class (exact scans, encodings) is
+    full. ``retry_after`` is the seconds to wait before retrying."""
+
+    def __init__(self, message: str, *, retry_after: int = 1):
+        self.retry_after = retry_after
+        super().__init__(message)

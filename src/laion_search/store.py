@@ -35,7 +35,7 @@ import pyarrow as pa
 from laion_search import killpoints
 from laion_search.backends import Backend, ChdbBackend, ClickHouseBackend, Params, is_url
 from laion_search.backends.cluster import ClusterLayout, SingleNode, detect_layout
-from laion_search.errors import StoreError, UsageError
+from laion_search.errors import QueryError, StoreError, UsageError
 
 TABLE = "laion"
 SHARDS_TABLE = "laion_shards"
@@ -243,6 +243,9 @@ class Store:
         also when another client of a server writes."""
         import hashlib
 
+        if getattr(self.backend, "embedded", False) and not Path(self.location).is_dir():
+            # the engine still lists the parts it had: a cached answer must not outlive the files
+            raise QueryError(f"{self.location}: No such file or directory")
         parts = self.rows(
             f"SELECT name, rows, modification_time FROM {self.layout.system('parts')} "
             "WHERE database = currentDatabase() AND table = {t:String} AND active ORDER BY name",

@@ -481,6 +481,12 @@ def serve(
                                                                  "served same-origin at /local/."),
     cache_size: int = typer.Option(256, "--cache-size", min=0, max=1_000_000,
                                    help="Results of identical requests kept (LRU; 0 = off)."),
+    max_scans: Optional[int] = typer.Option(None, "--max-scans", min=1, max=1024,
+                                            help="Exact scans run at once (default: a quarter of the cores, ≥ 1)."),
+    scan_queue: int = typer.Option(8, "--scan-queue", min=0, max=10_000,
+                                   help="Exact scans that may wait; beyond that: 429 + Retry-After."),
+    scan_threads: Optional[int] = typer.Option(None, "--scan-threads", min=1, max=1024,
+                                               help="Engine threads per exact scan (default: half the cores)."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info or warning."),
     db: Optional[str] = DbOption,
     url: Optional[str] = UrlOption,
@@ -511,7 +517,8 @@ def serve(
         output.err.print(f"serving {store.location} on http://{host}:{port}/  (API docs: /docs)")
         run_server(store, host=host, port=port, token=token, model=model, allow_sql=allow_sql,
                    allow_image_url=allow_image_url, cors_origins=cors_origin or None, query_timeout=query_timeout,
-                   image_root=images, cache_size=cache_size)
+                   image_root=images, cache_size=cache_size, max_scans=max_scans, scan_queue=scan_queue,
+                   scan_threads=scan_threads)
 
 
 # -- embed --------------------------------------------------------------------------------------

@@ -39,9 +39,10 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from laion_search.admission import AdmissionGate
 from laion_search.cache import LRUCache, request_key
-from laion_search.errors import EncoderError, EncoderUnavailable, LaionError, QueryError, UsageError
-from laion_search.search import MAX_K, Filters, SearchOptions, search
+from laion_search.errors import EncoderError, EncoderUnavailable, LaionError, Overloaded, QueryError, UsageError
+from laion_search.search import MAX_K, Filters, SearchOptions, search, will_scan
 from laion_search.store import COLUMNS, TABLE, Store
 
 log = logging.getLogger("laion_search.web")
@@ -166,13 +167,23 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
                allow_image_url: bool = False, cors_origins: list[str] | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, image_url_timeout: float = 5.0,
                query_timeout: float = 30.0, image_root: str | os.PathLike[str] | None = None,
-               cache_size: int = 256, text_cache_size: int = 1024) -> Any:
+               cache_size: int = 256, text_cache_size: int = 1024, max_scans: int | None = None,
+               scan_queue: int = 8, scan_threads: int | None = None, encode_queue: int = 16) -> Any:
     """The ASGI app over an open ``store``. All routes call library functions.
 
     ``query_timeout`` caps every engine query the server runs (``max_execution_time``).
     ``image_root`` is the folder whose pictures ``/local/<path>`` serves (relative ``url``
     values, e.g. those of ``laion synth --images``). ``cache_size`` / ``text_cache_size``
-    bound the LRU caches of results and encoded text queries (0 turns one off)."""
+    bound the LRU caches of results and encoded text queries (0 turns one off).
+
+    Exact scans run at most ``max_scans`` at a time (default: a quarter of the cores, at least
+    1) with ``scan_threads`` engine threads each (default: half the cores), ``scan_queue`` more
+    wait, the rest get 429 + Retry-After; encodings likewise (1 at a time, ``encode_queue``
+    waiting). Indexed searches are never queued behind either (:mod:`laion_search.admission`)."""
+    cores = os.cpu_count() or 1
+    scan_gate = AdmissionGate("exact scan", max_scans or max(1, cores // 4), scan_queue)
+    encode_gate = AdmissionGate("encoding", 1, encode_queue)
+    scan_threads = scan_threads or max(1, cores // 2)
     if query_timeout:
         store.backend.command(f"SET max_execution_time = {float(query_timeout)!r}")
     # tag this server's queries, so that shutting down cancels them (and only them)
@@ -192,6 +203,7 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
     if root is not None and not root.is_dir():
         raise UsageError(f"image folder {image_root} does not exist")
     app.state.image_root = root
+    app.state.scan_gate, app.state.encode_gate = scan_gate, encode_gate
     modality_cache: dict[str, Any] = {}
 
     if cors_origins:
@@ -236,6 +248,10 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
             return _error(503, text, headers={"Retry-After": str(exc.retry_after)} if exc.retry_after else None)
         status = 503 if ("cannot load" in text or "need" in text) else 400
         return _error(status, text)
+
+    @app.exception_handler(Overloaded)
+    async def overloaded(request: Request, exc: Overloaded):
+        return _error(429, str(exc), headers={"Retry-After": str(exc.retry_after)})
 
     @app.exception_handler(LaionError)
     async def laion_error(request: Request, exc: LaionError):
@@ -292,16 +308,32 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
         if text is not None:
             if not text:
                 raise UsageError("text query is empty")
-            vector, _ = text_cache.get_or_compute((enc.name, text), lambda: enc.encode_text([text])[0])
+            vector = text_cache.get((enc.name, text))
+            if vector is None:
+                with encode_gate.admit():
+                    vector = enc.encode_text([text])[0]
+                text_cache.put((enc.name, text), vector)
         elif image_bytes is not None:
-            vector = enc.encode_image([image_bytes])[0]
-        log.debug("search started: %s", "exact" if body.exact else "indexed")
-        res = search(store, vector, like=body.like, k=body.k, modality=body.modality, exact=body.exact,
-                     metric=body.metric,
-                     filters=Filters(nsfw=body.nsfw, min_similarity=body.min_similarity,
-                                     caption_contains=body.caption_contains, where=body.where),
-                     columns=body.columns, options=SearchOptions(ef_search=body.ef_search, rescoring=body.rescoring,
-                                                                 filter_strategy=body.filter_strategy))
+            with encode_gate.admit():
+                vector = enc.encode_image([image_bytes])[0]
+        scan = will_scan(store, body.modality, body.metric, body.exact)
+        log.debug("search started: %s", "exact scan" if scan else "indexed")
+
+        def go() -> Any:
+            return search(store, vector, like=body.like, k=body.k, modality=body.modality, exact=body.exact,
+                          metric=body.metric,
+                          filters=Filters(nsfw=body.nsfw, min_similarity=body.min_similarity,
+                                          caption_contains=body.caption_contains, where=body.where),
+                          columns=body.columns,
+                          options=SearchOptions(ef_search=body.ef_search, rescoring=body.rescoring,
+                                                filter_strategy=body.filter_strategy,
+                                                scan_threads=scan_threads if scan else None))
+
+        if scan:
+            with scan_gate.admit():  # bounded: shed with 429 when full
+                res = go()
+        else:
+            res = go()  # indexed: never waits behind scans
         out = res.as_dict()
         if key is not None:
             results_cache.put(key, out)
@@ -336,6 +368,7 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
             encoder=enc,
             local_images=root is not None,
             cache={"results": results_cache.stats(), "text": text_cache.stats()},
+            admission={"exact_scan": scan_gate.stats(), "encoding": encode_gate.stats(), "scan_threads": scan_threads},
         )
         return out
 
@@ -425,7 +458,11 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
         meta = _metadata(store, [r["id"] for r in rows[:k]])
         return [{**meta.get(r["id"], {}), "id": r["id"], "similarity": 1.0 - float(r["distance"])} for r in rows[:k]]
 
-    @app.post("/knn-service", tags=["clip-retrieval"])
+    def json_schema(schema: dict[str, Any]) -> dict[str, Any]:
+        # the body is read by hand (any content type), so its schema is stated for /docs and fuzzers
+        return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+    @app.post("/knn-service", tags=["clip-retrieval"], openapi_extra=json_schema(KnnBody.model_json_schema()))
     async def knn_service(request: Request) -> list[dict[str, Any]]:
         data = await json_body(request)
         if not isinstance(data, dict):
@@ -435,7 +472,10 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
 
         return await run_in_threadpool(knn, body)
 
-    @app.post("/metadata", tags=["clip-retrieval"])
+    @app.post("/metadata", tags=["clip-retrieval"], openapi_extra=json_schema({
+        "type": "object", "required": ["ids"],
+        "properties": {"ids": {"type": "array", "items": {"type": "integer"}, "maxItems": MAX_K},
+                       "indice_name": {"type": "string"}}}))
     async def metadata(request: Request) -> list[dict[str, Any]]:
         body = await json_body(request)
         ids = body.get("ids") if isinstance(body, dict) else None
