@@ -802,16 +802,30 @@ def bench_serve(
     clients: int = typer.Option(16, "--clients", min=1, max=256, help="Concurrent clients."),
     seconds: float = typer.Option(30.0, "--seconds", min=1, max=600, help="How long to load the server."),
     workdir: Optional[Path] = typer.Option(None, "--dir", help="Scratch directory, reused between runs."),
+    mixed: bool = typer.Option(False, "--mixed", help="Isolation: indexed latency idle, then under clients "
+                                                      "sending exact scans back to back."),
+    scan_clients: int = typer.Option(4, "--scan-clients", min=1, max=256, help="--mixed: exact-scan clients."),
+    rate: float = typer.Option(20.0, "--rate", min=0.1, max=10_000, help="--mixed: indexed searches per second "
+                                                                         "(open loop)."),
+    server_arg: List[str] = typer.Option([], "--server-arg", help="--mixed: pass to `laion serve` (repeatable), "
+                                                                  "e.g. --server-arg=--max-scans=2."),
     json_output: bool = JsonOption,
 ) -> None:
-    """Load test of `laion serve` on 127.0.0.1: QPS, p50/p99, errors, server RSS.
+    """Load test of `laion serve` on 127.0.0.1: QPS, p50/p99, errors, server RSS; or, with
+    --mixed, indexed-search latency while exact scans run back to back.
 
     Example: laion bench serve --rows 1000000 --clients 16 --seconds 30
+    Example: laion bench serve --mixed --rows 200000 --scan-clients 4 --rate 20
     """
     from laion_search.bench.serve import run as run_bench
+    from laion_search.bench.serve import run_mixed
 
-    result = run_bench(rows=rows, clients=clients, seconds=seconds, workdir=workdir,
-                       log=None if json_output else output.err.print)
+    if mixed:
+        result = run_mixed(rows=rows, scan_clients=scan_clients, rate=rate, seconds=seconds, workdir=workdir,
+                           server_args=tuple(server_arg), log=None if json_output else output.err.print)
+    else:
+        result = run_bench(rows=rows, clients=clients, seconds=seconds, workdir=workdir,
+                           log=None if json_output else output.err.print)
     print(output.dumps(result)) if json_output else output.out.print(result["markdown"])
 
 
