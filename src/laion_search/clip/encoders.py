@@ -257,6 +257,11 @@ def check_encoder(model: str | os.PathLike[str] | None = None) -> EncoderCheck:
     load, the model hub is switched off for the rest of the process (``HF_HUB_OFFLINE``), so
     nothing later retries the network, and the reason and the fix are returned, not raised."""
     name = resolve_model(model)
+    unreachable = False
+    if not Path(name).exists() and os.environ.get("HF_HUB_OFFLINE", "0") in ("", "0") and not hub_reachable():
+        # no network: the hub client would retry for ~30 s; use the local cache only, at once
+        unreachable = True
+        go_offline()
     try:
         enc = get_encoder(name)
     except EncoderError as exc:
@@ -264,9 +269,25 @@ def check_encoder(model: str | os.PathLike[str] | None = None) -> EncoderCheck:
         text = str(exc)
         if "need torch" in text or "open_clip_torch" in text:
             return EncoderCheck(name, False, reason=text.split(":")[0], fix=text.rsplit(": ", 1)[-1])
-        reason = text.split(". Without internet")[0]
+        reason = text.split(". Without internet")[0].rstrip(".")
+        if unreachable and "couldn't connect" in reason:
+            reason = f"cannot load CLIP model {name!r}: the model hub is unreachable and the model is not in the local cache"
         return EncoderCheck(name, False, reason=reason, fix=DOWNLOAD_FIX)
     return EncoderCheck(name, True, dim=int(enc.dim))
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the model hub (``$HF_ENDPOINT``, default huggingface.co) accepts a TCP connection."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname or "", port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def go_offline() -> None:
