@@ -186,9 +186,12 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
     scan_threads = scan_threads or max(1, cores // 2)
     if query_timeout:
         store.backend.command(f"SET max_execution_time = {float(query_timeout)!r}")
-    # tag this server's queries, so that shutting down cancels them (and only them)
-    tag = f"laion-serve-{os.getpid()}-{id(store):x}"
-    store.backend.command(f"SET log_comment = '{tag}'")
+    # tag this server's queries, so that shutting down cancels them (and only them). Embedded
+    # only: on a ClickHouse server the process's exit closes its connections instead
+    tag = None
+    if getattr(store.backend, "embedded", False):
+        tag = f"laion-serve-{os.getpid()}-{id(store):x}"
+        store.backend.command(f"SET log_comment = '{tag}'")
     app = FastAPI(title="laion-search", version="0.1.0",
                   description="Search LAION image-text embeddings in ClickHouse. Bearer token required when the "
                               "server was started with one (all routes but /health).")
@@ -524,6 +527,8 @@ def begin_shutdown(app: Any) -> int:
     """Stop taking requests and cancel this server's running queries (SIGTERM); returns how many
     were cancelled. Their requests answer 503 at once."""
     app.state.shutting_down = True
+    if app.state.query_tag is None:
+        return 0
     try:
         n = app.state.store.cancel_queries(app.state.query_tag)
     except LaionError as exc:
