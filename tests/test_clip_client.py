@@ -33,7 +33,6 @@ if importlib.util.find_spec("clip_retrieval") is None:
 from PIL import Image  # noqa: E402
 
 from laion_search import connect, ingest  # noqa: E402
-from laion_search.clip.encoders import get_encoder  # noqa: E402
 from laion_search.clip.tiny import make_clip_model  # noqa: E402
 from laion_search.search import Filters, search  # noqa: E402
 from laion_search.sources.synth import synth  # noqa: E402
