@@ -25,6 +25,9 @@ $(STAMP_RUN): pyproject.toml | $(BIN)/python
 $(STAMP_TEST): pyproject.toml | $(BIN)/python
 	$(PIP) install --quiet $(TORCH)
 	$(PIP) install --quiet -e '.[clip,server,test,bench]'
+	# clip-retrieval's own ClipClient for the compatibility tests; --no-deps: its server's stack
+	# (flask, faiss, open_clip, …) is not needed to use the client
+	$(PIP) install --quiet --no-deps clip-retrieval==2.45.0
 	touch $@ $(STAMP_RUN)
 
 # The docs need only the package (for the CLI reference script) and mkdocs: no torch.

@@ -79,7 +79,7 @@ def test_search_query_checks_once_with_one_line_reasons():
 
 def test_one_query_model_everywhere():
     """Every SearchQuery field is a `laion search` option and an /api/search field (the model is
-    the server's --model over HTTP), so a knob cannot exist on one side only."""
+    the server's --model and --scan-threads over HTTP), so a knob cannot exist on one side only."""
     import typer.main
 
     from laion_search.cli.main import app
@@ -89,4 +89,4 @@ def test_one_query_model_everywhere():
     command = typer.main.get_command(app).commands["search"]  # type: ignore[attr-defined]
     cli = {p.name for p in command.params} - {"db", "url", "json_output"}
     assert cli == fields
-    assert set(SearchBody.model_fields) == fields - SERVER_SIDE and SERVER_SIDE == {"model"}
+    assert set(SearchBody.model_fields) == fields - SERVER_SIDE and SERVER_SIDE == {"model", "scan_threads"}

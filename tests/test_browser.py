@@ -1,7 +1,8 @@
 """The web page end to end in real headless Chromium (Debian's /usr/bin/chromium via Playwright).
 
-The server runs in this process on 127.0.0.1 (uvicorn in a thread). A screenshot of the page
-with results is saved to tests/artifacts/search-page.png."""
+The server runs in this process on 127.0.0.1 (uvicorn in a thread). Every request the page makes
+to another host is aborted and recorded: the page must work without any. A screenshot of the
+demo grid with its pictures is saved to docs/search-page.png."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -18,14 +20,29 @@ pytest.importorskip("torch")
 playwright_api = pytest.importorskip("playwright.sync_api")
 
 CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = Path(__file__).parent / "artifacts"
+SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "search-page.png"
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium missing: `make test` installs it")
+
+
+def _serve(app) -> tuple[str, object, threading.Thread]:
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60  # a failure timeout only: we wait for the started flag
+    while not srv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    return f"http://127.0.0.1:{port}", srv, thread
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    import uvicorn
-
+    """The demo's data: synth shards with pictures (laion synth --images), served same-origin."""
     from laion_search import connect
     from laion_search.ingest import ingest
     from laion_search.sources.synth import synth
@@ -34,44 +51,64 @@ def server(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("browser")
     model = str(make_clip_model(root / "tiny", "tiny"))
-    synth(root / "shards", [0, 1], 200, dim=16, seed=12)
+    synth(root / "shards", [0, 1], 200, dim=16, seed=12, images=True, topics=12)
     store = connect(root / "db")
     ingest(store, root / "shards")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(store, model=model), host="127.0.0.1", port=port,
-                                        log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started
-    yield f"http://127.0.0.1:{port}", root
-    srv.should_exit = True
-    thread.join(timeout=10)
+    base, srv, thread = _serve(create_app(store, model=model, image_root=root / "shards"))
+    # the same store without a CLIP model: what the page shows when text/image search is off
+    nomodel, srv2, thread2 = _serve(create_app(store, model=str(root / "no-clip-model"), image_root=root / "shards"))
+    yield base, root, store, nomodel
+    for s, t in ((srv, thread), (srv2, thread2)):
+        s.should_exit = True
+        t.join(timeout=30)
     store.close()
 
 
 @pytest.fixture(scope="module")
-def page(server):
+def browser():
     with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                    args=["--headless", "--no-sandbox", "--disable-gpu",
-                                          "--disable-background-networking", "--disable-component-update",
-                                          "--no-first-run", "--disable-sync"])
-        pg = browser.new_page(viewport={"width": 1100, "height": 800})
-        yield pg
-        browser.close()
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                              args=["--headless", "--no-sandbox", "--disable-gpu",
+                                    "--disable-background-networking", "--disable-component-update",
+                                    "--no-first-run", "--disable-sync"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def blocked():
+    return []
+
+
+@pytest.fixture
+def page(browser, blocked):
+    """A fresh page whose requests to any host but 127.0.0.1 are aborted (and recorded)."""
+    ctx = browser.new_context(viewport={"width": 1100, "height": 800})
+    pg = ctx.new_page()
+
+    def only_loopback(route):
+        if urlsplit(route.request.url).hostname == "127.0.0.1":
+            route.continue_()
+        else:
+            blocked.append(route.request.url)
+            route.abort()
+
+    pg.route("**/*", only_loopback)
+    yield pg
+    ctx.close()
+
+
+def _pictures_loaded(page) -> None:
+    page.wait_for_function("[...document.querySelectorAll('#grid .card img')].length > 0 && "
+                           "[...document.querySelectorAll('#grid .card img')].every(i => i.complete && i.naturalWidth > 0)")
 
 
 def _cards(page):
     return page.locator("#grid .card")
 
 
-def test_type_query_see_grid_toggle_safe_mode_and_more_like_this(server, page):
-    base, _ = server
+def test_type_query_see_grid_toggle_safe_mode_and_more_like_this(server, page, blocked):
+    base, *_ = server
     page.goto(base + "/")
     page.fill("#q", "a dog and a cat")
     page.keyboard.press("Enter")
@@ -79,9 +116,11 @@ def test_type_query_see_grid_toggle_safe_mode_and_more_like_this(server, page):
     status = page.inner_text("#status")
     assert "20 results" in status and "ms" in status
     assert "q=a+dog+and+a+cat" in page.url and "safe=1" in page.url  # shareable URL
-    page.wait_for_selector("#grid .card .placeholder")  # offline: images fall back to the placeholder
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "search-page.png"), full_page=False)
+    _pictures_loaded(page)  # the demo's own pictures, from this server
+    srcs = page.eval_on_selector_all("#grid .card img", "els => els.map(e => e.src)")
+    assert len(srcs) == 20 and all(s.startswith(base + "/local/images/") for s in srcs)
+    assert page.locator("#grid .card .placeholder").count() == 0
+    assert page.is_hidden("#notice") and page.is_enabled("#q")
     safe_ids = [int(i) for i in page.eval_on_selector_all("#grid .card", "els => els.map(e => e.dataset.id)")]
     meta = page.request.post(base + "/metadata", data={"ids": safe_ids}).json()
     assert len(meta) == 20 and all(m["metadata"]["NSFW"] == "UNLIKELY" for m in meta)  # safe mode held
@@ -96,10 +135,61 @@ def test_type_query_see_grid_toggle_safe_mode_and_more_like_this(server, page):
     page.wait_for_function(f"document.getElementById('status').textContent.includes('more like #{clicked}')")
     assert f"like={clicked}" in page.url
     assert clicked not in page.eval_on_selector_all("#grid .card", "els => els.map(e => e.dataset.id)")
+    assert blocked == []  # nothing outside 127.0.0.1 was asked for
+
+
+def test_demo_grid_pictures_look_alike_screenshot(server, page, blocked):
+    base, *_ = server
+    page.goto(base + "/?like=5&k=12&safe=0")
+    page.wait_for_function("document.querySelectorAll('#grid .card').length === 12")
+    _pictures_loaded(page)
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=False)
+    assert SCREENSHOT.stat().st_size > 10_000 and blocked == []
+
+
+def test_dead_web_links_show_the_placeholder(server, page, blocked, tmp_path):
+    """LAION URLs load lazily from the web; here the web is blocked (link rot): placeholders, and
+    the page still works. Ingests a shard of http URLs into the running server's store."""
+    from laion_search.ingest import ingest
+    from laion_search.sources.synth import synth
+
+    base, root, store, _ = server
+    import numpy as np
+
+    synth(tmp_path / "web", [7], 50, dim=16, seed=12, topics=12)
+    img = np.load(tmp_path / "web" / "img_emb_7.npy")
+    img[:] = img[3]  # the whole shard is row 3's neighbourhood: its links fill the grid
+    np.save(tmp_path / "web" / "img_emb_7.npy", img)
+    ingest(store, tmp_path / "web")
+    page.goto(base + "/?like=7000000003&k=10&safe=0")
+    page.wait_for_function("document.querySelectorAll('#grid .card').length === 10")
+    page.wait_for_function("document.querySelectorAll('#grid .card .placeholder').length === 10")
+    imgs = page.eval_on_selector_all("#grid .card img", "els => els.map(e => [e.loading, e.src, e.hidden])")
+    assert len(imgs) == 10 and all(lazy == "lazy" and urlsplit(src).hostname == "img.example.org" and hidden
+                                   for lazy, src, hidden in imgs)
+    assert blocked and all(urlsplit(u).hostname == "img.example.org" for u in blocked)
+    assert "10 results" in page.inner_text("#status")
+
+
+def test_missing_model_disables_text_and_image_with_the_fix(server, page, blocked):
+    _, _, _, nomodel = server
+    page.goto(nomodel + "/")
+    page.wait_for_selector("#notice:not([hidden])")
+    notice = page.inner_text("#notice")
+    assert "text and image search are off" in notice and "no-clip-model" in notice and "--model ./clip-b32" in notice
+    assert page.is_disabled("#q") and page.is_disabled("#file") and page.is_disabled("button[type=submit]")
+    page.goto(nomodel + "/?q=a+cat")  # a shared text link answers at once with the reason, never hangs
+    page.wait_for_function("document.getElementById('status').className === 'error'")
+    assert "text search is unavailable" in page.inner_text("#status")
+    page.goto(nomodel + "/?like=5&k=6")  # more like this still works
+    page.wait_for_function("document.querySelectorAll('#grid .card').length === 6")
+    _pictures_loaded(page)
+    assert blocked == []
 
 
 def test_keyboard_and_shared_url(server, page):
-    base, _ = server
+    base, *_ = server
     page.goto(base + "/?like=1000000005&k=7&modality=text&safe=0")
     page.wait_for_function("document.querySelectorAll('#grid .card').length === 7")
     assert page.input_value("#modality") == "text" and not page.is_checked("#safe")
@@ -112,7 +202,7 @@ def test_keyboard_and_shared_url(server, page):
 def test_upload_image_and_phone_width(server, page, tmp_path):
     from PIL import Image
 
-    base, _ = server
+    base, *_ = server
     img = tmp_path / "query.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(img)
     page.set_viewport_size({"width": 375, "height": 740})

@@ -9,7 +9,6 @@ what earlier ones built. `serve` runs as a real process (it listens); see test_s
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import socket
 import subprocess
@@ -64,6 +63,8 @@ CASES: list[Case] = [
     # -- data in
     Case("synth {shards} --shards 0-1 --rows 300 --dim 16 --seed 3 --json",
          check=lambda o, e, t: (t / "shards" / "img_emb_1.npy").exists()),
+    Case("synth {tmp}/pics --shards 0 --rows 10 --dim 16 --images",
+         check=lambda o, e, t: len(list((t / "pics").rglob("*.jpg"))) == 10),
     Case("synth {tmp}/folders --shards 7 --rows 20 --dim 16 --layout folders --pad 4",
          check=_file("folders/img_emb/img_emb_0007.npy")),
     Case("ingest {shards} --db {db} --shards 0 --batch-rows 64 --json",
@@ -113,7 +114,7 @@ CASES: list[Case] = [
          check=_results(4, lambda r: r["id"] >= 1_000_000_000 and r["id"] != 1_000_000_001 and "NSFW" in r)),
     Case("search --like 5 --k 5 --ef-search 64 --rescoring --filter-strategy prefilter --fetch-multiplier 8 "
          "--where shard=0 --db {db} --json", check=_results(5, lambda r: r["id"] < 1_000_000_000)),
-    Case("search --like 5 --k 3 --exact --verify-checksums --db {db} --json", check=_results(3)),
+    Case("search --like 5 --k 3 --exact --verify-checksums --scan-threads 1 --db {db} --json", check=_results(3)),
     Case("search --text 'a photo of a dog' --model {model} --k 3 --db {db} --json", check=_results(3)),
     Case("search --image {tmp}/img.png --model {model} --k 2 --exact --db {db}", check=_has("2 results")),
     Case("search --like 5 --filter-strategy sideways --db {db}", code=2, check=_has("filter strategy")),
@@ -151,6 +152,8 @@ CASES: list[Case] = [
          check=lambda o, e, t: json.loads(o)["encode_ms"] > 0),
     Case("bench serve --rows 500 --clients 1 --seconds 1 --dir {tmp}/b7 --json",
          check=lambda o, e, t: json.loads(o)["requests"] > 0),
+    Case("bench serve --mixed --rows 500 --scan-clients 1 --rate 5 --seconds 1 --server-arg=--max-scans=2 "
+         "--dir {tmp}/b8 --json", check=lambda o, e, t: json.loads(o)),
     Case("bench download --shards 1 --rows 100 --rate 50 --repeat 1 --unthrottled --dir {tmp}/b6 --out {tmp}/b6out "
          "--json", check=lambda o, e, t: json.loads(o)["results"]),
 ]
@@ -231,7 +234,8 @@ def _free_port() -> int:
 
 
 SERVE = "serve --host 127.0.0.1 --port {port} --token s3cret --model {model} --allow-sql --allow-image-url " \
-        "--cors-origin http://example.test --query-timeout 10 --db {db}"
+        "--cors-origin http://example.test --query-timeout 3 --images {images} --cache-size 16 --max-scans 2 " \
+        "--scan-queue 4 --scan-threads 1 --log-level warning --db {db}"
 SERVE_URL = "serve --url {db} --port {port}"
 
 
@@ -241,11 +245,12 @@ def test_serve_flags(world, tmp_path):
 
     from laion_search.sources.synth import synth
 
-    synth(tmp_path / "s", [0], 100, dim=16, seed=1)
+    synth(tmp_path / "s", [0], 100, dim=16, seed=1, images=True)
     db = tmp_path / "db"
     assert CliRunner().invoke(app, ["ingest", str(tmp_path / "s"), "--db", str(db)]).exit_code == 0
     port = _free_port()
-    argv = shlex.split(SERVE.format(port=port, model=shlex.quote(world["model"]), db=shlex.quote(str(db))))
+    argv = shlex.split(SERVE.format(port=port, model=shlex.quote(world["model"]), db=shlex.quote(str(db)),
+                                    images=shlex.quote(str(tmp_path / "s"))))
     proc = subprocess.Popen([sys.executable, "-m", "laion_search.cli", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
@@ -261,7 +266,18 @@ def test_serve_flags(world, tmp_path):
             time.sleep(0.1)
         auth = {"Authorization": "Bearer s3cret"}
         assert httpx.get(base + "/api/status").status_code == 401                      # --token
-        assert httpx.get(base + "/api/status", headers=auth).json()["rows"] == 100
+        st = httpx.get(base + "/api/status", headers=auth).json()
+        assert st["rows"] == 100 and st["local_images"]                                # --images
+        assert st["admission"]["scan_threads"] == 1                                    # --scan-threads
+        gate = st["admission"]["exact_scan"]
+        assert (gate["max_running"], gate["max_queue"]) == (2, 4), gate                  # --max-scans, --scan-queue
+        first = httpx.post(base + "/api/search", json={"like": 3, "k": 2}, headers=auth).json()
+        again = httpx.post(base + "/api/search", json={"like": 3, "k": 2}, headers=auth).json()
+        assert (first["cached"], again["cached"]) == (False, True)                     # --cache-size
+        url = httpx.post(base + "/api/sql", json={"query": "SELECT url FROM laion LIMIT 1"}, headers=auth).json()
+        assert "rows" in url, url
+        pic = httpx.get(base + "/local/" + url["rows"][0]["url"], headers=auth)
+        assert pic.status_code == 200 and pic.content[:2] == b"\xff\xd8"             # a JPEG, same-origin
         r = httpx.post(base + "/api/search", json={"text": "a dog", "k": 2}, headers=auth)  # --model
         assert r.status_code == 200 and len(r.json()["results"]) == 2
         r = httpx.post(base + "/api/sql", json={"query": "SELECT count() AS n FROM laion"}, headers=auth)
@@ -272,9 +288,9 @@ def test_serve_flags(world, tmp_path):
         r = httpx.post(base + "/knn-service", json={"image_url": "http://127.0.0.1:1/x.png", "num_images": 2},
                        headers=auth)
         assert "disabled" not in r.text                                                  # --allow-image-url
-        r = httpx.post(base + "/api/sql", headers=auth,
-                       json={"query": "SELECT count() FROM numbers(100000000000) WHERE sleepEachRow(0) = 0"})
-        assert r.status_code == 400 and "imeout" in r.text or "TIMEOUT" in r.text       # --query-timeout
+        r = httpx.post(base + "/api/sql", headers=auth, timeout=300,
+                       json={"query": "SELECT count() FROM numbers(1000000000000) WHERE sleepEachRow(0) = 0"})
+        assert r.status_code == 400 and "TIMEOUT_EXCEEDED" in r.text.upper().replace(" ", "_"), r.text  # --query-timeout
     finally:
         proc.terminate()
         proc.wait(timeout=60)

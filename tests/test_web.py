@@ -191,10 +191,14 @@ def test_token_cors_and_sql_switches(web_store):
     ok = call(sql_app, "POST", "/api/sql", json={"query": "SELECT count() AS n FROM laion"})
     assert ok.status_code == 200 and ok.json()["rows"] == [{"n": 300}]
     for bad in ("DROP TABLE laion", "INSERT INTO laion (id) VALUES (1)", "SELECT 1; DROP TABLE laion",
-                "SELECT * FROM file('/etc/passwd', LineAsString)", "SELECT * FROM url('http://127.0.0.1:9/')"):
+                "SELECT * FROM file('/etc/passwd', LineAsString)", "SELECT * FROM url('http://127.0.0.1:9/')",
+                "SELECT * FROM url/**/('http://127.0.0.1:9/')", "SELECT name FROM system.users"):
         r = call(sql_app, "POST", "/api/sql", json={"query": bad})
         assert r.status_code == 400, bad
     assert store.scalar("SELECT count() FROM laion") == 300
+    # the url column is not the url() table function
+    r = call(sql_app, "POST", "/api/sql", json={"query": "SELECT count() AS n FROM laion WHERE url != ''"})
+    assert r.status_code == 200 and r.json()["rows"] == [{"n": 300}]
     cors = create_app(store, model=model, cors_origins=["https://ok.example"])
     r = call(cors, "GET", "/health", headers={"Origin": "https://ok.example"})
     assert r.headers.get("access-control-allow-origin") == "https://ok.example"

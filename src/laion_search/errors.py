@@ -10,7 +10,9 @@
     │   ├── StoreBusyError          another process holds the embedded store's lock
     │   └── QueryError              the engine rejected a statement (wraps chDB / server errors)
     ├── EncoderError                CLIP model missing/unloadable, or an input it cannot encode
-    └── DownloadError               a shard file could not be downloaded (after the retry budget)
+    │   └── EncoderUnavailable      a server's start-up check found no usable encoder (or is still running)
+    ├── DownloadError               a shard file could not be downloaded (after the retry budget)
+    └── Overloaded                  a server's queue for this class of query is full (retry after a while)
 
 Third-party errors are re-raised as ours with ``raise … from`` so callers (CLI, HTTP API)
 only need to know this tree, and the original is kept as ``__cause__``.
@@ -57,5 +59,23 @@ class EncoderError(LaionError):
     """A CLIP model could not be loaded, or an input (text, image) could not be encoded."""
 
 
+class EncoderUnavailable(EncoderError):
+    """A server has no usable CLIP encoder: its start-up check failed (the message says why and
+    how to fix it), or is still running (``retry_after`` seconds)."""
+
+    def __init__(self, message: str, *, retry_after: int | None = None):
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
 class DownloadError(LaionError):
     """A file could not be downloaded: a final HTTP status, or the retry budget ran out."""
+
+
+class Overloaded(LaionError):
+    """A server sheds a query: the admission queue of its class (exact scans, encodings) is
+    full. ``retry_after`` is the seconds to wait before retrying."""
+
+    def __init__(self, message: str, *, retry_after: int = 1):
+        self.retry_after = retry_after
+        super().__init__(message)

@@ -56,6 +56,7 @@ class SearchOptions:
     filter_strategy: str = "auto"         # auto: post-filter, then pre-filter if short of k
     fetch_multiplier: float = 4.0         # candidates per wanted row when post-filtering
     verify_checksums: bool = False        # exact scans: check each block's checksum as it is read
+    scan_threads: int | None = None       # exact scans: cap the engine's threads (max_threads)
 
 
 @dataclass
@@ -122,6 +123,12 @@ def row_vector(store: Store, row_id: Any, modality: str = "image") -> np.ndarray
     return np.asarray(t.column(0)[0].as_py(), dtype=np.float32)
 
 
+def will_scan(store: Store, modality: str = "image", metric: str = "cosine", exact: bool = False) -> bool:
+    """Whether such a search reads every row (exact, or no vector index serves its column and
+    metric) rather than walking an index: servers class and admit queries by it."""
+    return bool(exact) or (_column(modality), _metric(metric)) not in store.vector_indexes()
+
+
 @dataclass
 class SearchQuery:
     """One search: the model the library, the CLI (``laion search``) and the HTTP API (``/api/search``
@@ -153,6 +160,7 @@ class SearchQuery:
     filter_strategy: str = "auto"
     fetch_multiplier: float = 4.0
     verify_checksums: bool = False
+    scan_threads: int | None = None   # exact scans: cap the engine's threads (a server sets it)
 
     @classmethod
     def build(cls, vector: Any = None, *, filters: Filters | None = None, options: SearchOptions | None = None,
@@ -170,7 +178,8 @@ class SearchQuery:
     @property
     def options(self) -> SearchOptions:
         return SearchOptions(ef_search=self.ef_search, rescoring=self.rescoring, filter_strategy=self.filter_strategy,
-                             fetch_multiplier=self.fetch_multiplier, verify_checksums=self.verify_checksums)
+                             fetch_multiplier=self.fetch_multiplier, verify_checksums=self.verify_checksums,
+                             scan_threads=self.scan_threads)
 
     def check(self) -> "SearchQuery":
         """Everything that can be checked without the store, with a one-line reason; returns self."""
@@ -237,7 +246,7 @@ def search(store: Store, vector: Any = None, *, query: SearchQuery | None = None
         scan = column + SCAN_SUFFIX
         scan = scan if (func == "cosineDistance" and store.layout.cluster is None and scan in store.columns()) else None
         sql = _exact_sql(select, column, func, where, k, scan, verify_checksums=options.verify_checksums,
-                         cluster=store.layout.cluster is not None)
+                         cluster=store.layout.cluster is not None, max_threads=options.scan_threads)
         strategy = ("exact-bf16" if scan else "exact") + (" (no index)" if unindexed else "")
         rows = store.rows(sql, params)
     else:
@@ -280,9 +289,11 @@ SCAN_READ_SETTINGS = {"local_filesystem_read_method": "mmap", "min_bytes_to_use_
 
 
 def _exact_sql(select: str, column: str, func: str, where: str, k: int, scan: str | None = None,
-               verify_checksums: bool = False, cluster: bool = False) -> str:
+               verify_checksums: bool = False, cluster: bool = False, max_threads: int | None = None) -> str:
     where_sql = f" WHERE {where}" if where else ""
     settings = {"use_skip_indexes": 0, **SCAN_READ_SETTINGS, **({} if verify_checksums else {"checksum_on_read": 0})}
+    if max_threads is not None:
+        settings["max_threads"] = max(1, int(max_threads))
     if scan is not None:  # the copy holds unit vectors: its dot product ranks by cosine
         candidates = min(MAX_K * SCAN_MARGIN, k * SCAN_MARGIN + 32)
         first = f"dotProduct({scan}, CAST({{q:Array(Float32)}}, 'Array(BFloat16)')) DESC"

@@ -21,7 +21,7 @@ import pyarrow as pa
 from laion_search import killpoints
 from laion_search.backends import Backend, ChdbBackend, ClickHouseBackend, Params, is_url
 from laion_search.backends.cluster import ClusterLayout, SingleNode, detect_layout
-from laion_search.errors import StoreError, UsageError
+from laion_search.errors import QueryError, StoreError, UsageError
 from laion_search.schema import (INDEX_NAMES, SHARDS_DDL, SHARDS_TABLE, STAGE_PREFIX, TABLE, TABLE_DDL,
                                  index_memory_estimate, parse_index_type, scan_column)
 
@@ -224,6 +224,43 @@ class Store:
             "SELECT count() FROM system.parts AS p WHERE database = currentDatabase() AND table = {t:String} AND active "
             "AND name NOT IN (SELECT part_name FROM system.parts_columns WHERE database = currentDatabase() "
             "AND table = {t:String} AND active AND column = {c:String})", {"t": self.data_table, "c": column}) or 0)
+
+    def version(self) -> str:
+        """A token that changes whenever the rows or the indexes change: every insert, merge,
+        mutation (``MATERIALIZE INDEX``), drop and index add/drop makes new active parts or a new
+        index list. Cheap (two system-table reads); caches key on it so they are never stale,
+        also when another client of a server writes."""
+        import hashlib
+
+        if getattr(self.backend, "embedded", False) and not Path(self.location).is_dir():
+            # the engine still lists the parts it had: a cached answer must not outlive the files
+            raise QueryError(f"{self.location}: No such file or directory")
+        parts = self.rows(
+            f"SELECT name, rows, modification_time FROM {self.layout.system('parts')} "
+            "WHERE database = currentDatabase() AND table = {t:String} AND active ORDER BY name",
+            {"t": self.data_table})
+        indexes = self.rows(
+            f"SELECT name, type_full, expr FROM {self.layout.system('data_skipping_indices')} "
+            "WHERE database = currentDatabase() AND table = {t:String} ORDER BY name", {"t": self.data_table})
+        h = hashlib.blake2b(digest_size=12)
+        for r in (*parts, *indexes):
+            h.update(repr(sorted(r.items())).encode())
+            h.update(b"\0")
+        return h.hexdigest()
+
+    def modalities(self) -> dict[str, bool]:
+        """Which embeddings the rows carry (``{"image": True, "text": False}`` for an image-only
+        source); reads the array sizes only."""
+        r = self.rows(f"SELECT countIf(image_embedding.size0 > 0) AS image, countIf(text_embedding.size0 > 0) AS text "
+                      f"FROM {TABLE}")[0]
+        return {"image": bool(r["image"]), "text": bool(r["text"])}
+
+    def cancel_queries(self, tag: str) -> int:
+        """Cancel the running queries whose ``log_comment`` setting is ``tag`` (a server tags
+        its own queries so that shutting down ends them, and nobody else's); returns how many."""
+        got = self.rows("KILL QUERY WHERE Settings['log_comment'] = {tag:String} "
+                        "AND NOT startsWith(query, 'KILL') SYNC", {"tag": tag})
+        return len(got)
 
     def status(self) -> StoreStatus:
         """Rows, shards, size on disk and vector indexes (``.as_dict()`` for plain data)."""

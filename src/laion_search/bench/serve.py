@@ -5,6 +5,13 @@ Starts the server as a subprocess over a synth store (HNSW index on image embedd
 exact searches, filtered indexed searches (safe mode + width) and "more like this". Reports
 QPS, p50/p99 latency, errors (non-200 answers or failed connections) and the server's RSS
 before and after. Bounded in time and count; loopback only.
+
+``--mixed`` (:func:`run_mixed`) measures isolation instead: the idle p50 of indexed searches
+first, then ``scan_clients`` clients send exact scans back to back while an open-loop stream
+sends ``rate`` indexed searches per second (latency counted from each request's scheduled
+time, so a stalled server cannot hide its queue). Reported: indexed p50/p99 under load against
+the idle p50, every indexed answer accounted for, scans done and shed (429), other errors.
+The server runs with its result cache off (``--cache-size 0``) so that every query is real.
 """
 
 from __future__ import annotations
@@ -31,44 +38,74 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _prepare(root: Path, rows: int, say: Callable[[str], Any]) -> tuple[Path, Path]:
+    """A synth store of ``rows`` rows with an HNSW index on image embeddings (reused)."""
+    from laion_search.index import IndexSpec, create_index
+    from laion_search.ingest import ingest
+    from laion_search.sources.synth import synth
+    from laion_search.store import connect
+
+    shards, db = root / "shards", root / "db"
+    if not (shards / "metadata_0.parquet").exists() or \
+            np.load(shards / "img_emb_0.npy", mmap_mode="r").shape[0] != rows:
+        say(f"synth {rows:,} rows")
+        synth(shards, [0], rows, seed=21)
+    with connect(db) as store:
+        if store.scalar("SELECT count() FROM laion") != rows:
+            ingest(store, shards, force=True)
+        if not store.rows("SELECT name FROM system.data_skipping_indices WHERE table = 'laion'"):
+            say("index (default: M=16, ef_construction=64)")
+            create_index(store, IndexSpec("image"))
+    return shards, db
+
+
+def _start_server(db: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "laion_search.cli", "serve", "--db", str(db), "--port",
+                             str(port), "--cache-size", "0", *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited at start-up (status {proc.returncode})")
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    if proc is not None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(p * len(values)))] * 1000 if values else float("nan")
+
+
 def run(rows: int = 100_000, clients: int = 16, seconds: float = 30.0, workdir: Path | None = None,
         log: Callable[[str], Any] | None = None) -> dict[str, Any]:
     import httpx
     import psutil
 
-    from laion_search.index import IndexSpec, create_index
-    from laion_search.ingest import ingest
-    from laion_search.store import connect
-    from laion_search.sources.synth import synth
-
     say = log or (lambda m: None)
     with scratch_dir(workdir, "laion-bench-serve-") as root:
         proc = None
         try:
-            shards, db = root / "shards", root / "db"
-            if not (shards / "metadata_0.parquet").exists():
-                say(f"synth {rows:,} rows")
-                synth(shards, [0], rows, seed=21)
-            with connect(db) as store:
-                if store.scalar("SELECT count() FROM laion") != rows:
-                    ingest(store, shards)
-                if not store.rows("SELECT name FROM system.data_skipping_indices WHERE table = 'laion'"):
-                    say("index (default: M=16, ef_construction=64)")
-                    create_index(store, IndexSpec("image"))
+            shards, db = _prepare(root, rows, say)
             queries = np.load(shards / "text_emb_0.npy", mmap_mode="r")[:256].astype(np.float32)
-            port = _free_port()
-            proc = subprocess.Popen([sys.executable, "-m", "laion_search.cli", "serve", "--db", str(db), "--port",
-                                     str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            base = f"http://127.0.0.1:{port}"
-            deadline = time.time() + 60
-            while time.time() < deadline:
-                try:
-                    if httpx.get(base + "/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.2)
-            else:
-                raise RuntimeError("server did not start")
+            proc, base = _start_server(db)
             server = psutil.Process(proc.pid)
             rss_before = server.memory_info().rss
             mix = ["indexed", "exact", "filtered", "like"]
@@ -140,3 +177,112 @@ def run(rows: int = 100_000, clients: int = 16, seconds: float = 30.0, workdir: 
 
 if __name__ == "__main__":  # pragma: no cover
     print(run(rows=int(os.environ.get("ROWS", "20000")), seconds=10)["markdown"])
+
+
+def run_mixed(rows: int = 200_000, scan_clients: int = 4, rate: float = 20.0, seconds: float = 30.0,
+              idle_requests: int = 200, workdir: Path | None = None, server_args: tuple[str, ...] = (),
+              log: Callable[[str], Any] | None = None) -> dict[str, Any]:
+    """Indexed latency idle, then under back-to-back exact scans (see the module docstring)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    say = log or (lambda m: None)
+    with scratch_dir(workdir, "laion-bench-serve-") as root:
+        proc = None
+        try:
+            shards, db = _prepare(root, rows, say)
+            queries = np.load(shards / "text_emb_0.npy", mmap_mode="r")[:512].astype(np.float32)
+            proc, base = _start_server(db, *server_args)
+            rnd = random.Random(7)
+
+            def body(exact: bool = False) -> dict[str, Any]:
+                return {"vector": queries[rnd.randrange(len(queries))].tolist(), "k": 10, "exact": exact}
+
+            with httpx.Client(base_url=base, timeout=60,
+                              limits=httpx.Limits(max_connections=200, max_keepalive_connections=200)) as c:
+                for _ in range(10):  # warm-up
+                    c.post("/api/search", json=body())
+                say(f"idle: {idle_requests} indexed searches, one at a time")
+                idle = []
+                for _ in range(idle_requests):
+                    t = time.perf_counter()
+                    r = c.post("/api/search", json=body())
+                    if r.status_code != 200:
+                        raise RuntimeError(f"idle indexed search failed: HTTP {r.status_code} {r.text[:200]}")
+                    idle.append(time.perf_counter() - t)
+                say(f"load: {scan_clients} clients of back-to-back exact scans + {rate:g} indexed/s open loop, "
+                    f"{seconds:.0f} s")
+                lock = threading.Lock()
+                scans = {"done": 0, "shed": 0, "errors": 0}
+                indexed: list[float] = []
+                indexed_errors: list[str] = []
+                stop = threading.Event()
+
+                def scanner() -> None:
+                    while not stop.is_set():
+                        try:
+                            r = c.post("/api/search", json=body(exact=True))
+                            code = r.status_code
+                        except httpx.HTTPError:
+                            code = -1
+                        with lock:
+                            key = "done" if code == 200 else "shed" if code == 429 else "errors"
+                            scans[key] += 1
+                        if code == 429:  # a documented shed: back off as told
+                            stop.wait(float(r.headers.get("Retry-After", "1")))
+
+                def one(due: float, b: dict[str, Any]) -> None:
+                    try:
+                        r = c.post("/api/search", json=b)
+                        ok = r.status_code == 200
+                        why = f"HTTP {r.status_code}"
+                    except httpx.HTTPError as exc:
+                        ok, why = False, type(exc).__name__
+                    dt = time.perf_counter() - due  # from the scheduled time: queueing counts
+                    with lock:
+                        if ok:
+                            indexed.append(dt)
+                        else:
+                            indexed_errors.append(why)
+
+                threads = [threading.Thread(target=scanner) for _ in range(scan_clients)]
+                for t in threads:
+                    t.start()
+                total = int(rate * seconds)
+                with ThreadPoolExecutor(max_workers=128) as pool:
+                    t0 = time.perf_counter()
+                    for i in range(total):
+                        due = t0 + i / rate
+                        delay = due - time.perf_counter()
+                        if delay > 0:
+                            time.sleep(delay)
+                        pool.submit(one, due, body())
+                stop.set()
+                for t in threads:
+                    t.join()
+                elapsed = time.perf_counter() - t0
+        finally:
+            _stop(proc)
+    idle_p50 = statistics.median(idle) * 1000
+    p50, p99 = _pct(indexed, 0.5), _pct(indexed, 0.99)
+    result = {"rows": rows, "scan_clients": scan_clients, "rate": rate, "seconds": elapsed,
+              "idle_p50_ms": idle_p50, "idle_p99_ms": _pct(idle, 0.99), "indexed_sent": total,
+              "indexed_answered": len(indexed), "indexed_errors": len(indexed_errors), "indexed_p50_ms": p50,
+              "indexed_p99_ms": p99, "p99_over_idle_p50": p99 / idle_p50 if idle_p50 else float("nan"),
+              "scans_done": scans["done"], "scans_shed": scans["shed"], "scan_errors": scans["errors"],
+              "server_args": list(server_args)}
+    result["target_met"] = bool(result["p99_over_idle_p50"] <= 4 and len(indexed) == total
+                                and not indexed_errors and not scans["errors"])
+    lines = [f"{rows:,} rows; {scan_clients} clients sending exact scans back to back + an open-loop stream of "
+             f"{rate:g} indexed searches/s for {elapsed:.0f} s, HTTP on 127.0.0.1"
+             + (f" (server: {' '.join(server_args)})" if server_args else ""), "",
+             "| | p50 ms | p99 ms |", "|---|---:|---:|",
+             f"| indexed, idle (one at a time) | {idle_p50:.1f} | {result['idle_p99_ms']:.1f} |",
+             f"| indexed, under scans | {p50:.1f} | {p99:.1f} |", "",
+             f"indexed p99 = **{result['p99_over_idle_p50']:.1f}× idle p50** (target ≤ 4×); indexed answered "
+             f"**{len(indexed)}/{total}**, errors {len(indexed_errors)}; exact scans done {scans['done']}, "
+             f"shed with 429 {scans['shed']}, other errors {scans['errors']} → target "
+             f"{'met' if result['target_met'] else 'NOT met'}"]
+    result["markdown"] = "\n".join(lines)
+    return result

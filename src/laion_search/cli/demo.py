@@ -25,9 +25,9 @@ def run_demo(workdir: Path, rows: int = 10_000, shards: int = 3) -> None:
     t0 = time.perf_counter()
     if not all((shard_dir / f"metadata_{n}.parquet").exists() for n in numbers):
         o.rule("1. synthesize LAION-format shards")
-        synth(shard_dir, numbers, rows, seed=42)
-        o.print(f"wrote {shards} shards × {rows:,} rows (512-d float16 img/text embeddings + metadata) "
-                f"to {shard_dir} in {time.perf_counter() - t0:.1f} s")
+        synth(shard_dir, numbers, rows, seed=42, images=True)
+        o.print(f"wrote {shards} shards × {rows:,} rows (512-d float16 img/text embeddings + metadata + a small "
+                f"picture per row) to {shard_dir} in {time.perf_counter() - t0:.1f} s")
     with connect(db) as store:
         o.rule("2. ingest (streaming, atomic per shard; rerun = no-op)")
         report = ingest(store, shard_dir)
@@ -57,3 +57,4 @@ def run_demo(workdir: Path, rows: int = 10_000, shards: int = 3) -> None:
         output.print_records(result.to_pylist()[:5], width=60)
     o.rule("done")
     o.print(f"total {time.perf_counter() - t0:.1f} s. Try:  laion search --db {db} --like {row_id} --k 5")
+    o.print(f"and the page with pictures:  laion serve --db {db} --images {shard_dir}")

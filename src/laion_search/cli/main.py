@@ -4,6 +4,8 @@ turn library errors into a one-line message and a non-zero exit."""
 from __future__ import annotations
 
 import functools
+import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
@@ -68,11 +70,14 @@ def synth(
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed writes the same files."),
     layout: str = typer.Option("flat", "--layout", help="flat (the guide's) or folders (img_emb/ text_emb/ metadata/)."),
     pad: int = typer.Option(0, "--pad", min=0, max=12, help="Zero-pad shard numbers to this width (4 = LAION-5B style)."),
+    images: bool = typer.Option(False, "--images", help="Also draw a small picture per row (images/<shard>/<row>.jpg, "
+                                                        "1-3 KB, look-alikes for near rows); url = that path. "
+                                                        "Serve them with `laion serve --images OUT`."),
     json_output: bool = JsonOption,
 ) -> None:
     """Write synthetic LAION-400M-format shards (clustered, correlated image/text vectors).
 
-    Example: laion synth ./shards --shards 0-2 --rows 100000
+    Example: laion synth ./shards --shards 0-2 --rows 100000 --images
     """
     from laion_search.sources.naming import parse_shard_spec
     from laion_search.sources.synth import synth as do_synth
@@ -81,12 +86,14 @@ def synth(
     if layout not in ("flat", "folders"):
         raise UsageError("--layout must be 'flat' or 'folders'")
     with output.CountProgress(output.progress_mode(json_output), "synth", rows * len(numbers)) as progress:
-        files = do_synth(out, numbers, rows, dim=dim, seed=seed, layout=layout, pad=pad, progress=progress.count)
+        files = do_synth(out, numbers, rows, dim=dim, seed=seed, layout=layout, pad=pad, progress=progress.count,
+                         images=images)
     if json_output:
         print(output.dumps({"out": str(out), "shards": numbers, "rows_per_shard": rows,
                             "files": [str(f) for f in files]}))
     else:
-        output.out.print(f"wrote {len(numbers)} shard(s) × {rows:,} rows to {out}")
+        output.out.print(f"wrote {len(numbers)} shard(s) × {rows:,} rows to {out}"
+                         + (f" (pictures in {Path(out) / 'images'})" if images else ""))
 
 
 # -- ingest ---------------------------------------------------------------------------------------
@@ -357,6 +364,8 @@ def search(
                                           help="Exact scans: verify each data block's checksum as it is read "
                                                "(off by default: ~20% slower; parts are checked when written "
                                                "and merged)."),
+    scan_threads: Optional[int] = typer.Option(None, "--scan-threads", min=1,
+                                               help="Exact scans: use at most this many engine threads."),
     db: Optional[str] = DbOption,
     url: Optional[str] = UrlOption,
     json_output: bool = JsonOption,
@@ -374,7 +383,7 @@ def search(
         modality=modality, exact=exact, metric=metric, model=model, columns=columns, nsfw=nsfw,
         min_similarity=min_similarity, caption_contains=caption_contains, where=where, exclude_ids=exclude_ids,
         ef_search=ef_search, rescoring=rescoring, filter_strategy=filter_strategy, fetch_multiplier=fetch_multiplier,
-        verify_checksums=verify_checksums).check()
+        verify_checksums=verify_checksums, scan_threads=scan_threads).check()
     with open_store(db, url) as store:
         result = do_search(store, query=query)
     print_search(result, json_output)
@@ -519,19 +528,55 @@ def serve(
                                          help="Let /knn-service fetch image_url (10 MB, 5 s limits). Off: SSRF risk."),
     cors_origin: List[str] = typer.Option([], "--cors-origin", help="Allow this browser origin (CORS is off by default)."),
     query_timeout: float = typer.Option(30.0, "--query-timeout", min=0.1, max=3600, help="Seconds any query may run."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Folder that relative picture URLs resolve against "
+                                                                 "(e.g. the shard folder of `laion synth --images`); "
+                                                                 "served same-origin at /local/."),
+    cache_size: int = typer.Option(256, "--cache-size", min=0, max=1_000_000,
+                                   help="Results of identical requests kept (LRU; 0 = off)."),
+    max_scans: Optional[int] = typer.Option(None, "--max-scans", min=1, max=1024,
+                                            help="Exact scans run at once (default: a quarter of the cores, ≥ 1)."),
+    scan_queue: int = typer.Option(8, "--scan-queue", min=0, max=10_000,
+                                   help="Exact scans that may wait; beyond that: 429 + Retry-After."),
+    scan_threads: Optional[int] = typer.Option(None, "--scan-threads", min=1, max=1024,
+                                               help="Engine threads per exact scan (default: half the cores)."),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info or warning."),
     db: Optional[str] = DbOption,
     url: Optional[str] = UrlOption,
 ) -> None:
     """HTTP API + web page at http://HOST:PORT/ (OpenAPI docs at /docs); speaks clip-retrieval's /knn-service.
 
-    Example: laion serve --port 8000 --db ./laion-db
+    The CLIP model is checked once at start-up; without one, text and image search answer 503
+    with the fix while vector and "more like this" search keep working. SIGTERM cancels running
+    queries and exits within a few seconds.
+
+    Example: laion serve --port 8000 --db ./laion-db --images ./shards
     """
+    import logging
+
     from laion_search.web.app import serve as run_server
 
+    if log_level.lower() not in ("debug", "info", "warning"):
+        raise UsageError("--log-level must be debug, info or warning")
+    if images is not None and not images.is_dir():
+        raise UsageError(f"--images {images}: no such folder")
+    web_log = logging.getLogger("laion_search.web")
+    web_log.setLevel(log_level.upper())
+    if not web_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        web_log.addHandler(handler)
     with open_store(db, url) as store:
         output.err.print(f"serving {store.location} on http://{host}:{port}/  (API docs: /docs)")
         run_server(store, host=host, port=port, token=token, model=model, allow_sql=allow_sql,
-                   allow_image_url=allow_image_url, cors_origins=cors_origin or None, query_timeout=query_timeout)
+                   allow_image_url=allow_image_url, cors_origins=cors_origin or None, query_timeout=query_timeout,
+                   image_root=images, cache_size=cache_size, max_scans=max_scans, scan_queue=scan_queue,
+                   scan_threads=scan_threads)
+    # The store is closed and the server wrote nothing that is not already on disk (it only
+    # reads). chDB's engine-wide teardown at interpreter exit takes ~4 s more on its own: skip
+    # it, so that SIGTERM → exit stays well within 5 s.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # -- embed --------------------------------------------------------------------------------------
@@ -847,16 +892,30 @@ def bench_serve(
     clients: int = typer.Option(16, "--clients", min=1, max=256, help="Concurrent clients."),
     seconds: float = typer.Option(30.0, "--seconds", min=1, max=600, help="How long to load the server."),
     workdir: Optional[Path] = typer.Option(None, "--dir", help="Scratch directory, reused between runs."),
+    mixed: bool = typer.Option(False, "--mixed", help="Isolation: indexed latency idle, then under clients "
+                                                      "sending exact scans back to back."),
+    scan_clients: int = typer.Option(4, "--scan-clients", min=1, max=256, help="--mixed: exact-scan clients."),
+    rate: float = typer.Option(20.0, "--rate", min=0.1, max=10_000, help="--mixed: indexed searches per second "
+                                                                         "(open loop)."),
+    server_arg: List[str] = typer.Option([], "--server-arg", help="--mixed: pass to `laion serve` (repeatable), "
+                                                                  "e.g. --server-arg=--max-scans=2."),
     json_output: bool = JsonOption,
 ) -> None:
-    """Load test of `laion serve` on 127.0.0.1: QPS, p50/p99, errors, server RSS.
+    """Load test of `laion serve` on 127.0.0.1: QPS, p50/p99, errors, server RSS; or, with
+    --mixed, indexed-search latency while exact scans run back to back.
 
     Example: laion bench serve --rows 1000000 --clients 16 --seconds 30
+    Example: laion bench serve --mixed --rows 200000 --scan-clients 4 --rate 20
     """
     from laion_search.bench.serve import run as run_bench
+    from laion_search.bench.serve import run_mixed
 
-    result = run_bench(rows=rows, clients=clients, seconds=seconds, workdir=workdir,
-                       log=None if json_output else output.err.print)
+    if mixed:
+        result = run_mixed(rows=rows, scan_clients=scan_clients, rate=rate, seconds=seconds, workdir=workdir,
+                           server_args=tuple(server_arg), log=None if json_output else output.err.print)
+    else:
+        result = run_bench(rows=rows, clients=clients, seconds=seconds, workdir=workdir,
+                           log=None if json_output else output.err.print)
     print(output.dumps(result)) if json_output else output.out.print(result["markdown"])
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
@@ -234,3 +235,73 @@ class OpenClipEncoder:
             with self._lock, self._torch.inference_mode():
                 out.append(self.model.encode_image(batch).float().numpy())
         return normalise(np.concatenate(out)) if out else np.zeros((0, self.dim), np.float32)
+
+
+# -- start-up check (servers) ---------------------------------------------------------------------
+DOWNLOAD_FIX = (f"on a machine with internet run `huggingface-cli download {DEFAULT_MODEL} --local-dir ./clip-b32`, "
+                "copy ./clip-b32 here and restart with `--model ./clip-b32` (or set LAION_CLIP_MODEL)")
+
+
+@dataclass
+class EncoderCheck:
+    """What a start-up check of the CLIP encoder found: ``ok``, or the ``reason`` it cannot
+    load and the one-line ``fix``."""
+
+    model: str
+    ok: bool
+    dim: int | None = None
+    reason: str | None = None
+    fix: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "ok": self.ok, "dim": self.dim, "reason": self.reason, "fix": self.fix}
+
+
+def check_encoder(model: str | os.PathLike[str] | None = None) -> EncoderCheck:
+    """Load the encoder once (a long-running process calls this at start-up). When it cannot
+    load, the model hub is switched off for the rest of the process (``HF_HUB_OFFLINE``), so
+    nothing later retries the network, and the reason and the fix are returned, not raised."""
+    name = resolve_model(model)
+    unreachable = False
+    if not Path(name).exists() and os.environ.get("HF_HUB_OFFLINE", "0") in ("", "0") and not hub_reachable():
+        # no network: the hub client would retry for ~30 s; use the local cache only, at once
+        unreachable = True
+        go_offline()
+    try:
+        enc = get_encoder(name)
+    except EncoderError as exc:
+        go_offline()
+        text = str(exc)
+        if "need torch" in text or "open_clip_torch" in text:
+            return EncoderCheck(name, False, reason=text.split(":")[0], fix=text.rsplit(": ", 1)[-1])
+        reason = text.split(". Without internet")[0].rstrip(".")
+        if unreachable and "couldn't connect" in reason:
+            reason = f"cannot load CLIP model {name!r}: the model hub is unreachable and the model is not in the local cache"
+        return EncoderCheck(name, False, reason=reason, fix=DOWNLOAD_FIX)
+    return EncoderCheck(name, True, dim=int(enc.dim))
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the model hub (``$HF_ENDPOINT``, default huggingface.co) accepts a TCP connection."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname or "", port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def go_offline() -> None:
+    """No more model-hub requests from this process (no retries at request time)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    try:
+        import huggingface_hub.constants as hub_constants
+
+        hub_constants.HF_HUB_OFFLINE = True
+    except ImportError:  # pragma: no cover - without the hub library nothing can call it
+        pass

@@ -13,6 +13,12 @@ What makes them realistic enough for recall figures to mean something:
 
 Output is deterministic for a given seed, and written in bounded chunks (1M-row shards fit in
 a few hundred MB of memory).
+
+With ``images=True`` each row also gets a small generated picture (a 64×64 JPEG of 1–3 KB)
+under ``images/<shard>/<row>.jpg`` next to the shards, and its ``url`` is that relative path
+(``laion serve --images <shard folder>`` serves them). A picture is drawn from the row's topic
+(hue, shape) and sub-cluster (position, size, accent), so rows that are near in embedding
+space look alike — "more like this" shows look-alikes.
 """
 
 from __future__ import annotations
@@ -52,11 +58,12 @@ ProgressFn = Callable[[int, int], None]
 
 def synth(out: str | os.PathLike[str], shards: list[int], rows: int, *, dim: int = 512, seed: int = 0,
           layout: str = "flat", pad: int = 0, topics: int = 200, chunk_rows: int = 65536,
-          progress: ProgressFn | None = None) -> list[Path]:
+          progress: ProgressFn | None = None, images: bool = False) -> list[Path]:
     """Write ``len(shards)`` shards of ``rows`` rows each under ``out``; return the files written.
 
     ``layout`` is ``"flat"`` (the guide's) or ``"folders"`` (``img_emb/ text_emb/ metadata/``);
-    ``pad`` zero-pads shard numbers in file names (LAION-5B style uses 4).
+    ``pad`` zero-pads shard numbers in file names (LAION-5B style uses 4). ``images`` also
+    writes a picture per row (see the module docstring); those files are not in the list.
     """
     if layout not in ("flat", "folders"):
         raise ValueError("layout must be 'flat' or 'folders'")
@@ -79,11 +86,13 @@ def synth(out: str | os.PathLike[str], shards: list[int], rows: int, *, dim: int
         rng = np.random.default_rng([seed, shard])
         for start in range(0, rows, chunk_rows):
             n = min(chunk_rows, rows - start)
-            im, tx, topic = space.sample(rng, n)
+            im, tx, topic, sub = space.sample(rng, n)
+            if images:
+                _write_pictures(root / "images" / str(shard), start, topic, sub, seed, shard)
             img[start:start + n] = im
             txt[start:start + n] = tx
             sim = np.einsum("ij,ij->i", img[start:start + n].astype(np.float32), txt[start:start + n].astype(np.float32))
-            writer.write_table(_metadata(rng, shard, start, n, topic, sim))
+            writer.write_table(_metadata(rng, shard, start, n, topic, sim, local_images=images))
             done += n
             if progress:
                 progress(done, total)
@@ -118,7 +127,50 @@ class _Space:
         image = _normalise(self.sub[topic, sub] + 0.9 * noise)
         tnoise = rng.standard_normal((n, self.dim), dtype=np.float32) / np.sqrt(self.dim)
         text = _normalise(0.55 * image + 0.45 * self.text_dir[topic] + 0.5 * self.centres[topic] + 1.1 * tnoise)
-        return image.astype(np.float16), text.astype(np.float16), topic
+        return image.astype(np.float16), text.astype(np.float16), topic, sub
+
+
+PICTURE_SIZE = 64
+
+
+def _write_pictures(folder: Path, start: int, topic: np.ndarray, sub: np.ndarray, seed: int, shard: int) -> None:
+    try:
+        from PIL import Image, ImageDraw
+    except ImportError:
+        from laion_search.errors import UsageError
+
+        raise UsageError("synth --images needs Pillow: pip install 'laion-search[clip]'") from None
+    import colorsys
+
+    folder.mkdir(parents=True, exist_ok=True)
+    size = PICTURE_SIZE
+    for i, (t, s) in enumerate(zip(topic.tolist(), sub.tolist())):
+        rng = np.random.default_rng([seed, shard, start + i, 7])
+        hue = (t * 0.61803398875) % 1.0  # topics spread round the colour wheel
+        rgb = lambda h, sat, v: tuple(int(255 * c) for c in colorsys.hsv_to_rgb(h % 1.0, sat, v))  # noqa: E731
+        img = Image.new("RGB", (size, size), rgb(hue, 0.25, 0.97))
+        d = ImageDraw.Draw(img)
+        # a horizon band whose height depends on the sub-cluster
+        band = int(size * (0.55 + 0.05 * (s % 4)))
+        d.rectangle([0, band, size, size], fill=rgb(hue + 0.08, 0.45, 0.8))
+        cx = size * (0.3 + 0.2 * (s % 3)) + rng.normal(0, 1.5)
+        cy = size * (0.3 + 0.15 * ((s // 3) % 3)) + rng.normal(0, 1.5)
+        r = size * (0.18 + 0.04 * (s % 2)) * (1 + rng.normal(0, 0.05))
+        fill = rgb(hue, 0.85, 0.55 + 0.1 * (s % 3))
+        box = [cx - r, cy - r, cx + r, cy + r]
+        kind = t % 4
+        if kind == 0:
+            d.ellipse(box, fill=fill)
+        elif kind == 1:
+            d.rectangle(box, fill=fill)
+        elif kind == 2:
+            d.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
+        else:
+            d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+        accent = rgb(hue + 0.5, 0.7, 0.9)
+        ax, ay = size * (0.75 - 0.5 * ((s >> 1) % 2)), size * 0.82
+        d.ellipse([ax - 5, ay - 5, ax + 5, ay + 5], fill=accent)
+        img.save(folder / f"{start + i}.jpg", "JPEG", quality=80)
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -135,7 +187,7 @@ _SCHEMA = pa.schema([
 
 
 def _metadata(rng: np.random.Generator, shard: int, start: int, n: int, topic: np.ndarray,
-              sim: np.ndarray) -> pa.Table:
+              sim: np.ndarray, local_images: bool = False) -> pa.Table:
     rows = np.arange(start, start + n)
     words = [w for _, ws in TOPICS for w in ws]
     n_topics = len(TOPICS)
@@ -163,7 +215,8 @@ def _metadata(rng: np.random.Generator, shard: int, start: int, n: int, topic: n
         "NSFW": nsfw.tolist(),
         "similarity": sim.astype(np.float64),
         "LICENSE": [LICENSES[i] for i in lic],
-        "url": [f"https://img.example.org/{TOPICS[t % n_topics][0]}/{shard}/{r}.jpg" for t, r in zip(topic, rows)],
+        "url": ([f"images/{shard}/{r}.jpg" for r in rows] if local_images else
+                [f"https://img.example.org/{TOPICS[t % n_topics][0]}/{shard}/{r}.jpg" for t, r in zip(topic, rows)]),
         "key": keys,
         "status": ["success"] * n,
         "error_message": pa.nulls(n, pa.string()),

@@ -23,22 +23,28 @@ message, never a traceback. The page at ``/`` is one static HTML file, no build 
 import base64
 import dataclasses
 import binascii
+import json
 import logging
+import os
 import re
+import threading
 import time
 from importlib import resources
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 from fastapi import Body, FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from laion_search.errors import EncoderError, LaionError, QueryError, UsageError
+from laion_search.admission import AdmissionGate
+from laion_search.cache import LRUCache, request_key
+from laion_search.errors import EncoderError, EncoderUnavailable, LaionError, Overloaded, QueryError, UsageError
 from laion_search.schema import COLUMNS, MAX_K, TABLE
-from laion_search.search import SearchQuery, search
+from laion_search.search import SearchQuery, search, will_scan
 from laion_search.store import Store
 
 log = logging.getLogger("laion_search.web")
@@ -46,18 +52,31 @@ log = logging.getLogger("laion_search.web")
 MAX_BODY_BYTES = 16 * 1024 * 1024
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
 MAX_TEXT_CHARS = 10_000
-DEDUP_THRESHOLD = 0.98
-METADATA_COLUMNS = [c for c in COLUMNS if c != "id"]
+#: clip-back's deduplication: results whose embeddings have an inner product ≥ 0.94 are one
+#: connected component, of which only the best-ranked result is kept
+DEDUP_THRESHOLD = 0.94
+#: clip-back's default ``columns_to_return`` (url, image_path, caption, NSFW) that our table has
+CLIP_BACK_COLUMNS = [c for c in ("url", "image_path", "caption", "NSFW") if c in COLUMNS]
+METADATA_COLUMNS = CLIP_BACK_COLUMNS
+#: seconds a text/image request waits for a start-up encoder check still running
+ENCODER_WAIT = 10.0
+#: picture files ``/local/...`` serves from the image root
+IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
+               ".gif": "image/gif"}
 _READ_ONLY_SQL = re.compile(r"^\s*(SELECT|WITH)\b", re.I)
+# table functions that reach outside the store (by their call: `url(`, not the url column),
+# writing to files, and the system tables that hold credentials
 _FORBIDDEN_SQL = re.compile(
-    r"\b(INTO\s+OUTFILE|file|url|urlCluster|s3|s3Cluster|hdfs|remote|remoteSecure|mysql|postgresql|jdbc|odbc|"
-    r"executable|input|cluster|clusterAllReplicas|azureBlobStorage|gcs|iceberg\w*|deltaLake\w*|hudi\w*|sqlite|"
-    r"mongodb|redis|python|dictionary|system\s*\.\s*(users|grants|settings_profiles|quotas))\b\s*(\(|\.|)",
-    re.I)
+    r"\bINTO\s+OUTFILE\b|\bsystem\s*\.\s*(users|grants|settings_profiles|quotas)\b|"
+    r"\b(file|url|urlCluster|s3|s3Cluster|hdfs|remote|remoteSecure|mysql|postgresql|jdbc|odbc|executable|input|"
+    r"cluster|clusterAllReplicas|azureBlobStorage|gcs|iceberg\w*|deltaLake\w*|hudi\w*|sqlite|mongodb|redis|python|"
+    r"dictionary)(?:\s|/\*.*?\*/|--[^\n]*\n|#[^\n]*\n)*\(",
+    re.I | re.S)
 
 
-#: SearchQuery fields the HTTP API does not take from clients: the server's --model encodes.
-SERVER_SIDE = frozenset({"model"})
+#: SearchQuery fields the HTTP API does not take from clients: the server's --model encodes, and
+#: its --scan-threads caps exact scans.
+SERVER_SIDE = frozenset({"model", "scan_threads"})
 
 
 class SearchBody(BaseModel):
@@ -110,15 +129,17 @@ def search_body_from_params(items: list[tuple[str, str]]) -> SearchBody:
 
 
 class KnnBody(BaseModel):
+    """clip-back's ``/knn-service`` request (its defaults where it has them)."""
+
     text: Optional[str] = Field(None, max_length=MAX_TEXT_CHARS)
     image: Optional[str] = None
     image_url: Optional[str] = Field(None, max_length=2048)
     embedding_input: Optional[list[float]] = Field(None, max_length=4096)
     modality: str = "image"
     num_images: int = 40
-    num_result_ids: int = 3000
+    num_result_ids: Optional[int] = None  # clip-back: num_images when absent
     indice_name: Optional[str] = None
-    deduplicate: bool = True
+    deduplicate: bool = False
     use_safety_model: bool = False
     use_violence_detector: bool = False
     aesthetic_score: Optional[Any] = None
@@ -126,19 +147,107 @@ class KnnBody(BaseModel):
     use_mclip: bool = False
 
 
+class EncoderState:
+    """The server's one start-up check of its CLIP encoder (:func:`check_encoder`), run in a
+    background thread so the server answers at once; text and image requests wait for it a
+    little, then get a 503 that says why and how to fix it — never a model-hub retry."""
+
+    def __init__(self, model: str | None):
+        self.model = model
+        self.result: Any = None
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._started = False
+
+    def start(self) -> None:
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+        threading.Thread(target=self._run, name="laion-encoder-check", daemon=True).start()
+
+    def _run(self) -> None:
+        from laion_search.clip.encoders import EncoderCheck, check_encoder, resolve_model
+
+        try:
+            self.result = check_encoder(self.model)
+        except Exception as exc:  # noqa: BLE001 - anything unexpected still ends the check
+            log.exception("encoder check failed")
+            self.result = EncoderCheck(resolve_model(self.model), False, reason=f"cannot load the CLIP model ({exc})",
+                                       fix="see the server log")
+        if self.result.ok:
+            log.info("CLIP model %s loaded (dim %s): text and image search on", self.result.model, self.result.dim)
+        else:
+            log.warning("text and image search off: %s. Fix: %s", self.result.reason, self.result.fix)
+        self._done.set()
+
+    def wait(self, timeout: float) -> Any:
+        self.start()
+        self._done.wait(timeout)
+        return self.result
+
+    def require(self, what: str) -> Any:
+        """The encoder, or :class:`EncoderUnavailable` at once when the check failed."""
+        result = self.wait(ENCODER_WAIT)
+        if result is None:
+            raise EncoderUnavailable(f"{what} search: the CLIP model is still loading; retry shortly", retry_after=5)
+        if not result.ok:
+            raise EncoderUnavailable(f"{what} search is unavailable: {result.reason}. Fix: {result.fix}")
+        from laion_search.clip.encoders import get_encoder
+
+        return get_encoder(result.model)
+
+    def as_dict(self) -> dict[str, Any]:
+        if self.result is None:
+            return {"state": "checking", "ok": False}
+        return {"state": "ready" if self.result.ok else "failed", **self.result.as_dict()}
+
+
 def create_app(store: Store, *, model: str | None = None, token: str | None = None, allow_sql: bool = False,
                allow_image_url: bool = False, cors_origins: list[str] | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, image_url_timeout: float = 5.0,
-               query_timeout: float = 30.0) -> Any:
+               query_timeout: float = 30.0, image_root: str | os.PathLike[str] | None = None,
+               cache_size: int = 256, text_cache_size: int = 1024, max_scans: int | None = None,
+               scan_queue: int = 8, scan_threads: int | None = None, encode_queue: int = 16) -> Any:
     """The ASGI app over an open ``store``. All routes call library functions.
 
-    ``query_timeout`` caps every engine query the server runs (``max_execution_time``)."""
+    ``query_timeout`` caps every engine query the server runs (``max_execution_time``).
+    ``image_root`` is the folder whose pictures ``/local/<path>`` serves (relative ``url``
+    values, e.g. those of ``laion synth --images``). ``cache_size`` / ``text_cache_size``
+    bound the LRU caches of results and encoded text queries (0 turns one off).
+
+    Exact scans run at most ``max_scans`` at a time (default: a quarter of the cores, at least
+    1) with ``scan_threads`` engine threads each (default: half the cores), ``scan_queue`` more
+    wait, the rest get 429 + Retry-After; encodings likewise (1 at a time, ``encode_queue``
+    waiting). Indexed searches are never queued behind either (:mod:`laion_search.admission`)."""
+    cores = os.cpu_count() or 1
+    scan_gate = AdmissionGate("exact scan", max_scans or max(1, cores // 4), scan_queue)
+    encode_gate = AdmissionGate("encoding", 1, encode_queue)
+    scan_threads = scan_threads or max(1, cores // 2)
     if query_timeout:
         store.backend.command(f"SET max_execution_time = {float(query_timeout)!r}")
+    # tag this server's queries, so that shutting down cancels them (and only them). Embedded
+    # only: on a ClickHouse server the process's exit closes its connections instead
+    tag = None
+    if getattr(store.backend, "embedded", False):
+        tag = f"laion-serve-{os.getpid()}-{id(store):x}"
+        store.backend.command(f"SET log_comment = '{tag}'")
     app = FastAPI(title="laion-search", version="0.1.0",
                   description="Search LAION image-text embeddings in ClickHouse. Bearer token required when the "
                               "server was started with one (all routes but /health).")
     app.state.store = store
+    app.state.query_tag = tag
+    app.state.shutting_down = False
+    encoder = app.state.encoder = EncoderState(model)
+    encoder.start()  # the one check, at start-up
+    results_cache = app.state.results_cache = LRUCache(cache_size)
+    text_cache = app.state.text_cache = LRUCache(text_cache_size)
+    root = Path(image_root).expanduser().resolve() if image_root else None
+    if root is not None and not root.is_dir():
+        raise UsageError(f"image folder {image_root} does not exist")
+    app.state.image_root = root
+    app.state.scan_gate, app.state.encode_gate = scan_gate, encode_gate
+    modality_cache: dict[str, Any] = {}
 
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -148,6 +257,8 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
+        if app.state.shutting_down and request.url.path != "/health":
+            return _error(503, "the server is shutting down", headers={"Connection": "close"})
         length = request.headers.get("content-length")
         if length is not None:
             try:
@@ -156,7 +267,9 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
                 return _error(400, "invalid Content-Length")
             if too_big:
                 return _error(413, f"request body over {max_body_bytes} bytes")
-        if token and request.url.path not in ("/health",):
+        # a CORS preflight carries no credentials by design: CORSMiddleware answers it
+        preflight = bool(cors_origins) and request.method == "OPTIONS"
+        if token and not preflight and request.url.path not in ("/health",):
             supplied = request.headers.get("authorization", "")
             supplied = supplied[7:] if supplied.lower().startswith("bearer ") else request.query_params.get("token")
             import hmac
@@ -176,11 +289,19 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
     @app.exception_handler(EncoderError)
     async def encoder_error(request: Request, exc: EncoderError):
         text = str(exc)
+        if isinstance(exc, EncoderUnavailable):
+            return _error(503, text, headers={"Retry-After": str(exc.retry_after)} if exc.retry_after else None)
         status = 503 if ("cannot load" in text or "need" in text) else 400
         return _error(status, text)
 
+    @app.exception_handler(Overloaded)
+    async def overloaded(request: Request, exc: Overloaded):
+        return _error(429, str(exc), headers={"Retry-After": str(exc.retry_after)})
+
     @app.exception_handler(LaionError)
     async def laion_error(request: Request, exc: LaionError):
+        if app.state.shutting_down:
+            return _error(503, "the server is shutting down; the query was cancelled", headers={"Connection": "close"})
         log.warning("request failed: %s", exc)
         fault = storage_fault(str(exc)) if isinstance(exc, QueryError) else None
         if fault:
@@ -209,9 +330,52 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
 
     def run_search(body: SearchBody, image_bytes: bytes | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
-        res = search(store, query=body.query(model=model, image=image_bytes))
+        if body.image is not None and image_bytes is None:
+            image_bytes = decode_base64_image(body.image)
+        # one query and valid knobs, checked before any work (encoding, cache)
+        query = SearchQuery(**{**body.model_dump(), "image": image_bytes, "model": model}).check()
+        enc = None
+        if body.text is not None or image_bytes is not None:
+            enc = encoder.require("text" if body.text is not None else "image")  # 503 at once without one
+        text = " ".join(body.text.split()) if body.text is not None else None
+        fields = body.model_dump(exclude={"image", "vector", "text"})
+        fields["text"] = text
+        blob = image_bytes if image_bytes is not None else (
+            np.asarray(body.vector, np.float32).tobytes() if body.vector is not None else None)
+        key = None
+        if results_cache.size:
+            key = (request_key("search", fields, blob), store.version())
+            hit = results_cache.get(key)
+            if hit is not None:
+                return {**hit, "cached": True, "total_seconds": round(time.perf_counter() - t0, 6)}
+        vector = body.vector
+        if text is not None:
+            if not text:
+                raise UsageError("text query is empty")
+            vector = text_cache.get((enc.name, text))
+            if vector is None:
+                with encode_gate.admit():
+                    vector = enc.encode_text([text])[0]
+                text_cache.put((enc.name, text), vector)
+        elif image_bytes is not None:
+            with encode_gate.admit():
+                vector = enc.encode_image([image_bytes])[0]
+        scan = will_scan(store, body.modality, body.metric, body.exact)
+        log.debug("search started: %s", "exact scan" if scan else "indexed")
+
+        def go() -> Any:
+            return search(store, query=dataclasses.replace(
+                query, text=None, image=None, vector=vector, scan_threads=scan_threads if scan else None))
+
+        if scan:
+            with scan_gate.admit():  # bounded: shed with 429 when full
+                res = go()
+        else:
+            res = go()  # indexed: never waits behind scans
         out = res.as_dict()
-        out["total_seconds"] = round(time.perf_counter() - t0, 6)
+        if key is not None:
+            results_cache.put(key, out)
+        out = {**out, "cached": False, "total_seconds": round(time.perf_counter() - t0, 6)}
         return out
 
     @app.get("/health", tags=["service"])
@@ -221,7 +385,30 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
     @app.get("/api/status", tags=["service"])
     def status() -> dict[str, Any]:
         info = store.status().as_dict()
-        return {k: info[k] for k in ("rows", "parts", "bytes_on_disk", "dim", "shards", "indexes", "backend")}
+        out = {k: info[k] for k in ("rows", "parts", "bytes_on_disk", "dim", "shards", "indexes", "backend")}
+        version = store.version()
+        if modality_cache.get("version") != version:
+            modality_cache.update(version=version, modalities=store.modalities() if info["rows"] else
+                                  {"image": False, "text": False})
+        enc = encoder.as_dict()
+        if enc["state"] == "ready":
+            text_cap = image_cap = {"ok": True}
+        elif enc["state"] == "checking":
+            text_cap = image_cap = {"ok": False, "reason": "the CLIP model is still loading", "fix": "wait a moment"}
+        else:
+            text_cap = image_cap = {"ok": False, "reason": enc["reason"], "fix": enc["fix"]}
+        empty = {"ok": False, "reason": "the store is empty", "fix": "load shards: laion ingest ./shards"}
+        out.update(
+            version=version,
+            modalities=modality_cache["modalities"],
+            capabilities={"text": text_cap, "image": image_cap, "vector": {"ok": True} if info["rows"] else empty,
+                          "like": {"ok": True} if info["rows"] else empty},
+            encoder=enc,
+            local_images=root is not None,
+            cache={"results": results_cache.stats(), "text": text_cache.stats()},
+            admission={"exact_scan": scan_gate.stats(), "encoding": encode_gate.stats(), "scan_threads": scan_threads},
+        )
+        return out
 
     @app.post("/api/search", tags=["search"])
     def api_search(body: SearchBody) -> dict[str, Any]:
@@ -256,51 +443,92 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
             text = query.strip().rstrip(";")
             if ";" in text or not _READ_ONLY_SQL.match(text) or _FORBIDDEN_SQL.search(text):
                 raise UsageError("only single read-only SELECT statements over the store's tables are allowed")
+            log.debug("sql query started")
             result = store.sql(text)
             return {"columns": result.column_names, "rows": _jsonable(result.to_pylist()[:10_000])}
+
+    @app.get("/local/{path:path}", tags=["service"], include_in_schema=False)
+    def local_image(path: str) -> FileResponse:
+        """A picture under the image root (relative ``url`` values), same origin as the page."""
+        if root is None:
+            raise StarletteHTTPException(404, "this server has no image folder (start it with --images DIR)")
+        found = safe_image_path(root, path)
+        if found is None:
+            raise StarletteHTTPException(404, "no such picture")
+        return FileResponse(found, media_type=IMAGE_TYPES[found.suffix.lower()],
+                            headers={"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"})
 
     # -- clip-retrieval compatible back end ----------------------------------------------------------
     @app.get("/indices-list", tags=["clip-retrieval"])
     def indices_list() -> list[str]:
         return [TABLE]
 
-    @app.post("/knn-service", tags=["clip-retrieval"])
-    def knn_service(body: KnnBody) -> list[dict[str, Any]]:
+    async def json_body(request: Request) -> Any:
+        """The body as JSON whatever its Content-Type (clip-back uses ``get_json(force=True)``,
+        and clip-retrieval's ClipClient posts JSON without a JSON content type)."""
+        raw = await request.body()
+        try:
+            return json.loads(raw or b"null")
+        except (ValueError, UnicodeDecodeError):
+            raise UsageError("the request body is not valid JSON") from None
+
+    def knn(body: KnnBody) -> list[dict[str, Any]]:
         if body.indice_name not in (None, "", TABLE):
             raise UsageError(f"unknown indice_name {body.indice_name!r}; this server has {TABLE!r}")
-        image_bytes = None
-        if body.image is not None:
+        # clip-back's precedence: text, then image, then image_url, then embedding_input
+        text = body.text if body.text not in (None, "") else None
+        image_bytes = vector = None
+        if text is None and body.image is not None:
             image_bytes = decode_base64_image(body.image)
-        elif body.image_url is not None:
+        elif text is None and body.image_url is not None:
             if not allow_image_url:
                 raise UsageError("image_url fetching is disabled on this server (start it with --allow-image-url)")
             image_bytes = fetch_image_url(body.image_url, timeout=image_url_timeout)
-        k = max(1, min(int(body.num_images), MAX_K))
-        fetch = max(k, min(int(body.num_result_ids), MAX_K)) if body.deduplicate else k
-        sb = SearchBody(text=body.text, vector=body.embedding_input, k=fetch, modality=body.modality,
-                        nsfw="exclude" if body.use_safety_model else "any")
-        if body.text is None and image_bytes is None and body.embedding_input is None:
+        elif text is None:
+            vector = body.embedding_input
+        if text is None and image_bytes is None and vector is None:
             raise UsageError("give text, image, image_url or embedding_input")
-        res = run_search(sb, image_bytes)
-        rows = res["results"]
+        k = max(1, min(int(body.num_images), MAX_K))
+        fetch = body.num_result_ids if body.num_result_ids is not None else body.num_images
+        fetch = max(1, min(int(fetch), MAX_K))
+        sb = SearchBody(text=text, vector=vector, k=fetch, modality=body.modality,
+                        nsfw="exclude" if body.use_safety_model else "any")
+        rows = run_search(sb, image_bytes)["results"]
         if body.deduplicate and rows:
             rows = deduplicate(store, rows, body.modality)
-        return [{"id": r["id"], "similarity": 1.0 - float(r["distance"]), "url": r["url"], "caption": r["caption"]}
-                for r in rows[:k]]
+        meta = _metadata(store, [r["id"] for r in rows[:k]])
+        return [{**meta.get(r["id"], {}), "id": r["id"], "similarity": 1.0 - float(r["distance"])} for r in rows[:k]]
 
-    @app.post("/metadata", tags=["clip-retrieval"])
-    def metadata(body: dict = Body(...)) -> list[dict[str, Any]]:
+    def json_schema(schema: dict[str, Any]) -> dict[str, Any]:
+        # the body is read by hand (any content type), so its schema is stated for /docs and fuzzers
+        return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+    @app.post("/knn-service", tags=["clip-retrieval"], openapi_extra=json_schema(KnnBody.model_json_schema()))
+    async def knn_service(request: Request) -> list[dict[str, Any]]:
+        data = await json_body(request)
+        if not isinstance(data, dict):
+            raise UsageError("the request body must be a JSON object")
+        body = KnnBody.model_validate(data)
+        from starlette.concurrency import run_in_threadpool
+
+        return await run_in_threadpool(knn, body)
+
+    @app.post("/metadata", tags=["clip-retrieval"], openapi_extra=json_schema({
+        "type": "object", "required": ["ids"],
+        "properties": {"ids": {"type": "array", "items": {"type": "integer"}, "maxItems": MAX_K},
+                       "indice_name": {"type": "string"}}}))
+    async def metadata(request: Request) -> list[dict[str, Any]]:
+        body = await json_body(request)
         ids = body.get("ids") if isinstance(body, dict) else None
         if not isinstance(ids, list) or len(ids) > MAX_K or not all(isinstance(i, int) and not isinstance(i, bool)
                                                                      for i in ids):
             raise UsageError(f"ids must be a list of at most {MAX_K} integers")
         if any(not -(2**63) <= i < 2**63 for i in ids):
             raise UsageError("ids out of range")
-        cols = ", ".join(f"`{c}`" for c in METADATA_COLUMNS)
-        found = {r["id"]: r for r in store.rows(f"SELECT id, {cols} FROM {TABLE} WHERE id IN {{ids:Array(Int64)}}",
-                                                {"ids": ids})} if ids else {}
-        return [{"id": i, "metadata": _jsonable({k: v for k, v in found[i].items() if k != "id"})}
-                for i in ids if i in found]
+        from starlette.concurrency import run_in_threadpool
+
+        found = await run_in_threadpool(_metadata, store, ids)
+        return [{"id": i, "metadata": found[i]} for i in ids if i in found]
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
@@ -308,6 +536,45 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
         return HTMLResponse(html)
 
     return app
+
+
+def _metadata(store: Store, ids: list[int]) -> dict[int, dict[str, Any]]:
+    """clip-back's metadata columns of these rows, by id."""
+    if not ids:
+        return {}
+    cols = ", ".join(f"`{c}`" for c in METADATA_COLUMNS)
+    rows = store.rows(f"SELECT id, {cols} FROM {TABLE} WHERE id IN {{ids:Array(Int64)}}", {"ids": ids})
+    return {r["id"]: _jsonable({c: r[c] for c in METADATA_COLUMNS}) for r in rows}
+
+
+def safe_image_path(root: Path, path: str) -> Path | None:
+    """``root/path`` when it is a picture file inside ``root`` (after resolving links), else None:
+    no absolute paths, no ``..`` escapes, no NUL bytes, only picture suffixes."""
+    if not path or "\0" in path or "\\" in path or path.startswith("/") or Path(path).is_absolute():
+        return None
+    try:
+        candidate = (root / path).resolve()
+    except (OSError, RuntimeError, ValueError):
+        return None
+    if not candidate.is_relative_to(root) or candidate.suffix.lower() not in IMAGE_TYPES or not candidate.is_file():
+        return None
+    return candidate
+
+
+def begin_shutdown(app: Any) -> int:
+    """Stop taking requests and cancel this server's running queries (SIGTERM); returns how many
+    were cancelled. Their requests answer 503 at once."""
+    app.state.shutting_down = True
+    if app.state.query_tag is None:
+        return 0
+    try:
+        n = app.state.store.cancel_queries(app.state.query_tag)
+    except LaionError as exc:
+        log.warning("could not cancel running queries: %s", exc)
+        return 0
+    if n:
+        log.info("shutting down: cancelled %d running quer%s", n, "y" if n == 1 else "ies")
+    return n
 
 
 #: Engine errors that come from the server's storage, not from the request (ClickHouse error names).
@@ -330,8 +597,8 @@ def storage_fault(message: str) -> str | None:
     return None
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -386,28 +653,57 @@ def fetch_image_url(url: str, *, timeout: float = 5.0, max_bytes: int = MAX_IMAG
         raise UsageError(f"cannot fetch image_url ({type(exc).__name__})") from None
 
 
-def deduplicate(store: Store, rows: list[dict[str, Any]], modality: str) -> list[dict[str, Any]]:
-    """Drop results whose embedding is near-identical (cosine ≥ 0.98) to a better-ranked one."""
+def deduplicate(store: Store, rows: list[dict[str, Any]], modality: str,
+                threshold: float = DEDUP_THRESHOLD) -> list[dict[str, Any]]:
+    """clip-back's deduplication: results whose L2-normalised embeddings have an inner product
+    ≥ ``threshold`` (0.94) are linked; of each connected component only the best-ranked stays."""
     column = "image_embedding" if modality != "text" else "text_embedding"
     ids = [r["id"] for r in rows]
     vecs = {r["id"]: np.asarray(r[column], np.float32)
             for r in store.rows(f"SELECT id, {column} FROM {TABLE} WHERE id IN {{ids:Array(Int64)}}", {"ids": ids})}
-    kept: list[dict[str, Any]] = []
-    kept_vecs: list[np.ndarray] = []
-    for r in rows:
-        v = vecs.get(r["id"])
-        if v is None:
-            continue
-        v = v / (np.linalg.norm(v) or 1.0)
-        if kept_vecs and float(np.max(np.stack(kept_vecs) @ v)) >= DEDUP_THRESHOLD:
-            continue
-        kept.append(r)
-        kept_vecs.append(v)
-    return kept
+    rows = [r for r in rows if r["id"] in vecs]
+    if not rows:
+        return []
+    m = np.stack([vecs[r["id"]] for r in rows])
+    m = m / np.where((n := np.linalg.norm(m, axis=1, keepdims=True)) == 0, 1, n)
+    linked = (m @ m.T) >= threshold
+    parent = list(range(len(rows)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in zip(*np.nonzero(np.triu(linked, 1))):
+        a, b = find(int(i)), find(int(j))
+        if a != b:
+            parent[max(a, b)] = min(a, b)  # the best-ranked member is the component's root
+    return [r for i, r in enumerate(rows) if find(i) == i]
+
+
+GRACEFUL_SECONDS = 3.0
 
 
 def serve(store: Store, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
+    """Run the app with uvicorn until SIGINT/SIGTERM. On the signal it stops accepting, cancels
+    its running queries (their requests answer 503) and exits within ``GRACEFUL_SECONDS`` plus
+    a moment, even if a request is stuck in a model."""
     import uvicorn
 
     app = create_app(store, **options)
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_keep_alive=5, limit_concurrency=256)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            first = not self.should_exit
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises the signal after shutting down, which would kill the process
+            # before the store is closed: exit normally instead (status 0)
+            self._captured_signals.clear()
+            if first:
+                log.info("signal %s: shutting down", sig)
+                threading.Thread(target=begin_shutdown, args=(app,), name="laion-shutdown", daemon=True).start()
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_keep_alive=5,
+                            limit_concurrency=256, timeout_graceful_shutdown=GRACEFUL_SECONDS)
+    Server(config).run()

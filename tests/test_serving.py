@@ -1,0 +1,301 @@
+"""Serving for real: degradation without a CLIP model, caches that are never stale, local
+pictures served safely, and SIGTERM while a query is in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("torch")
+
+from laion_search import connect  # noqa: E402
+from laion_search.ingest import ingest  # noqa: E402
+from laion_search.clip import encoders  # noqa: E402
+from laion_search.clip.tiny import make_clip_model  # noqa: E402
+from laion_search.sources.synth import synth  # noqa: E402
+from laion_search.web.app import create_app  # noqa: E402
+
+from tests.conftest import run_cli  # noqa: E402
+
+
+def call(app, method: str, url: str, **kw) -> httpx.Response:
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            return await c.request(method, url, **kw)
+
+    return asyncio.run(go())
+
+
+@pytest.fixture(scope="module")
+def served_store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving")
+    model = str(make_clip_model(root / "tiny", "tiny"))
+    synth(root / "shards", [0], 300, dim=16, seed=31, images=True)
+    synth(root / "more", [1], 200, dim=16, seed=31)
+    store = connect(root / "db")
+    ingest(store, root / "shards")
+    yield store, model, root
+    store.close()
+
+
+def test_no_encoder_checked_once_503_with_the_fix_and_the_rest_works(served_store, tmp_path, monkeypatch):
+    store, _, _ = served_store
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # restored after the test; the check switches it on
+    calls = []
+    real = encoders._FACTORIES[""]
+    monkeypatch.setitem(encoders._FACTORIES, "", lambda name: calls.append(name) or real(name))
+    missing = str(tmp_path / "no-such-clip-model")
+    app = create_app(store, model=missing)
+    assert app.state.encoder.wait(120) is not None, "the start-up check did not finish"
+    status = call(app, "GET", "/api/status").json()
+    caps = status["capabilities"]
+    assert not caps["text"]["ok"] and not caps["image"]["ok"]
+    assert "no-such-clip-model" in caps["text"]["reason"] and "--model ./clip-b32" in caps["text"]["fix"]
+    assert caps["vector"] == {"ok": True} and caps["like"] == {"ok": True}
+    assert status["modalities"] == {"image": True, "text": True} and status["encoder"]["state"] == "failed"
+    for _ in range(3):
+        r = call(app, "POST", "/api/search", json={"text": "a cat"})
+        assert r.status_code == 503
+        assert r.json()["error"].startswith("text search is unavailable: cannot load CLIP model") and "Fix:" in r.text
+    r = call(app, "POST", "/api/search/upload", files={"file": ("q.png", b"\x89PNG....", "image/png")})
+    assert r.status_code == 503 and r.json()["error"].startswith("image search is unavailable")
+    assert call(app, "POST", "/knn-service", json={"text": "a cat", "num_images": 3}).status_code == 503
+    assert calls == [missing]  # loaded once at start-up; requests never retried it
+    import os
+
+    assert os.environ["HF_HUB_OFFLINE"] == "1"  # no model-hub retries for the rest of the process
+    r = call(app, "POST", "/api/search", json={"like": 5, "k": 3})
+    assert r.status_code == 200 and len(r.json()["results"]) == 3
+    vec = store.rows("SELECT image_embedding FROM laion WHERE id = 7")[0]["image_embedding"]
+    r = call(app, "POST", "/knn-service", json={"embedding_input": vec, "num_images": 2})
+    assert r.status_code == 200 and r.json()[0]["id"] == 7
+
+
+def test_status_reports_working_encoder(served_store):
+    store, model, _ = served_store
+    app = create_app(store, model=model)
+    app.state.encoder.wait(120)
+    status = call(app, "GET", "/api/status").json()
+    assert status["capabilities"]["text"] == {"ok": True} and status["encoder"]["state"] == "ready"
+    assert status["encoder"]["dim"] == 16
+
+
+def test_caches_hit_and_are_never_stale(served_store):
+    store, model, root = served_store
+    app = create_app(store, model=model, cache_size=16)
+    new_vec = np.load(root / "more" / "img_emb_1.npy")[42].astype(float).tolist()
+    body = {"vector": new_vec, "k": 3, "exact": True}
+    first = call(app, "POST", "/api/search", json=body).json()
+    again = call(app, "POST", "/api/search", json=body).json()
+    assert not first["cached"] and again["cached"] and again["results"] == first["results"]
+    assert 1_000_000_042 not in [r["id"] for r in first["results"]]
+    before = call(app, "GET", "/api/status").json()
+    assert before["cache"]["results"]["hits"] == 1 and before["cache"]["results"]["misses"] == 1
+    ingest(store, root / "more")  # new rows between two identical requests
+    after = call(app, "POST", "/api/search", json=body).json()
+    assert not after["cached"] and after["results"][0]["id"] == 1_000_000_042
+    assert call(app, "GET", "/api/status").json()["version"] != before["version"]
+    # encoded text: the same text in another request shape hits the text cache, not the results
+    call(app, "POST", "/api/search", json={"text": "a  red   car", "k": 2})
+    r = call(app, "POST", "/api/search", json={"text": "a red car", "k": 4}).json()
+    assert not r["cached"] and len(r["results"]) == 4
+    text_stats = call(app, "GET", "/api/status").json()["cache"]["text"]
+    assert text_stats["hits"] == 1 and text_stats["misses"] == 1 and text_stats["hit_rate"] == 0.5
+    # an index change is a new version too
+    v1 = store.version()
+    store.sql("ALTER TABLE laion ADD INDEX test_minmax width TYPE minmax")
+    try:
+        assert store.version() != v1
+    finally:
+        store.sql("ALTER TABLE laion DROP INDEX test_minmax")
+    off = create_app(store, model=model, cache_size=0)
+    assert not call(off, "POST", "/api/search", json=body).json()["cached"]
+    assert not call(off, "POST", "/api/search", json=body).json()["cached"]
+
+
+def test_local_pictures_served_safely(served_store, tmp_path):
+    store, model, root = served_store
+    (root / "secret.txt").write_text("no")
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"\x89PNG")
+    (root / "shards" / "images" / "link.png").symlink_to(outside)
+    app = create_app(store, model=model, image_root=root / "shards")
+    url = store.rows("SELECT url FROM laion WHERE id = 3")[0]["url"]
+    assert not url.startswith("http") and url.startswith("images/")
+    r = call(app, "GET", "/local/" + url)
+    assert r.status_code == 200 and r.headers["content-type"] in ("image/jpeg", "image/png")
+    assert r.content == (root / "shards" / url).read_bytes() and len(r.content) < 16_000
+    for bad in ("../secret.txt", "images/../../secret.txt", "%2e%2e/secret.txt", "images/link.png",
+                "/etc/passwd", "images/0/missing.jpg", "metadata_0.parquet", "..%2Fsecret.txt"):
+        r = call(app, "GET", "/local/" + bad)
+        assert r.status_code == 404 and "error" in r.json(), (bad, r.status_code)
+    # the path check itself, on raw strings no HTTP client normalised first
+    from laion_search.web.app import safe_image_path
+
+    base = (root / "shards").resolve()
+    for bad in ("../secret.txt", "images/../../secret.txt", "images/link.png", "/etc/passwd", "a\0b.jpg",
+                "images\\..\\..\\secret.txt", "", "metadata_0.parquet"):
+        assert safe_image_path(base, bad) is None, bad
+    assert safe_image_path(base, url) == (base / url)
+    assert call(create_app(store, model=model), "GET", "/local/" + url).status_code == 404  # no image root
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_with_a_query_in_flight(tmp_path):
+    synth(tmp_path / "shards", [0], 200, dim=16, seed=5)
+    db = tmp_path / "db"
+    run_cli("ingest", str(tmp_path / "shards"), "--db", str(db), check=True)
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "laion_search.cli", "serve", "--db", str(db), "--port", str(port),
+                             "--allow-sql", "--log-level", "debug", "--model", str(tmp_path / "no-model"),
+                             "--query-timeout", "600"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    log: list[str] = []
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr], daemon=True).start()
+
+    def wait_for(text: str) -> None:
+        while True:
+            try:
+                line = lines.get(timeout=120)  # a failure timeout only
+            except queue.Empty:
+                raise AssertionError(f"no {text!r} in the server log:\n{''.join(log)}") from None
+            log.append(line)
+            if text in line:
+                return
+
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for("Uvicorn running on")
+        answer: dict[str, object] = {}
+
+        def slow() -> None:  # a scan that would run for minutes
+            try:
+                r = httpx.post(base + "/api/sql", json={"query": "SELECT sum(number) FROM numbers(1000000000000)"},
+                               timeout=120)
+                answer["status"], answer["body"] = r.status_code, r.json()
+            except httpx.HTTPError as exc:  # a clean close also counts as an answer
+                answer["closed"] = type(exc).__name__
+
+        client = threading.Thread(target=slow)
+        client.start()
+        wait_for("sql query started")
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+        exit_seconds = time.monotonic() - t0
+        client.join(timeout=60)
+        assert rc == 0, "".join(log)
+        assert not client.is_alive()
+        assert answer.get("status") == 503 or "closed" in answer, answer
+        if "status" in answer:
+            assert "shutting down" in answer["body"]["error"]
+        print(f"exit after SIGTERM: {exit_seconds:.2f} s; in-flight request: {answer}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def test_synth_images_small_local_and_alike_for_near_rows(tmp_path):
+    from PIL import Image
+
+    synth(tmp_path / "plain", [0], 120, dim=16, seed=9, topics=6)
+    r = run_cli("synth", str(tmp_path / "pics"), "--rows", "120", "--dim", "16", "--seed", "9", "--images",
+                check=True)
+    assert "pictures in" in r.stdout
+    synth(tmp_path / "pics6", [0], 120, dim=16, seed=9, topics=6, images=True)
+    for name in ("img_emb_0.npy", "text_emb_0.npy"):  # pictures do not change the data
+        assert np.array_equal(np.load(tmp_path / "plain" / name), np.load(tmp_path / "pics6" / name))
+    import pyarrow.parquet as pq
+
+    urls = pq.read_table(tmp_path / "pics6" / "metadata_0.parquet").column("url").to_pylist()
+    assert urls[5] == "images/0/5.jpg"
+    files = [tmp_path / "pics6" / u for u in urls]
+    sizes = [f.stat().st_size for f in files]
+    assert all(300 < s < 8_000 for s in sizes), (min(sizes), max(sizes))
+    pix = np.stack([np.asarray(Image.open(f).convert("RGB"), np.float32).ravel() / 255 for f in files])
+    emb = np.load(tmp_path / "pics6" / "img_emb_0.npy").astype(np.float32)
+    sims = emb @ emb.T
+    np.fill_diagonal(sims, -2)
+    near = sims.argmax(1)  # each row's nearest neighbour in embedding space
+    np.fill_diagonal(sims, 2)
+    far = sims.argmin(1)
+    d_near = np.linalg.norm(pix - pix[near], axis=1).mean()
+    d_far = np.linalg.norm(pix - pix[far], axis=1).mean()
+    assert d_near < 0.6 * d_far, (d_near, d_far)  # near rows look alike
+
+
+def test_admission_gate_queues_then_sheds():
+    from laion_search.admission import AdmissionGate
+    from laion_search.errors import Overloaded
+
+    gate = AdmissionGate("exact scan", running=1, queue=1)
+    inside, release, second_in = threading.Event(), threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with gate.admit():
+            inside.set()
+            release.wait(60)
+
+    def queued() -> None:
+        with gate.admit():
+            second_in.set()
+
+    a = threading.Thread(target=holder)
+    a.start()
+    assert inside.wait(60)
+    b = threading.Thread(target=queued)
+    b.start()
+    while gate.stats()["waiting"] != 1:  # b is queued behind a
+        assert b.is_alive()
+        time.sleep(0.01)
+    with pytest.raises(Overloaded) as err:  # running 1 + queue 1 full: shed at once
+        with gate.admit():
+            pass
+    assert err.value.retry_after >= 1 and "1 running, 1 queued" in str(err.value)
+    assert not second_in.is_set()
+    release.set()
+    a.join(60)
+    b.join(60)
+    assert second_in.is_set() and gate.stats() == {"running": 0, "waiting": 0, "max_running": 1, "max_queue": 1,
+                                                   "admitted": 2, "shed": 1}
+
+
+def test_scans_shed_with_429_while_indexed_searches_pass(served_store):
+    from laion_search.index import IndexSpec, create_index
+
+    store, model, _ = served_store
+    create_index(store, IndexSpec("image"))
+    app = create_app(store, model=model, max_scans=1, scan_queue=0, cache_size=0)
+    gate = app.state.scan_gate
+    vec = store.rows("SELECT image_embedding FROM laion WHERE id = 9")[0]["image_embedding"]
+    ok = call(app, "POST", "/api/search", json={"vector": vec, "k": 3, "exact": True})
+    assert ok.status_code == 200 and ok.json()["strategy"].startswith("exact")
+    with gate.admit():  # the one scan slot is busy (as with a long scan in flight)
+        r = call(app, "POST", "/api/search", json={"vector": vec, "k": 3, "exact": True})
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+        assert "too many exact scan queries" in r.json()["error"]
+        idx = call(app, "POST", "/api/search", json={"vector": vec, "k": 3})
+        assert idx.status_code == 200 and idx.json()["strategy"] == "index"  # not queued behind the scan
+        text = call(app, "POST", "/api/search", json={"text": "a cat", "k": 3})
+        assert text.status_code == 200
+        status = call(app, "GET", "/api/status").json()["admission"]
+    assert status["exact_scan"]["shed"] == 1 and status["exact_scan"]["admitted"] == 2
+    assert status["encoding"]["admitted"] == 1
