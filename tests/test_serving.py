@@ -243,7 +243,7 @@ def test_synth_images_small_local_and_alike_for_near_rows(tmp_path):
 
 
 def test_admission_gate_queues_then_sheds():
-    from laion_search.admission import AdmissionGate
+    from laion_search.web.admission import AdmissionGate
     from laion_search.errors import Overloaded
 
     gate = AdmissionGate("exact scan", running=1, queue=1)

@@ -40,8 +40,8 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from laion_search.admission import AdmissionGate
-from laion_search.cache import LRUCache, request_key
+from laion_search.web.admission import AdmissionGate
+from laion_search.web.cache import LRUCache, request_key
 from laion_search.errors import EncoderError, EncoderUnavailable, LaionError, Overloaded, QueryError, UsageError
 from laion_search.schema import COLUMNS, MAX_K, TABLE
 from laion_search.search import SearchQuery, search, will_scan
@@ -219,7 +219,7 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
     Exact scans run at most ``max_scans`` at a time (default: a quarter of the cores, at least
     1) with ``scan_threads`` engine threads each (default: half the cores), ``scan_queue`` more
     wait, the rest get 429 + Retry-After; encodings likewise (1 at a time, ``encode_queue``
-    waiting). Indexed searches are never queued behind either (:mod:`laion_search.admission`)."""
+    waiting). Indexed searches are never queued behind either (:mod:`laion_search.web.admission`)."""
     cores = os.cpu_count() or 1
     scan_gate = AdmissionGate("exact scan", max_scans or max(1, cores // 4), scan_queue)
     encode_gate = AdmissionGate("encoding", 1, encode_queue)
