@@ -135,7 +135,7 @@ def plan(inputs: PlanInputs) -> dict[str, Any]:
 
     # -- one machine, embedded store ----------------------------------------------------------
     node_ram, node_disk = p.ram_gib * gib, p.disk_tib * tib
-    embedded = {
+    embedded: dict[str, Any] = {
         "nodes": 1,
         "disk_bytes": disk_total,
         "ram_bytes": index_ram / RAM_USABLE,

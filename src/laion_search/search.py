@@ -243,8 +243,8 @@ def search(store: Store, vector: Any = None, *, query: SearchQuery | None = None
     settings = _index_settings(options, filtered=bool(where))  # validates the knobs on every path
     unindexed = not exact and (column, func) not in store.vector_indexes()
     if exact or unindexed:
-        scan = column + SCAN_SUFFIX
-        scan = scan if (func == "cosineDistance" and store.layout.cluster is None and scan in store.columns()) else None
+        copy = column + SCAN_SUFFIX
+        scan = copy if (func == "cosineDistance" and store.layout.cluster is None and copy in store.columns()) else None
         sql = _exact_sql(select, column, func, where, k, scan, verify_checksums=options.verify_checksums,
                          cluster=store.layout.cluster is not None, max_threads=options.scan_threads)
         strategy = ("exact-bf16" if scan else "exact") + (" (no index)" if unindexed else "")

@@ -95,7 +95,7 @@ def run(rows: int = 100_000, model: str | None = None, repeat: int = 30, images:
 
         shutil.rmtree(root / "embedded", ignore_errors=True)  # embed skips finished shards: start clean
         rep = embed(img_dir, root / "embedded", model=model, shard_size=10_000)
-    result = {
+    result: dict[str, Any] = {
         "model": model, "rows": rows, "encode_ms": encode_ms, "text_search_ms": search_ms,
         "indexed_search_only_ms": index_only_ms, "udf_first_call_ms": udf_first_ms, "udf_pooled_ms": udf_ms,
         "embed_images_per_second": rep.images_per_second,

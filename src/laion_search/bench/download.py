@@ -63,6 +63,7 @@ class _Server:
         if rate:
             cmd += ["--rate", str(rate)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line.startswith("PORT "):
             self.proc.kill()

@@ -247,8 +247,8 @@ def run_mixed(rows: int = 200_000, scan_clients: int = 4, rate: float = 20.0, se
                             indexed_errors.append(why)
 
                 threads = [threading.Thread(target=scanner) for _ in range(scan_clients)]
-                for t in threads:
-                    t.start()
+                for th in threads:
+                    th.start()
                 total = int(rate * seconds)
                 with ThreadPoolExecutor(max_workers=128) as pool:
                     t0 = time.perf_counter()
@@ -259,14 +259,14 @@ def run_mixed(rows: int = 200_000, scan_clients: int = 4, rate: float = 20.0, se
                             time.sleep(delay)
                         pool.submit(one, due, body())
                 stop.set()
-                for t in threads:
-                    t.join()
+                for th in threads:
+                    th.join()
                 elapsed = time.perf_counter() - t0
         finally:
             _stop(proc)
     idle_p50 = statistics.median(idle) * 1000
     p50, p99 = _pct(indexed, 0.5), _pct(indexed, 0.99)
-    result = {"rows": rows, "scan_clients": scan_clients, "rate": rate, "seconds": elapsed,
+    result: dict[str, Any] = {"rows": rows, "scan_clients": scan_clients, "rate": rate, "seconds": elapsed,
               "idle_p50_ms": idle_p50, "idle_p99_ms": _pct(idle, 0.99), "indexed_sent": total,
               "indexed_answered": len(indexed), "indexed_errors": len(indexed_errors), "indexed_p50_ms": p50,
               "indexed_p99_ms": p99, "p99_over_idle_p50": p99 / idle_p50 if idle_p50 else float("nan"),

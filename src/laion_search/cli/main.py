@@ -425,12 +425,11 @@ def index_create(
 
     Examples: laion index create --column both --guide · laion index create --kind scan
     """
-    from laion_search.index import (DEFAULT_EF_CONSTRUCTION, DEFAULT_M, GUIDE_EF_CONSTRUCTION, GUIDE_M, IndexSpec, columns_for,
-                        create_index, create_scan_copy)
+    from laion_search.index import (DEFAULT_EF_CONSTRUCTION, DEFAULT_M, GUIDE_EF_CONSTRUCTION, GUIDE_M, IndexSpec, columns_for)
 
     if _check_kind(kind) == "scan":
         with open_store(db, url) as store:
-            results = [_with_index_progress(json_output, lambda cb, c=c: create_scan_copy(store, c, progress=cb))
+            results = [_with_index_progress(json_output, functools.partial(_scan_copy, store, c))
                        for c in columns_for(column)]
         return _print_built(results, json_output)
 
@@ -440,8 +439,7 @@ def index_create(
     results = []
     with open_store(db, url) as store:
         for spec in specs:
-            results.append(_with_index_progress(json_output, lambda cb, spec=spec: create_index(
-                store, spec, replace=replace, progress=cb)))
+            results.append(_with_index_progress(json_output, functools.partial(_hnsw, store, spec, replace)))
     _print_built(results, json_output)
 
 
@@ -458,6 +456,18 @@ def _print_built(results: list[dict], json_output: bool) -> None:
     for r in results:
         rate = f", {r['vectors_per_second']:,.0f} vectors/s" if r["vectors_per_second"] else ""
         output.out.print(f"{r['index']}: {r['type']} built over {r['rows']:,} rows in {r['seconds']:.1f} s{rate}")
+
+
+def _scan_copy(store: Any, column: str, progress: Callable[[dict], None]) -> Any:
+    from laion_search.index import create_scan_copy
+
+    return create_scan_copy(store, column, progress=progress)
+
+
+def _hnsw(store: Any, spec: Any, replace: bool, progress: Callable[[dict], None]) -> Any:
+    from laion_search.index import create_index
+
+    return create_index(store, spec, replace=replace, progress=progress)
 
 
 def _with_index_progress(json_output: bool, run: Callable[[Callable[[dict], None]], Any]) -> Any:
@@ -644,7 +654,7 @@ def udf_install(
                          "write them with --dir DIR, then follow the printed steps")
     target = directory or (Path(db) if db else default_db_path()) / UDF_DIR
     files = install_udfs(target, python=python, model=model, pool_size=pool_size)
-    loaded = None
+    loaded: list[str] | None = None
     if server:
         from laion_search.store import connect
 
@@ -652,7 +662,7 @@ def udf_install(
             loaded = sorted(r["name"] for r in store.rows(
                 "SELECT name FROM system.functions WHERE name IN ('encode_text', 'encode_image')"))
     if json_output:
-        info = {"dir": str(target), "files": [str(f) for f in files]}
+        info: dict[str, Any] = {"dir": str(target), "files": [str(f) for f in files]}
         if server:
             info.update(server_loaded=loaded, instructions=server_instructions(target))
         print(output.dumps(info))

@@ -6,7 +6,7 @@ import json
 import math
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, TypeVar
 
 from laion_search import killpoints
 
@@ -137,6 +137,9 @@ def progress_mode(json_output: bool) -> str:
     return "bar" if _console("err").is_terminal else "plain"
 
 
+P = TypeVar("P", bound="Progress")
+
+
 class Progress:
     """A command's progress, rendered for where it goes — the one pattern every command uses:
 
@@ -156,7 +159,7 @@ class Progress:
         self.mode = mode  # "bar", "plain" or "json"
         self._progress: Any = None  # the rich Progress, made by bars() on first use
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self: P) -> P:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -442,9 +445,9 @@ class DownloadProgress(Progress):
 
         kind = e["event"]
         if self._progress is None:
-            self.bars(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                      TextColumn("ETA"), TimeRemainingColumn())
-            self._total_task = self._progress.add_task("[bold]total", total=None)
+            bars = self.bars(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                             TextColumn("ETA"), TimeRemainingColumn())
+            self._total_task = bars.add_task("[bold]total", total=None)
         p = self._progress
         if kind == "file_start":
             task = self._tasks.get(e["file"])

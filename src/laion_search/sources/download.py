@@ -493,7 +493,7 @@ class _Fetcher:
         last = 0.0
         writeback = self.fsync and hasattr(os, "sync_file_range")
         kicked = offset  # file offset up to which disk writeback has been started
-        fp = getattr(resp, "fp", None)
+        fp: Any = getattr(resp, "fp", None)
         if not resp.chunked and resp.length is not None and hasattr(fp, "readinto1"):
             # one socket read per call, straight into our buffer: bytes that arrived before a stall
             # or reset are written (and kept for the resume), and nothing is copied twice
@@ -529,7 +529,7 @@ class _Fetcher:
                 try:
                     n = read(view)
                 except (OSError, http.client.HTTPException) as exc:
-                    exc.progressed = got  # type: ignore[attr-defined]
+                    setattr(exc, "progressed", got)  # noqa: B010 - read back by the retry loop
                     raise
                 if not n:
                     break
@@ -543,7 +543,7 @@ class _Fetcher:
                     # start writing this data to disk now, without waiting: the fsync at the end
                     # then finds little left to do, and the disk works while the network does
                     try:
-                        os.sync_file_range(fd, kicked, offset + got - kicked, os.SYNC_FILE_RANGE_WRITE)
+                        os.sync_file_range(fd, kicked, offset + got - kicked, os.SYNC_FILE_RANGE_WRITE)  # type: ignore[attr-defined]
                     except OSError:
                         writeback = False  # not supported here: fsync alone does it
                     kicked = offset + got

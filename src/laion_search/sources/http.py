@@ -83,19 +83,20 @@ def connect(url: str, policy: RetryPolicy) -> tuple[http.client.HTTPConnection, 
     proxy = urllib.request.getproxies().get(u.scheme)
     if proxy and urllib.request.proxy_bypass(u.hostname or ""):
         proxy = None
+    host = u.hostname or ""
     if proxy:
         p = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
         if https:
-            conn: http.client.HTTPConnection = http.client.HTTPSConnection(p.hostname, p.port or 80,
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(p.hostname or "", p.port or 80,
                                                                             timeout=policy.connect_timeout)
-            conn.set_tunnel(u.hostname, port)
+            conn.set_tunnel(host, port)
         else:
-            conn = http.client.HTTPConnection(p.hostname, p.port or 80, timeout=policy.connect_timeout)
+            conn = http.client.HTTPConnection(p.hostname or "", p.port or 80, timeout=policy.connect_timeout)
             target = url
     elif https:
-        conn = http.client.HTTPSConnection(u.hostname, port, timeout=policy.connect_timeout)
+        conn = http.client.HTTPSConnection(host, port, timeout=policy.connect_timeout)
     else:
-        conn = http.client.HTTPConnection(u.hostname, port, timeout=policy.connect_timeout)
+        conn = http.client.HTTPConnection(host, port, timeout=policy.connect_timeout)
     conn.connect()
     conn.sock.settimeout(policy.read_timeout)
     return conn, target

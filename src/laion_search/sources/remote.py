@@ -372,7 +372,7 @@ class HTTPFile(io.RawIOBase):
 
     def _stream(self, resp: http.client.HTTPResponse, view: memoryview, done: dict[str, int] | None = None) -> int:
         got = 0
-        fp = getattr(resp, "fp", None)
+        fp: Any = getattr(resp, "fp", None)
         direct = not resp.chunked and resp.length is not None and hasattr(fp, "readinto1")
         left = resp.length or 0
         drained = False

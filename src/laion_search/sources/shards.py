@@ -305,7 +305,7 @@ class ShardReader:
             except pa.ArrowInvalid:
                 pass
             raw = col.cast(pa.large_binary() if pa.types.is_large_string(col.type) else pa.binary()).to_pylist()
-            fixed = []
+            fixed: list[str | None] = []
             for j, b in enumerate(raw):
                 if b is None:
                     fixed.append(None)

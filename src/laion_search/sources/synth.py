@@ -120,7 +120,7 @@ class _Space:
         w = 1.0 / np.arange(1, topics + 1) ** 0.6
         self.weights = w / w.sum()
 
-    def sample(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def sample(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         topic = rng.choice(self.topics, size=n, p=self.weights)
         sub = rng.integers(0, self.sub.shape[1], size=n)
         noise = rng.standard_normal((n, self.dim), dtype=np.float32) / np.sqrt(self.dim)

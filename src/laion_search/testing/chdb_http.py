@@ -210,7 +210,8 @@ def make_handler(engine: Engine, user: str | None, password: str | None):
                         name = part.get_param("name", header="content-disposition")
                         if part.get_filename():
                             raise EngineError(1, "this test fixture does not support external data")
-                        args[name] = part.get_payload(decode=True).decode()
+                        payload = part.get_payload(decode=True)
+                        args[str(name)] = payload.decode() if isinstance(payload, bytes) else str(payload)
                     body = b""
                 query_id = args.get("query_id") or query_id
                 text = args.get("query", "")

@@ -278,13 +278,13 @@ class _Handler(BaseHTTPRequestHandler):
                 if_range = self.headers.get("If-Range")
                 if if_range and not srv.ignore_if_range and if_range not in (etag, lm):
                     use_range = False  # validator mismatch: the whole (new) file
-            if use_range:
+            if use_range and rng is not None:
                 parsed = _parse_range(rng, size)
                 if parsed == "unsatisfiable":
                     self._record(path, 416, fault)
                     self._simple(416, b"", {"Content-Range": f"bytes */{size}"})
                     return
-                if parsed is not None:
+                if isinstance(parsed, tuple):
                     start, end = parsed
                     status = 206
             length = max(0, end - start + 1)

@@ -270,8 +270,8 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
         # a CORS preflight carries no credentials by design: CORSMiddleware answers it
         preflight = bool(cors_origins) and request.method == "OPTIONS"
         if token and not preflight and request.url.path not in ("/health",):
-            supplied = request.headers.get("authorization", "")
-            supplied = supplied[7:] if supplied.lower().startswith("bearer ") else request.query_params.get("token")
+            header = request.headers.get("authorization", "")
+            supplied = header[7:] if header.lower().startswith("bearer ") else request.query_params.get("token")
             import hmac
 
             if not supplied or not hmac.compare_digest(str(supplied), token):
@@ -348,16 +348,18 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
             hit = results_cache.get(key)
             if hit is not None:
                 return {**hit, "cached": True, "total_seconds": round(time.perf_counter() - t0, 6)}
-        vector = body.vector
+        vector: Any = body.vector
         if text is not None:
             if not text:
                 raise UsageError("text query is empty")
+            assert enc is not None
             vector = text_cache.get((enc.name, text))
             if vector is None:
                 with encode_gate.admit():
                     vector = enc.encode_text([text])[0]
                 text_cache.put((enc.name, text), vector)
         elif image_bytes is not None:
+            assert enc is not None
             with encode_gate.admit():
                 vector = enc.encode_image([image_bytes])[0]
         scan = will_scan(store, body.modality, body.metric, body.exact)
@@ -392,7 +394,7 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
                                   {"image": False, "text": False})
         enc = encoder.as_dict()
         if enc["state"] == "ready":
-            text_cap = image_cap = {"ok": True}
+            text_cap = image_cap = {"ok": True}  # type: dict[str, Any]
         elif enc["state"] == "checking":
             text_cap = image_cap = {"ok": False, "reason": "the CLIP model is still loading", "fix": "wait a moment"}
         else:
@@ -664,8 +666,8 @@ def deduplicate(store: Store, rows: list[dict[str, Any]], modality: str,
     rows = [r for r in rows if r["id"] in vecs]
     if not rows:
         return []
-    m = np.stack([vecs[r["id"]] for r in rows])
-    m = m / np.where((n := np.linalg.norm(m, axis=1, keepdims=True)) == 0, 1, n)
+    raw = np.stack([vecs[r["id"]] for r in rows])
+    m = raw / np.where((n := np.linalg.norm(raw, axis=1, keepdims=True)) == 0, 1, n)
     linked = (m @ m.T) >= threshold
     parent = list(range(len(rows)))
 
@@ -705,5 +707,5 @@ def serve(store: Store, host: str = "127.0.0.1", port: int = 8000, **options: An
                 threading.Thread(target=begin_shutdown, args=(app,), name="laion-shutdown", daemon=True).start()
 
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_keep_alive=5,
-                            limit_concurrency=256, timeout_graceful_shutdown=GRACEFUL_SECONDS)
+                            limit_concurrency=256, timeout_graceful_shutdown=int(GRACEFUL_SECONDS))
     Server(config).run()
