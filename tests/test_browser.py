@@ -6,9 +6,6 @@ demo grid with its pictures is saved to docs/search-page.png."""
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -21,23 +18,9 @@ playwright_api = pytest.importorskip("playwright.sync_api")
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "search-page.png"
+from .conftest import serve_in_thread  # noqa: E402
+
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium missing: `make test` installs it")
-
-
-def _serve(app) -> tuple[str, object, threading.Thread]:
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60  # a failure timeout only: we wait for the started flag
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    return f"http://127.0.0.1:{port}", srv, thread
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +37,10 @@ def server(tmp_path_factory):
     synth(root / "shards", [0, 1], 200, dim=16, seed=12, images=True, topics=12)
     store = connect(root / "db")
     ingest(store, root / "shards")
-    base, srv, thread = _serve(create_app(store, model=model, image_root=root / "shards"))
-    # the same store without a CLIP model: what the page shows when text/image search is off
-    nomodel, srv2, thread2 = _serve(create_app(store, model=str(root / "no-clip-model"), image_root=root / "shards"))
-    yield base, root, store, nomodel
-    for s, t in ((srv, thread), (srv2, thread2)):
-        s.should_exit = True
-        t.join(timeout=30)
+    with serve_in_thread(create_app(store, model=model, image_root=root / "shards")) as base, \
+            serve_in_thread(create_app(store, model=str(root / "no-clip-model"), image_root=root / "shards")) as nomodel:
+        # nomodel: the same store without a CLIP model, what the page shows when text/image search is off
+        yield base, root, store, nomodel
     store.close()
 
 

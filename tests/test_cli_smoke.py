@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -24,6 +23,8 @@ import typer.main
 from typer.testing import CliRunner
 
 from laion_search.cli.main import app
+
+from .conftest import free_port
 
 ROOT_COMMAND = typer.main.get_command(app)
 
@@ -227,12 +228,6 @@ def test_case(i, world):
         assert case.check(out, err, world["tmp"]) is not False, f"laion {' '.join(argv)}:\n{out[-2000:]}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 SERVE = "serve --host 127.0.0.1 --port {port} --token s3cret --model {model} --allow-sql --allow-image-url " \
         "--cors-origin http://example.test --query-timeout 3 --images {images} --cache-size 16 --max-scans 2 " \
         "--scan-queue 4 --scan-threads 1 --log-level warning --db {db}"
@@ -248,7 +243,7 @@ def test_serve_flags(world, tmp_path):
     synth(tmp_path / "s", [0], 100, dim=16, seed=1, images=True)
     db = tmp_path / "db"
     assert CliRunner().invoke(app, ["ingest", str(tmp_path / "s"), "--db", str(db)]).exit_code == 0
-    port = _free_port()
+    port = free_port()
     argv = shlex.split(SERVE.format(port=port, model=shlex.quote(world["model"]), db=shlex.quote(str(db)),
                                     images=shlex.quote(str(tmp_path / "s"))))
     proc = subprocess.Popen([sys.executable, "-m", "laion_search.cli", *argv], stdout=subprocess.PIPE,

@@ -14,10 +14,7 @@ from __future__ import annotations
 import base64
 import importlib
 import importlib.util
-import socket
 import sys
-import threading
-import time
 import types
 
 import numpy as np
@@ -39,6 +36,8 @@ from laion_search.search import Filters, search  # noqa: E402
 from laion_search.sources.synth import synth  # noqa: E402
 from laion_search.web.app import create_app  # noqa: E402
 
+from .conftest import serve_in_thread  # noqa: E402
+
 #: clip-back's default columns_to_return (url, image_path, caption, NSFW) that exist here, then id, similarity
 FIELDS = ["url", "caption", "NSFW", "id", "similarity"]
 
@@ -59,8 +58,6 @@ ClipClient, Modality = clip_client.ClipClient, clip_client.Modality
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """400 rows, 16-d (tiny CLIP); rows 1 and 2 duplicate row 0's image embedding."""
-    import uvicorn
-
     root = tmp_path_factory.mktemp("clipclient")
     model = str(make_clip_model(root / "tiny", "tiny"))
     shards = root / "shards"
@@ -71,20 +68,8 @@ def served(tmp_path_factory):
     np.save(shards / "img_emb_0.npy", img)
     store = connect(root / "db")
     ingest(store, shards)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(store, model=model), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60  # a failure timeout only: we wait for the started flag
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", store, model, root
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serve_in_thread(create_app(store, model=model)) as base:
+        yield base, store, model, root
     store.close()
 
 
