@@ -229,7 +229,7 @@ def test_case(i, world):
 
 
 SERVE = "serve --host 127.0.0.1 --port {port} --token s3cret --model {model} --allow-sql --allow-image-url " \
-        "--cors-origin http://example.test --query-timeout 3 --images {images} --cache-size 16 --max-scans 2 " \
+        "--cors-origin http://example.test --query-timeout 10 --images {images} --cache-size 16 --max-scans 2 " \
         "--scan-queue 4 --scan-threads 1 --log-level warning --db {db}"
 SERVE_URL = "serve --url {db} --port {port}"
 
@@ -249,44 +249,46 @@ def test_serve_flags(world, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "laion_search.cli", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
+    http = httpx.Client(timeout=300)  # a busy machine is slow; a hang would still fail the suite's timeout
     try:
         deadline = time.monotonic() + 120  # a failure timeout for start-up, not a measurement
         while True:
             try:
-                if httpx.get(base + "/health").status_code == 200:
+                if http.get(base + "/health").status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
             time.sleep(0.1)
         auth = {"Authorization": "Bearer s3cret"}
-        assert httpx.get(base + "/api/status").status_code == 401                      # --token
-        st = httpx.get(base + "/api/status", headers=auth).json()
+        assert http.get(base + "/api/status").status_code == 401                      # --token
+        st = http.get(base + "/api/status", headers=auth).json()
         assert st["rows"] == 100 and st["local_images"]                                # --images
         assert st["admission"]["scan_threads"] == 1                                    # --scan-threads
         gate = st["admission"]["exact_scan"]
         assert (gate["max_running"], gate["max_queue"]) == (2, 4), gate                  # --max-scans, --scan-queue
-        first = httpx.post(base + "/api/search", json={"like": 3, "k": 2}, headers=auth).json()
-        again = httpx.post(base + "/api/search", json={"like": 3, "k": 2}, headers=auth).json()
+        first = http.post(base + "/api/search", json={"like": 3, "k": 2}, headers=auth).json()
+        again = http.post(base + "/api/search", json={"like": 3, "k": 2}, headers=auth).json()
         assert (first["cached"], again["cached"]) == (False, True)                     # --cache-size
-        url = httpx.post(base + "/api/sql", json={"query": "SELECT url FROM laion LIMIT 1"}, headers=auth).json()
+        url = http.post(base + "/api/sql", json={"query": "SELECT url FROM laion LIMIT 1"}, headers=auth).json()
         assert "rows" in url, url
-        pic = httpx.get(base + "/local/" + url["rows"][0]["url"], headers=auth)
+        pic = http.get(base + "/local/" + url["rows"][0]["url"], headers=auth)
         assert pic.status_code == 200 and pic.content[:2] == b"\xff\xd8"             # a JPEG, same-origin
-        r = httpx.post(base + "/api/search", json={"text": "a dog", "k": 2}, headers=auth)  # --model
+        r = http.post(base + "/api/search", json={"text": "a dog", "k": 2}, headers=auth)  # --model
         assert r.status_code == 200 and len(r.json()["results"]) == 2
-        r = httpx.post(base + "/api/sql", json={"query": "SELECT count() AS n FROM laion"}, headers=auth)
+        r = http.post(base + "/api/sql", json={"query": "SELECT count() AS n FROM laion"}, headers=auth)
         assert r.json()["rows"] == [{"n": 100}]                                           # --allow-sql
-        r = httpx.options(base + "/api/search", headers={"Origin": "http://example.test",
+        r = http.options(base + "/api/search", headers={"Origin": "http://example.test",
                                                          "Access-Control-Request-Method": "POST"})
         assert r.headers.get("access-control-allow-origin") == "http://example.test"     # --cors-origin
-        r = httpx.post(base + "/knn-service", json={"image_url": "http://127.0.0.1:1/x.png", "num_images": 2},
+        r = http.post(base + "/knn-service", json={"image_url": "http://127.0.0.1:1/x.png", "num_images": 2},
                        headers=auth)
         assert "disabled" not in r.text                                                  # --allow-image-url
-        r = httpx.post(base + "/api/sql", headers=auth, timeout=300,
+        r = http.post(base + "/api/sql", headers=auth,
                        json={"query": "SELECT count() FROM numbers(1000000000000) WHERE sleepEachRow(0) = 0"})
         assert r.status_code == 400 and "TIMEOUT_EXCEEDED" in r.text.upper().replace(" ", "_"), r.text  # --query-timeout
     finally:
+        http.close()
         proc.terminate()
         proc.wait(timeout=60)
 

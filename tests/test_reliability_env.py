@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import pytest
 
 from laion_search.sources.synth import synth
 
-from .conftest import run_cli
+from .conftest import free_port, run_cli
 from .crash_harness import record_figures, source_checksums, verify_store
 
 
@@ -92,12 +91,6 @@ def test_new_store_under_read_only_parent(tmp_path):
         assert f"cannot write to {ro} (Read-only file system)" in _one_error_line(p.stderr)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_store_deleted_under_running_server(tmp_path):
     import httpx
 
@@ -106,7 +99,7 @@ def test_store_deleted_under_running_server(tmp_path):
     synth(src, [0, 1], 400, dim=16, seed=53)
     db = tmp_path / "db"
     run_cli("ingest", str(src), "--db", str(db), check=True)
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "laion_search.cli", "serve", "--db", str(db), "--port", str(port)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"

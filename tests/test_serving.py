@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +25,7 @@ from laion_search.clip.tiny import make_clip_model  # noqa: E402
 from laion_search.sources.synth import synth  # noqa: E402
 from laion_search.web.app import create_app  # noqa: E402
 
-from tests.conftest import run_cli  # noqa: E402
+from .conftest import free_port, run_cli  # noqa: E402
 
 
 def call(app, method: str, url: str, **kw) -> httpx.Response:
@@ -151,17 +150,11 @@ def test_local_pictures_served_safely(served_store, tmp_path):
     assert call(create_app(store, model=model), "GET", "/local/" + url).status_code == 404  # no image root
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sigterm_with_a_query_in_flight(tmp_path):
     synth(tmp_path / "shards", [0], 200, dim=16, seed=5)
     db = tmp_path / "db"
     run_cli("ingest", str(tmp_path / "shards"), "--db", str(db), check=True)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "laion_search.cli", "serve", "--db", str(db), "--port", str(port),
                              "--allow-sql", "--log-level", "debug", "--model", str(tmp_path / "no-model"),
                              "--query-timeout", "600"],
