@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from laion_search.errors import UsageError
 from laion_search.search import METRICS, SCAN_SUFFIX
-from laion_search.store import TABLE, Store
+from laion_search.store import TABLE, TUNING_TABLE, Store
 
 QUANTIZATIONS = ("bf16", "f16", "f32", "i8", "b1")
 INDEX_NAMES = {"image": ("image_index", "image_embedding"), "text": ("text_index", "text_embedding")}
@@ -181,6 +181,8 @@ def drop_index(store: Store, column: str) -> bool:
         raise UsageError(f"column must be image or text, got {column!r}")
     existed = any(i["name"] == name for i in list_indexes(store))
     store.backend.command(f"ALTER TABLE {store.data_table}{store.layout.on_cluster} DROP INDEX IF EXISTS {name}")
+    if store.tuning_table_exists():  # a new graph deserves a new measurement (laion index tune)
+        store.backend.command(f"DELETE FROM {TUNING_TABLE} WHERE column = {{c:String}}", {"c": column})
     store.forget_dim()
     return existed
 
@@ -198,8 +200,10 @@ def index_status(store: Store) -> list[dict[str, Any]]:
         "SELECT count() AS parts, sum(rows) AS rows FROM " + _sys(store, "parts") + " WHERE database = currentDatabase() "
         "AND table = {t:String} AND active AND secondary_indices_compressed_bytes > 0", {"t": store.data_table})[0] \
         if indexes else {}
+    tuned = store.tuning() if indexes else {}
     for idx in indexes:
         info = parse_type(idx["type_full"])
+        t = tuned.get(idx["name"].removesuffix("_index"), {})
         out.append({
             "name": idx["name"], "column": idx["expr"], **info,
             "parts": len(parts), "parts_covered": int(covered["parts"] or 0),
@@ -207,6 +211,9 @@ def index_status(store: Store) -> list[dict[str, Any]]:
             "bytes_on_disk": int(idx["bytes_on_disk"] or 0),
             "memory_bytes_estimate": _memory_estimate(info, sum(int(p["rows"]) for p in parts)),
             "type": idx["type_full"],
+            # set by `laion index tune`: the default ef_search, its measured recall@k and p50
+            "ef_search": t.get("ef_search"), "tuned_recall": t.get("recall"), "tuned_k": t.get("k"),
+            "tuned_p50_ms": t.get("p50_ms"),
         })
     return out + scan_status(store)
 

@@ -39,6 +39,7 @@ from laion_search.errors import StoreError, UsageError
 
 TABLE = "laion"
 SHARDS_TABLE = "laion_shards"
+TUNING_TABLE = "laion_index_tuning"  # ef_search defaults measured by `laion index tune`
 STAGE_PREFIX = "laion_stage_"
 SCHEMA_TTL = 30.0  # seconds a store trusts its cached column / index list
 UDF_DIR = "udf"  # <store>/udf: executable UDFs the embedded engine loads at open
@@ -87,6 +88,23 @@ ENGINE = ReplacingMergeTree(loaded_at)
 ORDER BY shard
 """
 
+TUNING_DDL = """
+CREATE TABLE IF NOT EXISTS {table}
+(
+    `column` String,
+    `index_type` String,
+    `ef_search` UInt32,
+    `recall` Float64,
+    `target` Float64,
+    `k` UInt32,
+    `queries` UInt32,
+    `p50_ms` Float64,
+    `tuned_at` DateTime64(3)
+)
+ENGINE = ReplacingMergeTree(tuned_at)
+ORDER BY column
+"""
+
 #: Columns that searches and ``--where`` may name; everything else is refused.
 COLUMNS = ("id", "url", "caption", "NSFW", "similarity", "shard", "shard_row", "key", "width", "height",
            "original_width", "original_height", "LICENSE")
@@ -124,6 +142,7 @@ class Store:
         self.backend = backend
         self._dim: int | None = None
         self._schema_cache: tuple[frozenset[str], frozenset[tuple[str, str]], float] | None = None
+        self._tuning_cache: tuple[dict[str, dict[str, Any]], float] | None = None
         #: where rows live: one node (``laion`` is MergeTree) or a cluster (``laion`` is Distributed)
         self.layout: SingleNode | ClusterLayout = detect_layout(backend, TABLE)
         if create and self.layout.cluster is None:
@@ -200,6 +219,7 @@ class Store:
         changes the table's rows or columns."""
         self._dim = None
         self._schema_cache = None
+        self._tuning_cache = None
 
     def columns(self) -> frozenset[str]:
         """Names of the ``laion`` table's columns (searches ask whether the bf16 scan copies of
@@ -226,6 +246,32 @@ class Store:
                 {"t": self.data_table}) if r["type_full"].count(",") >= 1)
             cached = self._schema_cache = (cols, idx, time.monotonic())
         return cached[0], cached[1]
+
+    def ensure_tuning_table(self) -> None:
+        self.backend.command(TUNING_DDL.format(table=TUNING_TABLE))
+
+    def tuning_table_exists(self) -> bool:
+        return bool(self.scalar("SELECT count() FROM system.tables WHERE database = currentDatabase() "
+                                "AND name = {t:String}", {"t": TUNING_TABLE}))
+
+    def tuning(self) -> dict[str, dict[str, Any]]:
+        """``image`` / ``text`` → the ef_search default stored by ``laion index tune`` (with its
+        measured recall and p50), for indexes whose type is still the one tuned. Cached like
+        :meth:`columns`."""
+        cached = self._tuning_cache
+        if cached is None or time.monotonic() - cached[1] > SCHEMA_TTL:
+            out: dict[str, dict[str, Any]] = {}
+            if self.tuning_table_exists():
+                types = {r["name"]: r["type_full"] for r in self.rows(
+                    "SELECT name, type_full FROM " + self.layout.system("data_skipping_indices") + " WHERE "
+                    "database = currentDatabase() AND table = {t:String} AND type = 'vector_similarity'",
+                    {"t": self.data_table})}
+                for r in self.rows(f"SELECT column, index_type, ef_search, recall, target, k, queries, p50_ms, "
+                                   f"toString(tuned_at) AS tuned_at FROM {TUNING_TABLE} FINAL"):
+                    if types.get(f"{r['column']}_index", "").replace(" ", "") == r["index_type"].replace(" ", ""):
+                        out[r["column"]] = r
+            cached = self._tuning_cache = (out, time.monotonic())
+        return cached[0]
 
     def dim(self) -> int | None:
         """Embedding dimension of the loaded rows, or None while the table is empty.

@@ -68,11 +68,24 @@ def synth(
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed writes the same files."),
     layout: str = typer.Option("flat", "--layout", help="flat (the guide's) or folders (img_emb/ text_emb/ metadata/)."),
     pad: int = typer.Option(0, "--pad", min=0, max=12, help="Zero-pad shard numbers to this width (4 = LAION-5B style)."),
+    hard: bool = typer.Option(False, "--hard", help="The old isotropic geometry (noise as large as the signal in every "
+                                                    "dimension): far harder for HNSW than real embeddings."),
+    intrinsic_dim: int = typer.Option(24, "--intrinsic-dim", min=1, help="Latent dimensions the vectors vary in."),
+    decay: float = typer.Option(0.5, "--decay", min=0.0, max=10.0,
+                                help="Spectrum decay: latent axis j has standard deviation ∝ j^-decay."),
+    anisotropy: float = typer.Option(0.35, "--anisotropy", min=0.0, max=0.99,
+                                     help="Shared offset: mean cosine of two random vectors (real CLIP: ~0.2-0.5)."),
+    noise: float = typer.Option(0.1, "--noise", min=0.0, max=10.0, help="Isotropic noise norm, relative to the signal."),
+    hubs: float = typer.Option(0.3, "--hubs", min=0.0, max=3.0, help="Hubness: spread of the per-row latent scale."),
+    pair_cosine: float = typer.Option(0.32, "--pair-cosine", min=0.28, max=0.45,
+                                      help="Mean image-text cosine of a pair (the similarity column; LAION: 0.28-0.45)."),
     json_output: bool = JsonOption,
 ) -> None:
-    """Write synthetic LAION-400M-format shards (clustered, correlated image/text vectors).
+    """Write synthetic LAION-400M-format shards: vectors shaped like real embeddings (low
+    intrinsic dimension, decaying spectrum, shared offset, clusters, hubs) and image-text pairs at
+    LAION's cosine. See docs/realistic-vectors.md.
 
-    Example: laion synth ./shards --shards 0-2 --rows 100000
+    Example: laion synth ./shards --shards 0-2 --rows 100000 · laion synth ./hard --hard
     """
     from laion_search.sources.shards import parse_shard_spec
     from laion_search.sources.synth import synth as do_synth
@@ -81,7 +94,9 @@ def synth(
     if layout not in ("flat", "folders"):
         raise UsageError("--layout must be 'flat' or 'folders'")
     with output.CountProgress(output.progress_mode(json_output), "synth", rows * len(numbers)) as progress:
-        files = do_synth(out, numbers, rows, dim=dim, seed=seed, layout=layout, pad=pad, progress=progress.count)
+        files = do_synth(out, numbers, rows, dim=dim, seed=seed, layout=layout, pad=pad, progress=progress.count,
+                         geometry="hard" if hard else "realistic", intrinsic_dim=intrinsic_dim, decay=decay,
+                         anisotropy=anisotropy, noise=noise, hubs=hubs, pair_cosine=pair_cosine)
     if json_output:
         print(output.dumps({"out": str(out), "shards": numbers, "rows_per_shard": rows,
                             "files": [str(f) for f in files]}))
@@ -429,8 +444,50 @@ def index_status_cmd(db: Optional[str] = DbOption, url: Optional[str] = UrlOptio
     rows = [{**i, "bytes_on_disk": output.human_bytes(i["bytes_on_disk"]),
              "memory": output.human_bytes(i["memory_bytes_estimate"]),
              "covered": f"{i['parts_covered']}/{i['parts']} parts"} for i in info]
+    for r in rows:
+        if r.get("ef_search"):
+            r["tuned"] = f"{r['ef_search']} (recall@{r['tuned_k']} {r['tuned_recall']:.3f}, p50 {r['tuned_p50_ms']:.1f} ms)"
     output.print_records(rows, ["name", "column", "distance", "quantization", "m", "ef_construction", "covered",
-                                "bytes_on_disk", "memory"])
+                                "bytes_on_disk", "memory", "tuned"])
+
+
+@index_app.command("tune")
+@handle_errors
+def index_tune(
+    recall: float = typer.Option(0.95, "--recall", min=0.01, max=1.0, help="Target recall@k."),
+    column: str = typer.Option("image", "--column", help="image or text."),
+    k: int = typer.Option(10, "--k", min=1, max=1000, help="Neighbours per query (recall@k)."),
+    sample: int = typer.Option(200, "--sample", min=2, max=100_000,
+                               help="Queries: half stored vectors (left out of their own results), half perturbed."),
+    seed: int = typer.Option(0, "--seed", help="Which rows make the sample."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Measure only; do not store the default."),
+    db: Optional[str] = DbOption,
+    url: Optional[str] = UrlOption,
+    json_output: bool = JsonOption,
+) -> None:
+    """Find the smallest ef_search whose recall@k against exact search meets the target, and store
+    it as the index's default (searches use it unless given --ef-search).
+
+    Example: laion index tune --recall 0.95 --column image
+    """
+    from laion_search.tune import tune
+
+    def show(e: dict) -> None:
+        if not json_output and e["event"] == "tune_step":
+            output.err.print(f"ef_search {e['ef_search']}: recall@{k} {e['recall']:.3f}, p50 {e['p50_ms']:.1f} ms")
+
+    with open_store(db, url) as store:
+        result = tune(store, column, recall=recall, k=k, sample=sample, seed=seed, save=not dry_run, progress=show)
+    if json_output:
+        print(output.dumps(result.as_dict()))
+    elif result.met:
+        where = "stored as the default" if result.stored else "not stored (--dry-run)"
+        output.out.print(f"{result.index}: ef_search {result.ef_search} reaches recall@{k} {result.recall:.3f} "
+                         f"(target {recall:.2f}, {result.queries} queries), p50 {result.p50_ms:.1f} ms; {where}")
+    else:
+        output.out.print(f"{result.index}: {result.recommendation}")
+    if not result.met:
+        raise typer.Exit(1)
 
 
 @index_app.command("drop")
@@ -714,6 +771,11 @@ def bench_search(
     threads: int = typer.Option(2, "--threads", min=1, max=64, help="Client threads for the QPS column."),
     workdir: Optional[Path] = typer.Option(None, "--dir", help="Scratch directory, reused between runs (default: temp)."),
     out: Optional[Path] = typer.Option(Path("bench-out"), "--out", help="Where bench-search.md and .png go."),
+    data: str = typer.Option("synth", "--data", help="synth (realistic geometry), synth-hard (isotropic) or real-text "
+                                                     "(real text embedded by all-MiniLM-L6-v2: laion bench data real-text)."),
+    corpus: Optional[Path] = typer.Option(None, "--corpus", help="real-text: the text corpus (see laion bench data real-text)."),
+    rescoring: bool = typer.Option(False, "--rescoring", help="Re-rank index candidates exactly (vector_search_with_rescoring; "
+                                                             "for i8 / b1)."),
     json_output: bool = JsonOption,
 ) -> None:
     """Recall@k, latency, QPS, build speed and index size: exact and HNSW, vs numpy, faiss and usearch.
@@ -726,8 +788,11 @@ def bench_search(
         parse_configs(configs)
     except ValueError:
         raise UsageError("--configs must look like 16:128,64:256") from None
+    if data not in ("synth", "synth-hard", "real-text"):
+        raise UsageError(f"--data must be synth, synth-hard or real-text, got {data!r}")
     result = run_bench(rows=rows, queries=queries, k=k, configs=configs, quantization=quantization, threads=threads,
-                       workdir=workdir, out=out, log=None if json_output else output.err.print)
+                       workdir=workdir, out=out, log=None if json_output else output.err.print, data=data,
+                       corpus=corpus, rescoring=rescoring)
     if json_output:
         print(output.dumps(result))
     else:
@@ -736,6 +801,40 @@ def bench_search(
             output.out.print(f"{name}: {value:.2f}×")
         if out:
             output.out.print(f"wrote {out / 'bench-search.md'} and {out / 'bench-search.png'}")
+
+
+data_app = typer.Typer(help="Datasets for benchmarks, built offline and cached.", no_args_is_help=True)
+bench_app.add_typer(data_app, name="data")
+
+
+@data_app.command("real-text")
+@handle_errors
+def bench_data_real_text(
+    rows: int = typer.Option(20_000, "--rows", min=1, help="Rows (records of the corpus) to embed."),
+    corpus: Optional[Path] = typer.Option(None, "--corpus", envvar="LAION_TEXT_CORPUS", show_envvar=True,
+                                          help="TSV with a header (name, …, summary…) or a text file, one summary per "
+                                               "line. Default: the summaries of the installed Python distributions."),
+    seed: int = typer.Option(0, "--seed", help="Which records are drawn."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write here instead of the cache (~/.cache/laion-search/real-text)."),
+    json_output: bool = JsonOption,
+) -> None:
+    """Write a LAION-layout shard (img_emb_0.npy, text_emb_0.npy, metadata_0.parquet) of real text
+    embedded by a real model (all-MiniLM-L6-v2, offline): summary → image vector, name → text vector.
+
+    Example: laion bench data real-text --rows 20000 --corpus packages/pypi.tsv
+    """
+    from laion_search.bench.real_text import build
+
+    with output.CountProgress(output.progress_mode(json_output), "embed", rows) as progress:
+        path = build(rows, corpus=corpus, seed=seed, out=out, progress=lambda done, total: progress.count(done, total),
+                     log=None if json_output else output.err.print)
+    import json as _json
+
+    manifest = _json.loads((path / "manifest.json").read_text())
+    if json_output:
+        print(output.dumps({"dir": str(path), **manifest}))
+    else:
+        output.out.print(f"{manifest['rows']:,} rows × {manifest['dim']} ({manifest['model']}) in {path}")
 
 
 @bench_app.command("clip")
