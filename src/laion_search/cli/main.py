@@ -767,8 +767,10 @@ def bench_search(
     queries: int = typer.Option(100, "--queries", min=1, help="Number of text→image queries."),
     k: int = typer.Option(10, "--k", min=1, max=1000, help="Neighbours per query (recall@k)."),
     configs: str = typer.Option("16:64,64:256", "--configs", help="HNSW M:ef_construction pairs, comma-separated; none: exact search only."),
-    quantization: str = typer.Option("bf16", "--quantization", help="bf16, f16, f32, i8 or b1."),
+    quantization: str = typer.Option("bf16", "--quantization", help="bf16, f16, f32, i8 or b1; a list (bf16,i8,b1) "
+                                                                  "sweeps them (i8 / b1 always with rescoring)."),
     threads: int = typer.Option(2, "--threads", min=1, max=64, help="Client threads for the QPS column."),
+    peers: bool = typer.Option(True, "--peers/--no-peers", help="Also run usearch and faiss on the same vectors."),
     workdir: Optional[Path] = typer.Option(None, "--dir", help="Scratch directory, reused between runs (default: temp)."),
     out: Optional[Path] = typer.Option(Path("bench-out"), "--out", help="Where bench-search.md and .png go."),
     data: str = typer.Option("synth", "--data", help="synth (realistic geometry), synth-hard (isotropic) or real-text "
@@ -788,11 +790,16 @@ def bench_search(
         parse_configs(configs)
     except ValueError:
         raise UsageError("--configs must look like 16:128,64:256") from None
+    from laion_search.index import QUANTIZATIONS
+
+    bad = [q for q in quantization.split(",") if q.strip() not in QUANTIZATIONS]
+    if bad:
+        raise UsageError(f"--quantization: {bad[0]!r} is not one of {', '.join(QUANTIZATIONS)}")
     if data not in ("synth", "synth-hard", "real-text"):
         raise UsageError(f"--data must be synth, synth-hard or real-text, got {data!r}")
     result = run_bench(rows=rows, queries=queries, k=k, configs=configs, quantization=quantization, threads=threads,
                        workdir=workdir, out=out, log=None if json_output else output.err.print, data=data,
-                       corpus=corpus, rescoring=rescoring)
+                       corpus=corpus, rescoring=rescoring, peers=peers)
     if json_output:
         print(output.dumps(result))
     else:
