@@ -40,7 +40,7 @@ def test_realistic_geometry_has_the_shape_of_real_embeddings(tmp_path):
     img = _unit(np.load(tmp_path / "r" / "img_emb_0.npy"))
     txt = _unit(np.load(tmp_path / "r" / "text_emb_0.npy"))
     hard = _unit(np.load(tmp_path / "h" / "img_emb_0.npy"))
-    assert _cov_share(img, 16) > 0.9 > 0.2 > _cov_share(hard, 16)
+    assert _cov_share(img, 16) > 0.8 > 0.2 > _cov_share(hard, 16)
     rng = np.random.default_rng(0)
     a, b = rng.integers(0, 4000, 3000), rng.integers(0, 4000, 3000)
     keep = a != b
@@ -65,14 +65,14 @@ def test_synth_knobs_are_checked(tmp_path):
 
 @pytest.fixture(scope="module")
 def realistic(tmp_path_factory):
-    """One realistic shard, ingested, with a deliberately light image index (M=4, ef_c=8), so that
+    """One realistic shard, ingested, with a deliberately light image index (M=8, ef_c=16), so that
     the engine's small ef_search values miss the target and tuning has something to find."""
     root = tmp_path_factory.mktemp("tune")
     synth(root / "shards", [0], ROWS, seed=4)
     img = _unit(np.load(root / "shards" / "img_emb_0.npy"))
     with connect(root / "db") as store:  # chDB: one open store per process; each test opens its own
         ingest(store, root / "shards")
-        create_index(store, IndexSpec("image", m=4, ef_construction=8))
+        create_index(store, IndexSpec("image", m=8, ef_construction=16))
     return root, img
 
 
@@ -129,12 +129,12 @@ def test_tuned_default_survives_reopen_and_is_used_by_search(realistic):
         fresh = _queries(reopened, "image_embedding", 50, 99)
         assert _numpy_recall(reopened, img, fresh, 10, None) >= 0.95
         # another index type (a rebuild with other parameters) does not inherit the default
-        create_index(reopened, IndexSpec("image", m=6, ef_construction=8), replace=True)
+        create_index(reopened, IndexSpec("image", m=10, ef_construction=16), replace=True)
         assert "hnsw_candidate_list_size_for_search" not in search(reopened, img[5], k=10).sql
         assert next(i for i in index_status(reopened) if i["name"] == "image_index")["ef_search"] is None
     finally:
         drop_index(reopened, "image")
-        create_index(reopened, IndexSpec("image", m=4, ef_construction=8))
+        create_index(reopened, IndexSpec("image", m=8, ef_construction=16))
         reopened.close()
 
 
@@ -142,7 +142,7 @@ def test_unreachable_target_recommends_a_rebuild(realistic):
     with connect(realistic[0] / "db") as store:
         result = tune(store, "image", recall=1.0, k=50, sample=20, max_ef_search=16)
     assert not result.met and result.ef_search is None and not result.stored
-    assert "--m 8" in result.recommendation and "--ef-construction 128" in result.recommendation
+    assert "--m 16" in result.recommendation and "--ef-construction 128" in result.recommendation
     assert "16" in result.recommendation
 
 
@@ -163,7 +163,7 @@ def test_cli_tune_and_status(tmp_path):
     run_cli("ingest", str(tmp_path / "s"), "--db", db, check=True)
     missing = run_cli("index", "tune", "--db", db)
     assert missing.returncode != 0 and "no image_index to tune" in missing.stderr and "Traceback" not in missing.stderr
-    run_cli("index", "create", "--m", "4", "--ef-construction", "8", "--db", db, check=True)
+    run_cli("index", "create", "--m", "8", "--ef-construction", "16", "--db", db, check=True)
     out = run_cli("index", "tune", "--recall", "0.97", "--sample", "50", "--json", "--db", db, check=True)
     result = json.loads(out.stdout)
     assert result["met"] and result["stored"] and result["recall"] >= 0.97

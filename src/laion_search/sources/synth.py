@@ -73,8 +73,8 @@ def shard_name(kind: str, shard: int, pad: int) -> str:
 def synth(out: str | os.PathLike[str], shards: list[int], rows: int, *, dim: int = 512, seed: int = 0,
           layout: str = "flat", pad: int = 0, topics: int = 200, chunk_rows: int = 65536,
           progress: ProgressFn | None = None, geometry: str = "realistic",
-          intrinsic_dim: int = 24, anisotropy: float = 0.35, decay: float = 0.5, noise: float = 0.1,
-          hubs: float = 0.3, pair_cosine: float = 0.32) -> list[Path]:
+          intrinsic_dim: int = 256, anisotropy: float = 0.2, decay: float = 0.5, noise: float = 0.3,
+          hubs: float = 0.6, pair_cosine: float = 0.32) -> list[Path]:
     """Write ``len(shards)`` shards of ``rows`` rows each under ``out``; return the files written.
 
     ``layout`` is ``"flat"`` (the guide's) or ``"folders"`` (``img_emb/ text_emb/ metadata/``);
@@ -144,19 +144,26 @@ class _RealisticSpace:
     a shared offset; topic centres, sub-centres and the offsets are shared by all shards of one seed."""
 
     SUBS = 8
-    TOPIC, SUB, ROW = 1.0, 0.6, 0.6  # spread of topic centres, sub-centres, rows (latent units)
+    # spread of topic centres, sub-centres and rows (latent units), and the text vectors' noise
+    # relative to the images' (a caption says less than its picture shows). Chosen, with the
+    # defaults of synth(), so that nearest-neighbour distances and HNSW recall of text→image
+    # queries sit near those of real text embedded by a real model (docs/realistic-vectors.md).
+    TOPIC, SUB, ROW = 1.0, 0.5, 1.2
+    TEXT_NOISE = 6.0
 
     def __init__(self, dim: int, seed: int, topics: int, *, intrinsic_dim: int, anisotropy: float, decay: float,
                  noise: float, hubs: float, pair_cosine: float):
         rng = np.random.default_rng([seed, 2**31, 1])
-        d = min(intrinsic_dim, dim)
+        d = max(1, min(intrinsic_dim, dim - 2)) if dim > 2 else 1
         self.dim, self.d, self.topics = dim, d, topics
         self.noise, self.hubs, self.pair_cosine = noise, hubs, pair_cosine
         self.pair_centre = _centre_for_mean(pair_cosine, PAIR_SPREAD, PAIR_LOW, PAIR_HIGH)
-        q, _ = np.linalg.qr(rng.standard_normal((dim, d + 2)))
+        q, _ = np.linalg.qr(rng.standard_normal((dim, min(dim, d + 2))))
         self.basis = q[:, :d].T.astype(np.float32)           # latent axes, orthonormal
-        # the offsets are orthogonal to the latent axes; image and text offsets meet at ~60°
-        off_i, off_t = q[:, d], 0.5 * q[:, d] + np.sqrt(0.75) * q[:, d + 1]
+        # the offsets are orthogonal to the latent axes (where dim leaves room); image and text
+        # offsets meet at ~60°
+        extra = q[:, d:d + 2] if q.shape[1] >= d + 2 else _normalise(rng.standard_normal((2, dim))).T
+        off_i, off_t = extra[:, 0], 0.5 * extra[:, 0] + np.sqrt(0.75) * extra[:, 1]
         spectrum = (1.0 + np.arange(d)) ** -decay
         self.spectrum = (spectrum / np.sqrt((spectrum ** 2).sum())).astype(np.float32)  # total variance 1
         # total latent variance 1 on average over rows, hub scale included, so that the offset's
@@ -173,19 +180,20 @@ class _RealisticSpace:
         w = 1.0 / np.arange(1, topics + 1) ** 0.6
         self.weights = w / w.sum()
 
-    def _points(self, rng: np.random.Generator, topic: np.ndarray, sub: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    def _points(self, rng: np.random.Generator, topic: np.ndarray, sub: np.ndarray, offset: np.ndarray,
+                noise: float) -> np.ndarray:
         n = len(topic)
         z = self.sub[topic, sub] + rng.standard_normal((n, self.d), dtype=np.float32) * self.spectrum * self.ROW
         # hubness: a long lower tail of latent scale pulls some rows towards the offset
         z *= np.exp(-np.abs(rng.standard_normal(n, dtype=np.float32)) * self.hubs)[:, None] / self.scale
         x = offset + self.b * (z @ self.basis)
-        x += rng.standard_normal((n, self.dim), dtype=np.float32) * (self.noise / np.sqrt(self.dim))
+        x += rng.standard_normal((n, self.dim), dtype=np.float32) * (noise / np.sqrt(self.dim))
         return _normalise(x)
 
     def sample(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         topic = rng.choice(self.topics, size=n, p=self.weights)
-        image = self._points(rng, topic, rng.integers(0, self.SUBS, size=n), self.offset_img)
-        text0 = self._points(rng, topic, rng.integers(0, self.SUBS, size=n), self.offset_txt)
+        image = self._points(rng, topic, rng.integers(0, self.SUBS, size=n), self.offset_img, self.noise)
+        text0 = self._points(rng, topic, rng.integers(0, self.SUBS, size=n), self.offset_txt, self.noise * self.TEXT_NOISE)
         s = _truncated_normal(rng, n, self.pair_centre, PAIR_SPREAD, PAIR_LOW, PAIR_HIGH)
         # turn each text towards its image until their cosine is s: keep its own direction
         # orthogonal to the image (what makes it a different, related vector), add s of the image
