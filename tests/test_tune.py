@@ -209,3 +209,20 @@ def test_real_text_dataset_is_cached_and_pairs_behave_like_pairs(tmp_path, monke
     with connect(tmp_path / "db") as store:
         ingest(store, d)
         assert store.scalar("SELECT count() FROM laion") == 5 and store.dim() == 384
+
+
+def test_cli_geometry_compares_sets(tmp_path):
+    """`laion bench geometry` measures sets side by side: the realistic set is anisotropic and
+    low-rank where --hard is neither."""
+    run_cli("synth", str(tmp_path / "r"), "--rows", "800", "--dim", "64", "--intrinsic-dim", "8", check=True)
+    run_cli("synth", str(tmp_path / "h"), "--rows", "800", "--dim", "64", "--hard", check=True)
+    out = run_cli("bench", "geometry", str(tmp_path / "r"), str(tmp_path / "h"), "--names", "real,hard",
+                  "--sample", "50", "--json", "--out", str(tmp_path / "g"), check=True)
+    stats = json.loads(out.stdout)
+    assert stats["real"]["mean_cosine"] > 0.1 > abs(stats["hard"]["mean_cosine"])
+    assert stats["real"]["axes_90"] < stats["hard"]["axes_90"]
+    assert all(0.28 - 2e-3 <= stats["real"][k] <= 0.45 + 2e-3 for k in ("pair_cosine_p10", "pair_cosine_p90"))
+    assert "| statistic | real | hard |" in (tmp_path / "g" / "geometry.md").read_text()
+    assert (tmp_path / "g" / "geometry.png").read_bytes()[:4] == b"\x89PNG"
+    bad = run_cli("bench", "geometry", str(tmp_path / "nowhere"))
+    assert bad.returncode != 0 and "no img_emb_0.npy" in bad.stderr and "Traceback" not in bad.stderr

@@ -844,6 +844,45 @@ def bench_data_real_text(
         output.out.print(f"{manifest['rows']:,} rows × {manifest['dim']} ({manifest['model']}) in {path}")
 
 
+@bench_app.command("geometry")
+@handle_errors
+def bench_geometry(
+    dirs: List[Path] = typer.Argument(..., help="Shard directories (with img_emb_0.npy and text_emb_0.npy), side by side."),
+    names: Optional[str] = typer.Option(None, "--names", help="Column names, comma-separated (default: the directory names)."),
+    rows: Optional[int] = typer.Option(None, "--rows", min=100, help="Use the first N rows of each."),
+    sample: int = typer.Option(500, "--sample", min=10, help="Query rows for the nearest-neighbour statistics."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write geometry.md and geometry.png here."),
+    json_output: bool = JsonOption,
+) -> None:
+    """Spectrum, anisotropy, pair cosine, nearest-neighbour distances, hubness and recall vs
+    ef_search of embedding sets, side by side (docs/realistic-vectors.md).
+
+    Example: laion bench geometry ./real-text ./synth --names real,synth --out docs/img
+    """
+    from laion_search.bench import geometry
+
+    labels = names.split(",") if names else [d.name for d in dirs]
+    if len(labels) != len(dirs):
+        raise UsageError(f"--names has {len(labels)} names for {len(dirs)} directories")
+    named = {}
+    for label, d in zip(labels, dirs):
+        try:
+            img, txt = geometry.load(d, rows)
+        except (FileNotFoundError, ValueError) as exc:
+            raise UsageError(f"{d}: {exc}") from None
+        output.err.print(f"measuring {label} ({len(img):,} rows)")
+        named[label] = geometry.stats(img, txt, sample=sample)
+    md = geometry.markdown(named)
+    if json_output:
+        print(output.dumps({k: {kk: vv for kk, vv in v.items() if kk != "nn_hist"} for k, v in named.items()}))
+    else:
+        output.out.print(md)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "geometry.md").write_text(md + "\n")
+        geometry.plot(named, out / "geometry.png")
+
+
 @bench_app.command("clip")
 @handle_errors
 def bench_clip(
