@@ -99,7 +99,11 @@ def _check_tune_meets_target(store, img):
     result = tune(store, "image", recall=0.98, k=10, sample=60, save=False)
     assert result.met and result.ef_search is not None and result.queries == 60
     queries = _queries(store, "image_embedding", 60, 0)
-    assert sum(q is None for q, _ in queries) == 30  # half perturbed, half stored
+    assert sum(q is not None for q, _ in queries) == 20  # a third stored (left out of their results)
+    rows = store.rows("SELECT text_embedding FROM laion ORDER BY cityHash64(id, 0) LIMIT 60")
+    # every third is the same sample row's text vector: a caption searching images
+    assert all(np.allclose(queries[i][1], _unit(np.asarray([rows[i]["text_embedding"]]))[0], atol=1e-6)
+               for i in range(2, 60, 3))
     # the recall it promises is the recall numpy's exact search gives at that ef_search
     assert _numpy_recall(store, img, queries, 10, result.ef_search) >= 0.98
     # and it is the smallest such value within the bisection step: a value below it missed

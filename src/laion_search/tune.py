@@ -4,8 +4,10 @@ An HNSW index answers from a candidate list of ``ef_search`` entries: more candi
 recall, more time. The right value depends on the data and the graph, so we measure it, the way
 autofaiss tunes faiss indexes, but inside the engine:
 
-1. draw a sample of queries: stored vectors of the column (each left out of its own results)
-   and the same vectors perturbed by a little noise (queries that are not in the table);
+1. draw a sample of queries, in equal parts: stored vectors of the column (each left out of its
+   own results), the same vectors perturbed by a little noise (queries that are not in the table),
+   and the same rows' vectors of the other modality (captions searching images: LAION's use,
+   and the hardest of the three for a graph index; ``cross_modal=False`` leaves them out);
 2. take their exact top-k with an exact search (:func:`laion_search.search.search`, ``exact=True``);
 3. search through the index with ``ef_search`` = 16, 32, 64, … (doubling) until recall@k reaches
    the target, then bisect between the last two values for the smallest one that does;
@@ -59,7 +61,7 @@ class TuneResult:
 
 
 def tune(store: Store, column: str = "image", *, recall: float = 0.95, k: int = 10, sample: int = 200,
-         seed: int = 0, max_ef_search: int = MAX_EF_SEARCH, save: bool = True,
+         seed: int = 0, max_ef_search: int = MAX_EF_SEARCH, save: bool = True, cross_modal: bool = True,
          progress: ProgressFn | None = None) -> TuneResult:
     """Find the smallest ``ef_search`` whose recall@k meets ``recall`` on the index of ``column``,
     and (``save``) store it as that index's default. See the module docstring."""
@@ -83,7 +85,7 @@ def tune(store: Store, column: str = "image", *, recall: float = 0.95, k: int = 
     rows = int(store.scalar("SELECT count() FROM laion") or 0)
     if rows <= k + 1:
         raise UsageError(f"the table has {rows} rows: too few to measure recall@{k}")
-    queries = _queries(store, emb, int(sample), seed)
+    queries = _queries(store, emb, int(sample), seed, cross_modal)
     emit({"event": "tune_truth", "queries": len(queries)})
     truth = []
     for qid, vec in queries:
@@ -132,7 +134,7 @@ def tune(store: Store, column: str = "image", *, recall: float = 0.95, k: int = 
         best = max(measured.items(), key=lambda kv: kv[1][0])
         m, efc = info.get("m", 16), info.get("ef_construction", 64)
         result.recommendation = (
-            f"no ef_search up to {max_ef_search} reaches recall@{k} {recall:.2f} (best {best[1][0]:.3f} at "
+            f"no ef_search up to {max_ef_search} reaches recall@{k} {recall:g} (best {best[1][0]:.3f} at "
             f"ef_search {best[0]}): the graph is the limit; rebuild with more links and a wider build search, "
             f"e.g. laion index create --column {column} --m {min(2 * m, 128)} --ef-construction "
             f"{min(max(2 * efc, 128), 1024)} --replace, then tune again")
@@ -142,23 +144,29 @@ def tune(store: Store, column: str = "image", *, recall: float = 0.95, k: int = 
     return result
 
 
-def _queries(store: Store, emb: str, sample: int, seed: int) -> list[tuple[int | None, np.ndarray]]:
-    """Half stored vectors (their own id is left out of their results), half perturbed copies."""
-    n_stored = (sample + 1) // 2
-    t = store.sql(f"SELECT id, {emb} AS v FROM laion ORDER BY cityHash64(id, {{seed:UInt64}}) LIMIT {{n:UInt64}}",
-                  {"seed": int(seed), "n": int(sample)})
-    ids = t.column("id").to_pylist()
-    vecs = [np.asarray(v, dtype=np.float32) for v in t.column("v").to_pylist()]
+def _queries(store: Store, emb: str, sample: int, seed: int, cross_modal: bool = True) -> list[tuple[int | None, np.ndarray]]:
+    """``(id to leave out or None, unit vector)``, in turn: a stored vector of the column (its own
+    row is left out of its results), the same vector perturbed, and — ``cross_modal`` — the row's
+    vector of the *other* modality (a caption searching images: LAION's text→image search, whose
+    queries lie off the indexed set and need a larger ef_search than the first two kinds)."""
+    other = next(e for _, e in INDEX_NAMES.values() if e != emb)
+    t = store.sql(f"SELECT id, {emb} AS v, {other} AS o FROM laion ORDER BY cityHash64(id, {{seed:UInt64}}) "
+                  "LIMIT {n:UInt64}", {"seed": int(seed), "n": int(sample)})
+    kinds = ("stored", "perturbed", "cross") if cross_modal else ("stored", "perturbed")
     rng = np.random.default_rng(seed)
     out: list[tuple[int | None, np.ndarray]] = []
-    for i, (rid, v) in enumerate(zip(ids, vecs)):
+    for i, (rid, v, o) in enumerate(zip(t.column("id").to_pylist(), t.column("v").to_pylist(), t.column("o").to_pylist())):
+        kind = kinds[i % len(kinds)]
+        v = np.asarray(o if kind == "cross" else v, dtype=np.float32)
         v = v / (np.linalg.norm(v) or 1.0)
-        if i < n_stored:
+        if kind == "stored":
             out.append((int(rid), v))
-        else:
+        elif kind == "perturbed":
             noise = rng.standard_normal(len(v)).astype(np.float32)
             w = v + PERTURBATION * noise / np.linalg.norm(noise)
             out.append((None, w / np.linalg.norm(w)))
+        else:
+            out.append((None, v))
     return out
 
 

@@ -458,7 +458,10 @@ def index_tune(
     column: str = typer.Option("image", "--column", help="image or text."),
     k: int = typer.Option(10, "--k", min=1, max=1000, help="Neighbours per query (recall@k)."),
     sample: int = typer.Option(200, "--sample", min=2, max=100_000,
-                               help="Queries: half stored vectors (left out of their own results), half perturbed."),
+                               help="Queries: stored vectors (left out of their own results), perturbed ones and "
+                                    "the other modality's (text→image), in equal parts."),
+    cross_modal: bool = typer.Option(True, "--cross-modal/--same-modality",
+                                     help="Include the other modality's vectors as queries (LAION's text→image search)."),
     seed: int = typer.Option(0, "--seed", help="Which rows make the sample."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Measure only; do not store the default."),
     db: Optional[str] = DbOption,
@@ -477,13 +480,14 @@ def index_tune(
             output.err.print(f"ef_search {e['ef_search']}: recall@{k} {e['recall']:.3f}, p50 {e['p50_ms']:.1f} ms")
 
     with open_store(db, url) as store:
-        result = tune(store, column, recall=recall, k=k, sample=sample, seed=seed, save=not dry_run, progress=show)
+        result = tune(store, column, recall=recall, k=k, sample=sample, seed=seed, save=not dry_run,
+                      cross_modal=cross_modal, progress=show)
     if json_output:
         print(output.dumps(result.as_dict()))
     elif result.met:
         where = "stored as the default" if result.stored else "not stored (--dry-run)"
         output.out.print(f"{result.index}: ef_search {result.ef_search} reaches recall@{k} {result.recall:.3f} "
-                         f"(target {recall:.2f}, {result.queries} queries), p50 {result.p50_ms:.1f} ms; {where}")
+                         f"(target {recall:g}, {result.queries} queries), p50 {result.p50_ms:.1f} ms; {where}")
     else:
         output.out.print(f"{result.index}: {result.recommendation}")
     if not result.met:
