@@ -144,10 +144,11 @@ def test_tuned_default_survives_reopen_and_is_used_by_search(realistic):
 
 def test_unreachable_target_recommends_a_rebuild(realistic):
     with connect(realistic[0] / "db") as store:
-        result = tune(store, "image", recall=1.0, k=50, sample=20, max_ef_search=16)
+        result = tune(store, "image", recall=1.0, k=10, sample=30, max_ef_search=16)
     assert not result.met and result.ef_search is None and not result.stored
     assert "--m 16" in result.recommendation and "--ef-construction 128" in result.recommendation
-    assert "16" in result.recommendation
+    assert "no ef_search up to 16 reaches recall@10 1" in result.recommendation
+    assert [p["ef_search"] for p in result.curve] == [16] and result.recall == result.curve[0]["recall"] < 1.0
 
 
 def test_tune_refuses_bad_input(realistic):
@@ -158,6 +159,8 @@ def test_tune_refuses_bad_input(realistic):
             tune(store, "text")
         with pytest.raises(UsageError, match="column must be image or text"):
             tune(store, "audio")
+        with pytest.raises(UsageError, match="max_ef_search"):
+            tune(store, k=50, max_ef_search=16)
         assert store.tuning() == {}
 
 

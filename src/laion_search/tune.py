@@ -108,8 +108,10 @@ def tune(store: Store, column: str = "image", *, recall: float = 0.95, k: int = 
             emit({"event": "tune_step", "ef_search": ef, "recall": measured[ef][0], "p50_ms": measured[ef][1]})
         return measured[ef][0]
 
-    lo, hi = 0, None
     ef = max(START_EF_SEARCH, k)
+    if ef > max_ef_search:
+        raise UsageError(f"max_ef_search ({max_ef_search}) must be at least {ef} (k and the first value tried)")
+    lo, hi = k - 1, None  # an ef_search below k cannot return k rows
     while ef <= max_ef_search:
         if measure(ef) >= recall:
             hi = ef
