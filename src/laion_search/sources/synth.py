@@ -18,8 +18,8 @@ model), because HNSW recall and build cost depend on that shape:
   distribution: mean ``pair_cosine`` (0.32), kept inside [0.28, 0.45] as LAION's filter did.
 
 ``"hard"`` is the older set (topic sub-centres plus isotropic noise as large as the centre in
-all dimensions): no real embedding set looks like it, and HNSW recall on it is far lower; keep
-it to stress the index.
+all dimensions): no real embedding set looks like it, and at large sizes HNSW recall on it is far
+lower (1M rows: recall@10 0.750 with the default graph); keep it to stress the index.
 
 Both geometries:
 
