@@ -118,7 +118,7 @@ def run(rows: int = 100_000, queries: int = 100, k: int = 10, configs: str = "16
                             _qps(numpy_exact, qs, threads)))
         try:
             if not peers:
-                raise ImportError
+                raise ImportError("--no-peers")
             import faiss
 
             flat = faiss.IndexFlatIP(base.shape[1])
@@ -133,7 +133,7 @@ def run(rows: int = 100_000, queries: int = 100, k: int = 10, configs: str = "16
         except ImportError:
             say("faiss skipped" if not peers else "faiss not installed: skipped")
 
-        db = root / "db"
+        db = root / ("db" if data == "synth" else f"db-{data}")  # one store per dataset: --dir may hold several
         with connect(db) as store:
             if store.scalar("SELECT count() FROM laion") != len(base):
                 say("ingest")
