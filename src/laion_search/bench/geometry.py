@@ -16,8 +16,9 @@ measured on LAION-layout shards side by side (synth ``realistic``, synth ``hard`
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -25,8 +25,8 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -168,8 +168,8 @@ def build(rows: int, *, corpus: str | os.PathLike[str] | None = None, seed: int 
     img.flush()
     txt.flush()
     del img, txt
-    for k in files:
-        os.replace(tmp[k], files[k])
+    for k, final in files.items():  # a cache entry appears complete or not at all
+        os.replace(tmp[k], final)
     manifest.write_text(json.dumps({"key": key, "rows": n, "dim": dim, "model": MODEL, "seed": seed,
                                     "corpus": str(corpus_path or "installed distributions"),
                                     "files": [p.name for p in files.values()]}, indent=1))
