@@ -18,7 +18,9 @@ verbatim, and adds LAION metadata columns plus the shard bookkeeping:
   query returning id, caption and url: 17.5 → 13.7 ms at 100K rows) at ~15 % more bytes for the
   text columns; scans are not slower (the embeddings are stored uncompressed anyway).
 
-``laion_shards`` records what was loaded (row count, file fingerprint, repairs).
+``laion_shards`` records what was loaded (row count, file fingerprint, repairs);
+``laion_index_tuning`` (created by the first ``laion index tune``) the ef_search default of each
+tuned index, with the recall and latency measured for it (on a cluster: on the node connected to).
 """
 
 from __future__ import annotations
