@@ -172,14 +172,15 @@ class _RealisticSpace:
         # total latent variance 1 on average over rows, hub scale included, so that the offset's
         # share — the mean cosine of two random vectors — is ``anisotropy``
         h = np.abs(np.random.default_rng(0).standard_normal(100_000))
-        self.scale = np.sqrt((self.TOPIC ** 2 + self.SUB ** 2 + self.ROW ** 2) * np.mean(np.exp(-2 * h * hubs)))
+        # (Python floats: a float64 NumPy scalar would turn the float32 arithmetic below into float64)
+        self.scale = float(np.sqrt((self.TOPIC ** 2 + self.SUB ** 2 + self.ROW ** 2) * np.mean(np.exp(-2 * h * hubs))))
         self.centres = rng.standard_normal((topics, d)).astype(np.float32) * self.spectrum * self.TOPIC
         self.sub = self.centres[:, None, :] + rng.standard_normal((topics, self.SUBS, d)).astype(np.float32) \
             * self.spectrum * self.SUB
         a = np.sqrt(anisotropy)
         self.offset_img = (a * off_i).astype(np.float32)
         self.offset_txt = (a * off_t).astype(np.float32)
-        self.b = np.sqrt(1.0 - anisotropy)
+        self.b = float(np.sqrt(1.0 - anisotropy))
         w = 1.0 / np.arange(1, topics + 1) ** 0.6
         self.weights = w / w.sum()
 
