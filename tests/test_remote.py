@@ -22,7 +22,8 @@ h5py = pytest.importorskip("h5py")
 
 from laion_search.errors import DownloadError, ShardValidationError, UsageError  # noqa: E402
 from laion_search.sources.http import RetryPolicy  # noqa: E402
-from laion_search.sources.remote import HTTPFile, LocalFile, check_hdf5, hf_url, open_input  # noqa: E402
+from laion_search.sources.hdf5 import check_hdf5  # noqa: E402
+from laion_search.sources.remote import HTTPFile, LocalFile, hf_url, open_input  # noqa: E402
 from laion_search.testing.faulty_http import Fault, FaultyServer  # noqa: E402
 
 from .conftest import run_cli  # noqa: E402

@@ -83,21 +83,25 @@ def test_search_without_an_index_takes_the_exact_path(loaded):
 
 def test_index_is_used_and_recall_is_high(loaded):
     store, truth, _ = loaded
-    create_index(store, IndexSpec(column="image", m=16, ef_construction=64))
+    # (32, 128): the default (16, 64) graph over three 600-row parts gave recall 0.966-1.0 from one
+    # multi-threaded build to the next here; (32, 128) gave 1.0 in every build
+    create_index(store, IndexSpec(column="image", m=32, ef_construction=128))
     try:
         info = store.index_status()
         assert info[0]["name"] == "image_index" and info[0]["parts_covered"] == info[0]["parts"]
-        assert info[0]["m"] == 16 and info[0]["quantization"] == "bf16"
+        assert info[0]["m"] == 32 and info[0]["quantization"] == "bf16"
         rng = np.random.default_rng(1)
         hits = 0
-        for _ in range(10):
+        for i in range(50):
             q = truth["image"][rng.integers(0, 1800)] + rng.standard_normal(512).astype(np.float32) * 0.02
             res = search(store, q, k=10)
-            plan = explain(store, res)
-            assert res.strategy == "index" and "image_index" in plan and "vector_similarity" in plan
+            if i < 3:
+                plan = explain(store, res)
+                assert res.strategy == "index" and "image_index" in plan and "vector_similarity" in plan
             order, _ = _cosine_topk(truth["image"], q, 10)
             hits += len({r["id"] for r in res.rows} & set(truth["ids"][order].tolist()))
-        assert hits / 100 >= 0.9
+        # recall@10 over 50 queries; synth's default geometry has real embeddings' shape
+        assert hits / 500 >= 0.98
         exact = search(store, truth["image"][3], k=10, exact=True)
         assert "image_index" not in explain(store, exact)
         # text column has no index: the plan must not claim one

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from laion_search.errors import UsageError
-from laion_search.schema import INDEX_NAMES, METRICS, QUANTIZATIONS, TABLE, scan_column
+from laion_search.schema import INDEX_NAMES, METRICS, QUANTIZATIONS, TABLE, TUNING_TABLE, scan_column
 from laion_search.store import Store
 #: Chosen from the sweep in the README (100K rows): ≥ 4× faster to build than the guide's (64, 256)
 #: at recall@10 ≥ 0.95 — (16, 64) built 7.1× faster at recall 0.960; (16, 128), recall 0.998, was
@@ -158,6 +158,8 @@ def drop_index(store: Store, column: str) -> bool:
         raise UsageError(f"column must be image or text, got {column!r}")
     existed = any(i["name"] == name for i in store.list_indexes())
     store.backend.command(f"ALTER TABLE {store.data_table}{store.layout.on_cluster} DROP INDEX IF EXISTS {name}")
+    if store.tuning_table_exists():  # a new graph deserves a new measurement (laion index tune)
+        store.backend.command(f"DELETE FROM {TUNING_TABLE} WHERE column = {{c:String}}", {"c": column})
     store.forget_dim()
     return existed
 

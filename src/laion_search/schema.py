@@ -75,6 +75,25 @@ ENGINE = ReplacingMergeTree(loaded_at)
 ORDER BY shard
 """
 
+#: ef_search defaults measured by `laion index tune`, per embedding column (created on first use)
+TUNING_TABLE = "laion_index_tuning"
+TUNING_DDL = """
+CREATE TABLE IF NOT EXISTS {table}
+(
+    `column` String,
+    `index_type` String,
+    `ef_search` UInt32,
+    `recall` Float64,
+    `target` Float64,
+    `k` UInt32,
+    `queries` UInt32,
+    `p50_ms` Float64,
+    `tuned_at` DateTime64(3)
+)
+ENGINE = ReplacingMergeTree(tuned_at)
+ORDER BY column
+"""
+
 #: Columns that searches and ``--where`` may name; everything else is refused.
 COLUMNS = ("id", "url", "caption", "NSFW", "similarity", "shard", "shard_row", "key", "width", "height",
            "original_width", "original_height", "LICENSE")

@@ -51,7 +51,8 @@ class Filters:
 class SearchOptions:
     """Query-time knobs; defaults suit most searches."""
 
-    ef_search: int | None = None          # HNSW candidate list at query time (engine default 256)
+    ef_search: int | None = None          # HNSW candidate list at query time (default: the value
+                                          # `laion index tune` stored for the index, else the engine's 256)
     rescoring: bool = False               # re-rank index candidates with exact distances
     filter_strategy: str = "auto"         # auto: post-filter, then pre-filter if short of k
     fetch_multiplier: float = 4.0         # candidates per wanted row when post-filtering
@@ -253,6 +254,11 @@ def search(store: Store, vector: Any = None, *, query: SearchQuery | None = None
         if options.filter_strategy == "prefilter" and where:
             settings["vector_search_filter_strategy"] = "prefilter"
             strategy = "prefilter"
+        if options.ef_search is None:
+            # the ef_search that `laion index tune` measured for this index, if any
+            tuned = store.tuning().get(modality)
+            if tuned and func in tuned["index_type"]:
+                settings = {"hnsw_candidate_list_size_for_search": int(tuned["ef_search"]), **settings}
         base = sql
         sql = base + settings_sql(settings)
         rows = store.rows(sql, params)

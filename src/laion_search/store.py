@@ -4,7 +4,9 @@ Open one with :func:`connect` (a directory → embedded chDB; a ``clickhouse://`
 
 The table's columns, DDL and layout choices live in :mod:`laion_search.schema`.
 
-``laion_shards`` records what was loaded (row count, file fingerprint, repairs).
+``laion_shards`` records what was loaded (row count, file fingerprint, repairs);
+``laion_index_tuning`` (created by the first ``laion index tune``) the ef_search default of each
+tuned index, with the recall and latency measured for it (on a cluster: on the node connected to).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from laion_search import killpoints
 from laion_search.backends import Backend, ChdbBackend, ClickHouseBackend, Params, is_url
 from laion_search.backends.cluster import ClusterLayout, SingleNode, detect_layout
 from laion_search.errors import QueryError, StoreError, UsageError
-from laion_search.schema import (INDEX_NAMES, SHARDS_DDL, SHARDS_TABLE, STAGE_PREFIX, TABLE, TABLE_DDL,
+from laion_search.schema import (INDEX_NAMES, SHARDS_DDL, SHARDS_TABLE, STAGE_PREFIX, TABLE, TABLE_DDL, TUNING_DDL, TUNING_TABLE,
                                  index_memory_estimate, parse_index_type, scan_column)
 
 SCHEMA_TTL = 30.0  # seconds a store trusts its cached column / index list
@@ -61,6 +63,7 @@ class Store:
         self.backend = backend
         self._dim: int | None = None
         self._schema_cache: tuple[frozenset[str], frozenset[tuple[str, str]], float] | None = None
+        self._tuning_cache: tuple[dict[str, dict[str, Any]], float] | None = None
         #: where rows live: one node (``laion`` is MergeTree) or a cluster (``laion`` is Distributed)
         self.layout: SingleNode | ClusterLayout = detect_layout(backend, TABLE)
         if create and self.layout.cluster is None:
@@ -137,6 +140,7 @@ class Store:
         changes the table's rows or columns."""
         self._dim = None
         self._schema_cache = None
+        self._tuning_cache = None
 
     def columns(self) -> frozenset[str]:
         """Names of the ``laion`` table's columns (searches ask whether the bf16 scan copies of
@@ -163,6 +167,32 @@ class Store:
                 {"t": self.data_table}) if r["type_full"].count(",") >= 1)
             cached = self._schema_cache = (cols, idx, time.monotonic())
         return cached[0], cached[1]
+
+    def ensure_tuning_table(self) -> None:
+        self.backend.command(TUNING_DDL.format(table=TUNING_TABLE))
+
+    def tuning_table_exists(self) -> bool:
+        return bool(self.scalar("SELECT count() FROM system.tables WHERE database = currentDatabase() "
+                                "AND name = {t:String}", {"t": TUNING_TABLE}))
+
+    def tuning(self) -> dict[str, dict[str, Any]]:
+        """``image`` / ``text`` → the ef_search default stored by ``laion index tune`` (with its
+        measured recall and p50), for indexes whose type is still the one tuned. Cached like
+        :meth:`columns`."""
+        cached = self._tuning_cache
+        if cached is None or time.monotonic() - cached[1] > SCHEMA_TTL:
+            out: dict[str, dict[str, Any]] = {}
+            if self.tuning_table_exists():
+                types = {r["name"]: r["type_full"] for r in self.rows(
+                    "SELECT name, type_full FROM " + self.layout.system("data_skipping_indices") + " WHERE "
+                    "database = currentDatabase() AND table = {t:String} AND type = 'vector_similarity'",
+                    {"t": self.data_table})}
+                for r in self.rows(f"SELECT column, index_type, ef_search, recall, target, k, queries, p50_ms, "
+                                   f"toString(tuned_at) AS tuned_at FROM {TUNING_TABLE} FINAL"):
+                    if types.get(f"{r['column']}_index", "").replace(" ", "") == r["index_type"].replace(" ", ""):
+                        out[r["column"]] = r
+            cached = self._tuning_cache = (out, time.monotonic())
+        return cached[0]
 
     def dim(self) -> int | None:
         """Embedding dimension of the loaded rows, or None while the table is empty.
@@ -196,8 +226,10 @@ class Store:
             "SELECT count() AS parts, sum(rows) AS rows FROM " + self.layout.system("parts") + " WHERE "
             "database = currentDatabase() AND table = {t:String} AND active AND secondary_indices_compressed_bytes > 0",
             {"t": self.data_table})[0] if indexes else {}
+        tuned = self.tuning() if indexes else {}
         for idx in indexes:
             info = parse_index_type(idx["type_full"])
+            t = tuned.get(idx["name"].removesuffix("_index"), {})
             out.append({
                 "name": idx["name"], "column": idx["expr"], **info,
                 "parts": len(parts), "parts_covered": int(covered["parts"] or 0),
@@ -205,6 +237,9 @@ class Store:
                 "bytes_on_disk": int(idx["bytes_on_disk"] or 0),
                 "memory_bytes_estimate": index_memory_estimate(info, rows),
                 "type": idx["type_full"],
+                # set by `laion index tune`: the default ef_search, its measured recall@k and p50
+                "ef_search": t.get("ef_search"), "tuned_recall": t.get("recall"), "tuned_k": t.get("k"),
+                "tuned_p50_ms": t.get("p50_ms"),
             })
         for column in INDEX_NAMES:
             name = scan_column(column)

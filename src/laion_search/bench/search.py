@@ -68,21 +68,33 @@ def _row(name: str, results, lat, truth, k, qps1, qpsn, **extra) -> dict[str, An
 
 def run(rows: int = 100_000, queries: int = 100, k: int = 10, configs: str = "16:64,64:256",
         quantization: str = "bf16", threads: int = 2, workdir: Path | None = None, out: Path | None = None,
-        log: Callable[[str], Any] | None = None) -> dict[str, Any]:
+        log: Callable[[str], Any] | None = None, data: str = "synth", corpus: Any = None,
+        rescoring: bool = False, fetch_multiplier: float = 4.0, peers: bool = True) -> dict[str, Any]:
+    """``data``: ``synth`` (realistic geometry), ``synth-hard`` (isotropic) or ``real-text``
+    (:mod:`laion_search.bench.real_text`, cached). ``rescoring``: HNSW candidates re-ranked with
+    exact distances (``vector_search_with_rescoring``, ``fetch_multiplier`` × k candidates), the
+    setting that makes i8 / b1 indexes usable; on for those always). ``quantization`` may list
+    several (``"bf16,i8,b1"``: a sweep). ``peers=False`` skips the usearch / faiss rows."""
+    quantizations = [q.strip() for q in quantization.split(",") if q.strip()]
     from laion_search.bench.common import scratch_dir
     from laion_search.index import IndexSpec, create_index, create_scan_copy, drop_index, drop_scan_copy
     from laion_search.ingest import ingest
-    from laion_search.search import search
+    from laion_search.search import SearchOptions, search
     from laion_search.store import connect
     from laion_search.sources.synth import synth
 
     say = log or (lambda m: None)
     results: list[dict[str, Any]] = []
     with scratch_dir(workdir, "laion-bench-search-") as root:
-        shard_dir = root / "shards"
-        if not (shard_dir / "img_emb_0.npy").exists():
-            say(f"synth: {rows:,} rows")
-            synth(shard_dir, [0], rows, seed=3)
+        if data == "real-text":
+            from laion_search.bench.real_text import build
+
+            shard_dir = build(rows, corpus=corpus, log=say)
+        else:
+            shard_dir = root / f"shards-{data}"
+            if not (shard_dir / "img_emb_0.npy").exists():
+                say(f"synth ({data}): {rows:,} rows")
+                synth(shard_dir, [0], rows, seed=3, geometry="hard" if data == "synth-hard" else "realistic")
         base = np.load(shard_dir / "img_emb_0.npy").astype(np.float32)
         # unit rows: the dot product is then the cosine, so numpy's ranking is the exact cosine
         # ranking (LAION's float16 vectors are only normalised to ~1e-3, enough to swap near ties)
@@ -105,6 +117,8 @@ def run(rows: int = 100_000, queries: int = 100, k: int = 10, configs: str = "16
         results.append(_row("numpy exact (f32 GEMV)", res, lat, truth, k, _qps(numpy_exact, qs, 1),
                             _qps(numpy_exact, qs, threads)))
         try:
+            if not peers:
+                raise ImportError("--no-peers")
             import faiss
 
             flat = faiss.IndexFlatIP(base.shape[1])
@@ -117,9 +131,9 @@ def run(rows: int = 100_000, queries: int = 100, k: int = 10, configs: str = "16
             results.append(_row("faiss IndexFlatIP", res, lat, truth, k, _qps(faiss_exact, qs, 1),
                                 _qps(faiss_exact, qs, threads)))
         except ImportError:
-            say("faiss not installed: skipped")
+            say("faiss skipped" if not peers else "faiss not installed: skipped")
 
-        db = root / "db"
+        db = root / ("db" if data == "synth" else f"db-{data}")  # one store per dataset: --dir may hold several
         with connect(db) as store:
             if store.scalar("SELECT count() FROM laion") != len(base):
                 say("ingest")
@@ -140,29 +154,40 @@ def run(rows: int = 100_000, queries: int = 100, k: int = 10, configs: str = "16
                                 _qps(laion_exact, qs, threads), build_vps=built["vectors_per_second"],
                                 index_disk=scan["bytes_on_disk"], index_memory=0))
             drop_scan_copy(store, "image")
-            for m, ef in parse_configs(configs):
-                drop_index(store, "image")
-                say(f"build hnsw M={m} ef_construction={ef}")
-                built = create_index(store, IndexSpec("image", "cosine", quantization, m, ef))
-                st = store.index_status()[0]
+            for quant in quantizations:
+                # i8 / b1 graphs rank by rough distances: re-rank their candidates exactly
+                resc = rescoring or quant in ("i8", "b1")
+                tag = ("" if len(quantizations) == 1 and quant == "bf16" else f" {quant}") + \
+                    (f" rescored×{fetch_multiplier:g}" if resc else "")
+                for m, ef in parse_configs(configs):
+                    drop_index(store, "image")
+                    say(f"build hnsw {quant} M={m} ef_construction={ef}")
+                    built = create_index(store, IndexSpec("image", "cosine", quant, m, ef))
+                    st = store.index_status()[0]
+                    opts = SearchOptions(rescoring=resc, fetch_multiplier=fetch_multiplier)
 
-                def laion_hnsw(q: np.ndarray) -> list[int]:
-                    return [r["id"] for r in search(store, q, k=k).rows]
+                    def laion_hnsw(q: np.ndarray, opts: SearchOptions = opts) -> list[int]:
+                        return [r["id"] for r in search(store, q, k=k, options=opts).rows]
 
-                res, lat = _latencies(laion_hnsw, qs)
-                results.append(_row(f"laion hnsw M={m} ef_c={ef}", res, lat, truth, k, _qps(laion_hnsw, qs, 1),
-                                    _qps(laion_hnsw, qs, threads), build_vps=built["vectors_per_second"],
-                                    index_disk=st["bytes_on_disk"], index_memory=st["memory_bytes_estimate"],
-                                    m=m, ef_construction=ef))
-                results.append(_usearch_row(base, ids, qs, truth, k, m, ef, quantization, threads, root, say))
+                    res, lat = _latencies(laion_hnsw, qs)
+                    results.append(_row(f"laion hnsw M={m} ef_c={ef}{tag}", res, lat, truth, k, _qps(laion_hnsw, qs, 1),
+                                        _qps(laion_hnsw, qs, threads), build_vps=built["vectors_per_second"],
+                                        index_disk=st["bytes_on_disk"], index_memory=st["memory_bytes_estimate"],
+                                        m=m, ef_construction=ef, quantization=quant,
+                                        bytes_per_vector=st["memory_bytes_estimate"] / len(base)))
+                    if peers:
+                        row = _usearch_row(base, ids, qs, truth, k, m, ef, quant, threads, root, say)
+                        row["method"] += tag.replace(f" rescored×{fetch_multiplier:g}", "")
+                        results.append(row)
             drop_index(store, "image")
-    md = _markdown(results, rows, len(qs), k, quantization, threads)
+    md = _markdown(results, len(base), len(qs), k, quantization, threads, dim=base.shape[1], data=data,
+                   rescoring=rescoring)
     ratios = _ratios(results)
     if out:
         out.mkdir(parents=True, exist_ok=True)
         (out / "bench-search.md").write_text(md + "\n")
         _plot(results, out / "bench-search.png")
-    return {"rows": rows, "queries": len(qs), "k": k, "results": results, "ratios": ratios, "markdown": md}
+    return {"rows": len(base), "data": data, "queries": len(qs), "k": k, "results": results, "ratios": ratios, "markdown": md}
 
 
 def _usearch_row(base, ids, qs, truth, k, m, ef, quantization, threads, root, say) -> dict[str, Any]:
@@ -216,17 +241,24 @@ def _mb(x: Any) -> str:
     return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x / 2**20:,.1f} MB"
 
 
-def _markdown(results, rows, queries, k, quantization, threads) -> str:
-    lines = [f"{rows:,} rows × 512-d, {queries} text→image queries, recall@{k}, quantization {quantization}, "
-             f"ef_search {EF_SEARCH}, QPS with 1 and {threads} client threads",
+def _per_vector(r: dict[str, Any], rows: int) -> str:
+    """Index bytes in memory per vector (vectors at the index's quantization plus graph links)."""
+    mem = r.get("index_memory")
+    return "-" if not mem or not rows else f"{mem / rows:,.0f}"
+
+
+def _markdown(results, rows, queries, k, quantization, threads, dim=512, data="synth", rescoring=False) -> str:
+    lines = [f"{data}: {rows:,} rows × {dim}-d, {queries} text→image queries, recall@{k}, quantization {quantization}"
+             f"{' with rescoring' if rescoring else ''}, ef_search {EF_SEARCH}, QPS with 1 and {threads} client threads",
              "",
-             f"| method | recall@{k} | p50 ms | p95 ms | QPS (1) | QPS ({threads}) | build vectors/s | index memory | index disk |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| method | recall@{k} | p50 ms | p95 ms | QPS (1) | QPS ({threads}) | build vectors/s | index memory | "
+             "bytes/vector | index disk |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         bv = r.get("build_vps")
         lines.append(f"| {r['method']} | {r['recall']:.3f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['qps_1']:,.0f} | "
                      f"{r['qps_n']:,.0f} | {'-' if not bv else f'{bv:,.0f}'} | {_mb(r.get('index_memory'))} | "
-                     f"{_mb(r.get('index_disk'))} |")
+                     f"{_per_vector(r, rows)} | {_mb(r.get('index_disk'))} |")
     return "\n".join(lines)
 
 

@@ -73,11 +73,24 @@ def synth(
     images: bool = typer.Option(False, "--images", help="Also draw a small picture per row (images/<shard>/<row>.jpg, "
                                                         "1-3 KB, look-alikes for near rows); url = that path. "
                                                         "Serve them with `laion serve --images OUT`."),
+    hard: bool = typer.Option(False, "--hard", help="The old isotropic geometry (noise as large as the signal in every "
+                                                    "dimension): far harder for HNSW than real embeddings."),
+    intrinsic_dim: int = typer.Option(256, "--intrinsic-dim", min=1, help="Latent dimensions the vectors vary in (at most dim-2)."),
+    decay: float = typer.Option(0.5, "--decay", min=0.0, max=10.0,
+                                help="Spectrum decay: latent axis j has standard deviation ∝ j^-decay."),
+    anisotropy: float = typer.Option(0.2, "--anisotropy", min=0.0, max=0.99,
+                                     help="Shared offset: mean cosine of two random vectors (real CLIP: ~0.2-0.5)."),
+    noise: float = typer.Option(0.3, "--noise", min=0.0, max=10.0, help="Isotropic noise norm, relative to the signal."),
+    hubs: float = typer.Option(0.6, "--hubs", min=0.0, max=3.0, help="Hubness: spread of the per-row latent scale."),
+    pair_cosine: float = typer.Option(0.32, "--pair-cosine", min=0.28, max=0.45,
+                                      help="Mean image-text cosine of a pair (the similarity column; LAION: 0.28-0.45)."),
     json_output: bool = JsonOption,
 ) -> None:
-    """Write synthetic LAION-400M-format shards (clustered, correlated image/text vectors).
+    """Write synthetic LAION-400M-format shards: vectors shaped like real embeddings (low
+    intrinsic dimension, decaying spectrum, shared offset, clusters, hubs) and image-text pairs at
+    LAION's cosine. See docs/realistic-vectors.md.
 
-    Example: laion synth ./shards --shards 0-2 --rows 100000 --images
+    Example: laion synth ./shards --shards 0-2 --rows 100000 --images · laion synth ./hard --hard
     """
     from laion_search.sources.naming import parse_shard_spec
     from laion_search.sources.synth import synth as do_synth
@@ -87,7 +100,8 @@ def synth(
         raise UsageError("--layout must be 'flat' or 'folders'")
     with output.CountProgress(output.progress_mode(json_output), "synth", rows * len(numbers)) as progress:
         files = do_synth(out, numbers, rows, dim=dim, seed=seed, layout=layout, pad=pad, progress=progress.count,
-                         images=images)
+                         images=images, geometry="hard" if hard else "realistic", intrinsic_dim=intrinsic_dim,
+                         decay=decay, anisotropy=anisotropy, noise=noise, hubs=hubs, pair_cosine=pair_cosine)
     if json_output:
         print(output.dumps({"out": str(out), "shards": numbers, "rows_per_shard": rows,
                             "files": [str(f) for f in files]}))
@@ -495,8 +509,54 @@ def index_status_cmd(db: Optional[str] = DbOption, url: Optional[str] = UrlOptio
     rows = [{**i, "bytes_on_disk": output.human_bytes(i["bytes_on_disk"]),
              "memory": output.human_bytes(i["memory_bytes_estimate"]),
              "covered": f"{i['parts_covered']}/{i['parts']} parts"} for i in info]
+    for r in rows:
+        if r.get("ef_search"):
+            r["tuned"] = f"{r['ef_search']} (recall@{r['tuned_k']} {r['tuned_recall']:.3f}, p50 {r['tuned_p50_ms']:.1f} ms)"
     output.print_records(rows, ["name", "column", "distance", "quantization", "m", "ef_construction", "covered",
-                                "bytes_on_disk", "memory"])
+                                "bytes_on_disk", "memory", "tuned"])
+
+
+@index_app.command("tune")
+@handle_errors
+def index_tune(
+    recall: float = typer.Option(0.95, "--recall", min=0.01, max=1.0, help="Target recall@k."),
+    column: str = typer.Option("image", "--column", help="image or text."),
+    k: int = typer.Option(10, "--k", min=1, max=1000, help="Neighbours per query (recall@k)."),
+    sample: int = typer.Option(200, "--sample", min=2, max=100_000,
+                               help="Queries: stored vectors (left out of their own results), perturbed ones and "
+                                    "the other modality's (text→image), in equal parts."),
+    cross_modal: bool = typer.Option(True, "--cross-modal/--same-modality",
+                                     help="Include the other modality's vectors as queries (LAION's text→image search)."),
+    seed: int = typer.Option(0, "--seed", help="Which rows make the sample."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Measure only; do not store the default."),
+    db: Optional[str] = DbOption,
+    url: Optional[str] = UrlOption,
+    json_output: bool = JsonOption,
+) -> None:
+    """Find the smallest ef_search whose recall@k against exact search meets the target, and store
+    it as the index's default (searches use it unless given --ef-search).
+
+    Example: laion index tune --recall 0.95 --column image
+    """
+    from laion_search.tune import tune
+
+    def show(e: dict) -> None:
+        if not json_output and e["event"] == "tune_step":
+            output.err.print(f"ef_search {e['ef_search']}: recall@{k} {e['recall']:.3f}, p50 {e['p50_ms']:.1f} ms")
+
+    with open_store(db, url) as store:
+        result = tune(store, column, recall=recall, k=k, sample=sample, seed=seed, save=not dry_run,
+                      cross_modal=cross_modal, progress=show)
+    if json_output:
+        print(output.dumps(result.as_dict()))
+    elif result.met:
+        where = "stored as the default" if result.stored else "not stored (--dry-run)"
+        output.out.print(f"{result.index}: ef_search {result.ef_search} reaches recall@{k} {result.recall:.3f} "
+                         f"(target {recall:g}, {result.queries} queries), p50 {result.p50_ms:.1f} ms; {where}")
+    else:
+        output.out.print(f"{result.index}: {result.recommendation}")
+    if not result.met:
+        raise typer.Exit(1)
 
 
 @index_app.command("drop")
@@ -820,13 +880,20 @@ def bench_search(
     configs: Optional[str] = typer.Option(None, "--configs", help="HNSW M:ef_construction pairs, comma-separated; "
                                                                   "none: exact search only. Default 16:64,64:256; "
                                                                   "with --gold: the table's own index, if any."),
-    quantization: str = typer.Option("bf16", "--quantization", help="bf16, f16, f32, i8 or b1."),
+    quantization: str = typer.Option("bf16", "--quantization", help="bf16, f16, f32, i8 or b1; a list (bf16,i8,b1) "
+                                                                  "sweeps them (i8 / b1 always with rescoring)."),
     metric: str = typer.Option("cosine", "--metric", help="With --gold: cosine (= dot product on unit vectors) or l2."),
     threads: int = typer.Option(2, "--threads", min=1, max=64, help="Client threads for the QPS column."),
+    peers: bool = typer.Option(True, "--peers/--no-peers", help="Also run usearch and faiss on the same vectors."),
     workdir: Optional[Path] = typer.Option(None, "--dir", help="Scratch directory, reused between runs (default: temp)."),
     out: Optional[Path] = typer.Option(Path("bench-out"), "--out", help="Where bench-search.md and .png go."),
     db: Optional[str] = DbOption,
     url: Optional[str] = UrlOption,
+    data: str = typer.Option("synth", "--data", help="synth (realistic geometry), synth-hard (isotropic) or real-text "
+                                                     "(real text embedded by all-MiniLM-L6-v2: laion bench data real-text)."),
+    corpus: Optional[Path] = typer.Option(None, "--corpus", help="real-text: the text corpus (see laion bench data real-text)."),
+    rescoring: bool = typer.Option(False, "--rescoring", help="Re-rank index candidates exactly (vector_search_with_rescoring; "
+                                                             "for i8 / b1)."),
     json_output: bool = JsonOption,
 ) -> None:
     """Recall@k, latency, QPS, build speed and index size: exact and HNSW, vs numpy, faiss and usearch;
@@ -843,6 +910,13 @@ def bench_search(
         parse_configs(configs or "none")
     except ValueError:
         raise UsageError("--configs must look like 16:128,64:256") from None
+    from laion_search.schema import QUANTIZATIONS
+
+    bad = [q for q in quantization.split(",") if q.strip() not in QUANTIZATIONS]
+    if bad:
+        raise UsageError(f"--quantization: {bad[0]!r} is not one of {', '.join(QUANTIZATIONS)}")
+    if data not in ("synth", "synth-hard", "real-text"):
+        raise UsageError(f"--data must be synth, synth-hard or real-text, got {data!r}")
     n_queries = int(queries) if queries.strip().isdigit() else None
     if n_queries is None or gold is not None:
         if gold is None:
@@ -862,7 +936,8 @@ def bench_search(
             raise UsageError("--queries must be at least 1")
         result = run_bench(rows=rows, queries=n_queries, k=k, configs=configs or "16:64,64:256",
                            quantization=quantization, threads=threads, workdir=workdir, out=out,
-                           log=None if json_output else output.err.print)
+                           log=None if json_output else output.err.print, data=data, corpus=corpus,
+                           rescoring=rescoring, peers=peers)
     if json_output:
         print(output.dumps(result))
     else:
@@ -871,6 +946,79 @@ def bench_search(
             output.out.print(f"{name}: {value:.2f}×")
         if out:
             output.out.print(f"wrote {out / 'bench-search.md'} and {out / 'bench-search.png'}")
+
+
+data_app = typer.Typer(help="Datasets for benchmarks, built offline and cached.", no_args_is_help=True)
+bench_app.add_typer(data_app, name="data")
+
+
+@data_app.command("real-text")
+@handle_errors
+def bench_data_real_text(
+    rows: int = typer.Option(20_000, "--rows", min=1, help="Rows (records of the corpus) to embed."),
+    corpus: Optional[Path] = typer.Option(None, "--corpus", envvar="LAION_TEXT_CORPUS", show_envvar=True,
+                                          help="TSV with a header (name, …, summary…) or a text file, one summary per "
+                                               "line. Default: the summaries of the installed Python distributions."),
+    seed: int = typer.Option(0, "--seed", help="Which records are drawn."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write here instead of the cache (~/.cache/laion-search/real-text)."),
+    json_output: bool = JsonOption,
+) -> None:
+    """Write a LAION-layout shard (img_emb_0.npy, text_emb_0.npy, metadata_0.parquet) of real text
+    embedded by a real model (all-MiniLM-L6-v2, offline): summary → image vector, name → text vector.
+
+    Example: laion bench data real-text --rows 20000 --corpus packages/pypi.tsv
+    """
+    from laion_search.bench.real_text import build
+
+    with output.CountProgress(output.progress_mode(json_output), "embed", rows) as progress:
+        path = build(rows, corpus=corpus, seed=seed, out=out, progress=lambda done, total: progress.count(done, total),
+                     log=None if json_output else output.err.print)
+    import json as _json
+
+    manifest = _json.loads((path / "manifest.json").read_text())
+    if json_output:
+        print(output.dumps({"dir": str(path), **manifest}))
+    else:
+        output.out.print(f"{manifest['rows']:,} rows × {manifest['dim']} ({manifest['model']}) in {path}")
+
+
+@bench_app.command("geometry")
+@handle_errors
+def bench_geometry(
+    dirs: List[Path] = typer.Argument(..., help="Shard directories (with img_emb_0.npy and text_emb_0.npy), side by side."),
+    names: Optional[str] = typer.Option(None, "--names", help="Column names, comma-separated (default: the directory names)."),
+    rows: Optional[int] = typer.Option(None, "--rows", min=100, help="Use the first N rows of each."),
+    sample: int = typer.Option(500, "--sample", min=10, help="Query rows for the nearest-neighbour statistics."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write geometry.md and geometry.png here."),
+    json_output: bool = JsonOption,
+) -> None:
+    """Spectrum, anisotropy, pair cosine, nearest-neighbour distances, hubness and recall vs
+    ef_search of embedding sets, side by side (docs/realistic-vectors.md).
+
+    Example: laion bench geometry ./real-text ./synth --names real,synth --out docs/img
+    """
+    from laion_search.bench import geometry
+
+    labels = names.split(",") if names else [d.name for d in dirs]
+    if len(labels) != len(dirs):
+        raise UsageError(f"--names has {len(labels)} names for {len(dirs)} directories")
+    named = {}
+    for label, d in zip(labels, dirs):
+        try:
+            img, txt = geometry.load(d, rows)
+        except (FileNotFoundError, ValueError) as exc:
+            raise UsageError(f"{d}: {exc}") from None
+        output.err.print(f"measuring {label} ({len(img):,} rows)")
+        named[label] = geometry.stats(img, txt, sample=sample)
+    md = geometry.markdown(named)
+    if json_output:
+        print(output.dumps({k: {kk: vv for kk, vv in v.items() if kk != "nn_hist"} for k, v in named.items()}))
+    else:
+        output.out.print(md)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "geometry.md").write_text(md + "\n")
+        geometry.plot(named, out / "geometry.png")
 
 
 @bench_app.command("clip")

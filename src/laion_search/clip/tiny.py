@@ -61,7 +61,8 @@ def make_clip_model(out: str | Path, size: str = "tiny", seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection))
     model.save_pretrained(out)
-    CLIPTokenizer(vocab=vocab, merges=merges)  # type: ignore[arg-type]  # pairs are accepted.save_pretrained(out)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)  # type: ignore[arg-type]  # (a, b) pairs are accepted
+    tokenizer.save_pretrained(out)
     # the published models' preprocessing (OpenAI CLIP's), at this model's image size
     CLIPImageProcessor(size={"shortest_edge": vision["image_size"]},
                        crop_size={"height": vision["image_size"], "width": vision["image_size"]},

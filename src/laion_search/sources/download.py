@@ -248,7 +248,7 @@ def verify_file(path: Path, kind: str) -> int:
     if kind == "raw":  # a file of no known format: its size (checked by the caller) is all there is
         return 0
     if kind == "h5":
-        from laion_search.sources.remote import check_hdf5
+        from laion_search.sources.hdf5 import check_hdf5
 
         check_hdf5(path)
         return 0

@@ -39,7 +39,6 @@ import io
 import logging
 import os
 import random
-import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -47,7 +46,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
-from laion_search.errors import DownloadError, ShardValidationError, UsageError
+from laion_search.errors import DownloadError, UsageError
 from laion_search.sources.http import (
     CREDENTIAL_HEADERS,
     RETRY_STATUSES,
@@ -506,53 +505,10 @@ def cached_copy(url: str, cache_dir: str | os.PathLike[str], *, headers: dict[st
 
 
 # -- HDF5 header check (used by download verification) ---------------------------------------------
-_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-
-
-def check_hdf5(path: str | os.PathLike[str]) -> None:
-    """An HDF5 file's signature (at 0, 512, 1024, … as the format allows) and the end-of-file
-    address its superblock records, against the file's size: a truncated or foreign file is a
-    ShardValidationError naming it. Reads the superblock only."""
-    p = Path(path)
-    try:
-        size = p.stat().st_size
-        with open(p, "rb") as f:
-            at = 0
-            while True:
-                f.seek(at)
-                head = f.read(96)
-                if head[:8] == _HDF5_SIGNATURE:
-                    break
-                at = 512 if at == 0 else at * 2
-                if at >= size or at > 1 << 30:
-                    raise ShardValidationError("not an HDF5 file (no HDF5 signature)", path=str(p))
-    except OSError as exc:
-        raise ShardValidationError(f"cannot read: {exc.strerror or exc}", path=str(p)) from None
-    version = head[8]
-    if version in (0, 1):
-        osize = head[13]
-        base_at = 24 if version == 0 else 28
-    elif version in (2, 3):
-        osize = head[9]
-        base_at = 12
-    else:
-        raise ShardValidationError(f"unknown HDF5 superblock version {version}", path=str(p))
-    fmt = {2: "<H", 4: "<I", 8: "<Q"}.get(osize)
-    if fmt is None or len(head) < base_at + 3 * osize:
-        raise ShardValidationError("malformed HDF5 superblock", path=str(p))
-    base = struct.unpack_from(fmt, head, base_at)[0]
-    eof = struct.unpack_from(fmt, head, base_at + 2 * osize)[0]
-    undefined = (1 << (8 * osize)) - 1
-    if eof != undefined and at + base + eof > size:
-        raise ShardValidationError(f"truncated HDF5 file: its superblock records {at + base + eof:,} bytes, "
-                                   f"the file has {size:,}", path=str(p))
-
-
 __all__ = [
     "HTTPFile",
     "LocalFile",
     "cached_copy",
-    "check_hdf5",
     "hf_url",
     "is_remote",
     "kind_of",

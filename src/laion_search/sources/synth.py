@@ -1,12 +1,32 @@
 """Synthetic LAION-400M-format shards with realistic structure, for tests, demos and benchmarks.
 
-What makes them realistic enough for recall figures to mean something:
+Two geometries. The default, ``"realistic"``, has the shape of real embedding sets (CLIP's, or a
+sentence model's: docs/realistic-vectors.md compares it with real text embedded by a real
+model), because HNSW recall and build cost depend on that shape:
 
-* image vectors are drawn around a few hundred topic centres (clustered, like real CLIP
-  embeddings), with per-topic sub-clusters, so nearest neighbours are not uniform noise;
-* each text vector is correlated with its image vector (cosine ≈ 0.3, LAION's typical CLIP
-  similarity) and with its topic, so text→image search finds the right topic;
-* both are L2-normalised and stored as float16, like LAION's ``img_emb_N.npy``;
+* **a decaying spectrum in fewer dimensions**: each vector is a point of an
+  ``intrinsic_dim``-dimensional latent space (variance of latent axis j ∝ j^(-2·decay); with the
+  defaults, 256 axes of which ~20 carry half the variance, as real text embeddings' ~50 of 384)
+  mapped into ``dim`` dimensions by a fixed orthonormal basis, plus isotropic ``noise`` (text
+  vectors get 6× more: a caption says less than its picture, and so text→image queries lie off
+  the indexed set, which is what makes them harder for HNSW than image→image ones);
+* **a shared offset (anisotropy)**: every image vector leans on one common direction, so two
+  random vectors have cosine ≈ ``anisotropy`` (real CLIP: ~0.2–0.5; MiniLM on package
+  summaries: 0.12), and text vectors on another one (the image–text "modality gap");
+* **clusters and hubs**: latent points sit around topic centres and sub-centres (like real
+  CLIP embeddings), and a per-row scale with a long lower tail (``hubs``) pulls some rows
+  towards the centre, where they become the neighbours of many (hubness);
+* **pairs at LAION's cosine**: each text vector is its own point (from the same topic) turned
+  towards its image so that their cosine — the ``similarity`` column — follows LAION's
+  distribution: mean ``pair_cosine`` (0.32), kept inside [0.28, 0.45] as LAION's filter did.
+
+``"hard"`` is the older set (topic sub-centres plus isotropic noise as large as the centre in
+all dimensions): no real embedding set looks like it, and at large sizes HNSW recall on it is far
+lower (1M rows: recall@10 0.750 with the default graph); keep it to stress the index.
+
+Both geometries:
+
+* vectors are L2-normalised and stored as float16, like LAION's ``img_emb_N.npy``;
 * ``metadata_N.parquet`` has LAION-400M's columns, with captions built from the topic's words
   and, on purpose, quotes, tabs, newlines and non-ASCII text (stored verbatim by ingest);
 * ``similarity`` is the real cosine of the stored pair; ``NSFW`` follows LAION's labels.
@@ -58,22 +78,40 @@ ProgressFn = Callable[[int, int], None]
 
 def synth(out: str | os.PathLike[str], shards: list[int], rows: int, *, dim: int = 512, seed: int = 0,
           layout: str = "flat", pad: int = 0, topics: int = 200, chunk_rows: int = 65536,
-          progress: ProgressFn | None = None, images: bool = False) -> list[Path]:
+          progress: ProgressFn | None = None, images: bool = False, geometry: str = "realistic",
+          intrinsic_dim: int = 256, anisotropy: float = 0.2, decay: float = 0.5, noise: float = 0.3,
+          hubs: float = 0.6, pair_cosine: float = 0.32) -> list[Path]:
     """Write ``len(shards)`` shards of ``rows`` rows each under ``out``; return the files written.
 
     ``layout`` is ``"flat"`` (the guide's) or ``"folders"`` (``img_emb/ text_emb/ metadata/``);
-    ``pad`` zero-pads shard numbers in file names (LAION-5B style uses 4). ``images`` also
-    writes a picture per row (see the module docstring); those files are not in the list.
+    ``pad`` zero-pads shard numbers in file names (LAION-5B style uses 4). ``geometry`` is
+    ``"realistic"`` (tuned by ``intrinsic_dim``, ``anisotropy``, ``decay``, ``noise``, ``hubs``,
+    ``pair_cosine``: see the module docstring) or ``"hard"`` (isotropic noise; knobs unused).
+    ``images`` also writes a picture per row (see the module docstring); those files are not in
+    the list.
     """
     if layout not in ("flat", "folders"):
         raise ValueError("layout must be 'flat' or 'folders'")
     if rows < 0 or dim < 2:
         raise ValueError("rows must be >= 0 and dim >= 2")
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"geometry must be one of {', '.join(GEOMETRIES)}")
+    if not 1 <= intrinsic_dim:
+        raise ValueError("intrinsic_dim must be >= 1")
+    if not 0.0 <= anisotropy < 1.0:
+        raise ValueError("anisotropy must be in [0, 1)")
+    if not 0.0 <= noise <= 10.0 or not 0.0 <= decay <= 10.0 or not 0.0 <= hubs <= 3.0:
+        raise ValueError("noise and decay must be in [0, 10], hubs in [0, 3]")
+    if not PAIR_LOW <= pair_cosine <= PAIR_HIGH:
+        raise ValueError(f"pair_cosine must be in [{PAIR_LOW}, {PAIR_HIGH}] (LAION's range)")
     root = Path(out)
     dirs = {k: (root / k if layout == "folders" else root) for k in ("img_emb", "text_emb", "metadata")}
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
-    space = _Space(dim, seed, topics)
+    space: _Space | _RealisticSpace = (
+        _Space(dim, seed, topics) if geometry == "hard" else
+        _RealisticSpace(dim, seed, topics, intrinsic_dim=intrinsic_dim, anisotropy=anisotropy, decay=decay,
+                        noise=noise, hubs=hubs, pair_cosine=pair_cosine))
     total = rows * len(shards)
     done = 0
     written = []
@@ -106,8 +144,107 @@ def synth(out: str | os.PathLike[str], shards: list[int], rows: int, *, dim: int
     return written
 
 
+GEOMETRIES = ("realistic", "hard")
+PAIR_LOW, PAIR_HIGH = 0.28, 0.45  # LAION kept pairs above ~0.28-0.3; few are above 0.45
+PAIR_SPREAD = 0.04
+
+
+class _RealisticSpace:
+    """A low-dimensional latent space with a decaying spectrum, placed in ``dim`` dimensions around
+    a shared offset; topic centres, sub-centres and the offsets are shared by all shards of one seed."""
+
+    SUBS = 8
+    # spread of topic centres, sub-centres and rows (latent units), and the text vectors' noise
+    # relative to the images' (a caption says less than its picture shows). Chosen, with the
+    # defaults of synth(), so that nearest-neighbour distances and HNSW recall of text→image
+    # queries sit near those of real text embedded by a real model (docs/realistic-vectors.md).
+    TOPIC, SUB, ROW = 1.0, 0.5, 1.2
+    TEXT_NOISE = 6.0
+
+    def __init__(self, dim: int, seed: int, topics: int, *, intrinsic_dim: int, anisotropy: float, decay: float,
+                 noise: float, hubs: float, pair_cosine: float):
+        rng = np.random.default_rng([seed, 2**31, 1])
+        d = max(1, min(intrinsic_dim, dim - 2)) if dim > 2 else 1
+        self.dim, self.d, self.topics = dim, d, topics
+        self.noise, self.hubs, self.pair_cosine = noise, hubs, pair_cosine
+        self.pair_centre = _centre_for_mean(pair_cosine, PAIR_SPREAD, PAIR_LOW, PAIR_HIGH)
+        q, _ = np.linalg.qr(rng.standard_normal((dim, min(dim, d + 2))))
+        self.basis = q[:, :d].T.astype(np.float32)           # latent axes, orthonormal
+        # the offsets are orthogonal to the latent axes (where dim leaves room); image and text
+        # offsets meet at ~60°
+        extra = q[:, d:d + 2] if q.shape[1] >= d + 2 else _normalise(rng.standard_normal((2, dim))).T
+        off_i, off_t = extra[:, 0], 0.5 * extra[:, 0] + np.sqrt(0.75) * extra[:, 1]
+        spectrum = (1.0 + np.arange(d)) ** -decay
+        self.spectrum = (spectrum / np.sqrt((spectrum ** 2).sum())).astype(np.float32)  # total variance 1
+        # total latent variance 1 on average over rows, hub scale included, so that the offset's
+        # share — the mean cosine of two random vectors — is ``anisotropy``
+        h = np.abs(np.random.default_rng(0).standard_normal(100_000))
+        # (Python floats: a float64 NumPy scalar would turn the float32 arithmetic below into float64)
+        self.scale = float(np.sqrt((self.TOPIC ** 2 + self.SUB ** 2 + self.ROW ** 2) * np.mean(np.exp(-2 * h * hubs))))
+        self.centres = rng.standard_normal((topics, d)).astype(np.float32) * self.spectrum * self.TOPIC
+        self.sub = self.centres[:, None, :] + rng.standard_normal((topics, self.SUBS, d)).astype(np.float32) \
+            * self.spectrum * self.SUB
+        a = np.sqrt(anisotropy)
+        self.offset_img = (a * off_i).astype(np.float32)
+        self.offset_txt = (a * off_t).astype(np.float32)
+        self.b = float(np.sqrt(1.0 - anisotropy))
+        w = 1.0 / np.arange(1, topics + 1) ** 0.6
+        self.weights = w / w.sum()
+
+    def _points(self, rng: np.random.Generator, topic: np.ndarray, sub: np.ndarray, offset: np.ndarray,
+                noise: float) -> np.ndarray:
+        n = len(topic)
+        z = self.sub[topic, sub] + rng.standard_normal((n, self.d), dtype=np.float32) * self.spectrum * self.ROW
+        # hubness: a long lower tail of latent scale pulls some rows towards the offset
+        z *= np.exp(-np.abs(rng.standard_normal(n, dtype=np.float32)) * self.hubs)[:, None] / self.scale
+        x = offset + self.b * (z @ self.basis)
+        x += rng.standard_normal((n, self.dim), dtype=np.float32) * (noise / np.sqrt(self.dim))
+        return _normalise(x)
+
+    def sample(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Image and text vectors (float16), and each row's topic and image sub-centre (what
+        its generated picture is drawn from)."""
+        topic = rng.choice(self.topics, size=n, p=self.weights)
+        sub = rng.integers(0, self.SUBS, size=n)
+        image = self._points(rng, topic, sub, self.offset_img, self.noise)
+        text0 = self._points(rng, topic, rng.integers(0, self.SUBS, size=n), self.offset_txt, self.noise * self.TEXT_NOISE)
+        s = _truncated_normal(rng, n, self.pair_centre, PAIR_SPREAD, PAIR_LOW, PAIR_HIGH)
+        # turn each text towards its image until their cosine is s: keep its own direction
+        # orthogonal to the image (what makes it a different, related vector), add s of the image
+        r = text0 - np.einsum("ij,ij->i", text0, image)[:, None] * image
+        text = s[:, None] * image + np.sqrt(1 - s ** 2)[:, None] * _normalise(r)
+        return image.astype(np.float16), _normalise(text).astype(np.float16), topic, sub
+
+
+def _centre_for_mean(mean: float, sd: float, lo: float, hi: float) -> float:
+    """The centre of a normal truncated to [lo, hi] whose mean is ``mean`` (cutting one tail moves the mean)."""
+    from math import erf, exp, pi, sqrt
+
+    def truncated_mean(mu: float) -> float:
+        a, b = (lo - mu) / sd, (hi - mu) / sd
+        pdf = lambda x: exp(-x * x / 2) / sqrt(2 * pi)  # noqa: E731
+        cdf = lambda x: 0.5 * (1 + erf(x / sqrt(2)))  # noqa: E731
+        return mu + sd * (pdf(a) - pdf(b)) / max(cdf(b) - cdf(a), 1e-12)
+
+    low, high = lo - 3 * sd, hi + 3 * sd  # truncated_mean is increasing in mu: bisect
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if truncated_mean(mid) < mean else (low, mid)
+    return (low + high) / 2
+
+
+def _truncated_normal(rng: np.random.Generator, n: int, mean: float, sd: float, lo: float, hi: float) -> np.ndarray:
+    out = rng.normal(mean, sd, n).astype(np.float32)
+    bad = (out < lo) | (out > hi)
+    while bad.any():  # redraw the few outside [lo, hi]: same shape inside, no pile-up at the ends
+        out[bad] = rng.normal(mean, sd, int(bad.sum()))
+        bad = (out < lo) | (out > hi)
+    return out
+
+
 class _Space:
-    """Topic centres and sub-centres shared by all shards of one seed."""
+    """The ``hard`` geometry: topic centres and sub-centres plus isotropic noise as large as the
+    centre in every dimension (no real embedding set looks like this)."""
 
     def __init__(self, dim: int, seed: int, topics: int):
         rng = np.random.default_rng([seed, 2**31])
