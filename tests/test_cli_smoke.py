@@ -54,6 +54,12 @@ def _results(n: int, pred: Callable[[dict], bool] = lambda r: True) -> Callable[
     return check
 
 
+def _mean_similarity(shards: Path) -> float:
+    import pyarrow.parquet as pq
+
+    return float(np.mean(pq.read_table(shards / "metadata_0.parquet", columns=["similarity"]).column(0).to_numpy()))
+
+
 def _file(rel: str) -> Callable[[str, str, Path], None]:
     def check(out: str, err: str, tmp: Path) -> None:
         assert (tmp / rel).exists(), rel
@@ -66,6 +72,17 @@ CASES: list[Case] = [
          check=lambda o, e, t: (t / "shards" / "img_emb_1.npy").exists()),
     Case("synth {tmp}/pics --shards 0 --rows 10 --dim 16 --images",
          check=lambda o, e, t: len(list((t / "pics").rglob("*.jpg"))) == 10),
+    Case("synth {tmp}/knobs --shards 0 --rows 400 --dim 32 --intrinsic-dim 8 --decay 0.7 --anisotropy 0.3 "
+         "--noise 0.2 --hubs 0.5 --pair-cosine 0.35 --json",
+         check=lambda o, e, t: abs(_mean_similarity(t / "knobs") - 0.35) < 0.03),
+    Case("synth {tmp}/hard --shards 0 --rows 400 --dim 32 --hard", check=_file("hard/img_emb_0.npy")),
+    Case("bench geometry {tmp}/knobs {tmp}/hard --names knobs,hard --rows 400 --sample 40 --out {tmp}/geo --json",
+         check=lambda o, e, t: (t / "geo" / "geometry.md").exists() and "knobs" in o),
+    Case("bench data real-text --rows 40 --corpus {tmp}/corpus.tsv --seed 1 --out {tmp}/rt --json",
+         check=lambda o, e, t: (t / "rt").is_dir() and json.loads(o)),
+    Case("bench search --data real-text --corpus {tmp}/corpus.tsv --rows 100 --queries 10 --k 3 --configs 8:32 "
+         "--rescoring --no-peers --threads 1 --dir {tmp}/b9 --out {tmp}/b9out --json",
+         check=lambda o, e, t: any("hnsw" in r["method"] for r in json.loads(o)["results"])),
     Case("synth {tmp}/folders --shards 7 --rows 20 --dim 16 --layout folders --pad 4",
          check=_file("folders/img_emb/img_emb_0007.npy")),
     Case("ingest {shards} --db {db} --shards 0 --batch-rows 64 --json",
@@ -100,12 +117,15 @@ CASES: list[Case] = [
          check=lambda o, e, t: json.loads(o)[0]["index"] == "image_index"),
     Case("index create --column image --m 12 --db {db}", code=2, check=_has("exists with different parameters")),
     Case("index create --column image --quantization i8 --m 12 --replace --db {db}", check=_has("image_index")),
+    Case("index tune --recall 0.9 --column image --k 5 --sample 30 --same-modality --seed 1 --dry-run --db {db} --json",
+         check=lambda o, e, t: json.loads(o)["met"] and not json.loads(o)["stored"]),
+    Case("index tune --recall 0.9 --cross-modal --url {db}", check=_has("ef_search")),
     Case("index create --column text --guide --url {db} --json",
          check=lambda o, e, t: "64, 256" in json.loads(o)[0]["type"]),
     Case("index create --kind scan --column image --db {db}", check=_has("image_embedding_bf16")),
     Case("index status --db {db} --json",
          check=lambda o, e, t: {"image_index", "text_index", "image_embedding_bf16"} <= {i["name"] for i in json.loads(o)}),
-    Case("index status --url {db}", check=_has("text_i", "image_")),  # a narrow table wraps the names
+    Case("index status --url {db}", check=_has("text_index", "image_index")),
     # -- search
     Case("search --like 5 --k 3 --db {db} --json", check=_results(3, lambda r: r["id"] != 5)),
     Case("search --vector {vec} --k 2 --exact --metric l2 --modality text --url {db} --json",
@@ -174,6 +194,10 @@ def world(tmp_path_factory):
     for i, name in enumerate(["red_car.png", "blue_house.jpg", "dog.png"]):
         Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp / "images" / name)
     Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp / "img.png")
+    words = ["fast", "vector", "search", "image", "text", "index", "graph", "embedding", "model", "table",
+             "query", "cluster", "engine", "library", "tool", "data", "file", "stream", "server", "client"]
+    lines = [f"pkg{i}\t{' '.join(rng.choice(words, 6))} for {words[i % 20]} work" for i in range(80)]
+    (tmp / "corpus.tsv").write_text("name\tsummary\n" + "\n".join(lines) + "\n")
     (tmp / "captions.csv").write_text("image_path,caption\nred_car.png,a red car\ndog.png,a dog\n")
     # a loopback mirror: LAION shards in folders, and a ClickHouse LAION-5B part
     import pyarrow as pa
@@ -220,7 +244,13 @@ def test_case(i, world):
     if "--gold" in case.args:
         _gold(world)
     argv = _fill(case.args.replace("{s:UInt32}", "{{s:UInt32}}"), world)
-    result = CliRunner().invoke(app, argv, catch_exceptions=False)
+    # caches (real-text) go under the test's folder, not the user's; tables as wide as they need
+    env = {"XDG_CACHE_HOME": str(world["tmp"] / "cache"), "HOME": str(world["tmp"] / "home"), "COLUMNS": "400"}
+    from laion_search.cli import output
+
+    for name in ("out", "err"):  # the consoles are made on first use: make them for this environment
+        output.__dict__.pop(name, None)
+    result = CliRunner().invoke(app, argv, catch_exceptions=False, env=env)
     out, err = result.stdout, result.stderr
     assert result.exit_code == case.code, f"laion {' '.join(argv)} → {result.exit_code}\n{out[-2000:]}\n{err[-2000:]}"
     assert "Traceback" not in out + err
@@ -305,6 +335,9 @@ def _used_options() -> dict[tuple[str, ...], set[str]]:
     return used
 
 
+aliases: dict[str, str] = {}  # every spelling of an option (-k, --no-peers) → its first name
+
+
 def _all_options() -> dict[tuple[str, ...], set[str]]:
     out: dict[tuple[str, ...], set[str]] = {}
 
@@ -314,13 +347,16 @@ def _all_options() -> dict[tuple[str, ...], set[str]]:
                 walk(sub, path + (name,))
             return
         out[path] = {o.opts[0] for o in cmd.params if o.param_type_name == "option"} - {"--help"}
+        aliases.update({alt: o.opts[0] for o in cmd.params if o.param_type_name == "option"
+                        for alt in [*o.opts, *o.secondary_opts]})
 
     walk(ROOT_COMMAND, ())
     return out
 
 
 def test_every_flag_is_exercised():
-    used, every = _used_options(), _all_options()
+    every = _all_options()
+    used = {p: {aliases.get(o, o) for o in opts} for p, opts in _used_options().items()}
     missing = {" ".join(p): sorted(opts - used.get(p, set())) for p, opts in every.items()}
     missing = {k: v for k, v in missing.items() if v or k.split()[0] not in {" ".join(p).split()[0] for p in used}}
     assert not {k: v for k, v in missing.items() if v}, f"commands/flags without a smoke case: {missing}"
