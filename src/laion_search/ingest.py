@@ -27,8 +27,9 @@ from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 
-from laion_search.errors import LaionError, QueryError, StoreError
-from laion_search.sources.shards import ShardFiles, ShardReader, discover, open_shard
+from laion_search.errors import LaionError, QueryError, ShardValidationError, StoreError
+from laion_search.sources.formats import Reader, assign_partitions, open_readers
+from laion_search.sources.shards import ShardFiles, discover, open_shard
 from laion_search.store import SHARDS_TABLE, TABLE, Store, list_stage_tables, stage_table_name
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -78,10 +79,31 @@ def ingest(store: Store, directory: str | os.PathLike[str], shards: list[int] | 
                         progress=progress, skip_bad_rows=skip_bad_rows)
 
 
+def ingest_source(store: Store, source: str | os.PathLike[str] | Any, *, format: str = "auto",
+                  shards: list[int] | None = None, batch_rows: int = DEFAULT_BATCH_ROWS, force: bool = False,
+                  progress: ProgressFn | None = None, skip_bad_rows: bool = False) -> IngestReport:
+    """Load any source :mod:`laion_search.sources.formats` reads: a folder of LAION shards
+    (``shards`` picks some), a ClickHouse LAION-5B Parquet part, a SISAP ``.h5`` file, a folder
+    of such files, a URL, or an open seekable binary file. ``format`` is ``auto`` (detected from
+    the content) or one of ``laion``, ``clickhouse-parquet``, ``sisap-h5``.
+
+    Every file is checked before any is loaded; each file (or shard) is then staged and swapped
+    in whole, and loading it again replaces it. Errors name the file and the problem, and leave
+    the table as it was for the unit that failed."""
+    readers = open_readers(source, fmt=format, shards=shards, dim=store.dim(), skip_bad_rows=skip_bad_rows)
+    try:
+        records = store.shard_records()
+        assign_partitions(readers, {r.name: n for n, r in records.items() if r.name},
+                          set(records) | set(store.partition_rows()))
+        return ingest_readers(store, readers, batch_rows=batch_rows, force=force, progress=progress)
+    finally:
+        for r in readers:
+            r.close()
+
+
 def ingest_files(store: Store, files: Iterable[ShardFiles], *, batch_rows: int = DEFAULT_BATCH_ROWS,
                  force: bool = False, progress: ProgressFn | None = None,
                  skip_bad_rows: bool = False) -> IngestReport:
-    emit = progress or (lambda event: None)
     files = list(files)
     dim = store.dim()
     readers = []
@@ -90,6 +112,13 @@ def ingest_files(store: Store, files: Iterable[ShardFiles], *, batch_rows: int =
         if dim is None:
             dim = reader.dim
         readers.append(reader)
+    return ingest_readers(store, readers, batch_rows=batch_rows, force=force, progress=progress)
+
+
+def ingest_readers(store: Store, readers: list[Reader], *, batch_rows: int = DEFAULT_BATCH_ROWS,
+                   force: bool = False, progress: ProgressFn | None = None) -> IngestReport:
+    """Load checked readers (shards, parts, files), each atomically; see the module docstring."""
+    emit = progress or (lambda event: None)
     _drop_orphan_stages(store)
     # Background merges of freshly loaded parts compete with the next shard's insert for the two
     # cores (measured: half the throughput). Pause them while loading; they resume afterwards
@@ -107,7 +136,7 @@ def ingest_files(store: Store, files: Iterable[ShardFiles], *, batch_rows: int =
                 pass
 
 
-def _ingest_readers(store: Store, readers: list[ShardReader], batch_rows: int, force: bool,
+def _ingest_readers(store: Store, readers: list[Reader], batch_rows: int, force: bool,
                     emit: ProgressFn) -> IngestReport:
     report = IngestReport()
     started = time.perf_counter()
@@ -116,10 +145,10 @@ def _ingest_readers(store: Store, readers: list[ShardReader], batch_rows: int, f
     emit({"event": "start", "shards": [r.shard for r in readers], "rows": sum(r.rows for r in readers)})
     for reader in readers:
         rec = records.get(reader.shard)
-        if (not force and rec is not None and rec.fingerprint == reader.files.fingerprint()
+        if (not force and rec is not None and rec.fingerprint == reader.fingerprint()
                 and counts.get(reader.shard, 0) == rec.rows and rec.rows + rec.dropped == reader.rows):
             report.skipped.append(reader.shard)
-            emit({"event": "shard_skipped", "shard": reader.shard, "rows": reader.rows,
+            emit({"event": "shard_skipped", "shard": reader.shard, "rows": reader.rows, **_named(reader),
                   "reason": "already loaded from the same files"})
             continue
         t0 = time.perf_counter()
@@ -134,7 +163,7 @@ def _ingest_readers(store: Store, readers: list[ShardReader], batch_rows: int, f
         report.text_repaired += reader.text_repaired
         for why, n in reader.dropped.items():
             report.dropped[why] = report.dropped.get(why, 0) + n
-        done = {"event": "shard_done", "shard": reader.shard, "rows": reader.rows_loaded,
+        done = {"event": "shard_done", "shard": reader.shard, **_named(reader), "rows": reader.rows_loaded,
                 "seconds": round(time.perf_counter() - t0, 3), "renormalised": reader.renormalised}
         if reader.dropped:
             done.update(dropped=dict(reader.dropped), dropped_first_rows=list(reader.dropped_rows))
@@ -146,7 +175,7 @@ def _ingest_readers(store: Store, readers: list[ShardReader], batch_rows: int, f
     return report
 
 
-def load_shard(store: Store, reader: ShardReader, *, batch_rows: int = DEFAULT_BATCH_ROWS,
+def load_shard(store: Store, reader: Reader, *, batch_rows: int = DEFAULT_BATCH_ROWS,
                progress: ProgressFn | None = None) -> None:
     """Stream one checked shard into a staging table and swap it into ``laion`` atomically."""
     emit = progress or (lambda event: None)
@@ -160,7 +189,7 @@ def load_shard(store: Store, reader: ShardReader, *, batch_rows: int = DEFAULT_B
     try:
         for stmt in layout.create_stage(stage, TABLE):  # CREATE … AS laion; SYSTEM STOP MERGES (it lives for seconds)
             store.backend.command(stmt)
-        emit({"event": "shard_start", "shard": shard, "rows": reader.rows})
+        emit({"event": "shard_start", "shard": shard, **_named(reader), "rows": reader.rows})
         done = 0
         # ring: one batch being inserted + PREFETCH_DEPTH queued + one being filled, per column
         for batch in _prefetch(reader.batches(batch_rows, ring=2 * (PREFETCH_DEPTH + 2)), PREFETCH_DEPTH):
@@ -171,6 +200,8 @@ def load_shard(store: Store, reader: ShardReader, *, batch_rows: int = DEFAULT_B
         staged = store.scalar(f"SELECT count() FROM {stage}")
         if staged != reader.rows_loaded:
             raise StoreError(f"shard {shard}: staged {staged} rows, expected {reader.rows_loaded}; nothing was changed")
+        if reader.ids_from_source and staged:
+            _check_source_ids(store, stage, reader)
         if reader.rows_loaded:
             store.backend.command(layout.replace_partition(TABLE, shard, stage))
         else:
@@ -180,12 +211,16 @@ def load_shard(store: Store, reader: ShardReader, *, batch_rows: int = DEFAULT_B
             "shard": pa.array([shard], pa.uint32()),
             "rows": pa.array([reader.rows_loaded], pa.uint64()),
             "dim": pa.array([reader.dim], pa.uint32()),
-            "source": [str(reader.files.img_emb.parent)],
-            "fingerprint": [reader.files.fingerprint()],
+            "source": [reader.source],
+            "fingerprint": [reader.fingerprint()],
             "renormalised": pa.array([reader.renormalised], pa.uint64()),
             "dropped": pa.array([reader.dropped_total], pa.uint64()),
             "text_repaired": pa.array([reader.text_repaired], pa.uint64()),
             "loaded_at": pa.array([time.time_ns() // 1_000_000], pa.timestamp("ms")),
+            "format": [reader.format],
+            "modalities": [",".join(reader.modalities)],
+            "model": [reader.model],
+            "name": [reader.name or ""],
         }), layout.insert_settings() or None)
     finally:
         try:
@@ -193,6 +228,38 @@ def load_shard(store: Store, reader: ShardReader, *, batch_rows: int = DEFAULT_B
                 store.backend.command(stmt)
         except LaionError:
             pass  # the next run drops it
+
+
+def _named(reader: Reader) -> dict[str, str]:
+    """A single-file source's events carry its file name (its shard number is only a partition)."""
+    return {"name": reader.name} if reader.name else {}
+
+
+def _check_source_ids(store: Store, stage: str, reader: Reader) -> None:
+    """Ids taken from a source must be unique in it and not held by another partition: the
+    table's id is its key. (LAION shards' ids are shard × 10⁹ + row: unique by construction.)"""
+    where = reader.source
+    dup = store.scalar(f"SELECT count() FROM (SELECT id FROM {stage} GROUP BY id HAVING count() > 1) "
+                       "SETTINGS optimize_aggregation_in_order = 1")
+    if dup:
+        first = store.scalar(f"SELECT id FROM {stage} GROUP BY id HAVING count() > 1 ORDER BY id LIMIT 1")
+        raise ShardValidationError(f"{dup} id(s) appear more than once (first: {first}); ids must be unique; "
+                                   "nothing was changed", path=where)
+    lo, hi = store.sql(f"SELECT min(id), max(id) FROM {stage}").to_pylist()[0].values()
+    params = {"s": reader.shard, "lo": lo, "hi": hi}
+    if not store.scalar(f"SELECT count() FROM {TABLE} WHERE shard != {{s:UInt32}} AND id BETWEEN {{lo:Int64}} "
+                        "AND {hi:Int64}", params):
+        return
+    glob = "GLOBAL IN" if store.layout.cluster is not None else "IN"
+    row = store.rows(f"SELECT count() AS n, min(id) AS first, any(shard) AS other FROM {TABLE} "
+                     f"WHERE shard != {{s:UInt32}} AND id {glob} (SELECT id FROM {stage})", params)[0]
+    if row["n"]:
+        rec = store.shard_records().get(row["other"])
+        owner = f"shard {row['other']}" + (f" ({rec.name or rec.source})" if rec else "")
+        raise ShardValidationError(
+            f"{row['n']} of its ids are already in the table from {owner} (first: {row['first']}); ids come "
+            f"from the source and must be unique — load this source into its own store (--db); nothing was "
+            "changed", path=where)
 
 
 def _drop_orphan_stages(store: Store) -> None:
@@ -250,4 +317,4 @@ def _prefetch(batches: Iterator[pa.Table], depth: int = 1) -> Iterator[pa.Table]
             t.join(timeout=0.05)
 
 
-__all__ = ["IngestReport", "ingest", "ingest_files", "load_shard"]
+__all__ = ["IngestReport", "ingest", "ingest_files", "ingest_readers", "ingest_source", "load_shard"]

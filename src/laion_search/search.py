@@ -106,6 +106,28 @@ def check_k(k: Any) -> int:
     return k
 
 
+def encoder_for(store: Store, model: str | None = None) -> Any:
+    """The CLIP encoder for searches of this table: ``model`` if given, else
+    ``$LAION_CLIP_MODEL``, else the model its shards record. A model whose vectors have another
+    dimension than the table's is a :class:`UsageError` naming the model that fits."""
+    import os
+
+    from laion_search.clip.encoders import ENV_MODEL, get_encoder
+
+    recorded = store.model()
+    chosen = model or os.environ.get(ENV_MODEL) or recorded
+    enc = get_encoder(chosen)
+    dim = store.dim()
+    if dim is not None and int(enc.dim) != dim:
+        from laion_search.sources.naming import model_for_dim
+
+        right = recorded or model_for_dim(dim)
+        hint = f"use --model {right}" if right else "use a CLIP model with that dimension"
+        raise UsageError(f"CLIP model {enc.name!r} makes {enc.dim}-d vectors but the table holds {dim}-d embeddings"
+                         f"{f' (made with {right})' if right else ''}: {hint}")
+    return enc
+
+
 def row_vector(store: Store, row_id: Any, modality: str = "image") -> np.ndarray:
     """The stored embedding of row ``row_id`` (for "more like this")."""
     column = _column(modality)
@@ -129,7 +151,8 @@ def search(store: Store, vector: Any = None, *, like: int | None = None, text: s
 
     The query is exactly one of: ``vector``; ``like`` (a row id: its stored embedding);
     ``text`` or ``image`` (a path, bytes or PIL image), encoded with the CLIP ``model``
-    (default: ``$LAION_CLIP_MODEL`` or OpenAI CLIP ViT-B/32). ``modality="image"`` searches
+    (default: ``$LAION_CLIP_MODEL``, else the model the table's shards record — ViT-B/32 for
+    LAION-400M, ViT-L/14 for LAION-5B, ClickHouse's subset and SISAP). ``modality="image"`` searches
     image embeddings — so ``text=`` is LAION's text→image search; ``modality="text"`` searches
     caption embeddings.
     """
@@ -143,10 +166,10 @@ def search(store: Store, vector: Any = None, *, like: int | None = None, text: s
     options = options or SearchOptions()
     if options.filter_strategy not in FILTER_STRATEGIES:
         raise UsageError(f"filter strategy must be one of {', '.join(FILTER_STRATEGIES)}")
+    if modality != "image":
+        store.require_modality(modality)  # e.g. text on an image-only table (ClickHouse LAION-5B, SISAP)
     if text is not None or image is not None:
-        from laion_search.clip.encoders import get_encoder
-
-        enc = get_encoder(model)
+        enc = encoder_for(store, model)
         vector = enc.encode_text([text])[0] if text is not None else enc.encode_image([image])[0]
     if like is not None:
         vector = row_vector(store, like, modality)

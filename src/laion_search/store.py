@@ -35,7 +35,8 @@ import pyarrow as pa
 from laion_search import killpoints
 from laion_search.backends import Backend, ChdbBackend, ClickHouseBackend, Params, is_url
 from laion_search.backends.cluster import ClusterLayout, SingleNode, detect_layout
-from laion_search.errors import StoreError, UsageError
+from laion_search.errors import ModalityError, StoreError, UsageError
+from laion_search.sources.naming import model_for_dim
 
 TABLE = "laion"
 SHARDS_TABLE = "laion_shards"
@@ -81,7 +82,11 @@ CREATE TABLE IF NOT EXISTS {table}
     `renormalised` UInt64,
     `loaded_at` DateTime64(3),
     `dropped` UInt64 DEFAULT 0,
-    `text_repaired` UInt64 DEFAULT 0
+    `text_repaired` UInt64 DEFAULT 0,
+    `format` String DEFAULT 'laion',
+    `modalities` String DEFAULT 'image,text',
+    `model` String DEFAULT '',
+    `name` String DEFAULT ''
 )
 ENGINE = ReplacingMergeTree(loaded_at)
 ORDER BY shard
@@ -115,6 +120,10 @@ class ShardRecord:
     loaded_at: Any
     dropped: int = 0         # rows left out by --skip-bad-rows
     text_repaired: int = 0   # rows whose invalid UTF-8 was replaced with U+FFFD
+    format: str = "laion"    # laion | clickhouse-parquet | sisap-h5 (laion_search.sources.formats)
+    modalities: str = "image,text"  # the embedding columns the source filled
+    model: str = ""          # the CLIP model that made its vectors ("" when unknown)
+    name: str = ""           # a single-file source's file name: the key of its partition
 
 
 class Store:
@@ -123,6 +132,7 @@ class Store:
     def __init__(self, backend: Backend, *, create: bool = True):
         self.backend = backend
         self._dim: int | None = None
+        self._modalities: tuple[list[str], float] | None = None
         self._schema_cache: tuple[frozenset[str], frozenset[tuple[str, str]], float] | None = None
         #: where rows live: one node (``laion`` is MergeTree) or a cluster (``laion`` is Distributed)
         self.layout: SingleNode | ClusterLayout = detect_layout(backend, TABLE)
@@ -154,7 +164,11 @@ class Store:
         self.backend.command(SHARDS_DDL.format(table=SHARDS_TABLE))
         # stores made before these columns existed
         self.backend.command(f"ALTER TABLE {SHARDS_TABLE} ADD COLUMN IF NOT EXISTS `dropped` UInt64 DEFAULT 0, "
-                             "ADD COLUMN IF NOT EXISTS `text_repaired` UInt64 DEFAULT 0")
+                             "ADD COLUMN IF NOT EXISTS `text_repaired` UInt64 DEFAULT 0, "
+                             "ADD COLUMN IF NOT EXISTS `format` String DEFAULT 'laion', "
+                             "ADD COLUMN IF NOT EXISTS `modalities` String DEFAULT 'image,text', "
+                             "ADD COLUMN IF NOT EXISTS `model` String DEFAULT '', "
+                             "ADD COLUMN IF NOT EXISTS `name` String DEFAULT ''")
 
     def close(self) -> None:
         self.backend.close()
@@ -187,7 +201,7 @@ class Store:
     # -- shards -------------------------------------------------------------------------------
     def shard_records(self) -> dict[int, ShardRecord]:
         rows = self.rows(f"SELECT shard, rows, dim, source, fingerprint, renormalised, loaded_at, dropped, "
-                         f"text_repaired FROM {SHARDS_TABLE} FINAL ORDER BY shard")
+                         f"text_repaired, format, modalities, model, name FROM {SHARDS_TABLE} FINAL ORDER BY shard")
         return {r["shard"]: ShardRecord(**r) for r in rows}
 
     def partition_rows(self) -> dict[int, int]:
@@ -200,6 +214,7 @@ class Store:
         changes the table's rows or columns."""
         self._dim = None
         self._schema_cache = None
+        self._modalities = None
 
     def columns(self) -> frozenset[str]:
         """Names of the ``laion`` table's columns (searches ask whether the bf16 scan copies of
@@ -226,6 +241,48 @@ class Store:
                 {"t": self.data_table}) if r["type_full"].count(",") >= 1)
             cached = self._schema_cache = (cols, idx, time.monotonic())
         return cached[0], cached[1]
+
+    def modalities(self) -> list[str]:
+        """The embedding columns every loaded row has: ``["image", "text"]`` for LAION shards,
+        ``["image"]`` once an image-only source (ClickHouse's LAION-5B, SISAP) is in the table;
+        ``[]`` while it is empty. Read from ``laion_shards``; a shard without a record counts as
+        having both (the only kind that existed before records said otherwise)."""
+        cached = self._modalities
+        if cached is None or time.monotonic() - cached[1] > SCHEMA_TTL:
+            counts = self.partition_rows()
+            records = self.shard_records()
+            have: set[str] | None = None
+            for shard, n in counts.items():
+                if not n:
+                    continue
+                rec = records.get(shard)
+                mine = set((rec.modalities if rec else "image,text").split(","))
+                have = mine if have is None else have & mine
+            cached = self._modalities = ([m for m in ("image", "text") if have and m in have], time.monotonic())
+        return list(cached[0])
+
+    def require_modality(self, modality: str) -> None:
+        """Raise :class:`~laion_search.errors.ModalityError` when the table has rows but no
+        ``modality`` embeddings (e.g. ``text`` on an image-only table)."""
+        have = self.modalities()
+        if have and modality not in have:
+            only = [f"{r.shard} ({r.name or r.source})" for r in self.shard_records().values()
+                    if modality not in r.modalities.split(",")][:3]
+            raise ModalityError(f"the table has no {modality} embeddings (it holds {', '.join(have)} only; "
+                                f"image-only source(s): {', '.join(only)}): use the "
+                                f"{'image' if modality == 'text' else 'text'} embeddings (--modality / --column "
+                                f"{'image' if modality == 'text' else 'text'})")
+
+    def model(self) -> str | None:
+        """The CLIP model the loaded rows were embedded with, as their shards record it (the
+        model LAION used for their dimension when unrecorded); None for an empty table or when
+        shards disagree."""
+        counts = self.partition_rows()
+        found = {(rec.model or model_for_dim(rec.dim)) for s, rec in self.shard_records().items() if counts.get(s)}
+        if not found:
+            dim = self.dim()
+            return model_for_dim(dim) or None if dim else None
+        return found.pop() if len(found) == 1 and "" not in found else None
 
     def dim(self) -> int | None:
         """Embedding dimension of the loaded rows, or None while the table is empty.
@@ -257,6 +314,9 @@ class Store:
             shards.append({"shard": n, "rows": loaded, "expected_rows": rec.rows if rec else None,
                            "state": state, "renormalised": rec.renormalised if rec else 0,
                            "dropped": rec.dropped if rec else 0,
+                           "format": rec.format if rec else "laion",
+                           "modalities": (rec.modalities if rec else "image,text").split(","),
+                           "model": (rec.model or model_for_dim(rec.dim)) if rec else None,
                            "source": rec.source if rec else None,
                            "loaded_at": str(rec.loaded_at) if rec else None})
         return {
@@ -269,6 +329,8 @@ class Store:
             "bytes_on_disk": int(parts["bytes_on_disk"] or 0),
             "bytes_uncompressed": int(parts["bytes_uncompressed"] or 0),
             "dim": self.dim(),
+            "modalities": self.modalities(),
+            "model": self.model(),
             "shards": shards,
             "indexes": indexes,
         }

@@ -3,7 +3,8 @@
 Our API (JSON, OpenAPI docs at ``/docs``):
 
 * ``GET /health`` — liveness, never needs the token;
-* ``GET /api/status`` — rows, shards, indexes;
+* ``GET /api/status`` — rows, shards, indexes, the embeddings the table has (``modalities``:
+  ``["image", "text"]``, or ``["image"]`` for an image-only source) and their CLIP ``model``;
 * ``POST /api/search`` — ``{text | image (base64) | vector | like, k, modality, exact, metric,
   nsfw, min_similarity, caption_contains, where, columns, ef_search, …}``;
 * ``POST /api/search/upload`` — multipart image upload plus the same fields as form fields;
@@ -195,7 +196,8 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
     @app.get("/api/status", tags=["service"])
     def status() -> dict[str, Any]:
         info = store.status()
-        return {k: info[k] for k in ("rows", "parts", "bytes_on_disk", "dim", "shards", "indexes", "backend")}
+        return {k: info[k] for k in ("rows", "parts", "bytes_on_disk", "dim", "modalities", "model", "shards",
+                                     "indexes", "backend")}
 
     @app.post("/api/search", tags=["search"])
     def api_search(body: SearchBody) -> dict[str, Any]:
