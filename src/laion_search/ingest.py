@@ -81,7 +81,8 @@ def ingest(store: Store, directory: str | os.PathLike[str], shards: list[int] | 
 
 def ingest_source(store: Store, source: str | os.PathLike[str] | Any, *, format: str = "auto",
                   shards: list[int] | None = None, batch_rows: int = DEFAULT_BATCH_ROWS, force: bool = False,
-                  progress: ProgressFn | None = None, skip_bad_rows: bool = False) -> IngestReport:
+                  progress: ProgressFn | None = None, skip_bad_rows: bool = False,
+                  model: str | None = None) -> IngestReport:
     """Load any source :mod:`laion_search.sources.formats` reads: a folder of LAION shards
     (``shards`` picks some), a ClickHouse LAION-5B Parquet part, a SISAP ``.h5`` file, a folder
     of such files, a URL, or an open seekable binary file. ``format`` is ``auto`` (detected from
@@ -89,9 +90,15 @@ def ingest_source(store: Store, source: str | os.PathLike[str] | Any, *, format:
 
     Every file is checked before any is loaded; each file (or shard) is then staged and swapped
     in whole, and loading it again replaces it. Errors name the file and the problem, and leave
-    the table as it was for the unit that failed."""
+    the table as it was for the unit that failed.
+
+    ``model`` records the CLIP model that made the vectors (text and image searches then encode
+    with it); by default, the model LAION used for their dimension."""
     readers = open_readers(source, fmt=format, shards=shards, dim=store.dim(), skip_bad_rows=skip_bad_rows)
     try:
+        if model:
+            for r in readers:
+                r.model_override = str(model)
         records = store.shard_records()
         assign_partitions(readers, {r.name: n for n, r in records.items() if r.name},
                           set(records) | set(store.partition_rows()))

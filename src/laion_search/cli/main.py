@@ -105,6 +105,10 @@ def ingest(
     skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows",
                                        help="Drop rows with NaN/Inf or all-zero vectors (counted per reason) "
                                             "instead of failing their shard."),
+    source_model: Optional[str] = typer.Option(None, "--model",
+                                               help="The CLIP model that made the vectors, recorded for text/image "
+                                                    "searches. Default: LAION's for the dimension (512: "
+                                                    "openai/clip-vit-base-patch32, 768: openai/clip-vit-large-patch14)."),
     db: Optional[str] = DbOption,
     url: Optional[str] = UrlOption,
     json_output: bool = JsonOption,
@@ -123,7 +127,7 @@ def ingest(
     check_format(fmt)
     with open_store(db, url) as store, output.IngestProgress(output.progress_mode(json_output)) as progress:
         report = ingest_source(store, source, format=fmt, shards=numbers, batch_rows=batch_rows, force=force,
-                               progress=progress, skip_bad_rows=skip_bad_rows)
+                               progress=progress, skip_bad_rows=skip_bad_rows, model=source_model)
     if not json_output:
         line = (f"loaded {len(report.loaded)} shard(s), {report.rows:,} rows in {report.seconds:.1f} s "
                 f"({report.rows_per_second:,.0f} rows/s)")
@@ -259,7 +263,7 @@ def status(db: Optional[str] = DbOption, url: Optional[str] = UrlOption,
         cols = ["shard", "rows", "state", "renormalised"]
         cols += ["dropped"] if any(sh.get("dropped") for sh in info["shards"]) else []  # --skip-bad-rows
         if any(sh.get("format") != "laion" for sh in info["shards"]):
-            cols += ["format", "modalities"]
+            cols += ["format"]
         output.print_records(info["shards"], cols + ["loaded_at", "source"], title="shards")
     else:
         o.print("shards  none loaded (try: laion ingest DIR)")

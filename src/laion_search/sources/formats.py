@@ -125,6 +125,8 @@ def open_readers(source: str | os.PathLike[str] | BinaryIO, *, fmt: str = "auto"
     on an error those already opened are closed."""
     check_format(fmt)
     local = not (hasattr(source, "read") or is_remote(str(source)))
+    if local and not Path(source).exists() and not Path(source).is_symlink():  # type: ignore[arg-type]
+        raise ShardError("no such file or directory", path=str(source))
     if local and Path(source).is_dir():  # type: ignore[arg-type]
         return _open_folder(Path(source), fmt, shards, dim, skip_bad_rows)  # type: ignore[arg-type]
     if shards is not None:

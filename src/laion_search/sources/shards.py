@@ -241,10 +241,14 @@ class RowChecks:
     #: registry key of a single-file source (its file name); None for numbered LAION shards
     name: str | None = None
 
+    #: the model to record instead of the one LAION used for this dimension (``laion ingest --model``)
+    model_override: str | None = None
+
     @property
     def model(self) -> str:
-        """The CLIP model that made the vectors, from the dimension (LAION's published sets)."""
-        return model_for_dim(self.dim)
+        """The CLIP model that made the vectors: as given to ingest, else the one LAION used for
+        this dimension (ViT-B/32 for 512-d, ViT-L/14 for 768-d), else ""."""
+        return self.model_override or model_for_dim(self.dim)
 
     @property
     def dropped_total(self) -> int:
