@@ -116,7 +116,78 @@ def worker(method: str, shard_dir: str, db: str) -> dict[str, Any]:
             backend.close()
         return {"method": method, "rows": loaded, "seconds": time.perf_counter() - t0, "peak_rss": _peak_rss_bytes(),
                 "process_seconds": t_process, "insert_seconds": t_insert, "csv_bytes": csv_bytes, "source_rows": rows}
+    if method == "source":  # one file of a real-world format (ClickHouse Parquet part, SISAP .h5)
+        from laion_search.ingest import ingest_source
+
+        with connect(db) as store:
+            base = _rss_bytes()  # engine + libraries loaded, nothing read yet
+            report = ingest_source(store, shard_dir)
+        return {"method": method, "rows": report.rows, "seconds": time.perf_counter() - t0,
+                "peak_rss": _peak_rss_bytes(), "base_rss": base}
     raise ValueError(method)
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+SOURCE_FORMATS = ("clickhouse-parquet", "sisap-h5")
+
+
+def run_formats(rows: int = 200_000, formats: tuple[str, ...] = SOURCE_FORMATS, workdir: Path | None = None,
+                log: Callable[[str], Any] | None = None) -> dict[str, Any]:
+    """Peak RSS and speed of ``laion ingest`` on a generated 768-d ClickHouse LAION-5B part and a
+    SISAP .h5 file, each at ``rows`` and ``rows // 2`` rows (fresh process and store per run), so
+    the growth per row shows and the 10M-row peak can be extrapolated from the slope."""
+    from laion_search.sources.synth import synth_clickhouse_parquet, synth_sisap_h5
+
+    for f in formats:
+        if f not in SOURCE_FORMATS:
+            raise ValueError(f"format must be one of {', '.join(SOURCE_FORMATS)}, got {f!r}")
+    say = log or (lambda msg: None)
+    # both sizes well above a batch (32,768 rows): below that, peak RSS grows with the first batch, not the file
+    sizes = sorted({max(1000, rows // 2), rows})
+    results = []
+    with scratch_dir(workdir, "laion-bench-src-") as root:
+        for fmt in formats:
+            for n in sizes:
+                if fmt == "clickhouse-parquet":
+                    path = synth_clickhouse_parquet(root / f"laion5b_part_{n}.parquet", n, seed=1)
+                else:
+                    path = synth_sisap_h5(root / f"laion2B-en-clip768v2-n={n}.h5", n, seed=1)
+                say(f"{fmt}: {n:,} rows ({path.stat().st_size / 2**20:,.0f} MB) …")
+                db = root / f"db-{fmt}-{n}"
+                shutil.rmtree(db, ignore_errors=True)
+                r = _run_worker("source", path, db)
+                path.unlink()
+                shutil.rmtree(db, ignore_errors=True)
+                r.update(format=fmt, rows_per_second=r["rows"] / r["seconds"])
+                results.append(r)
+                say(f"  {r['rows']:,} rows in {r['seconds']:.2f} s, peak RSS {r['peak_rss'] / 2**20:,.0f} MB "
+                    f"(before reading: {r['base_rss'] / 2**20:,.0f} MB)")
+    target = 10_000_000
+    lines = ["| format | rows | seconds | rows/s | RSS before | peak RSS |", "|---|---:|---:|---:|---:|---:|"]
+    extrapolated = {}
+    for r in results:
+        lines.append(f"| {r['format']} | {r['rows']:,} | {r['seconds']:.2f} | {r['rows_per_second']:,.0f} | "
+                     f"{r['base_rss'] / 2**20:,.0f} MB | {r['peak_rss'] / 2**20:,.0f} MB |")
+    lines.append("")
+    for fmt in formats:
+        mine = sorted((r for r in results if r["format"] == fmt), key=lambda r: r["rows"])
+        lo, hi = mine[0], mine[-1]
+        slope = (hi["peak_rss"] - lo["peak_rss"]) / (hi["rows"] - lo["rows"]) if hi["rows"] > lo["rows"] else 0.0
+        est = hi["peak_rss"] + max(0.0, slope) * (target - hi["rows"])
+        extrapolated[fmt] = {"bytes_per_row": slope, "peak_rss_10m": est}
+        lines.append(f"{fmt}: peak RSS grows {max(0.0, slope) * 1e6 / 2**20:,.1f} MB per million rows → "
+                     f"**{est / 2**20:,.0f} MB** extrapolated at 10M rows (target < 1,536 MB)")
+    return {"results": results, "extrapolated": extrapolated, "markdown": "\n".join(lines)}
 
 
 def _run_worker(method: str, shard_dir: Path, db: Path) -> dict[str, Any]:

@@ -703,15 +703,29 @@ def bench_ingest(
                                    help="Rows for the guide pipeline (it is ~100× slower and needs ~41 KB RAM per row)."),
     workdir: Optional[Path] = typer.Option(None, "--dir", help="Scratch directory (default: a temp dir)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the markdown table here."),
+    formats: Optional[str] = typer.Option(None, "--formats",
+                                          help="Instead: peak RSS and speed of ingesting a generated 768-d "
+                                               "ClickHouse LAION-5B part and/or SISAP .h5 (clickhouse-parquet,"
+                                               "sisap-h5) at --rows and --rows/2, extrapolated to 10M rows."),
     json_output: bool = JsonOption,
 ) -> None:
     """Our streaming ingest vs the guide's pandas→CSV pipeline vs the engine's native Npy insert.
 
-    Example: laion bench ingest --rows 1000000 --guide-rows 50000
+    Examples: laion bench ingest --rows 1000000 --guide-rows 50000 ·
+    laion bench ingest --formats clickhouse-parquet,sisap-h5 --rows 200000
     """
+    from laion_search.bench.ingest import SOURCE_FORMATS, run_formats
     from laion_search.bench.ingest import run as run_bench
 
-    result = run_bench(rows=rows, guide_rows=guide_rows, workdir=workdir, log=None if json_output else output.err.print)
+    log = None if json_output else output.err.print
+    if formats is not None:
+        chosen = tuple(f.strip() for f in formats.split(",") if f.strip())
+        bad = [f for f in chosen if f not in SOURCE_FORMATS] or ([] if chosen else ["(none)"])
+        if bad:
+            raise UsageError(f"--formats takes {', '.join(SOURCE_FORMATS)}; got {', '.join(bad)}")
+        result = run_formats(rows=rows, formats=chosen, workdir=workdir, log=log)
+    else:
+        result = run_bench(rows=rows, guide_rows=guide_rows, workdir=workdir, log=log)
     if json_output:
         print(output.dumps(result))
     else:
