@@ -198,8 +198,9 @@ def load_shard(store: Store, reader: Reader, *, batch_rows: int = DEFAULT_BATCH_
             store.backend.command(stmt)
         emit({"event": "shard_start", "shard": shard, **_named(reader), "rows": reader.rows})
         done = 0
-        # ring: one batch being inserted + PREFETCH_DEPTH queued + one being filled, per column
-        for batch in _prefetch(reader.batches(batch_rows, ring=2 * (PREFETCH_DEPTH + 2)), PREFETCH_DEPTH):
+        # ring: one batch being inserted + PREFETCH_DEPTH queued + one being filled, per vector column
+        ring = len(reader.modalities) * (PREFETCH_DEPTH + 2)
+        for batch in _prefetch(reader.batches(batch_rows, ring=ring), PREFETCH_DEPTH):
             store.backend.insert_arrow(stage, batch, {**INSERT_SETTINGS, **layout.insert_settings()})
             done += batch.num_rows
             emit({"event": "batch", "shard": shard, "rows_done": done, "rows": reader.rows,
@@ -247,7 +248,9 @@ def _check_source_ids(store: Store, stage: str, reader: Reader) -> None:
     table's id is its key. (LAION shards' ids are shard × 10⁹ + row: unique by construction.)"""
     where = reader.source
     dup = store.scalar(f"SELECT count() FROM (SELECT id FROM {stage} GROUP BY id HAVING count() > 1) "
-                       "SETTINGS optimize_aggregation_in_order = 1")
+                       # in id order (the stage's sort key): streams, no hash table of every id; small read
+                       # buffers, as a 10M-row stage has ~300 parts read side by side
+                       "SETTINGS optimize_aggregation_in_order = 1, max_read_buffer_size = 65536")
     if dup:
         first = store.scalar(f"SELECT id FROM {stage} GROUP BY id HAVING count() > 1 ORDER BY id LIMIT 1")
         raise ShardValidationError(f"{dup} id(s) appear more than once (first: {first}); ids must be unique; "

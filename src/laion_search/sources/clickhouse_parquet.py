@@ -34,6 +34,8 @@ ID_COLUMN = "id"
 #: bytes read from the file at a time (pyarrow otherwise reads a whole column chunk: a row group
 #: of ClickHouse's writer is up to 512 MiB of vectors)
 READ_BUFFER = 4 << 20
+#: rows decoded per piece (a batch is assembled from pieces)
+READ_ROWS = 8192
 _FLOATS = (pa.float16(), pa.float32())
 
 
@@ -75,35 +77,61 @@ class ClickHousePartReader(RowChecks):
 
     def batches(self, batch_rows: int = 32768, *, ring: int = 0) -> Iterator[pa.Table]:
         """Arrow tables of at most ``batch_rows`` rows in the ``laion`` table's columns (ids
-        from the file, ``shard_row`` the row's position in it), each checked like a shard's."""
+        from the file, ``shard_row`` the row's position in it), each checked like a shard's.
+
+        The file is decoded :data:`READ_ROWS` rows at a time, each piece's vectors copied
+        straight into the batch's float32 block: Arrow's own buffers for a list column (values,
+        offsets, levels) then stay a quarter of a batch instead of a whole one."""
         self._start(ring)
         path = self.input.display
-        pos = 0
+        pos = 0  # rows read from the file
+        start = 0  # file row of the batch being filled
+        block = None
+        ids: list[np.ndarray] = []
+        metas: list[pa.RecordBatch] = []
         try:
-            for batch in self.parquet.iter_batches(batch_size=batch_rows, columns=self.columns + [ID_COLUMN, VECTOR_COLUMN],
-                                                   use_threads=False):
-                n = batch.num_rows
+            for piece in self.parquet.iter_batches(batch_size=min(batch_rows, READ_ROWS),
+                                                   columns=self.columns + [ID_COLUMN, VECTOR_COLUMN], use_threads=False):
+                n = piece.num_rows
                 if n == 0:
                     continue
-                ids = _ids(batch.column(ID_COLUMN), pos, path, self.shard)
-                image, bad = self._check_block(self._vectors(batch.column(VECTOR_COLUMN), pos, n), pos, path,
-                                               self.shard)
-                rows = np.arange(pos, pos + n, dtype=np.int64)
-                meta = batch.select(self.columns)
-                if bad is not None:
-                    keep = self._drop(pos, n, bad, None)
-                    meta = meta.filter(pa.array(keep))
-                    image, ids, rows = image[keep], ids[keep], rows[keep]
+                if block is None:
+                    block = self._buffer(min(batch_rows, self.rows - pos))
+                    start = pos
+                filled = pos - start
+                if filled + n > len(block):  # the file's pieces are shorter than a batch: never here
+                    raise ShardValidationError(f"parquet yielded more rows than its metadata says ({self.rows})",
+                                               path=path, shard=self.shard)
+                ids.append(_ids(piece.column(ID_COLUMN), pos, path, self.shard))
+                self._vectors(piece.column(VECTOR_COLUMN), pos, n, block[filled:filled + n])
+                metas.append(piece.select(self.columns))
                 pos += n
-                if meta.num_rows:
-                    yield rows_table(self.shard, self._repair_text(meta), ids, rows, image, None)
+                if pos - start == len(block):
+                    yield from self._finish(block, start, ids, metas)
+                    block, ids, metas = None, [], []
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
             raise ShardValidationError(f"cannot read rows near {pos}: {_one_line(exc)}", path=path,
                                        shard=self.shard) from None
-        if pos != self.rows:
+        if block is not None or pos != self.rows:
             raise ShardValidationError(f"parquet yielded {pos} rows, expected {self.rows}", path=path, shard=self.shard)
 
-    def _vectors(self, col: pa.Array, pos: int, n: int) -> np.ndarray:
+    def _finish(self, block: np.ndarray, start: int, ids: list[np.ndarray],
+                metas: list[pa.RecordBatch]) -> Iterator[pa.Table]:
+        n = len(block)
+        image, bad = self._check_block(block, start, self.input.display, self.shard)
+        all_ids = np.concatenate(ids)
+        rows = np.arange(start, start + n, dtype=np.int64)
+        meta = pa.Table.from_batches(metas).combine_chunks()
+        if bad is not None:
+            keep = self._drop(start, n, bad, None)
+            meta = meta.filter(pa.array(keep))
+            image, all_ids, rows = image[keep], all_ids[keep], rows[keep]
+        if meta.num_rows:
+            yield rows_table(self.shard, self._repair_text(meta.to_batches()[0]), all_ids, rows, image, None)
+
+    def _vectors(self, col: pa.Array, pos: int, n: int, out: np.ndarray) -> None:
+        """Check a piece's ``vector`` column (no nulls, every list ``dim`` long) and copy its
+        values into ``out`` (n × dim float32)."""
         path = self.input.display
         if col.null_count:
             first = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0]) + pos
@@ -121,9 +149,7 @@ class ClickHousePartReader(RowChecks):
         if values.null_count:
             raise ShardValidationError(f"null values inside {VECTOR_COLUMN!r} lists near row {pos}", path=path,
                                        shard=self.shard)
-        block = self._buffer(n)
-        np.copyto(block, values.to_numpy(zero_copy_only=False).reshape(n, self.dim))
-        return block
+        np.copyto(out, values.to_numpy(zero_copy_only=False).reshape(n, self.dim))
 
 
 def _ids(col: pa.Array, pos: int, path: str, shard: int) -> np.ndarray:
