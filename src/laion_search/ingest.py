@@ -1,6 +1,8 @@
 """Streaming, idempotent, atomic-per-shard ingest of LAION shards into the ``laion`` table.
 
-For each shard:
+A "shard" is one unit of ingest: a LAION shard (three files), a ClickHouse LAION-5B Parquet
+part, or a SISAP ``.h5`` file (see :mod:`laion_search.sources.formats` for the formats, their
+ids and how single files get their partition). For each shard:
 
 1. check the three files against each other (headers only: dtype, dimension, row counts,
    required metadata columns) — for *all* requested shards before loading any;
@@ -29,7 +31,7 @@ import pyarrow as pa
 
 from laion_search.errors import LaionError, QueryError, ShardValidationError, StoreError
 from laion_search.sources.formats import Reader, assign_partitions, open_readers
-from laion_search.sources.shards import ShardFiles, discover, open_shard
+from laion_search.sources.shards import ShardFiles, open_shard
 from laion_search.store import SHARDS_TABLE, TABLE, Store, list_stage_tables, stage_table_name
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -63,10 +65,13 @@ class IngestReport:
                 "rows_per_second": round(self.rows_per_second, 1)}
 
 
-def ingest(store: Store, directory: str | os.PathLike[str], shards: list[int] | None = None, *,
+def ingest(store: Store, directory: str | os.PathLike[str] | Any, shards: list[int] | None = None, *,
            batch_rows: int = DEFAULT_BATCH_ROWS, force: bool = False,
-           progress: ProgressFn | None = None, skip_bad_rows: bool = False) -> IngestReport:
-    """Load the shards found in ``directory`` (all, or those listed) into ``store``.
+           progress: ProgressFn | None = None, skip_bad_rows: bool = False, format: str = "auto",
+           model: str | None = None) -> IngestReport:
+    """Load the shards found in ``directory`` (all, or those listed) into ``store`` — or any
+    other source :func:`ingest_source` takes (a ClickHouse LAION-5B Parquet part, a SISAP
+    ``.h5`` file, a folder of those, a URL).
 
     Returns what was loaded and skipped. Raises :class:`~laion_search.errors.ShardError`
     naming the file and the problem; shards loaded before the error stay loaded, the failing
@@ -75,8 +80,8 @@ def ingest(store: Store, directory: str | os.PathLike[str], shards: list[int] | 
     ``skip_bad_rows`` drops rows with NaN/Inf or all-zero vectors (counted per reason in
     ``IngestReport.dropped`` and in ``laion_shards.dropped``) instead of failing their shard.
     """
-    return ingest_files(store, discover(directory, shards), batch_rows=batch_rows, force=force,
-                        progress=progress, skip_bad_rows=skip_bad_rows)
+    return ingest_source(store, directory, format=format, shards=shards, batch_rows=batch_rows, force=force,
+                         progress=progress, skip_bad_rows=skip_bad_rows, model=model)
 
 
 def ingest_source(store: Store, source: str | os.PathLike[str] | Any, *, format: str = "auto",
