@@ -706,7 +706,7 @@ def bench_ingest(
     formats: Optional[str] = typer.Option(None, "--formats",
                                           help="Instead: peak RSS and speed of ingesting a generated 768-d "
                                                "ClickHouse LAION-5B part and/or SISAP .h5 (clickhouse-parquet,"
-                                               "sisap-h5) at --rows and --rows/2, extrapolated to 10M rows."),
+                                               "sisap-h5) of --rows rows, extrapolated to 10M rows from the memory growth over the run."),
     json_output: bool = JsonOption,
 ) -> None:
     """Our streaming ingest vs the guide's pandas→CSV pipeline vs the engine's native Npy insert.
