@@ -174,8 +174,12 @@ def _open_folder(root: Path, fmt: str, shards: Sequence[int] | None, dim: int | 
     elif fmt == "sisap-h5":
         files = [p for p in files if p.suffix.lower() != ".parquet"]
     if not files:
-        raise ShardError("no LAION shards (img_emb_N.npy …), ClickHouse LAION-5B .parquet parts or SISAP .h5 files "
-                         "found", path=str(root))
+        if fmt == "auto":
+            raise ShardError("no LAION shards (img_emb_N.npy …), ClickHouse LAION-5B .parquet parts or SISAP .h5 "
+                             "files found", path=str(root))
+        what = ".parquet" if fmt == "clickhouse-parquet" else ".h5 / .hdf5"
+        hint = " (it holds LAION shards: use --format laion or auto)" if has_npy else ""
+        raise ShardError(f"no {what} files for --format {fmt} found{hint}", path=str(root))
     readers = []
     try:
         for p in files:
