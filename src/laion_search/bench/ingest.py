@@ -189,7 +189,7 @@ def run_formats(rows: int = 200_000, formats: tuple[str, ...] = SOURCE_FORMATS, 
     for r in results:
         lines.append(f"| {r['format']} | {r['rows']:,} | {r['file_bytes'] / 2**20:,.0f} MB | {r['seconds']:.2f} | "
                      f"{r['rows_per_second']:,.0f} | {r['base_rss'] / 2**20:,.0f} MB | {r['peak_rss'] / 2**20:,.0f} MB | "
-                     f"{r['slope_bytes_per_row'] * 1e6 / 2**20:+,.0f} MB/M rows | "
+                     f"+{max(0.0, r['slope_bytes_per_row']) * 1e6 / 2**20:,.0f} MB/M rows | "
                      f"**{r['peak_rss_10m'] / 2**20:,.0f} MB** |")
     lines.append("")
     lines.append("target: peak RSS < 1,536 MB for a 10M-row Parquet part or .h5 file")
