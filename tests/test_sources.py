@@ -377,3 +377,36 @@ def test_768d_table_picks_vit_l14_and_names_it_on_a_dim_mismatch(tmp_path, files
             search(store, text="a dog", k=3)
         with pytest.raises(UsageError, match=rf"makes 16-d vectors but the table holds 768-d .*--model {VIT_L}"):
             search(store, text="a dog", k=3, model=tiny_model)
+
+
+# -- the server backend ingests the same ---------------------------------------------------------------------
+def test_server_backend_same_rows_modalities_and_refusals(tmp_path, files, chdb_http):
+    """Through ClickHouse's HTTP interface (the chdb_http test fixture): the same rows, ids and
+    modalities as the embedded store, and a bad file leaves the server's table unchanged."""
+    import urllib.parse
+    import uuid
+
+    base, user, password = chdb_http
+    root = f"clickhouse://{user}:{urllib.parse.quote(password, safe='')}@{base.split('://', 1)[1]}"
+    name = "laion_sources_" + uuid.uuid4().hex[:8]
+    with connect(root + "/default", create=False) as admin:
+        admin.backend.command(f"CREATE DATABASE {name}")
+    try:
+        with connect(f"{root}/{name}") as server:
+            ingest_source(server, files["h5"])
+            ingest_source(server, files["part"])
+            remote = checksum(server)[:4], server.modalities(), server.status()["model"]
+            with pytest.raises(ModalityError):
+                search(server, like=3, k=2, modality="text")
+            bad, problem = _hostile("ragged vector lists", tmp_path)
+            with pytest.raises(ShardValidationError, match=problem):
+                ingest_source(server, bad, batch_rows=256)
+            assert checksum(server)[:4] == remote[0]
+    finally:
+        with connect(root + "/default", create=False) as admin:
+            admin.backend.command(f"DROP DATABASE IF EXISTS {name} SYNC")
+    with connect(tmp_path / "db") as local:
+        ingest_source(local, files["h5"])
+        ingest_source(local, files["part"])
+        assert (checksum(local)[:4], local.modalities(), local.status()["model"]) == remote
+        assert remote[1] == ["image"] and remote[0][0] == 5500
