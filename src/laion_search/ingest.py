@@ -118,12 +118,12 @@ def ingest_files(store: Store, files: Iterable[ShardFiles], *, batch_rows: int =
                  skip_bad_rows: bool = False) -> IngestReport:
     files = list(files)
     dim = store.dim()
-    readers = []
+    readers: list[Reader] = []
     for f in files:  # check every shard's headers before loading anything
         reader = open_shard(f, dim=dim, skip_bad_rows=skip_bad_rows)
         if dim is None:
             dim = reader.dim
-        readers.append(reader)
+        readers.append(reader)  # type: ignore[arg-type]  # its shard number is read-only
     return ingest_readers(store, readers, batch_rows=batch_rows, force=force, progress=progress)
 
 

@@ -54,6 +54,7 @@ class Reader(Protocol):
     format: str
     modalities: tuple[str, ...]
     ids_from_source: bool
+    model_override: str | None
     renormalised: int
     dropped: dict
     dropped_rows: list
@@ -161,9 +162,9 @@ def _open_folder(root: Path, fmt: str, shards: Sequence[int] | None, dim: int | 
     if fmt == "laion" or (fmt == "auto" and (has_npy or shards is not None)):
         readers: list[Reader] = []
         for f in discover(root, list(shards) if shards is not None else None):
-            r = open_shard(f, dim=dim, skip_bad_rows=skip_bad_rows)
-            dim = dim if dim is not None else r.dim
-            readers.append(r)  # type: ignore[arg-type]
+            shard = open_shard(f, dim=dim, skip_bad_rows=skip_bad_rows)
+            dim = dim if dim is not None else shard.dim
+            readers.append(shard)  # type: ignore[arg-type]  # its shard number is read-only
         return readers
     if shards is not None:
         raise UsageError("--shards selects LAION shards; it does not apply to --format " + fmt)
@@ -180,18 +181,17 @@ def _open_folder(root: Path, fmt: str, shards: Sequence[int] | None, dim: int | 
         what = ".parquet" if fmt == "clickhouse-parquet" else ".h5 / .hdf5"
         hint = " (it holds LAION shards: use --format laion or auto)" if has_npy else ""
         raise ShardError(f"no {what} files for --format {fmt} found{hint}", path=str(root))
-    readers = []
+    opened: list[Reader] = []
     try:
         for p in files:
-            inp = as_input(p)
-            r = _open_file(inp, fmt, dim, skip_bad_rows)
-            dim = dim if dim is not None else r.dim
-            readers.append(r)
+            reader = _open_file(as_input(p), fmt, dim, skip_bad_rows)
+            dim = dim if dim is not None else reader.dim
+            opened.append(reader)
     except BaseException:
-        for r in readers:
-            r.close()
+        for reader in opened:
+            reader.close()
         raise
-    return readers
+    return opened
 
 
 def assign_partitions(readers: Sequence[Reader], names: dict[str, int], taken: set[int]) -> None:
@@ -213,6 +213,7 @@ def assign_partitions(readers: Sequence[Reader], names: dict[str, int], taken: s
         else:
             r.shard = nxt
             nxt += 1
+        # (only single-file readers get here: theirs is settable; a LAION shard's is its number)
 
 
 __all__ = ["FILE_SHARD_BASE", "FORMATS", "Reader", "assign_partitions", "check_format", "detect_file", "open_readers"]

@@ -453,7 +453,16 @@ def rows_table(shard: int, meta: pa.RecordBatch | None, ids: np.ndarray, rows: n
         "shard": pa.array(np.full(n, shard, dtype=np.uint32)),
         "shard_row": pa.array(np.asarray(rows).astype(np.uint32)),
     }
-    names = meta.schema.names if meta is not None else []
+    if meta is not None:
+        _metadata_columns(meta, cols)
+    cols["image_embedding"] = vectors_to_arrow(image)
+    cols["text_embedding"] = vectors_to_arrow(text) if text is not None else empty_lists(n)
+    return pa.table(cols)
+
+
+def _metadata_columns(meta: pa.RecordBatch, cols: dict[str, pa.Array]) -> None:
+    """The LAION metadata columns of ``meta``, typed as the table has them (NULL → '' or 0)."""
+    names = meta.schema.names
     for name in ("url", "caption", "NSFW", "key", "LICENSE"):
         if name in names:
             col = meta.column(name)
@@ -467,9 +476,6 @@ def rows_table(shard: int, meta: pa.RecordBatch | None, ids: np.ndarray, rows: n
             if pa.types.is_floating(col.type):
                 col = pa.array(np.nan_to_num(col.to_numpy(zero_copy_only=False), nan=0.0))
             cols[name] = col.cast(pa.int32(), safe=False).fill_null(0)
-    cols["image_embedding"] = vectors_to_arrow(image)
-    cols["text_embedding"] = vectors_to_arrow(text) if text is not None else empty_lists(n)
-    return pa.table(cols)
 
 
 def empty_lists(n: int) -> pa.ListArray:
