@@ -108,6 +108,18 @@ def test_sisap_ids_are_one_based_row_numbers_like_the_gold_standard(tmp_path, fi
         assert store.status()["shards"][0]["format"] == "sisap-h5"
 
 
+@pytest.mark.parametrize("dtype", ["<f4", ">f2"])
+def test_sisap_float32_and_big_endian_files_read_the_same(tmp_path, dtype):
+    x = _unit(700, 32, seed=2, dtype=np.float32)
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        f.create_dataset("emb", data=x.astype(dtype))
+    with connect(tmp_path / "db") as store:
+        ingest_source(store, tmp_path / "x.h5", batch_rows=300)
+        got = np.array(store.sql("SELECT image_embedding FROM laion ORDER BY id").column(0).to_pylist(), np.float32)
+    # unit vectors within float16's rounding are stored as read (no renormalisation), byte order converted
+    assert got.shape == (700, 32) and np.array_equal(got, x.astype(dtype).astype(np.float32))
+
+
 def test_readers_take_open_binary_files(tmp_path, files):
     """What remote ingest hands the readers: a seekable binary file object with a name."""
     with connect(tmp_path / "db") as store:
@@ -410,3 +422,30 @@ def test_server_backend_same_rows_modalities_and_refusals(tmp_path, files, chdb_
         ingest_source(local, files["part"])
         assert (checksum(local)[:4], local.modalities(), local.status()["model"]) == remote
         assert remote[1] == ["image"] and remote[0][0] == 5500
+
+
+# -- bookkeeping of stores made before these columns existed; the memory bench --------------------------------
+def test_store_from_before_source_columns_is_upgraded(tmp_path, shards_flat):
+    from laion_search.ingest import ingest
+
+    with connect(tmp_path / "db") as store:
+        ingest(store, shards_flat, [0])
+        store.sql("ALTER TABLE laion_shards DROP COLUMN format, DROP COLUMN modalities, DROP COLUMN model, "
+                  "DROP COLUMN name")
+    with connect(tmp_path / "db") as store:  # reopened: the columns come back with their defaults
+        rec = store.shard_records()[0]
+        assert (rec.format, rec.modalities, rec.model, rec.name) == ("laion", "image,text", "", "")
+        st = store.status()
+        assert st["modalities"] == ["image", "text"] and st["model"] == "openai/clip-vit-base-patch32"  # from 512-d
+
+
+def test_bench_formats_reports_peak_rss_per_format(tmp_path):
+    from laion_search.bench.ingest import run_formats
+
+    result = run_formats(rows=3000, workdir=tmp_path / "w")
+    by = {r["format"]: r for r in result["results"]}
+    assert set(by) == {"clickhouse-parquet", "sisap-h5"}
+    for r in by.values():
+        assert r["rows"] == 3000 and r["file_bytes"] > 3000 * 768  # every row ingested, from a real file
+        assert r["peak_rss"] >= r["base_rss"] > 0 and r["peak_rss_10m"] >= r["peak_rss"]
+    assert "| clickhouse-parquet | 3,000 |" in result["markdown"] and "| sisap-h5 | 3,000 |" in result["markdown"]
