@@ -449,3 +449,66 @@ def test_bench_formats_reports_peak_rss_per_format(tmp_path):
         assert r["rows"] == 3000 and r["file_bytes"] > 3000 * 768  # every row ingested, from a real file
         assert r["peak_rss"] >= r["base_rss"] > 0 and r["peak_rss_10m"] >= r["peak_rss"]
     assert "| clickhouse-parquet | 3,000 |" in result["markdown"] and "| sisap-h5 | 3,000 |" in result["markdown"]
+
+
+# -- crash safety: SIGKILL at the process's own kill points, then rerun ----------------------------------------
+def test_file_sources_sigkill_then_rerun(tmp_path):
+    """A folder with a ClickHouse part and a SISAP file, ingested under SIGKILL at random kill
+    points: after every kill each file is in the table whole or not at all, with its own ids; a
+    rerun finishes, and another one skips both."""
+    import random
+
+    from tests.crash_harness import count_points, laion_cmd, run_and_kill, run_to_completion
+
+    src = tmp_path / "src"
+    synth_clickhouse_parquet(src / PART, 1500, first_id=10_000_000, row_group_rows=500, seed=5)
+    synth_sisap_h5(src / H5, 1200, seed=6)
+    want = {PART: set(range(10_000_000, 10_001_500)), H5: set(range(1, 1201))}
+    db = tmp_path / "db"
+
+    def cmd(*extra: str) -> list[str]:
+        return laion_cmd("ingest", str(src), "--db", str(db), "--batch-rows", "200", "--json", *extra)
+
+    def whole_or_nothing() -> int:
+        with connect(db) as store:
+            names = {r.shard: r.name for r in store.shard_records().values()}
+            loaded = 0
+            for shard, n in store.partition_rows().items():
+                ids = store.sql("SELECT id FROM laion WHERE shard = {s:UInt32}", {"s": shard}).column(0).to_pylist()
+                assert len(ids) == n == len(want[names[shard]]) and set(ids) == want[names[shard]], (shard, n)
+                loaded += 1
+            return loaded
+
+    points = len(count_points(laion_cmd("ingest", str(src), "--db", str(tmp_path / "scratch"), "--batch-rows", "200",
+                                        "--json")))
+    rng = random.Random(20261202)
+    kills = 0
+    for attempt in range(6):
+        point = run_and_kill(cmd(*(["--force"] if attempt % 2 else [])), rng, points=points, last=("done",),
+                             label="ingest")
+        assert point.killed, point
+        kills += 1
+        whole_or_nothing()
+    assert kills == 6
+    run_to_completion(cmd())
+    assert whole_or_nothing() == 2
+    again = json.loads(run_to_completion(cmd()).stdout.splitlines()[-1])
+    assert again["event"] == "done" and sorted(again["skipped"]) == [FILE_SHARD_BASE, FILE_SHARD_BASE + 1]
+
+
+def test_partition_claimed_before_load_survives_a_crash_between_swap_and_record(tmp_path, files):
+    """The state a SIGKILL between ``REPLACE PARTITION`` and the final ``laion_shards`` row leaves
+    (made here by removing that row): the file's name still maps to its partition, so the rerun
+    replaces it instead of taking a new partition and refusing its own ids."""
+    with connect(tmp_path / "db") as store:
+        ingest_source(store, files["h5"])
+        store.sql("ALTER TABLE laion_shards DELETE WHERE fingerprint != '' SETTINGS mutations_sync = 1")
+        assert store.status()["shards"][0]["state"] == "pending"  # rows there, their record not written
+        report = ingest_source(store, files["h5"])
+        assert report.loaded == [FILE_SHARD_BASE] and store.scalar("SELECT count() FROM laion") == 2500
+        assert store.status()["shards"][0]["state"] == "loaded"
+        # a file that fails mid-stream keeps only its claim, which status does not list
+        bad, _ = _hostile("NaN deep inside h5", tmp_path)
+        with pytest.raises(ShardValidationError):
+            ingest_source(store, bad)
+        assert [s["shard"] for s in store.status()["shards"]] == [FILE_SHARD_BASE]

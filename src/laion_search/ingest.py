@@ -107,6 +107,9 @@ def ingest_source(store: Store, source: str | os.PathLike[str] | Any, *, format:
         records = store.shard_records()
         assign_partitions(readers, {r.name: n for n, r in records.items() if r.name},
                           set(records) | set(store.partition_rows()))
+        for r in readers:
+            if r.ids_from_source and r.shard not in records:
+                record_shard(store, r, claim=True)
         return ingest_readers(store, readers, batch_rows=batch_rows, force=force, progress=progress)
     finally:
         for r in readers:
@@ -220,27 +223,37 @@ def load_shard(store: Store, reader: Reader, *, batch_rows: int = DEFAULT_BATCH_
         else:
             store.backend.command(layout.drop_partition(TABLE, shard))
         store.forget_dim()
-        store.backend.insert_arrow(SHARDS_TABLE, pa.table({
-            "shard": pa.array([shard], pa.uint32()),
-            "rows": pa.array([reader.rows_loaded], pa.uint64()),
-            "dim": pa.array([reader.dim], pa.uint32()),
-            "source": [reader.source],
-            "fingerprint": [reader.fingerprint()],
-            "renormalised": pa.array([reader.renormalised], pa.uint64()),
-            "dropped": pa.array([reader.dropped_total], pa.uint64()),
-            "text_repaired": pa.array([reader.text_repaired], pa.uint64()),
-            "loaded_at": pa.array([time.time_ns() // 1_000_000], pa.timestamp("ms")),
-            "format": [reader.format],
-            "modalities": [",".join(reader.modalities)],
-            "model": [reader.model],
-            "name": [reader.name or ""],
-        }), layout.insert_settings() or None)
+        record_shard(store, reader)
     finally:
         try:
             for stmt in layout.drop_stage(stage):
                 store.backend.command(stmt)
         except LaionError:
             pass  # the next run drops it
+
+
+def record_shard(store: Store, reader: Reader, *, claim: bool = False) -> None:
+    """Write ``reader``'s row in ``laion_shards`` (the latest row per shard wins).
+
+    ``claim=True`` writes a placeholder (0 rows, no fingerprint) that reserves a new single-file
+    source's partition *before* it is loaded: a crash between the swap and the final record then
+    leaves the name → partition mapping behind, so the rerun reuses the partition instead of
+    taking a new one (and finding its own ids in the old one)."""
+    store.backend.insert_arrow(SHARDS_TABLE, pa.table({
+        "shard": pa.array([reader.shard], pa.uint32()),
+        "rows": pa.array([0 if claim else reader.rows_loaded], pa.uint64()),
+        "dim": pa.array([reader.dim], pa.uint32()),
+        "source": [reader.source],
+        "fingerprint": ["" if claim else reader.fingerprint()],
+        "renormalised": pa.array([0 if claim else reader.renormalised], pa.uint64()),
+        "dropped": pa.array([0 if claim else reader.dropped_total], pa.uint64()),
+        "text_repaired": pa.array([0 if claim else reader.text_repaired], pa.uint64()),
+        "loaded_at": pa.array([time.time_ns() // 1_000_000], pa.timestamp("ms")),
+        "format": [reader.format],
+        "modalities": [",".join(reader.modalities)],
+        "model": [reader.model],
+        "name": [reader.name or ""],
+    }), store.layout.insert_settings() or None)
 
 
 def _named(reader: Reader) -> dict[str, str]:
@@ -332,4 +345,4 @@ def _prefetch(batches: Iterator[pa.Table], depth: int = 1) -> Iterator[pa.Table]
             t.join(timeout=0.05)
 
 
-__all__ = ["IngestReport", "ingest", "ingest_files", "ingest_readers", "ingest_source", "load_shard"]
+__all__ = ["IngestReport", "ingest", "ingest_files", "ingest_readers", "ingest_source", "load_shard", "record_shard"]

@@ -310,7 +310,11 @@ class Store:
         for n in sorted(set(records) | set(counts)):
             rec = records.get(n)
             loaded = counts.get(n, 0)
+            if rec and not rec.fingerprint and rec.name and not loaded:
+                continue  # a partition claimed for a file whose load failed or has not started: nothing to show
             state = "loaded" if rec and rec.rows == loaded else ("untracked" if not rec else "mismatch")
+            if rec and not rec.fingerprint and rec.name:
+                state = "pending"  # a single-file source's partition, claimed; its load has not finished
             shards.append({"shard": n, "rows": loaded, "expected_rows": rec.rows if rec else None,
                            "state": state, "renormalised": rec.renormalised if rec else 0,
                            "dropped": rec.dropped if rec else 0,
