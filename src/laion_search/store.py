@@ -266,8 +266,9 @@ class Store:
         ``modality`` embeddings (e.g. ``text`` on an image-only table)."""
         have = self.modalities()
         if have and modality not in have:
+            counts = self.partition_rows()
             only = [f"{r.shard} ({r.name or r.source})" for r in self.shard_records().values()
-                    if modality not in r.modalities.split(",")][:3]
+                    if counts.get(r.shard) and modality not in r.modalities.split(",")][:3]
             raise ModalityError(f"the table has no {modality} embeddings (it holds {', '.join(have)} only; "
                                 f"image-only source(s): {', '.join(only)}): use the "
                                 f"{'image' if modality == 'text' else 'text'} embeddings (--modality / --column "
