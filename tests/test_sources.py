@@ -89,6 +89,23 @@ def test_parquet_batches_stay_bounded_when_row_groups_are_large(tmp_path):
     assert max(sizes) <= 512 and sum(sizes) == 5000  # streamed in batches, not one 5000-row group
 
 
+def test_parquet_pieces_that_straddle_batches_are_split(tmp_path, monkeypatch):
+    """Decoded pieces (300 rows here), row groups (1000) and batches (700) all disagree: every
+    row still lands once, in order, with its id, caption and vector."""
+    import laion_search.sources.clickhouse_parquet as chp
+
+    monkeypatch.setattr(chp, "READ_ROWS", 300)
+    part = synth_clickhouse_parquet(tmp_path / "p.parquet", 2500, dim=16, row_group_rows=1000)
+    batches = list(chp.open_part(as_input(part)).batches(700))
+    assert [t.num_rows for t in batches] == [700, 700, 700, 400]
+    got, src = pa.concat_tables(batches), pq.read_table(part)
+    assert got.column("id").to_pylist() == src.column("id").to_pylist()
+    assert got.column("caption").to_pylist() == src.column("caption").to_pylist()
+    assert got.column("shard_row").to_pylist() == list(range(2500))
+    assert np.array_equal(np.array(got.column("image_embedding").to_pylist(), np.float32),
+                          np.array(src.column("vector").to_pylist(), np.float32))
+
+
 # -- SISAP .h5 ----------------------------------------------------------------------------------------
 def test_sisap_ids_are_one_based_row_numbers_like_the_gold_standard(tmp_path, files):
     emb = h5py.File(files["h5"], "r")["emb"][:].astype(np.float32)

@@ -92,23 +92,23 @@ class ClickHousePartReader(RowChecks):
         try:
             for piece in self.parquet.iter_batches(batch_size=min(batch_rows, READ_ROWS),
                                                    columns=self.columns + [ID_COLUMN, VECTOR_COLUMN], use_threads=False):
-                n = piece.num_rows
-                if n == 0:
-                    continue
-                if block is None:
-                    block = self._buffer(min(batch_rows, self.rows - pos))
-                    start = pos
-                filled = pos - start
-                if filled + n > len(block):  # the file's pieces are shorter than a batch: never here
-                    raise ShardValidationError(f"parquet yielded more rows than its metadata says ({self.rows})",
-                                               path=path, shard=self.shard)
-                ids.append(_ids(piece.column(ID_COLUMN), pos, path, self.shard))
-                self._vectors(piece.column(VECTOR_COLUMN), pos, n, block[filled:filled + n])
-                metas.append(piece.select(self.columns))
-                pos += n
-                if pos - start == len(block):
-                    yield from self._finish(block, start, ids, metas)
-                    block, ids, metas = None, [], []
+                while piece.num_rows:  # a piece may straddle two batches: split it
+                    if pos >= self.rows:
+                        raise ShardValidationError(f"parquet yielded more rows than its metadata says ({self.rows})",
+                                                   path=path, shard=self.shard)
+                    if block is None:
+                        block = self._buffer(min(batch_rows, self.rows - pos))
+                        start = pos
+                    filled = pos - start
+                    n = min(piece.num_rows, len(block) - filled)
+                    part, piece = piece.slice(0, n), piece.slice(n)
+                    ids.append(_ids(part.column(ID_COLUMN), pos, path, self.shard))
+                    self._vectors(part.column(VECTOR_COLUMN), pos, n, block[filled:filled + n])
+                    metas.append(part.select(self.columns))
+                    pos += n
+                    if pos - start == len(block):
+                        yield from self._finish(block, start, ids, metas)
+                        block, ids, metas = None, [], []
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
             raise ShardValidationError(f"cannot read rows near {pos}: {_one_line(exc)}", path=path,
                                        shard=self.shard) from None
