@@ -90,6 +90,10 @@ CASES: list[Case] = [
     Case("ingest {shards} --db {db} --force --skip-bad-rows --json",
          check=lambda o, e, t: sorted(_json_lines(o)[-1]["loaded"]) == [0, 1]),
     Case("ingest {tmp}/folders --url {tmp}/folderdb", check=_has("shard 7")),
+    Case("ingest {tmp}/part.parquet --format clickhouse-parquet --model openai/clip-vit-large-patch14 "
+         "--db {tmp}/partdb --json", check=lambda o, e, t: _json_lines(o)[-1]["rows"] == 300),
+    Case("ingest {tmp}/emb.h5 --format auto --db {tmp}/sisapdb --json",
+         check=lambda o, e, t: _json_lines(o)[-1]["rows"] == 200),
     Case("status --db {db} --json", check=lambda o, e, t: json.loads(o)["rows"] == 600),
     Case("status --url {db}", check=_has("600 rows")),
     Case("sources --json", check=lambda o, e, t: {"laion400m", "laion5b-100m", "sisap-300k"}
@@ -160,6 +164,8 @@ CASES: list[Case] = [
          "--m 32 --ef-construction 128 --indexes 1 --replicas 2 --json", check=lambda o, e, t: json.loads(o)["inputs"]),
     # -- demo and benchmarks, at toy sizes
     Case("demo --dir {tmp}/demo --rows 300 --shards 2", check=_has("more like")),
+    Case("bench ingest --rows 2000 --formats clickhouse-parquet,sisap-h5 --dir {tmp}/b0 --json",
+         check=lambda o, e, t: json.loads(o)),
     Case("bench ingest --rows 2000 --guide-rows 200 --dir {tmp}/b1 --out {tmp}/b1out --json",
          check=lambda o, e, t: json.loads(o)["results"]),
     Case("bench search --rows 1500 --queries 20 --k 5 --configs 8:32 --quantization bf16 --metric cosine "
@@ -207,6 +213,10 @@ def world(tmp_path_factory):
     from laion_search.testing.faulty_http import FaultyServer
 
     synth(tmp / "mirror", [0, 1], 50, dim=16, seed=2, layout="folders")
+    from laion_search.sources.synth import synth_clickhouse_parquet, synth_sisap_h5
+
+    synth_clickhouse_parquet(tmp / "part.parquet", 300, dim=32, seed=4)
+    synth_sisap_h5(tmp / "emb.h5", 200, dim=32, seed=5)
     pq.write_table(pa.table({"id": pa.array([1, 2], pa.uint32()), "vector": [[0.1] * 4, [0.2] * 4]}),
                    tmp / "mirror" / "laion5b_100m_part_1_of_10.parquet")
     with FaultyServer(tmp / "mirror") as mirror:

@@ -187,7 +187,7 @@ def test_cli_ingest_json_and_errors(tmp_path, shards_flat):
     assert events[0]["event"] == "start" and events[-1]["event"] == "done"
     assert events[-1]["loaded"] == [0, 2] and events[-1]["rows"] == 1200
     bad = run_cli("ingest", str(tmp_path / "missing"), "--db", db)
-    assert bad.returncode == 1 and "not a directory" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 1 and "no such file or directory" in bad.stderr and "Traceback" not in bad.stderr
     bad = run_cli("ingest", str(shards_flat), "--shards", "x-y", "--db", db)
     assert bad.returncode == 2 and "invalid shard list" in bad.stderr
     st = json.loads(run_cli("status", "--db", db, "--json", check=True).stdout)

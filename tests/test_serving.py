@@ -62,7 +62,7 @@ def test_no_encoder_checked_once_503_with_the_fix_and_the_rest_works(served_stor
     assert not caps["text"]["ok"] and not caps["image"]["ok"]
     assert "no-such-clip-model" in caps["text"]["reason"] and "--model ./clip-b32" in caps["text"]["fix"]
     assert caps["vector"] == {"ok": True} and caps["like"] == {"ok": True}
-    assert status["modalities"] == {"image": True, "text": True} and status["encoder"]["state"] == "failed"
+    assert status["modalities"] == ["image", "text"] and status["encoder"]["state"] == "failed"
     for _ in range(3):
         r = call(app, "POST", "/api/search", json={"text": "a cat"})
         assert r.status_code == 503
@@ -232,7 +232,10 @@ def test_synth_images_small_local_and_alike_for_near_rows(tmp_path):
     far = sims.argmin(1)
     d_near = np.linalg.norm(pix - pix[near], axis=1).mean()
     d_far = np.linalg.norm(pix - pix[far], axis=1).mean()
-    assert d_near < 0.6 * d_far, (d_near, d_far)  # near rows look alike
+    # near rows look alike: pictures follow topic and sub-centre, which the realistic geometry
+    # weighs less against the rest of the latent space than the old isotropic one did (ratio
+    # 0.72 here at 16-d, 0.61 at 64-d; --hard: 0.48)
+    assert d_near < 0.85 * d_far, (d_near, d_far)
 
 
 def test_admission_gate_queues_then_sheds():

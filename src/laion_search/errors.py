@@ -4,6 +4,7 @@
 
     LaionError                      base: catch this to catch everything of ours
     ├── UsageError                  a bad argument (shard range, parameter, k, vector …)
+    │   └── ModalityError           the table has no such embeddings (text search, image-only data)
     ├── ShardError                  a shard file is missing, malformed or inconsistent
     │   └── ShardValidationError    its content breaks a rule (row counts, dtype, NaN …)
     ├── StoreError                  the store cannot do what was asked
@@ -27,6 +28,14 @@ class LaionError(Exception):
 
 class UsageError(LaionError, ValueError):
     """An argument is invalid (shard range, query parameter, vector, k …)."""
+
+
+class ModalityError(UsageError):
+    """The table holds no embeddings of the asked modality (``text`` on an image-only source).
+
+    A valid argument that this table's data cannot serve: the CLI exits with status 1 (not 2)."""
+
+    exit_code = 1
 
 
 class ShardError(LaionError):

@@ -83,6 +83,8 @@ def create_index(store: Store, spec: IndexSpec, *, materialize: bool = True, rep
     dim = store.dim()
     if dim is None:
         raise UsageError("the table is empty: ingest shards before creating an index (its dimension comes from them)")
+    if spec.column != "image":
+        store.require_modality(spec.column)  # no text index over the empty arrays of an image-only source
     want = spec.type_sql(dim)
     existing = {i["name"]: i for i in store.list_indexes()}
     if spec.name in existing and _normal(existing[spec.name]["type_full"]) != _normal(want):
@@ -185,6 +187,8 @@ def create_scan_copy(store: Store, column: str, *, progress: ProgressFn | None =
     emit = progress or (lambda e: None)
     if store.dim() is None:
         raise UsageError("the table is empty: ingest shards before creating a scan copy")
+    if column != "image":
+        store.require_modality(column)
     t0 = time.perf_counter()
     emb = INDEX_NAMES[column][1]
     # unit length: the dot product of the copy is then the cosine (bf16 × bf16 dot products are

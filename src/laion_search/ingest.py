@@ -1,6 +1,8 @@
 """Streaming, idempotent, atomic-per-shard ingest of LAION shards into the ``laion`` table.
 
-For each shard:
+A "shard" is one unit of ingest: a LAION shard (three files), a ClickHouse LAION-5B Parquet
+part, or a SISAP ``.h5`` file (see :mod:`laion_search.sources.formats` for the formats, their
+ids and how single files get their partition). For each shard:
 
 1. check the three files against each other (headers only: dtype, dimension, row counts,
    required metadata columns) — for *all* requested shards before loading any;
@@ -27,9 +29,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 
-from laion_search.errors import LaionError, QueryError, StoreError
-from laion_search.sources.shards import ShardFiles, ShardReader, discover, open_shard
+from laion_search.errors import LaionError, QueryError, ShardValidationError, StoreError
 from laion_search.schema import SHARDS_TABLE, TABLE
+from laion_search.sources.formats import Reader, assign_partitions, open_readers
+from laion_search.sources.shards import ShardFiles, open_shard
 from laion_search.store import Store, list_stage_tables, stage_table_name
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -63,10 +66,13 @@ class IngestReport:
                 "rows_per_second": round(self.rows_per_second, 1)}
 
 
-def ingest(store: Store, directory: str | os.PathLike[str], shards: list[int] | None = None, *,
+def ingest(store: Store, directory: str | os.PathLike[str] | Any, shards: list[int] | None = None, *,
            batch_rows: int = DEFAULT_BATCH_ROWS, force: bool = False,
-           progress: ProgressFn | None = None, skip_bad_rows: bool = False) -> IngestReport:
-    """Load the shards found in ``directory`` (all, or those listed) into ``store``.
+           progress: ProgressFn | None = None, skip_bad_rows: bool = False, format: str = "auto",
+           model: str | None = None) -> IngestReport:
+    """Load the shards found in ``directory`` (all, or those listed) into ``store`` — or any
+    other source :func:`ingest_source` takes (a ClickHouse LAION-5B Parquet part, a SISAP
+    ``.h5`` file, a folder of those, a URL).
 
     Returns what was loaded and skipped. Raises :class:`~laion_search.errors.ShardError`
     naming the file and the problem; shards loaded before the error stay loaded, the failing
@@ -75,22 +81,60 @@ def ingest(store: Store, directory: str | os.PathLike[str], shards: list[int] | 
     ``skip_bad_rows`` drops rows with NaN/Inf or all-zero vectors (counted per reason in
     ``IngestReport.dropped`` and in ``laion_shards.dropped``) instead of failing their shard.
     """
-    return ingest_files(store, discover(directory, shards), batch_rows=batch_rows, force=force,
-                        progress=progress, skip_bad_rows=skip_bad_rows)
+    return ingest_source(store, directory, format=format, shards=shards, batch_rows=batch_rows, force=force,
+                         progress=progress, skip_bad_rows=skip_bad_rows, model=model)
+
+
+def ingest_source(store: Store, source: str | os.PathLike[str] | Any, *, format: str = "auto",
+                  shards: list[int] | None = None, batch_rows: int = DEFAULT_BATCH_ROWS, force: bool = False,
+                  progress: ProgressFn | None = None, skip_bad_rows: bool = False,
+                  model: str | None = None) -> IngestReport:
+    """Load any source :mod:`laion_search.sources.formats` reads: a folder of LAION shards
+    (``shards`` picks some), a ClickHouse LAION-5B Parquet part, a SISAP ``.h5`` file, a folder
+    of such files, a URL, or an open seekable binary file. ``format`` is ``auto`` (detected from
+    the content) or one of ``laion``, ``clickhouse-parquet``, ``sisap-h5``.
+
+    Every file is checked before any is loaded; each file (or shard) is then staged and swapped
+    in whole, and loading it again replaces it. Errors name the file and the problem, and leave
+    the table as it was for the unit that failed.
+
+    ``model`` records the CLIP model that made the vectors (text and image searches then encode
+    with it); by default, the model LAION used for their dimension."""
+    readers = open_readers(source, fmt=format, shards=shards, dim=store.dim(), skip_bad_rows=skip_bad_rows)
+    try:
+        if model:
+            for r in readers:
+                r.model_override = str(model)
+        records = store.shard_records()
+        assign_partitions(readers, {r.name: n for n, r in records.items() if r.name},
+                          set(records) | set(store.partition_rows()))
+        for r in readers:
+            if r.ids_from_source and r.shard not in records:
+                record_shard(store, r, claim=True)
+        return ingest_readers(store, readers, batch_rows=batch_rows, force=force, progress=progress)
+    finally:
+        for r in readers:
+            r.close()
 
 
 def ingest_files(store: Store, files: Iterable[ShardFiles], *, batch_rows: int = DEFAULT_BATCH_ROWS,
                  force: bool = False, progress: ProgressFn | None = None,
                  skip_bad_rows: bool = False) -> IngestReport:
-    emit = progress or (lambda event: None)
     files = list(files)
     dim = store.dim()
-    readers = []
+    readers: list[Reader] = []
     for f in files:  # check every shard's headers before loading anything
         reader = open_shard(f, dim=dim, skip_bad_rows=skip_bad_rows)
         if dim is None:
             dim = reader.dim
-        readers.append(reader)
+        readers.append(reader)  # type: ignore[arg-type]  # its shard number is read-only
+    return ingest_readers(store, readers, batch_rows=batch_rows, force=force, progress=progress)
+
+
+def ingest_readers(store: Store, readers: list[Reader], *, batch_rows: int = DEFAULT_BATCH_ROWS,
+                   force: bool = False, progress: ProgressFn | None = None) -> IngestReport:
+    """Load checked readers (shards, parts, files), each atomically; see the module docstring."""
+    emit = progress or (lambda event: None)
     _drop_orphan_stages(store)
     # Background merges of freshly loaded parts compete with the next shard's insert for the two
     # cores (measured: half the throughput). Pause them while loading; they resume afterwards
@@ -108,7 +152,7 @@ def ingest_files(store: Store, files: Iterable[ShardFiles], *, batch_rows: int =
                 pass
 
 
-def _ingest_readers(store: Store, readers: list[ShardReader], batch_rows: int, force: bool,
+def _ingest_readers(store: Store, readers: list[Reader], batch_rows: int, force: bool,
                     emit: ProgressFn) -> IngestReport:
     report = IngestReport()
     started = time.perf_counter()
@@ -117,10 +161,10 @@ def _ingest_readers(store: Store, readers: list[ShardReader], batch_rows: int, f
     emit({"event": "start", "shards": [r.shard for r in readers], "rows": sum(r.rows for r in readers)})
     for reader in readers:
         rec = records.get(reader.shard)
-        if (not force and rec is not None and rec.fingerprint == reader.files.fingerprint()
+        if (not force and rec is not None and rec.fingerprint == reader.fingerprint()
                 and counts.get(reader.shard, 0) == rec.rows and rec.rows + rec.dropped == reader.rows):
             report.skipped.append(reader.shard)
-            emit({"event": "shard_skipped", "shard": reader.shard, "rows": reader.rows,
+            emit({"event": "shard_skipped", "shard": reader.shard, "rows": reader.rows, **_named(reader),
                   "reason": "already loaded from the same files"})
             continue
         t0 = time.perf_counter()
@@ -135,7 +179,7 @@ def _ingest_readers(store: Store, readers: list[ShardReader], batch_rows: int, f
         report.text_repaired += reader.text_repaired
         for why, n in reader.dropped.items():
             report.dropped[why] = report.dropped.get(why, 0) + n
-        done = {"event": "shard_done", "shard": reader.shard, "rows": reader.rows_loaded,
+        done = {"event": "shard_done", "shard": reader.shard, **_named(reader), "rows": reader.rows_loaded,
                 "seconds": round(time.perf_counter() - t0, 3), "renormalised": reader.renormalised}
         if reader.dropped:
             done.update(dropped=dict(reader.dropped), dropped_first_rows=list(reader.dropped_rows))
@@ -147,7 +191,7 @@ def _ingest_readers(store: Store, readers: list[ShardReader], batch_rows: int, f
     return report
 
 
-def load_shard(store: Store, reader: ShardReader, *, batch_rows: int = DEFAULT_BATCH_ROWS,
+def load_shard(store: Store, reader: Reader, *, batch_rows: int = DEFAULT_BATCH_ROWS,
                progress: ProgressFn | None = None) -> None:
     """Stream one checked shard into a staging table and swap it into ``laion`` atomically."""
     emit = progress or (lambda event: None)
@@ -161,10 +205,11 @@ def load_shard(store: Store, reader: ShardReader, *, batch_rows: int = DEFAULT_B
     try:
         for stmt in layout.create_stage(stage, TABLE):  # CREATE … AS laion; SYSTEM STOP MERGES (it lives for seconds)
             store.backend.command(stmt)
-        emit({"event": "shard_start", "shard": shard, "rows": reader.rows})
+        emit({"event": "shard_start", "shard": shard, **_named(reader), "rows": reader.rows})
         done = 0
-        # ring: one batch being inserted + PREFETCH_DEPTH queued + one being filled, per column
-        for batch in _prefetch(reader.batches(batch_rows, ring=2 * (PREFETCH_DEPTH + 2)), PREFETCH_DEPTH):
+        # ring: one batch being inserted + PREFETCH_DEPTH queued + one being filled, per vector column
+        ring = len(reader.modalities) * (PREFETCH_DEPTH + 2)
+        for batch in _prefetch(reader.batches(batch_rows, ring=ring), PREFETCH_DEPTH):
             store.backend.insert_arrow(stage, batch, {**INSERT_SETTINGS, **layout.insert_settings()})
             done += batch.num_rows
             emit({"event": "batch", "shard": shard, "rows_done": done, "rows": reader.rows,
@@ -172,28 +217,78 @@ def load_shard(store: Store, reader: ShardReader, *, batch_rows: int = DEFAULT_B
         staged = store.scalar(f"SELECT count() FROM {stage}")
         if staged != reader.rows_loaded:
             raise StoreError(f"shard {shard}: staged {staged} rows, expected {reader.rows_loaded}; nothing was changed")
+        if reader.ids_from_source and staged:
+            _check_source_ids(store, stage, reader)
         if reader.rows_loaded:
             store.backend.command(layout.replace_partition(TABLE, shard, stage))
         else:
             store.backend.command(layout.drop_partition(TABLE, shard))
         store.forget_dim()
-        store.backend.insert_arrow(SHARDS_TABLE, pa.table({
-            "shard": pa.array([shard], pa.uint32()),
-            "rows": pa.array([reader.rows_loaded], pa.uint64()),
-            "dim": pa.array([reader.dim], pa.uint32()),
-            "source": [str(reader.files.img_emb.parent)],
-            "fingerprint": [reader.files.fingerprint()],
-            "renormalised": pa.array([reader.renormalised], pa.uint64()),
-            "dropped": pa.array([reader.dropped_total], pa.uint64()),
-            "text_repaired": pa.array([reader.text_repaired], pa.uint64()),
-            "loaded_at": pa.array([time.time_ns() // 1_000_000], pa.timestamp("ms")),
-        }), layout.insert_settings() or None)
+        record_shard(store, reader)
     finally:
         try:
             for stmt in layout.drop_stage(stage):
                 store.backend.command(stmt)
         except LaionError:
             pass  # the next run drops it
+
+
+def record_shard(store: Store, reader: Reader, *, claim: bool = False) -> None:
+    """Write ``reader``'s row in ``laion_shards`` (the latest row per shard wins).
+
+    ``claim=True`` writes a placeholder (0 rows, no fingerprint) that reserves a new single-file
+    source's partition *before* it is loaded: a crash between the swap and the final record then
+    leaves the name → partition mapping behind, so the rerun reuses the partition instead of
+    taking a new one (and finding its own ids in the old one)."""
+    store.backend.insert_arrow(SHARDS_TABLE, pa.table({
+        "shard": pa.array([reader.shard], pa.uint32()),
+        "rows": pa.array([0 if claim else reader.rows_loaded], pa.uint64()),
+        "dim": pa.array([reader.dim], pa.uint32()),
+        "source": [reader.source],
+        "fingerprint": ["" if claim else reader.fingerprint()],
+        "renormalised": pa.array([0 if claim else reader.renormalised], pa.uint64()),
+        "dropped": pa.array([0 if claim else reader.dropped_total], pa.uint64()),
+        "text_repaired": pa.array([0 if claim else reader.text_repaired], pa.uint64()),
+        "loaded_at": pa.array([time.time_ns() // 1_000_000], pa.timestamp("ms")),
+        "format": [reader.format],
+        "modalities": [",".join(reader.modalities)],
+        "model": [reader.model],
+        "name": [reader.name or ""],
+    }), store.layout.insert_settings() or None)
+
+
+def _named(reader: Reader) -> dict[str, str]:
+    """A single-file source's events carry its file name (its shard number is only a partition)."""
+    return {"name": reader.name} if reader.name else {}
+
+
+def _check_source_ids(store: Store, stage: str, reader: Reader) -> None:
+    """Ids taken from a source must be unique in it and not held by another partition: the
+    table's id is its key. (LAION shards' ids are shard × 10⁹ + row: unique by construction.)"""
+    where = reader.source
+    dup = store.scalar(f"SELECT count() FROM (SELECT id FROM {stage} GROUP BY id HAVING count() > 1) "
+                       # in id order (the stage's sort key): streams, no hash table of every id; small read
+                       # buffers, as a 10M-row stage has ~300 parts read side by side
+                       "SETTINGS optimize_aggregation_in_order = 1, max_read_buffer_size = 65536")
+    if dup:
+        first = store.scalar(f"SELECT id FROM {stage} GROUP BY id HAVING count() > 1 ORDER BY id LIMIT 1")
+        raise ShardValidationError(f"{dup} id(s) appear more than once (first: {first}); ids must be unique; "
+                                   "nothing was changed", path=where)
+    lo, hi = store.sql(f"SELECT min(id), max(id) FROM {stage}").to_pylist()[0].values()
+    params = {"s": reader.shard, "lo": lo, "hi": hi}
+    if not store.scalar(f"SELECT count() FROM {TABLE} WHERE shard != {{s:UInt32}} AND id BETWEEN {{lo:Int64}} "
+                        "AND {hi:Int64}", params):
+        return
+    glob = "GLOBAL IN" if store.layout.cluster is not None else "IN"
+    row = store.rows(f"SELECT count() AS n, min(id) AS first, any(shard) AS other FROM {TABLE} "
+                     f"WHERE shard != {{s:UInt32}} AND id {glob} (SELECT id FROM {stage})", params)[0]
+    if row["n"]:
+        rec = store.shard_records().get(row["other"])
+        owner = f"shard {row['other']}" + (f" ({rec.name or rec.source})" if rec else "")
+        raise ShardValidationError(
+            f"{row['n']} of its ids are already in the table from {owner} (first: {row['first']}); ids come "
+            f"from the source and must be unique — load this source into its own store (--db); nothing was "
+            "changed", path=where)
 
 
 def _drop_orphan_stages(store: Store) -> None:
@@ -251,4 +346,4 @@ def _prefetch(batches: Iterator[pa.Table], depth: int = 1) -> Iterator[pa.Table]
             t.join(timeout=0.05)
 
 
-__all__ = ["IngestReport", "ingest", "ingest_files", "load_shard"]
+__all__ = ["IngestReport", "ingest", "ingest_files", "ingest_readers", "ingest_source", "load_shard", "record_shard"]

@@ -69,7 +69,11 @@ CREATE TABLE IF NOT EXISTS {table}
     `renormalised` UInt64,
     `loaded_at` DateTime64(3),
     `dropped` UInt64 DEFAULT 0,
-    `text_repaired` UInt64 DEFAULT 0
+    `text_repaired` UInt64 DEFAULT 0,
+    `format` String DEFAULT 'laion',
+    `modalities` String DEFAULT 'image,text',
+    `model` String DEFAULT '',
+    `name` String DEFAULT ''
 )
 ENGINE = ReplacingMergeTree(loaded_at)
 ORDER BY shard

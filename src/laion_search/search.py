@@ -109,6 +109,28 @@ def check_k(k: Any) -> int:
     return k
 
 
+def encoder_for(store: Store, model: str | None = None) -> Any:
+    """The CLIP encoder for searches of this table: ``model`` if given, else
+    ``$LAION_CLIP_MODEL``, else the model its shards record. A model whose vectors have another
+    dimension than the table's is a :class:`UsageError` naming the model that fits."""
+    import os
+
+    from laion_search.clip.encoders import ENV_MODEL, get_encoder
+
+    recorded = store.model()
+    chosen = model or os.environ.get(ENV_MODEL) or recorded
+    enc = get_encoder(chosen)
+    dim = store.dim()
+    if dim is not None and int(enc.dim) != dim:
+        from laion_search.sources.naming import model_for_dim
+
+        right = recorded or model_for_dim(dim)
+        hint = f"use --model {right}" if right else "use a CLIP model with that dimension"
+        raise UsageError(f"CLIP model {enc.name!r} makes {enc.dim}-d vectors but the table holds {dim}-d embeddings"
+                         f"{f' (made with {right})' if right else ''}: {hint}")
+    return enc
+
+
 def row_vector(store: Store, row_id: Any, modality: str = "image") -> np.ndarray:
     """The stored embedding of row ``row_id`` (for "more like this")."""
     column = _column(modality)
@@ -205,7 +227,8 @@ def search(store: Store, vector: Any = None, *, query: SearchQuery | None = None
 
     ``modality="image"`` searches image embeddings — so ``text=`` is LAION's text→image search;
     ``modality="text"`` searches caption embeddings. Text and images are encoded with the CLIP
-    ``model`` (default: ``$LAION_CLIP_MODEL`` or OpenAI CLIP ViT-B/32).
+    ``model`` (default: ``$LAION_CLIP_MODEL``, else the model the table's shards record — ViT-B/32
+    for LAION-400M, ViT-L/14 for LAION-5B, ClickHouse's subset and SISAP).
     """
     if query is None:
         query = SearchQuery.build(vector, filters=filters, options=options, **fields)
@@ -218,10 +241,10 @@ def search(store: Store, vector: Any = None, *, query: SearchQuery | None = None
     filters = q.filters
     options = q.options
     vector = q.vector
+    if q.modality != "image":
+        store.require_modality(q.modality)  # e.g. text on an image-only table (ClickHouse LAION-5B, SISAP)
     if q.text is not None or q.image is not None:
-        from laion_search.clip.encoders import get_encoder
-
-        enc = get_encoder(q.model)
+        enc = encoder_for(store, q.model)
         vector = enc.encode_text([q.text])[0] if q.text is not None else enc.encode_image([q.image])[0]
     if q.like is not None:
         vector = row_vector(store, q.like, q.modality)

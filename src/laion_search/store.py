@@ -23,9 +23,10 @@ import pyarrow as pa
 from laion_search import killpoints
 from laion_search.backends import Backend, ChdbBackend, ClickHouseBackend, Params, is_url
 from laion_search.backends.cluster import ClusterLayout, SingleNode, detect_layout
-from laion_search.errors import QueryError, StoreError, UsageError
+from laion_search.errors import ModalityError, QueryError, StoreError, UsageError
 from laion_search.schema import (INDEX_NAMES, SHARDS_DDL, SHARDS_TABLE, STAGE_PREFIX, TABLE, TABLE_DDL, TUNING_DDL, TUNING_TABLE,
                                  index_memory_estimate, parse_index_type, scan_column)
+from laion_search.sources.naming import model_for_dim
 
 SCHEMA_TTL = 30.0  # seconds a store trusts its cached column / index list
 UDF_DIR = "udf"  # <store>/udf: executable UDFs the embedded engine loads at open
@@ -54,6 +55,10 @@ class ShardRecord:
     loaded_at: Any
     dropped: int = 0         # rows left out by --skip-bad-rows
     text_repaired: int = 0   # rows whose invalid UTF-8 was replaced with U+FFFD
+    format: str = "laion"    # laion | clickhouse-parquet | sisap-h5 (laion_search.sources.formats)
+    modalities: str = "image,text"  # the embedding columns the source filled
+    model: str = ""          # the CLIP model that made its vectors ("" when unknown)
+    name: str = ""           # a single-file source's file name: the key of its partition
 
 
 class Store:
@@ -62,6 +67,7 @@ class Store:
     def __init__(self, backend: Backend, *, create: bool = True):
         self.backend = backend
         self._dim: int | None = None
+        self._modalities: tuple[list[str], float] | None = None
         self._schema_cache: tuple[frozenset[str], frozenset[tuple[str, str]], float] | None = None
         self._tuning_cache: tuple[dict[str, dict[str, Any]], float] | None = None
         #: where rows live: one node (``laion`` is MergeTree) or a cluster (``laion`` is Distributed)
@@ -94,7 +100,11 @@ class Store:
         self.backend.command(SHARDS_DDL.format(table=SHARDS_TABLE))
         # stores made before these columns existed
         self.backend.command(f"ALTER TABLE {SHARDS_TABLE} ADD COLUMN IF NOT EXISTS `dropped` UInt64 DEFAULT 0, "
-                             "ADD COLUMN IF NOT EXISTS `text_repaired` UInt64 DEFAULT 0")
+                             "ADD COLUMN IF NOT EXISTS `text_repaired` UInt64 DEFAULT 0, "
+                             "ADD COLUMN IF NOT EXISTS `format` String DEFAULT 'laion', "
+                             "ADD COLUMN IF NOT EXISTS `modalities` String DEFAULT 'image,text', "
+                             "ADD COLUMN IF NOT EXISTS `model` String DEFAULT '', "
+                             "ADD COLUMN IF NOT EXISTS `name` String DEFAULT ''")
 
     def close(self) -> None:
         self.backend.close()
@@ -127,7 +137,7 @@ class Store:
     # -- shards -------------------------------------------------------------------------------
     def shard_records(self) -> dict[int, ShardRecord]:
         rows = self.rows(f"SELECT shard, rows, dim, source, fingerprint, renormalised, loaded_at, dropped, "
-                         f"text_repaired FROM {SHARDS_TABLE} FINAL ORDER BY shard")
+                         f"text_repaired, format, modalities, model, name FROM {SHARDS_TABLE} FINAL ORDER BY shard")
         return {r["shard"]: ShardRecord(**r) for r in rows}
 
     def partition_rows(self) -> dict[int, int]:
@@ -141,6 +151,7 @@ class Store:
         self._dim = None
         self._schema_cache = None
         self._tuning_cache = None
+        self._modalities = None
 
     def columns(self) -> frozenset[str]:
         """Names of the ``laion`` table's columns (searches ask whether the bf16 scan copies of
@@ -193,6 +204,49 @@ class Store:
                         out[r["column"]] = r
             cached = self._tuning_cache = (out, time.monotonic())
         return cached[0]
+
+    def modalities(self) -> list[str]:
+        """The embedding columns every loaded row has: ``["image", "text"]`` for LAION shards,
+        ``["image"]`` once an image-only source (ClickHouse's LAION-5B, SISAP) is in the table;
+        ``[]`` while it is empty. Read from ``laion_shards``; a shard without a record counts as
+        having both (the only kind that existed before records said otherwise)."""
+        cached = self._modalities
+        if cached is None or time.monotonic() - cached[1] > SCHEMA_TTL:
+            counts = self.partition_rows()
+            records = self.shard_records()
+            have: set[str] | None = None
+            for shard, n in counts.items():
+                if not n:
+                    continue
+                rec = records.get(shard)
+                mine = set((rec.modalities if rec else "image,text").split(","))
+                have = mine if have is None else have & mine
+            cached = self._modalities = ([m for m in ("image", "text") if have and m in have], time.monotonic())
+        return list(cached[0])
+
+    def require_modality(self, modality: str) -> None:
+        """Raise :class:`~laion_search.errors.ModalityError` when the table has rows but no
+        ``modality`` embeddings (e.g. ``text`` on an image-only table)."""
+        have = self.modalities()
+        if have and modality not in have:
+            counts = self.partition_rows()
+            only = [f"{r.shard} ({r.name or r.source})" for r in self.shard_records().values()
+                    if counts.get(r.shard) and modality not in r.modalities.split(",")][:3]
+            raise ModalityError(f"the table has no {modality} embeddings (it holds {', '.join(have)} only; "
+                                f"image-only source(s): {', '.join(only)}): use the "
+                                f"{'image' if modality == 'text' else 'text'} embeddings (--modality / --column "
+                                f"{'image' if modality == 'text' else 'text'})")
+
+    def model(self) -> str | None:
+        """The CLIP model the loaded rows were embedded with, as their shards record it (the
+        model LAION used for their dimension when unrecorded); None for an empty table or when
+        shards disagree."""
+        counts = self.partition_rows()
+        found = {(rec.model or model_for_dim(rec.dim)) for s, rec in self.shard_records().items() if counts.get(s)}
+        if not found:
+            dim = self.dim()
+            return model_for_dim(dim) or None if dim else None
+        return found.pop() if len(found) == 1 and "" not in found else None
 
     def dim(self) -> int | None:
         """Embedding dimension of the loaded rows, or None while the table is empty.
@@ -283,13 +337,6 @@ class Store:
             h.update(b"\0")
         return h.hexdigest()
 
-    def modalities(self) -> dict[str, bool]:
-        """Which embeddings the rows carry (``{"image": True, "text": False}`` for an image-only
-        source); reads the array sizes only."""
-        r = self.rows(f"SELECT countIf(image_embedding.size0 > 0) AS image, countIf(text_embedding.size0 > 0) AS text "
-                      f"FROM {TABLE}")[0]
-        return {"image": bool(r["image"]), "text": bool(r["text"])}
-
     def cancel_queries(self, tag: str) -> int:
         """Cancel the running queries whose ``log_comment`` setting is ``tag`` (a server tags
         its own queries so that shutting down ends them, and nobody else's); returns how many."""
@@ -312,16 +359,23 @@ class Store:
         for n in sorted(set(records) | set(counts)):
             rec = records.get(n)
             loaded = counts.get(n, 0)
+            if rec and not rec.fingerprint and rec.name and not loaded:
+                continue  # a partition claimed for a file whose load failed or has not started: nothing to show
             state = "loaded" if rec and rec.rows == loaded else ("untracked" if not rec else "mismatch")
+            if rec and not rec.fingerprint and rec.name:
+                state = "pending"  # a single-file source's partition, claimed; its load has not finished
             shards.append(ShardStatus(shard=n, rows=loaded, expected_rows=rec.rows if rec else None, state=state,
                                       renormalised=rec.renormalised if rec else 0, dropped=rec.dropped if rec else 0,
+                                      format=rec.format if rec else "laion",
+                                      modalities=(rec.modalities if rec else "image,text").split(","),
+                                      model=(rec.model or model_for_dim(rec.dim)) if rec else None,
                                       source=rec.source if rec else None,
                                       loaded_at=str(rec.loaded_at) if rec else None))
         return StoreStatus(
             store=self.location, backend=self.backend.name, cluster=self.layout.cluster, table=TABLE,
             rows=int(parts["rows"] or 0), parts=int(parts["parts"] or 0),
             bytes_on_disk=int(parts["bytes_on_disk"] or 0), bytes_uncompressed=int(parts["bytes_uncompressed"] or 0),
-            dim=self.dim(), shards=shards, indexes=indexes)
+            dim=self.dim(), modalities=self.modalities(), model=self.model(), shards=shards, indexes=indexes)
 
 
 @dataclass
@@ -335,6 +389,9 @@ class ShardStatus:
     state: str
     renormalised: int = 0
     dropped: int = 0
+    format: str = "laion"                 # laion | clickhouse-parquet | sisap-h5
+    modalities: list[str] = field(default_factory=lambda: ["image", "text"])
+    model: str | None = None              # the CLIP model its vectors come from
     source: str | None = None
     loaded_at: str | None = None
 
@@ -362,6 +419,8 @@ class StoreStatus:
     bytes_on_disk: int
     bytes_uncompressed: int
     dim: int | None
+    modalities: list[str] = field(default_factory=list)  # embeddings every row has: image, text
+    model: str | None = None                              # the CLIP model of the rows (None: mixed or empty)
     shards: list[ShardStatus] = field(default_factory=list)
     indexes: list[IndexInfo] = field(default_factory=list)
 

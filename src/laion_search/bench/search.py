@@ -301,7 +301,7 @@ def _h5_dataset(path: Path, names: tuple[str, ...], what: str):
     except ImportError:
         from laion_search.errors import UsageError
 
-        raise UsageError(f"{path}: reading .h5 needs h5py (pip install 'laion-search[hdf5]')") from None
+        raise UsageError(f"{path}: reading .h5 needs h5py (pip install 'laion-search[sources]')") from None
     from laion_search.errors import ShardValidationError
 
     try:

@@ -29,8 +29,9 @@ UrlOption = typer.Option(None, "--url", envvar="LAION_URL", show_envvar=True,
                               "clickhouse://user:password@host:8123/db (clickhouses://…:8443 for TLS). Wins over --db.")
 JsonOption = typer.Option(False, "--json", help="Machine-readable JSON output.")
 ModelOption = typer.Option(None, "--model", envvar="LAION_CLIP_MODEL", show_envvar=True,
-                           help="CLIP model: a local directory or hub id (default openai/clip-vit-base-patch32), "
-                                "or open_clip:ARCH/PRETRAINED.")
+                           help="CLIP model: a local directory or hub id, or open_clip:ARCH/PRETRAINED. Default: the "
+                                "model the table records (openai/clip-vit-base-patch32 for LAION-400M, "
+                                "openai/clip-vit-large-patch14 for LAION-5B / SISAP).")
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -42,7 +43,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except UsageError as exc:
             output.err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
-            raise typer.Exit(2) from None
+            raise typer.Exit(getattr(exc, "exit_code", 2)) from None  # ModalityError: 1
         except LaionError as exc:
             output.err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
             raise typer.Exit(1) from None
@@ -114,29 +115,40 @@ def synth(
 @app.command()
 @handle_errors
 def ingest(
-    directory: Path = typer.Argument(..., help="Folder with img_emb_N.npy, text_emb_N.npy, metadata_N.parquet "
-                                               "(flat or in img_emb/ text_emb/ metadata/)."),
+    source: str = typer.Argument(..., help="A folder of LAION shards (img_emb_N.npy, text_emb_N.npy, metadata_N.parquet, "
+                                           "flat or in img_emb/ text_emb/ metadata/), a ClickHouse LAION-5B .parquet "
+                                           "part, a SISAP .h5 file, or a folder of those."),
+    fmt: str = typer.Option("auto", "--format", help="auto (detected from the content), laion, clickhouse-parquet "
+                                                     "or sisap-h5."),
     shards: Optional[str] = typer.Option(None, "--shards", help="Only these shards: 0-9, 3,7,12-15. Default: all found."),
     batch_rows: int = typer.Option(32768, "--batch-rows", min=1, max=1_000_000, help="Rows per insert batch (bounds memory)."),
     force: bool = typer.Option(False, "--force", help="Reload shards even when already loaded from the same files."),
     skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows",
                                        help="Drop rows with NaN/Inf or all-zero vectors (counted per reason) "
                                             "instead of failing their shard."),
+    source_model: Optional[str] = typer.Option(None, "--model",
+                                               help="The CLIP model that made the vectors, recorded for text/image "
+                                                    "searches. Default: LAION's for the dimension (512: "
+                                                    "openai/clip-vit-base-patch32, 768: openai/clip-vit-large-patch14)."),
     db: Optional[str] = DbOption,
     url: Optional[str] = UrlOption,
     json_output: bool = JsonOption,
 ) -> None:
-    """Stream LAION shards into the laion table: validated, atomic per shard, idempotent.
+    """Stream LAION data into the laion table: validated, atomic per shard or file, idempotent.
 
-    Example: laion ingest ./shards --shards 0-9 --db ./laion-db
+    Examples: laion ingest ./shards --shards 0-9 --db ./laion-db ·
+    laion ingest laion5b_100m_part_1_of_10.parquet --db ./laion5b ·
+    laion ingest laion2B-en-clip768v2-n=300K.h5 --db ./sisap
     """
-    from laion_search.ingest import ingest as do_ingest
+    from laion_search.ingest import ingest_source
+    from laion_search.sources.formats import check_format
     from laion_search.sources.naming import parse_shard_spec
 
     numbers = parse_shard_spec(shards)
+    check_format(fmt)
     with open_store(db, url) as store, output.IngestProgress(output.progress_mode(json_output)) as progress:
-        report = do_ingest(store, directory, numbers, batch_rows=batch_rows, force=force, progress=progress,
-                           skip_bad_rows=skip_bad_rows)
+        report = ingest_source(store, source, format=fmt, shards=numbers, batch_rows=batch_rows, force=force,
+                               progress=progress, skip_bad_rows=skip_bad_rows, model=source_model)
     if not json_output:
         line = (f"loaded {len(report.loaded)} shard(s), {report.rows:,} rows in {report.seconds:.1f} s "
                 f"({report.rows_per_second:,.0f} rows/s)")
@@ -214,13 +226,18 @@ def download(
                          connect_timeout=connect_timeout, read_timeout=read_timeout)
     with contextlib.ExitStack() as stack:
         store = stack.enter_context(open_store(db, url)) if do_ingest else None
+        load: Any = None
+        if do_ingest:  # the store is open (chDB loaded): the ingest layer costs nothing more now
+            from laion_search.ingest import ingest_files
+
+            load = ingest_files
         progress = stack.enter_context(output.DownloadProgress(output.progress_mode(json_output)))
         if source is not None:
-            report = download_source(source, shards, to, base_url=base_url, store=store, jobs=jobs, policy=policy,
-                                     progress=progress, fsync=not no_fsync, delete_after_ingest=delete_after_ingest,
-                                     batch_rows=batch_rows)
+            report = download_source(source, shards, to, base_url=base_url, store=store, load=load, jobs=jobs,
+                                     policy=policy, progress=progress, fsync=not no_fsync,
+                                     delete_after_ingest=delete_after_ingest, batch_rows=batch_rows)
         else:
-            report = do_download(numbers, to, remote=remote, jobs=jobs, policy=policy, store=store,
+            report = do_download(numbers, to, remote=remote, jobs=jobs, policy=policy, store=store, load=load,
                                  delete_after_ingest=delete_after_ingest, batch_rows=batch_rows, progress=progress,
                                  fsync=not no_fsync)
     if not json_output:
@@ -311,9 +328,14 @@ def status(db: Optional[str] = DbOption, url: Optional[str] = UrlOption,
     o.print(f"store   {info['store']} ({where})", markup=False, highlight=False)
     o.print(f"table   {info['table']}: {info['rows']:,} rows, {info['parts']} parts, "
             f"{output.human_bytes(info['bytes_on_disk'])} on disk, dim {info['dim'] or '-'}")
+    if info.get("modalities"):
+        o.print(f"embeddings {', '.join(info['modalities'])}" + (f" · model {info['model']}" if info.get("model") else ""),
+                markup=False, highlight=False)
     if info["shards"]:
         cols = ["shard", "rows", "state", "renormalised"]
         cols += ["dropped"] if any(sh.get("dropped") for sh in info["shards"]) else []  # --skip-bad-rows
+        if any(sh.get("format") != "laion" for sh in info["shards"]):
+            cols += ["format"]
         output.print_records(info["shards"], cols + ["loaded_at", "source"], title="shards")
     else:
         o.print("shards  none loaded (try: laion ingest DIR)")
@@ -849,15 +871,29 @@ def bench_ingest(
                                    help="Rows for the guide pipeline (it is ~100× slower and needs ~41 KB RAM per row)."),
     workdir: Optional[Path] = typer.Option(None, "--dir", help="Scratch directory (default: a temp dir)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the markdown table here."),
+    formats: Optional[str] = typer.Option(None, "--formats",
+                                          help="Instead: peak RSS and speed of ingesting a generated 768-d "
+                                               "ClickHouse LAION-5B part and/or SISAP .h5 (clickhouse-parquet,"
+                                               "sisap-h5) of --rows rows, extrapolated to 10M rows from the memory growth over the run."),
     json_output: bool = JsonOption,
 ) -> None:
     """Our streaming ingest vs the guide's pandas→CSV pipeline vs the engine's native Npy insert.
 
-    Example: laion bench ingest --rows 1000000 --guide-rows 50000
+    Examples: laion bench ingest --rows 1000000 --guide-rows 50000 ·
+    laion bench ingest --formats clickhouse-parquet,sisap-h5 --rows 200000
     """
+    from laion_search.bench.ingest import SOURCE_FORMATS, run_formats
     from laion_search.bench.ingest import run as run_bench
 
-    result = run_bench(rows=rows, guide_rows=guide_rows, workdir=workdir, log=None if json_output else output.err.print)
+    log = None if json_output else output.err.print
+    if formats is not None:
+        chosen = tuple(f.strip() for f in formats.split(",") if f.strip())
+        bad = [f for f in chosen if f not in SOURCE_FORMATS] or ([] if chosen else ["(none)"])
+        if bad:
+            raise UsageError(f"--formats takes {', '.join(SOURCE_FORMATS)}; got {', '.join(bad)}")
+        result = run_formats(rows=rows, formats=chosen, workdir=workdir, log=log)
+    else:
+        result = run_bench(rows=rows, guide_rows=guide_rows, workdir=workdir, log=log)
     if json_output:
         print(output.dumps(result))
     else:

@@ -281,6 +281,11 @@ class EmbedProgress(Progress):
                      rate=f"{e['images_done'] / max(e['seconds'], 1e-9):.1f} images/s")
 
 
+def _label(e: dict[str, Any]) -> str:
+    """``shard 3``, or ``shard 1000000 (laion5b_100m_part_1_of_10.parquet)`` for a single-file source."""
+    return f"shard {e['shard']}" + (f" ({e['name']})" if e.get("name") else "")
+
+
 class IngestProgress(Progress):
     """Ingest events: one bar of rows (rows/s, ETA) on a terminal, a line per shard otherwise, the
     events (but ``batch``) as JSON lines with --json."""
@@ -296,11 +301,11 @@ class IngestProgress(Progress):
         if kind == "start":
             return f"ingesting {len(e['shards'])} shard(s), {e['rows']:,} rows"
         if kind == "shard_skipped":
-            return f"shard {e['shard']}: skipped ({e['reason']})"
+            return f"{_label(e)}: skipped ({e['reason']})"
         if kind == "shard_done":
             rate = e["rows"] / e["seconds"] if e["seconds"] else 0
             extra = f", {e['renormalised']:,} vectors renormalised" if e["renormalised"] else ""
-            return f"shard {e['shard']}: {e['rows']:,} rows in {e['seconds']:.1f} s ({rate:,.0f} rows/s){extra}"
+            return f"{_label(e)}: {e['rows']:,} rows in {e['seconds']:.1f} s ({rate:,.0f} rows/s){extra}"
         return None
 
     def draw(self, e: dict[str, Any]) -> None:
@@ -317,7 +322,7 @@ class IngestProgress(Progress):
         if p is None:
             return
         if kind == "shard_start":
-            p.update(self._task, description=f"shard {e['shard']}")
+            p.update(self._task, description=_label(e))
         elif kind == "batch":
             done = self._done_before + e["rows_done"]
             elapsed = time.perf_counter() - self._t0
@@ -327,7 +332,7 @@ class IngestProgress(Progress):
             self._done_before += e["rows"]
             p.update(self._task, completed=self._done_before)
             if kind == "shard_skipped":
-                p.console.print(f"shard {e['shard']}: skipped ({e['reason']})")
+                p.console.print(f"{_label(e)}: skipped ({e['reason']})")
         elif kind == "done":
             p.update(self._task, completed=self._done_before, description="ingest")
 
@@ -429,7 +434,7 @@ class DownloadProgress(Progress):
         if kind == "shard_verified":
             return f"shard {e['shard']}: verified, {e['rows']:,} rows × {e['dim']}-d"
         if kind == "shard_skipped":
-            return f"shard {e['shard']}: skipped ({e['reason']})"
+            return f"{_label(e)}: skipped ({e['reason']})"
         if kind == "shard_failed":
             return f"FAILED shard {e['shard']} {e['file']} ({e['url']}): {e['reason']}"
         if kind == "ingest_done":

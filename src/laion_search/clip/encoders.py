@@ -113,8 +113,8 @@ class HFClipEncoder:
         except (OSError, ValueError) as exc:
             raise EncoderError(
                 f"cannot load CLIP model {model!r}: {str(exc).splitlines()[0]}. Without internet, download it on "
-                f"another machine (huggingface-cli download {DEFAULT_MODEL} --local-dir ./clip-b32), copy the "
-                "folder here and pass --model ./clip-b32 (or set LAION_CLIP_MODEL)") from None
+                f"another machine (huggingface-cli download {_hub_id(model)} --local-dir ./clip-model), copy the "
+                "folder here and pass --model ./clip-model (or set LAION_CLIP_MODEL)") from None
         self.model.eval()
         cfg = self.model.config
         self.dim = int(cfg.projection_dim)
@@ -174,6 +174,12 @@ class HFClipEncoder:
         arr = np.asarray(img, dtype=np.float32) / 255.0
         arr = (arr - self.mean) / self.std
         return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def _hub_id(model: str) -> str:
+    """The hub id to download for a failed load: the model itself when it looks like one."""
+    return model if model.count("/") == 1 and not Path(model).exists() and not model.startswith((".", "/")) \
+        else DEFAULT_MODEL
 
 
 def _features(feats: Any) -> np.ndarray:

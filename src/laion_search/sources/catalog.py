@@ -204,7 +204,7 @@ def download_source(name: str, parts: str | None, to: str | os.PathLike[str], *,
         return download(numbers, to, remote=remote, store=store, **kw)
     if store is not None:
         raise UsageError(f"--ingest works with shard sources; ingest {source.name}'s files with `laion ingest FILE`")
-    for key in ("delete_after_ingest", "batch_rows", "ahead"):
+    for key in ("delete_after_ingest", "batch_rows", "ahead", "load"):
         kw.pop(key, None)
     jobs = plan_source(source, numbers, to, base_url)
     return download_files(jobs, to, source=source.name, base_url=base_url or source.base_url, **kw)

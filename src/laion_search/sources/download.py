@@ -68,6 +68,9 @@ from laion_search.sources.http import validators as _validators
 # the GIL slowed the transfers by more than it saved.)
 
 ProgressFn = Callable[[dict[str, Any]], None]
+#: loads verified shards into a store: ``laion_search.ingest.ingest_files`` (the downloader does
+#: not import the ingest layer; its callers hand it over)
+LoadFn = Callable[..., Any]
 
 #: Where ClickHouse's LAION-400M guide downloads from (``…/img_emb/img_emb_N.npy`` etc.).
 DEFAULT_BASE_URL = "https://deploy.laion.ai/8f83b608504d46bb81708ec86e912220/embeddings"
@@ -603,7 +606,8 @@ def plan(shards: list[int], to: Path, remote: Remote) -> dict[int, list[FileJob]
 
 
 def download(shards: list[int], to: str | os.PathLike[str], *, remote: Remote | None = None, jobs: int = 4,
-             policy: RetryPolicy | None = None, store: Any = None, delete_after_ingest: bool = False,
+             policy: RetryPolicy | None = None, store: Any = None, load: LoadFn | None = None,
+             delete_after_ingest: bool = False,
              ahead: int | None = None, chunk_bytes: int = CHUNK_BYTES, progress: ProgressFn | None = None,
              batch_rows: int | None = None, fsync: bool = True) -> DownloadReport:
     """Download (and, with ``store``, ingest) ``shards`` into ``to``. Never raises for a failed file
@@ -614,10 +618,12 @@ def download(shards: list[int], to: str | os.PathLike[str], *, remote: Remote | 
     written that way are not trusted after a reboot (they are fetched again)."""
     if jobs < 1:
         raise UsageError("jobs must be at least 1")
+    if store is not None and load is None:
+        raise UsageError("downloading into a store needs load= (laion_search.ingest.ingest_files)")
     if delete_after_ingest and store is None:
         raise UsageError("--delete-after-ingest needs --ingest")
     return ShardScheduler(shards, Path(to), remote=remote or Remote(), jobs=jobs, policy=policy or RetryPolicy(),
-                          store=store, delete_after_ingest=delete_after_ingest, ahead=ahead, chunk_bytes=chunk_bytes,
+                          store=store, load=load, delete_after_ingest=delete_after_ingest, ahead=ahead, chunk_bytes=chunk_bytes,
                           progress=progress, batch_rows=batch_rows, fsync=fsync).run()
 
 
@@ -628,10 +634,11 @@ class ShardScheduler:
     while later ones download. All shared state lives here, guarded by :attr:`cond`."""
 
     def __init__(self, shards: list[int], root: Path, *, remote: Remote, jobs: int, policy: RetryPolicy,
-                 store: Any, delete_after_ingest: bool, ahead: int | None, chunk_bytes: int,
+                 store: Any, load: LoadFn | None, delete_after_ingest: bool, ahead: int | None, chunk_bytes: int,
                  progress: ProgressFn | None, batch_rows: int | None, fsync: bool):
         self.shards, self.root, self.remote, self.jobs = shards, root, remote, jobs
-        self.store, self.delete_after_ingest, self.batch_rows, self.fsync = store, delete_after_ingest, batch_rows, fsync
+        self.store, self.load, self.delete_after_ingest = store, load, delete_after_ingest
+        self.batch_rows, self.fsync = batch_rows, fsync
         root.mkdir(parents=True, exist_ok=True)
         self._emit_lock = threading.Lock()
         self._user_emit = progress or (lambda e: None)
@@ -817,8 +824,9 @@ class ShardScheduler:
             t.start()
         try:
             while (n := self._next_verified()) is not None:
-                if self.store is not None:
-                    _ingest_one(self.store, n, self.jobs_by_shard[n], self.report, self.emit, self.batch_rows)
+                if self.store is not None and self.load is not None:
+                    _ingest_one(self.load, self.store, n, self.jobs_by_shard[n], self.report, self.emit,
+                                self.batch_rows)
                     if self.delete_after_ingest and n not in self.report.shards_failed:
                         _delete_shard(self.jobs_by_shard[n], self.manifest, n, self.report, self.emit)
                     self._close_shard(n)
@@ -927,9 +935,8 @@ def _fingerprint(files: list[FileJob]) -> str | None:
         return None
 
 
-def _ingest_one(store: Any, n: int, files: list[FileJob], report: DownloadReport, emit: ProgressFn,
+def _ingest_one(load: LoadFn, store: Any, n: int, files: list[FileJob], report: DownloadReport, emit: ProgressFn,
                 batch_rows: int | None) -> None:
-    from laion_search.ingest import DEFAULT_BATCH_ROWS, ingest_files
     from laion_search.sources.shards import ShardFiles
 
     def relay(e: dict[str, Any]) -> None:
@@ -938,8 +945,8 @@ def _ingest_one(store: Any, n: int, files: list[FileJob], report: DownloadReport
             emit({**e, "event": "ingest_" + kind.removeprefix("shard_")})
 
     try:
-        sub = ingest_files(store, [ShardFiles(n, *(j.dest for j in files))],
-                           batch_rows=batch_rows or DEFAULT_BATCH_ROWS, progress=relay)
+        sub = load(store, [ShardFiles(n, *(j.dest for j in files))],
+                   **({"batch_rows": batch_rows} if batch_rows else {}), progress=relay)
     except LaionError as exc:
         report.shards_failed.append(n)
         report.failed.append({"shard": n, "file": files[0].rel, "url": files[0].url, "reason": f"ingest failed: {exc}"})

@@ -28,8 +28,8 @@ import pyarrow.parquet as pq
 
 from laion_search.errors import ShardError, ShardValidationError
 from laion_search.schema import ID_STRIDE  # noqa: E402
-from laion_search.sources.naming import KINDS, NAME_RE
-from laion_search.sources.npy import parse_npy_header  # noqa: E402,F401 - KINDS re-exported
+from laion_search.sources.naming import KINDS, NAME_RE, model_for_dim  # noqa: E402,F401 - KINDS, model_for_dim re-exported
+from laion_search.sources.npy import parse_npy_header  # noqa: E402
 
 #: A vector whose L2 norm is further than this from 1 is renormalised on ingest (and counted).
 NORM_TOLERANCE = 1e-2
@@ -194,32 +194,39 @@ def _type_family(t: pa.DataType) -> str:
     return str(t)
 
 
-@dataclass
-class ShardReader:
-    """A checked shard, ready to stream. Create with :func:`open_shard`."""
+class RowChecks:
+    """What every reader does to a batch before it reaches the engine: check vectors (finite,
+    non-zero; renormalise the slightly off), drop bad rows with ``skip_bad_rows``, repair invalid
+    UTF-8, reuse vector buffers. Subclasses are dataclasses with the fields used here."""
 
-    files: ShardFiles
-    img: NpyInfo
-    text: NpyInfo
-    parquet: pq.ParquetFile
-    columns: list[str]
-    rows: int
     dim: int
-    renormalised: int = field(default=0)
-    #: Drop rows with NaN/Inf or all-zero vectors (counted in :attr:`dropped`) instead of failing.
-    skip_bad_rows: bool = field(default=False)
-    #: Rows dropped with ``skip_bad_rows``, per reason (e.g. ``"img_emb: NaN or Inf"``).
-    dropped: dict = field(default_factory=dict)
-    #: The first few dropped source row numbers (for the report).
-    dropped_rows: list = field(default_factory=list)
-    #: Rows whose text columns held invalid UTF-8, stored with U+FFFD in place of the bad bytes.
-    text_repaired: int = field(default=0)
-    _ring: list = field(default_factory=list, repr=False)
-    _ring_pos: int = field(default=0, repr=False)
+    rows: int
+    skip_bad_rows: bool
+    renormalised: int
+    dropped: dict
+    dropped_rows: list
+    text_repaired: int
+    _ring: list
+    _ring_pos: int
+
+    #: how the reader's rows are laid out ("laion", "clickhouse-parquet", "sisap-h5")
+    format = "laion"
+    #: the embedding columns the source fills
+    modalities: tuple[str, ...] = ("image", "text")
+    #: True when ids come from the source (not shard × 10⁹ + row): ingest then checks them for
+    #: collisions with other shards before the swap
+    ids_from_source = False
+    #: registry key of a single-file source (its file name); None for numbered LAION shards
+    name: str | None = None
+
+    #: the model to record instead of the one LAION used for this dimension (``laion ingest --model``)
+    model_override: str | None = None
 
     @property
-    def shard(self) -> int:
-        return self.files.shard
+    def model(self) -> str:
+        """The CLIP model that made the vectors: as given to ingest, else the one LAION used for
+        this dimension (ViT-B/32 for 512-d, ViT-L/14 for 768-d), else ""."""
+        return self.model_override or model_for_dim(self.dim)
 
     @property
     def dropped_total(self) -> int:
@@ -230,50 +237,10 @@ class ShardReader:
         """Rows that reach the table: all of them, less those dropped (known once streamed)."""
         return self.rows - self.dropped_total
 
-    def batches(self, batch_rows: int = 32768, *, ring: int = 0) -> Iterator[pa.Table]:
-        """Yield Arrow tables of at most ``batch_rows`` rows, in the ``laion`` table's columns.
-
-        Each batch is validated (finite, non-zero vectors; non-normalised vectors are
-        renormalised and counted in :attr:`renormalised`) before it is yielded. A NaN/Inf or
-        all-zero vector fails the shard, naming file and row, unless :attr:`skip_bad_rows`,
-        which drops the row and counts it in :attr:`dropped`. Invalid UTF-8 in text columns
-        is replaced with U+FFFD and counted in :attr:`text_repaired`.
-
-        ``ring > 0`` reuses that many vector buffers in turn instead of allocating new ones per
-        batch (fresh memory costs page faults: ~20 % of a load). Only safe when the consumer
-        is done with a batch before ``ring`` more have been produced, as in :mod:`ingest`.
-        """
+    def _start(self, ring: int) -> None:
         self._ring = [None] * ring
         self._ring_pos = 0
         self.dropped, self.dropped_rows, self.text_repaired, self.renormalised = {}, [], 0, 0
-        # Plain reads, not mmap: touched mmap pages count in RSS and would grow with the shard.
-        with open(self.img.path, "rb") as img, open(self.text.path, "rb") as txt:
-            img.seek(self.img.offset)
-            txt.seek(self.text.offset)
-            pos = 0
-            try:
-                meta_batches = self.parquet.iter_batches(batch_size=batch_rows, columns=self.columns,
-                                                         use_threads=False)
-                for meta in meta_batches:
-                    n = meta.num_rows
-                    if n == 0:
-                        continue
-                    image, img_bad = self._vectors(img, self.img, pos, n)
-                    text, txt_bad = self._vectors(txt, self.text, pos, n)
-                    rows = np.arange(pos, pos + n, dtype=np.int64)
-                    if img_bad is not None or txt_bad is not None:
-                        keep = self._drop(pos, n, img_bad, txt_bad)
-                        meta = meta.filter(pa.array(keep))
-                        image, text, rows = image[keep], text[keep], rows[keep]
-                    pos += n
-                    if meta.num_rows:
-                        yield self._table(self._repair_text(meta), rows, image, text)
-            except (pa.ArrowInvalid, OSError) as exc:
-                raise ShardValidationError(f"cannot read rows near {pos}: {_one_line(exc)}", path=str(self.files.metadata),
-                                           shard=self.shard) from None
-        if pos != self.rows:
-            raise ShardValidationError(f"parquet yielded {pos} rows, expected {self.rows}",
-                                       path=str(self.files.metadata), shard=self.shard)
 
     def _drop(self, pos: int, n: int, img_bad: tuple | None, txt_bad: tuple | None) -> np.ndarray:
         """Count the rows ``skip_bad_rows`` drops (each once, under its first reason); return the keep mask."""
@@ -321,16 +288,10 @@ class ShardReader:
         self.text_repaired += int(bad_rows.sum())
         return pa.RecordBatch.from_arrays(cols, schema=meta.schema)
 
-    def _vectors(self, f: BinaryIO, info: NpyInfo, pos: int, n: int) -> tuple[np.ndarray, tuple | None]:
-        """Read, convert and check ``n`` vectors. Returns the float32 block and, with
-        ``skip_bad_rows`` and bad rows present, their (NaN/Inf, all-zero) masks, else None."""
-        path = info.path
-        raw = np.fromfile(f, dtype=info.dtype, count=n * self.dim)
-        if raw.size != n * self.dim:
-            raise ShardValidationError(f"ran out of rows at {pos + raw.size // self.dim}", path=str(path),
-                                       shard=self.shard)
-        block = self._buffer(n)
-        np.copyto(block, raw.reshape(n, self.dim))  # float16 → float32, one copy
+    def _check_block(self, block: np.ndarray, pos: int, path: str, shard: int) -> tuple[np.ndarray, tuple | None]:
+        """Check (and renormalise in place) a float32 block of vectors whose first row is source
+        row ``pos``. Returns the block and, with ``skip_bad_rows`` and bad rows present, their
+        (NaN/Inf, all-zero) masks, else None."""
         # A NaN or Inf anywhere in a row makes its squared norm non-finite: one pass checks both.
         with np.errstate(over="ignore", invalid="ignore"):
             norms = np.sqrt(np.einsum("ij,ij->i", block, block))
@@ -341,12 +302,12 @@ class ShardReader:
                 bad = int(np.flatnonzero(~finite)[0]) + pos
                 count = int((~finite).sum())
                 raise ShardValidationError(f"{count} vector(s) contain NaN or Inf (first at row {bad}); "
-                                           "--skip-bad-rows drops such rows", path=str(path), shard=self.shard)
+                                           "--skip-bad-rows drops such rows", path=path, shard=shard)
             if zero.any():
                 bad = int(np.flatnonzero(zero)[0]) + pos
                 raise ShardValidationError(f"{int(zero.sum())} all-zero vector(s) (first at row {bad}); "
                                            "cosine distance is undefined for them; --skip-bad-rows drops such rows",
-                                           path=str(path), shard=self.shard)
+                                           path=path, shard=shard)
         off = finite & ~zero & (np.abs(norms - 1.0) > NORM_TOLERANCE)
         if off.any():
             block[off] /= norms[off, None]
@@ -365,30 +326,140 @@ class ShardReader:
             buf = self._ring[i] = np.empty((n, self.dim), dtype=np.float32)
         return buf[:n]
 
-    def _table(self, meta: pa.RecordBatch, rows: np.ndarray, image: np.ndarray, text: np.ndarray) -> pa.Table:
-        n = meta.num_rows
-        cols: dict[str, pa.Array] = {
-            "id": pa.array(rows + self.shard * ID_STRIDE, pa.int64()),
-            "shard": pa.array(np.full(n, self.shard, dtype=np.uint32)),
-            "shard_row": pa.array(rows.astype(np.uint32)),
-        }
-        names = meta.schema.names
-        for name in ("url", "caption", "NSFW", "key", "LICENSE"):
-            if name in names:
-                col = meta.column(name)
-                col = col.cast(pa.string()) if not pa.types.is_string(col.type) else col
-                cols[name] = col.fill_null("")
-        if "similarity" in names:
-            cols["similarity"] = meta.column("similarity").cast(pa.float32()).fill_null(0.0)
-        for name in ("width", "height", "original_width", "original_height"):
-            if name in names:
-                col = meta.column(name)
-                if pa.types.is_floating(col.type):
-                    col = pa.array(np.nan_to_num(col.to_numpy(zero_copy_only=False), nan=0.0))
-                cols[name] = col.cast(pa.int32(), safe=False).fill_null(0)
-        cols["image_embedding"] = vectors_to_arrow(image)
-        cols["text_embedding"] = vectors_to_arrow(text)
-        return pa.table(cols)
+
+@dataclass
+class ShardReader(RowChecks):
+    """A checked shard, ready to stream. Create with :func:`open_shard`."""
+
+    files: ShardFiles
+    img: NpyInfo
+    text: NpyInfo
+    parquet: pq.ParquetFile
+    columns: list[str]
+    rows: int
+    dim: int
+    renormalised: int = field(default=0)
+    #: Drop rows with NaN/Inf or all-zero vectors (counted in :attr:`dropped`) instead of failing.
+    skip_bad_rows: bool = field(default=False)
+    #: Rows dropped with ``skip_bad_rows``, per reason (e.g. ``"img_emb: NaN or Inf"``).
+    dropped: dict = field(default_factory=dict)
+    #: The first few dropped source row numbers (for the report).
+    dropped_rows: list = field(default_factory=list)
+    #: Rows whose text columns held invalid UTF-8, stored with U+FFFD in place of the bad bytes.
+    text_repaired: int = field(default=0)
+    _ring: list = field(default_factory=list, repr=False)
+    _ring_pos: int = field(default=0, repr=False)
+
+    @property
+    def shard(self) -> int:
+        return self.files.shard
+
+    @property
+    def source(self) -> str:
+        """Where the shard came from (its folder), as recorded in ``laion_shards``."""
+        return str(self.files.img_emb.parent)
+
+    def fingerprint(self) -> str:
+        return self.files.fingerprint()
+
+    def close(self) -> None:
+        pass
+
+    def batches(self, batch_rows: int = 32768, *, ring: int = 0) -> Iterator[pa.Table]:
+        """Yield Arrow tables of at most ``batch_rows`` rows, in the ``laion`` table's columns.
+
+        Each batch is validated (finite, non-zero vectors; non-normalised vectors are
+        renormalised and counted in :attr:`renormalised`) before it is yielded. A NaN/Inf or
+        all-zero vector fails the shard, naming file and row, unless :attr:`skip_bad_rows`,
+        which drops the row and counts it in :attr:`dropped`. Invalid UTF-8 in text columns
+        is replaced with U+FFFD and counted in :attr:`text_repaired`.
+
+        ``ring > 0`` reuses that many vector buffers in turn instead of allocating new ones per
+        batch (fresh memory costs page faults: ~20 % of a load). Only safe when the consumer
+        is done with a batch before ``ring`` more have been produced, as in :mod:`ingest`.
+        """
+        self._start(ring)
+        # Plain reads, not mmap: touched mmap pages count in RSS and would grow with the shard.
+        with open(self.img.path, "rb") as img, open(self.text.path, "rb") as txt:
+            img.seek(self.img.offset)
+            txt.seek(self.text.offset)
+            pos = 0
+            try:
+                meta_batches = self.parquet.iter_batches(batch_size=batch_rows, columns=self.columns,
+                                                         use_threads=False)
+                for meta in meta_batches:
+                    n = meta.num_rows
+                    if n == 0:
+                        continue
+                    image, img_bad = self._vectors(img, self.img, pos, n)
+                    text, txt_bad = self._vectors(txt, self.text, pos, n)
+                    rows = np.arange(pos, pos + n, dtype=np.int64)
+                    if img_bad is not None or txt_bad is not None:
+                        keep = self._drop(pos, n, img_bad, txt_bad)
+                        meta = meta.filter(pa.array(keep))
+                        image, text, rows = image[keep], text[keep], rows[keep]
+                    pos += n
+                    if meta.num_rows:
+                        yield rows_table(self.shard, self._repair_text(meta), rows + self.shard * ID_STRIDE,
+                                         rows, image, text)
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise ShardValidationError(f"cannot read rows near {pos}: {_one_line(exc)}", path=str(self.files.metadata),
+                                           shard=self.shard) from None
+        if pos != self.rows:
+            raise ShardValidationError(f"parquet yielded {pos} rows, expected {self.rows}",
+                                       path=str(self.files.metadata), shard=self.shard)
+
+    def _vectors(self, f: BinaryIO, info: NpyInfo, pos: int, n: int) -> tuple[np.ndarray, tuple | None]:
+        """Read, convert and check ``n`` vectors."""
+        raw = np.fromfile(f, dtype=info.dtype, count=n * self.dim)
+        if raw.size != n * self.dim:
+            raise ShardValidationError(f"ran out of rows at {pos + raw.size // self.dim}", path=str(info.path),
+                                       shard=self.shard)
+        block = self._buffer(n)
+        np.copyto(block, raw.reshape(n, self.dim))  # float16 → float32, one copy
+        return self._check_block(block, pos, str(info.path), self.shard)
+
+
+def rows_table(shard: int, meta: pa.RecordBatch | None, ids: np.ndarray, rows: np.ndarray, image: np.ndarray,
+               text: np.ndarray | None) -> pa.Table:
+    """One batch in the ``laion`` table's columns. ``meta`` holds the LAION metadata columns
+    present in the source (None: none, the table's defaults apply); ``text=None`` stores no
+    text embedding (empty arrays: the source is image-only)."""
+    n = len(ids)
+    cols: dict[str, pa.Array] = {
+        "id": pa.array(np.asarray(ids, dtype=np.int64), pa.int64()),
+        "shard": pa.array(np.full(n, shard, dtype=np.uint32)),
+        "shard_row": pa.array(np.asarray(rows).astype(np.uint32)),
+    }
+    if meta is not None:
+        _metadata_columns(meta, cols)
+    cols["image_embedding"] = vectors_to_arrow(image)
+    cols["text_embedding"] = vectors_to_arrow(text) if text is not None else empty_lists(n)
+    return pa.table(cols)
+
+
+def _metadata_columns(meta: pa.RecordBatch, cols: dict[str, pa.Array]) -> None:
+    """The LAION metadata columns of ``meta``, typed as the table has them (NULL → '' or 0)."""
+    names = meta.schema.names
+    for name in ("url", "caption", "NSFW", "key", "LICENSE"):
+        if name in names:
+            col = meta.column(name)
+            col = col.cast(pa.string()) if not pa.types.is_string(col.type) else col
+            cols[name] = col.fill_null("")
+    if "similarity" in names:
+        cols["similarity"] = meta.column("similarity").cast(pa.float32()).fill_null(0.0)
+    for name in ("width", "height", "original_width", "original_height"):
+        if name in names:
+            col = meta.column(name)
+            if pa.types.is_floating(col.type):
+                col = pa.array(np.nan_to_num(col.to_numpy(zero_copy_only=False), nan=0.0))
+            cols[name] = col.cast(pa.int32(), safe=False).fill_null(0)
+
+
+def empty_lists(n: int) -> pa.ListArray:
+    """``n`` empty float32 lists: a modality the source does not have (not ``dim`` zeros, which
+    would be a vector whose cosine distance is undefined)."""
+    return pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, dtype=np.int32)), pa.array([], pa.float32()))
 
 
 def vectors_to_arrow(block: np.ndarray) -> pa.FixedSizeListArray:

@@ -363,3 +363,80 @@ def _metadata(rng: np.random.Generator, shard: int, start: int, n: int, topic: n
         "original_height": (height * 2).astype(np.int64),
         "exif": ["{}"] * n,
     }, schema=_SCHEMA)
+
+
+#: ClickHouse's LAION-5B Parquet parts, column for column (``laion5b_100m_part_N_of_10.parquet``)
+CLICKHOUSE_SCHEMA = pa.schema([
+    ("id", pa.uint32()), ("image_path", pa.string()), ("caption", pa.string()), ("NSFW", pa.string()),
+    ("similarity", pa.float32()), ("LICENSE", pa.string()), ("url", pa.string()), ("key", pa.string()),
+    ("status", pa.string()), ("width", pa.int32()), ("height", pa.int32()), ("original_width", pa.int32()),
+    ("original_height", pa.int32()), ("exif", pa.string()), ("md5", pa.string()),
+    ("vector", pa.list_(pa.float32())),
+])
+
+
+def synth_clickhouse_parquet(path: str | os.PathLike[str], rows: int, *, dim: int = 768, seed: int = 0,
+                             first_id: int = 0, row_group_rows: int = 131072) -> Path:
+    """Write a ClickHouse-LAION-5B-format Parquet part of ``rows`` rows (ids ``first_id …``):
+    the image embeddings in a ``vector`` list column, no text embeddings, ClickHouse's nullable
+    columns with some nulls. Row groups of ``row_group_rows`` (ClickHouse writes up to 1M rows
+    or 512 MiB per group); memory is bounded by one row group."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    space = _Space(dim, seed, 200)
+    rng = np.random.default_rng([seed, 7])
+    with pq.ParquetWriter(tmp, CLICKHOUSE_SCHEMA) as writer:
+        for start in range(0, rows, row_group_rows):
+            n = min(row_group_rows, rows - start)
+            image, text, topic, _ = space.sample(rng, n)
+            img32 = image.astype(np.float32)
+            sim = np.einsum("ij,ij->i", img32, text.astype(np.float32))
+            meta = _metadata(rng, 0, start, n, topic, sim)
+            nulls = rng.random(n) < 0.1
+            vec = pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32)),
+                                           pa.array(img32.reshape(-1)))
+            writer.write_table(pa.table({
+                "id": pa.array(np.arange(first_id + start, first_id + start + n, dtype=np.uint32)),
+                "image_path": meta.column("image_path"),
+                "caption": meta.column("caption"),
+                "NSFW": pa.array([None if z else v for z, v in zip(nulls, meta.column("NSFW").to_pylist())],
+                                 pa.string()),
+                "similarity": pa.array(sim.astype(np.float32)),
+                "LICENSE": pa.array([None if z else v for z, v in zip(nulls, meta.column("LICENSE").to_pylist())],
+                                    pa.string()),
+                "url": meta.column("url"),
+                "key": meta.column("key"),
+                "status": meta.column("status"),
+                "width": meta.column("width").cast(pa.int32()),
+                "height": meta.column("height").cast(pa.int32()),
+                "original_width": meta.column("original_width").cast(pa.int32()),
+                "original_height": meta.column("original_height").cast(pa.int32()),
+                "exif": pa.nulls(n, pa.string()),
+                "md5": [f"{i:032x}" for i in range(first_id + start, first_id + start + n)],
+                "vector": vec,
+            }, schema=CLICKHOUSE_SCHEMA), row_group_size=row_group_rows)
+    os.replace(tmp, out)
+    return out
+
+
+def synth_sisap_h5(path: str | os.PathLike[str], rows: int, *, dim: int = 768, seed: int = 0,
+                   dataset: str = "emb", dtype: str = "float16", chunk_rows: int = 65536) -> Path:
+    """Write a SISAP-LAION2B-format ``.h5`` file: dataset ``emb``, ``rows × dim`` unit vectors in
+    float16, written in chunks (memory bounded by ``chunk_rows``). ``dataset`` and ``dtype``
+    exist to write the wrong thing on purpose, for tests."""
+    import h5py
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    space = _Space(dim, seed, 200)
+    rng = np.random.default_rng([seed, 11])
+    with h5py.File(tmp, "w") as f:
+        ds = f.create_dataset(dataset, shape=(rows, dim), dtype=dtype)
+        for start in range(0, rows, chunk_rows):
+            n = min(chunk_rows, rows - start)
+            image, _, _, _ = space.sample(rng, n)
+            ds[start:start + n] = image.astype(dtype)
+    os.replace(tmp, out)
+    return out

@@ -3,11 +3,12 @@
 Our API (JSON, OpenAPI docs at ``/docs``):
 
 * ``GET /health`` — liveness, never needs the token;
-* ``GET /api/status`` — rows, shards, indexes;
+* ``GET /api/status`` — rows, shards, indexes, the embeddings the table has (``modalities``:
+  ``["image", "text"]``, or ``["image"]`` for an image-only source) and their CLIP ``model``;
 * ``POST /api/search`` — ``{text | image (base64) | vector | like, k, modality, exact, metric,
   nsfw, min_similarity, caption_contains, where, columns, ef_search, …}``;
 * ``POST /api/search/upload`` — multipart image upload plus the same fields as form fields;
-* ``GET /api/search`` — the same as query parameters (``text`` or ``like``), for links;
+* ``GET /api/search`` — every field as a query parameter (lists repeated), for links;
 * ``POST /api/sql`` — only with ``--allow-sql``, and then only single read-only SELECTs.
 
 clip-retrieval's back end, so its ``ClipClient`` and front end work: ``POST /knn-service``,
@@ -247,7 +248,6 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
         raise UsageError(f"image folder {image_root} does not exist")
     app.state.image_root = root
     app.state.scan_gate, app.state.encode_gate = scan_gate, encode_gate
-    modality_cache: dict[str, Any] = {}
 
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -387,11 +387,9 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
     @app.get("/api/status", tags=["service"])
     def status() -> dict[str, Any]:
         info = store.status().as_dict()
-        out = {k: info[k] for k in ("rows", "parts", "bytes_on_disk", "dim", "shards", "indexes", "backend")}
+        out = {k: info[k] for k in ("rows", "parts", "bytes_on_disk", "dim", "modalities", "model", "shards",
+                                    "indexes", "backend")}
         version = store.version()
-        if modality_cache.get("version") != version:
-            modality_cache.update(version=version, modalities=store.modalities() if info["rows"] else
-                                  {"image": False, "text": False})
         enc = encoder.as_dict()
         if enc["state"] == "ready":
             text_cap = image_cap = {"ok": True}  # type: dict[str, Any]
@@ -402,7 +400,6 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
         empty = {"ok": False, "reason": "the store is empty", "fix": "load shards: laion ingest ./shards"}
         out.update(
             version=version,
-            modalities=modality_cache["modalities"],
             capabilities={"text": text_cap, "image": image_cap, "vector": {"ok": True} if info["rows"] else empty,
                           "like": {"ok": True} if info["rows"] else empty},
             encoder=enc,
