@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from laion_search.errors import ShardError, UsageError
+from laion_search.errors import ShardError
 
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -87,11 +87,8 @@ def as_input(source: str | os.PathLike[str] | BinaryIO) -> Input:
         raw = str(getattr(source, "name", "") or "stream")
         return Input(raw, _basename(raw), file=source)
     if is_remote(str(source)):
-        try:
-            from laion_search.sources.remote import open_input
-        except ImportError:
-            raise UsageError(f"{source}: remote sources are not available in this build; download the file "
-                             "and ingest the local copy") from None
+        from laion_search.sources.remote import open_input
+
         f = open_input(str(source))
         return Input(str(source), _basename(str(source)), file=f)
     path = Path(source)
