@@ -74,6 +74,7 @@ def test_ingest_sigkill_then_rerun(tmp_path):
 def _search_works(store, *, indexed: bool):
     from laion_search.search import explain, search
 
+    found = 0
     for rid in (5, 1_000_000_007, 2_000_000_100):
         exact = search(store, like=rid, k=10, exact=True)
         assert len(exact.rows) == 10
@@ -81,8 +82,9 @@ def _search_works(store, *, indexed: bool):
             res = search(store, like=rid, k=10)
             assert len(res.rows) == 10
             assert "image_index" in explain(store, res)
-            overlap = len({r["id"] for r in res.rows} & {r["id"] for r in exact.rows})
-            assert overlap >= 7, overlap  # recall@10 of an HNSW graph on clustered data
+            found += len({r["id"] for r in res.rows} & {r["id"] for r in exact.rows})
+    # recall@10 over the three queries: the rebuilt graphs gave 30/30 in every probe on this data
+    assert not indexed or found >= 29, found
 
 
 def test_index_create_sigkill_then_rerun(tmp_path):
