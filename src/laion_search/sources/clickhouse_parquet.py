@@ -17,7 +17,7 @@ column chunks), ``batch_rows`` rows at a time; the list column is checked (no nu
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -26,7 +26,8 @@ import pyarrow.parquet as pq
 
 from laion_search.errors import ShardValidationError
 from laion_search.sources.inputs import Input
-from laion_search.sources.shards import METADATA_COLUMNS, REQUIRED_METADATA, RowChecks, _one_line, _type_family, rows_table
+from laion_search.sources.shards import (METADATA_COLUMNS, REQUIRED_METADATA, SingleFileReader, _one_line, _type_family,
+                                        rows_table)
 
 FORMAT = "clickhouse-parquet"
 VECTOR_COLUMN = "vector"
@@ -39,41 +40,14 @@ READ_ROWS = 8192
 _FLOATS = (pa.float16(), pa.float32())
 
 
-@dataclass
-class ClickHousePartReader(RowChecks):
+@dataclass(kw_only=True)
+class ClickHousePartReader(SingleFileReader):
     """A checked ClickHouse LAION-5B Parquet part, ready to stream. Create with :func:`open_part`."""
 
-    input: Input
     parquet: pq.ParquetFile
     columns: list[str]
-    rows: int
-    dim: int
-    shard: int = 0  # the partition: assigned by ingest (see laion_search.sources.formats)
-    renormalised: int = field(default=0)
-    skip_bad_rows: bool = field(default=False)
-    dropped: dict = field(default_factory=dict)
-    dropped_rows: list = field(default_factory=list)
-    text_repaired: int = field(default=0)
-    _ring: list = field(default_factory=list, repr=False)
-    _ring_pos: int = field(default=0, repr=False)
 
     format = FORMAT
-    modalities = ("image",)
-    ids_from_source = True
-
-    @property
-    def name(self) -> str:  # type: ignore[override]
-        return self.input.name
-
-    @property
-    def source(self) -> str:
-        return self.input.display
-
-    def fingerprint(self) -> str:
-        return self.input.fingerprint()
-
-    def close(self) -> None:
-        self.input.close()
 
     def batches(self, batch_rows: int = 32768, *, ring: int = 0) -> Iterator[pa.Table]:
         """Arrow tables of at most ``batch_rows`` rows in the ``laion`` table's columns (ids
@@ -213,7 +187,8 @@ def open_part(inp: Input, *, dim: int | None = None, skip_bad_rows: bool = False
         raise ShardValidationError(f"the first vector has {first_dim} value(s); embeddings need at least 2", path=path)
     if dim is not None and first_dim is not None and first_dim != dim:
         raise ShardValidationError(f"{first_dim}-d vectors, but the table holds {dim}-d embeddings", path=path)
-    return ClickHousePartReader(inp, pf, columns, rows, first_dim or dim or 0, skip_bad_rows=skip_bad_rows)
+    return ClickHousePartReader(input=inp, parquet=pf, columns=columns, rows=rows, dim=first_dim or dim or 0,
+                                skip_bad_rows=skip_bad_rows)
 
 
 def _first_dim(pf: pq.ParquetFile, path: str) -> int | None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -30,6 +30,9 @@ from laion_search.errors import ShardError, ShardValidationError
 from laion_search.schema import ID_STRIDE  # noqa: E402
 from laion_search.sources.naming import KINDS, NAME_RE, model_for_dim  # noqa: E402,F401 - KINDS, model_for_dim re-exported
 from laion_search.sources.npy import parse_npy_header  # noqa: E402
+
+if TYPE_CHECKING:
+    from laion_search.sources.inputs import Input
 
 #: A vector whose L2 norm is further than this from 1 is renormalised on ingest (and counted).
 NORM_TOLERANCE = 1e-2
@@ -325,6 +328,43 @@ class RowChecks:
         if buf is None or buf.shape[0] < n:
             buf = self._ring[i] = np.empty((n, self.dim), dtype=np.float32)
         return buf[:n]
+
+
+@dataclass(kw_only=True)
+class SingleFileReader(RowChecks):
+    """What the one-file sources (a ClickHouse LAION-5B part, a SISAP ``.h5``) share: an
+    :class:`~laion_search.sources.inputs.Input` (a path, a URL or an open file), ids from the file,
+    image embeddings only, and one partition per file, keyed by its name (assigned by ingest: see
+    :mod:`laion_search.sources.formats`)."""
+
+    input: Input
+    rows: int
+    dim: int
+    shard: int = 0
+    renormalised: int = 0
+    skip_bad_rows: bool = False
+    dropped: dict = field(default_factory=dict)
+    dropped_rows: list = field(default_factory=list)
+    text_repaired: int = 0
+    _ring: list = field(default_factory=list, repr=False)
+    _ring_pos: int = field(default=0, repr=False)
+
+    modalities = ("image",)
+    ids_from_source = True
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self.input.name
+
+    @property
+    def source(self) -> str:
+        return self.input.display
+
+    def fingerprint(self) -> str:
+        return self.input.fingerprint()
+
+    def close(self) -> None:
+        self.input.close()
 
 
 @dataclass

@@ -11,7 +11,7 @@ grow with the file. h5py is an optional dependency (``pip install 'laion-search[
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from laion_search.errors import ShardError, ShardValidationError
 from laion_search.sources.inputs import Input
-from laion_search.sources.shards import RowChecks, _one_line, rows_table
+from laion_search.sources.shards import SingleFileReader, _one_line, rows_table
 
 FORMAT = "sisap-h5"
 DATASET = "emb"
@@ -36,43 +36,19 @@ def _h5py() -> Any:
     return h5py
 
 
-@dataclass
-class SisapReader(RowChecks):
+@dataclass(kw_only=True)
+class SisapReader(SingleFileReader):
     """A checked SISAP ``.h5`` file, ready to stream. Create with :func:`open_h5`."""
 
-    input: Input
     h5: Any  # the open h5py.File
-    rows: int
-    dim: int
-    shard: int = 0  # the partition: assigned by ingest (see laion_search.sources.formats)
-    renormalised: int = field(default=0)
-    skip_bad_rows: bool = field(default=False)
-    dropped: dict = field(default_factory=dict)
-    dropped_rows: list = field(default_factory=list)
-    text_repaired: int = field(default=0)
-    _ring: list = field(default_factory=list, repr=False)
-    _ring_pos: int = field(default=0, repr=False)
 
     format = FORMAT
-    modalities = ("image",)
-    ids_from_source = True
-
-    @property
-    def name(self) -> str:  # type: ignore[override]
-        return self.input.name
-
-    @property
-    def source(self) -> str:
-        return self.input.display
-
-    def fingerprint(self) -> str:
-        return self.input.fingerprint()
 
     def close(self) -> None:
         try:
             self.h5.close()
         finally:
-            self.input.close()
+            super().close()
 
     def batches(self, batch_rows: int = 32768, *, ring: int = 0) -> Iterator[pa.Table]:
         """Arrow tables of at most ``batch_rows`` rows: id = row number + 1, image embedding,
@@ -139,4 +115,4 @@ def open_h5(inp: Input, *, dim: int | None = None, skip_bad_rows: bool = False) 
     except BaseException:
         f.close()
         raise
-    return SisapReader(inp, f, rows, d, skip_bad_rows=skip_bad_rows)
+    return SisapReader(input=inp, h5=f, rows=rows, dim=d, skip_bad_rows=skip_bad_rows)
