@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from laion_search.errors import ShardError
+from laion_search.sources.files import check_regular_file
 
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -92,7 +92,7 @@ def as_input(source: str | os.PathLike[str] | BinaryIO) -> Input:
         f = open_input(str(source))
         return Input(str(source), _basename(str(source)), file=f)
     path = Path(source)
-    _check_file(path)
+    check_regular_file(path)
     return Input(str(path), path.name, path=path)
 
 
@@ -100,16 +100,3 @@ def _basename(text: str) -> str:
     return text.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0] or text
 
 
-def _check_file(path: Path) -> None:
-    import stat
-
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise ShardError("broken symlink" if path.is_symlink() else "file not found", path=str(path)) from None
-    except OSError as exc:
-        raise ShardError(f"cannot stat: {exc.strerror or exc}", path=str(path)) from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ShardError("not a regular file", path=str(path))
-    if not os.access(path, os.R_OK):
-        raise ShardError("not readable (permission denied)", path=str(path))

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from laion_search.errors import ShardError, ShardValidationError
 from laion_search.schema import ID_STRIDE  # noqa: E402
 from laion_search.sources.naming import KINDS, NAME_RE, model_for_dim  # noqa: E402,F401 - KINDS, model_for_dim re-exported
+from laion_search.sources.files import check_regular_file  # noqa: E402
 from laion_search.sources.npy import parse_npy_header  # noqa: E402
 
 if TYPE_CHECKING:
@@ -134,7 +135,7 @@ class NpyInfo:
 
 def read_npy_header(path: Path) -> NpyInfo:
     """Read and check an embeddings ``.npy`` header without loading the array."""
-    _check_regular_file(path)
+    check_regular_file(path)
     header = parse_npy_header(path)
     fortran, shape, offset = header.fortran_order, header.shape, header.offset
     try:
@@ -164,22 +165,6 @@ def read_npy_header(path: Path) -> NpyInfo:
     if size > expected:
         raise ShardValidationError(f"{size - expected} unexpected trailing bytes after the array", path=str(path))
     return NpyInfo(path, dtype, rows, dim, offset)
-
-
-def _check_regular_file(path: Path) -> None:
-    try:
-        st = path.stat()  # follows symlinks: a symlink to a regular file is fine
-    except FileNotFoundError:
-        what = "broken symlink" if path.is_symlink() else "file not found"
-        raise ShardError(what, path=str(path)) from None
-    except OSError as exc:
-        raise ShardError(f"cannot stat: {exc.strerror or exc}", path=str(path)) from None
-    import stat as _stat
-
-    if not _stat.S_ISREG(st.st_mode):
-        raise ShardError("not a regular file", path=str(path))
-    if not os.access(path, os.R_OK):
-        raise ShardError("not readable (permission denied)", path=str(path))
 
 
 def _one_line(exc: BaseException) -> str:
@@ -526,7 +511,7 @@ def open_shard(files: ShardFiles, *, dim: int | None = None, skip_bad_rows: bool
     if dim is not None and img.dim != dim:
         raise ShardValidationError(f"{img.dim}-d vectors, but the table holds {dim}-d embeddings",
                                    path=str(files.img_emb), shard=files.shard)
-    _check_regular_file(files.metadata)
+    check_regular_file(files.metadata)
     try:
         pf = pq.ParquetFile(files.metadata)
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
