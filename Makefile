@@ -46,8 +46,9 @@ CHROMIUM := /usr/bin/chromium
 $(CHROMIUM):
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
+# Two workers; --dist loadfile keeps each file on one worker (the CLI smoke cases run in order).
 test: $(STAMP_TEST) $(CHROMIUM)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # The README's reliability figures (kill points, hostile inputs, fuzz cases, 5xx); LAION_SLOW_TESTS=1 for the long variant.
 reliability: $(STAMP_TEST)

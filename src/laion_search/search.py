@@ -209,6 +209,8 @@ class SearchQuery:
         given = [x is not None for x in (self.vector, self.like, self.text, self.image)]
         if sum(given) != 1:
             raise UsageError("give exactly one query: a text, an image, a vector or like=<row id>")
+        if self.vector is not None:
+            as_vector(self.vector, source="query vector")  # finite, fits float32 (its length needs the store)
         check_k(self.k)
         _column(self.modality)
         _metric(self.metric)
