@@ -60,6 +60,16 @@ def _mean_similarity(shards: Path) -> float:
     return float(np.mean(pq.read_table(shards / "metadata_0.parquet", columns=["similarity"]).column(0).to_numpy()))
 
 
+def _indexed(db: Path, names: set[str], *, parts: int) -> bool:
+    """Every part of the store at ``db`` carries the indexes ``names`` (and there are ``parts``)."""
+    from laion_search import connect
+
+    with connect(db) as store:
+        status = {i["name"]: (i["parts_covered"], i["parts"]) for i in store.index_status()}
+    assert status == {n: (parts, parts) for n in names}, status
+    return True
+
+
 def _file(rel: str) -> Callable[[str, str, Path], None]:
     def check(out: str, err: str, tmp: Path) -> None:
         assert (tmp / rel).exists(), rel
@@ -90,6 +100,10 @@ CASES: list[Case] = [
     Case("ingest {shards} --db {db} --force --skip-bad-rows --json",
          check=lambda o, e, t: sorted(_json_lines(o)[-1]["loaded"]) == [0, 1]),
     Case("ingest {tmp}/folders --url {tmp}/folderdb", check=_has("shard 7")),
+    Case("ingest {shards} --index both --db {tmp}/idxdb --json",
+         check=lambda o, e, t: [x["shard"] for x in _json_lines(o) if x.get("event") == "shard_indexed"] == [0, 1]
+         and _indexed(t / "idxdb", {"image_index", "text_index"}, parts=2)),
+    Case("ingest {shards} --index sideways --db {tmp}/idxdb2", code=2, check=_has("image, text or both")),
     Case("ingest {tmp}/part.parquet --format clickhouse-parquet --model openai/clip-vit-large-patch14 "
          "--db {tmp}/partdb --json", check=lambda o, e, t: _json_lines(o)[-1]["rows"] == 300),
     Case("ingest {tmp}/emb.h5 --format auto --db {tmp}/sisapdb --json",
@@ -108,6 +122,9 @@ CASES: list[Case] = [
          check=lambda o, e, t: sorted(_json_lines(o)[-1]["ingested"]) == [0, 1] and not (t / "dl2" / "img_emb_0.npy").exists()),
     Case("download 1 --to {tmp}/dl3 --base-url {mirror} --ingest --url {tmp}/dldb2",
          check=lambda o, e, t: (t / "dl3" / "metadata_1.parquet").exists()),
+    Case("download 0-1 --to {tmp}/dl5 --base-url {mirror} --ingest --index image --db {tmp}/dldb3 --json",
+         check=lambda o, e, t: _indexed(t / "dldb3", {"image_index"}, parts=2)),
+    Case("download 1 --to {tmp}/dl6 --base-url {mirror} --index both", code=2, check=_has("--index needs --ingest")),
     Case("download --source laion5b-100m 1 --to {tmp}/dl4 --base-url {mirror} --json",
          check=lambda o, e, t: _json_lines(o)[-1]["shards_verified"] == [1]),
     # -- SQL
@@ -181,6 +198,12 @@ CASES: list[Case] = [
          check=lambda o, e, t: json.loads(o)["requests"] > 0),
     Case("bench serve --mixed --rows 500 --scan-clients 1 --rate 5 --seconds 1 --server-arg=--max-scans=2 "
          "--dir {tmp}/b8 --json", check=lambda o, e, t: json.loads(o)),
+    Case("bench pipeline --rows 1000 --modes on-ingest --build-threads 1 --m 8 --ef-construction 32 --quantization bf16 "
+         "--queries 5 --guide-rows 300 --dir {tmp}/b10 --out {tmp}/b10.md --json",
+         check=lambda o, e, t: {r["method"] for r in json.loads(o)["results"]} == {"on-ingest", "usearch", "guide"}
+         and "fastest:" in (t / "b10.md").read_text()),
+    Case("bench pipeline --rows 1000 --modes after --no-peers --dir {tmp}/b10", check=_has("index create --column both")),
+    Case("bench pipeline --rows 1000 --modes sideways", code=2, check=_has("--modes takes after, on-ingest")),
     Case("bench download --shards 1 --rows 100 --rate 50 --repeat 1 --unthrottled --dir {tmp}/b6 --out {tmp}/b6out "
          "--json", check=lambda o, e, t: json.loads(o)["results"]),
 ]

@@ -5,8 +5,9 @@ and the index works afterwards.
 
 Each kill lands on a kill point the process reports (laion_search.killpoints), drawn at random
 from a whole run's points, so every attempt kills a process that is mid-work, however busy the
-machine. Default run: 20 kills (10 ingest, 5 index create, 5 download --ingest).
-``LAION_SLOW_TESTS=1``: 40 + 15 + 15.
+machine. Default run: 25 kills (10 ingest, 5 index create — both indexes built together —,
+5 ingest --index both — each shard's graphs built as it lands —, 5 download --ingest).
+``LAION_SLOW_TESTS=1``: 40 + 15 + 15 + 15.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from laion_search.sources.synth import synth
 
 from .crash_harness import (
     CrashLog,
+    KillPoint,
     count_points,
+    kill_when,
     laion_cmd,
     record_figures,
     run_and_kill,
@@ -35,7 +38,8 @@ from .crash_harness import (
 )
 
 SEED = 20261125
-KILLS = {"ingest": 40 if slow() else 10, "index": 15 if slow() else 5, "download": 15 if slow() else 5}
+KILLS = {"ingest": 40 if slow() else 10, "index": 15 if slow() else 5, "ingest_index": 15 if slow() else 5,
+         "download": 15 if slow() else 5}
 
 
 def test_ingest_sigkill_then_rerun(tmp_path):
@@ -113,14 +117,66 @@ def test_index_create_sigkill_then_rerun(tmp_path):
     run_to_completion(laion_cmd("index", "create", "--column", "both", "--db", str(db), "--json"))
 
     def index_ok(store):
-        info = {i["name"]: i for i in store.index_status()}
-        assert set(info) == {"image_index", "text_index"}
-        assert all(i["parts_covered"] == i["parts"] for i in info.values()), info
+        _all_parts_indexed(store)
         _search_works(store, indexed=True)
 
     log.checks += verify_store(db, expected, complete=True, extra=index_ok)
     print(summary_line("index create", log))
     record_figures("index create", kills=log.kills, checks=log.checks, points=[p.__dict__ for p in log.points])
+
+
+def _all_parts_indexed(store) -> None:
+    info = {i["name"]: i for i in store.index_status()}
+    assert set(info) == {"image_index", "text_index"}, info
+    assert all(i["parts_covered"] == i["parts"] for i in info.values()), info
+
+
+def test_ingest_with_index_sigkill_then_rerun(tmp_path):
+    """`laion ingest --index both`: a shard is only ever visible indexed, whatever the kill hit
+    (batches, the stage's merge that builds both graphs, the swap)."""
+    src = tmp_path / "shards"
+    shards = [0, 1, 2]
+    synth(src, shards, 1500, dim=64, seed=23)
+    expected = source_checksums(src, shards)
+    db = tmp_path / "db"
+    rng = random.Random(SEED + 2)
+    log = CrashLog()
+
+    def cmd(*extra: str) -> list[str]:
+        return laion_cmd("ingest", str(src), "--index", "both", "--db", str(db), "--batch-rows", "300", "--json", *extra)
+
+    # kill points per shard: shard_start, batches, shard_index (then the merge), shard_indexed, shard_done
+    points = count_points(laion_cmd("ingest", str(src), "--index", "both", "--db", str(tmp_path / "scratch"),
+                                    "--batch-rows", "300", "--json"))
+    assert sum(p.startswith("shard_index ") for p in points) == len(shards), points
+
+    def visible_parts_indexed(store):
+        if store.index_status():  # declared on the first run's opening: every part shown carries both
+            assert all(i["parts_covered"] == i["parts"] for i in store.index_status()), store.index_status()
+
+    # first, the two moments new to this path, on shard 1: its stage full and about to be merged
+    # (graphs not built), and merged with its graphs but not swapped in
+    for moment in ("shard_index", "shard_indexed"):
+        kill_when(cmd("--force"), lambda seen, moment=moment: seen[-1].get("event") == moment and seen[-1]["shard"] == 1)
+        log.points.append(KillPoint("ingest --index both", 0.0, f"{moment} shard 1", True))
+        log.checks += verify_store(db, expected, complete=False, extra=visible_parts_indexed)
+    for attempt in range(KILLS["ingest_index"]):
+        force = ["--force"] if attempt % 2 else []
+        point = run_and_kill(cmd(*force), rng, points=len(points), last=("done",), label="ingest --index both")
+        log.points.append(point)
+        assert point.killed, point
+        log.checks += verify_store(db, expected, complete=False, extra=visible_parts_indexed)
+    assert log.kills >= KILLS["ingest_index"] + 2, log.points
+    run_to_completion(cmd())
+
+    def indexed_and_searchable(store):
+        _all_parts_indexed(store)
+        _search_works(store, indexed=True)
+
+    log.checks += verify_store(db, expected, complete=True, extra=indexed_and_searchable)
+    print(summary_line("ingest --index both", log))
+    record_figures("ingest --index both", kills=log.kills, checks=log.checks, phases=log.phases(),
+                   points=[p.__dict__ for p in log.points])
 
 
 def _files_identical(src: Path, dest: Path) -> int:

@@ -78,55 +78,86 @@ def create_index(store: Store, spec: IndexSpec, *, materialize: bool = True, rep
                  progress: ProgressFn | None = None, poll_seconds: float = 0.2) -> dict[str, Any]:
     """Add the index (if absent) and build it on every part. Idempotent: an index that exists
     with the same parameters is only (re)materialised where parts lack it."""
-    spec.check()
+    return create_indexes(store, [spec], materialize=materialize, replace=replace, progress=progress,
+                          poll_seconds=poll_seconds)[0]
+
+
+def create_indexes(store: Store, specs: list[IndexSpec], *, materialize: bool = True, replace: bool = False,
+                   progress: ProgressFn | None = None, poll_seconds: float = 0.2,
+                   dim: int | None = None) -> list[dict[str, Any]]:
+    """Add several indexes (image and text) and build them together: one compaction, then the
+    builds queued at once (the engine runs them part by part on its index-build thread pool).
+    ``materialize=False`` only declares them (``dim`` then stands in for an empty table's): parts
+    loaded afterwards arrive indexed (:func:`laion_search.ingest.load_shard` builds each shard's
+    graphs as it lands), parts already there wait for ``create_indexes`` to build them."""
     emit = progress or (lambda e: None)
-    dim = store.dim()
+    specs = [s.check() for s in specs]
+    dim = store.dim() or dim
     if dim is None:
         raise UsageError("the table is empty: ingest shards before creating an index (its dimension comes from them)")
-    if spec.column != "image":
-        store.require_modality(spec.column)  # no text index over the empty arrays of an image-only source
-    want = spec.type_sql(dim)
     existing = {i["name"]: i for i in store.list_indexes()}
-    if spec.name in existing and _normal(existing[spec.name]["type_full"]) != _normal(want):
-        if not replace:
-            raise UsageError(f"{spec.name} exists with different parameters ({existing[spec.name]['type_full']}); "
-                             "drop it first or pass replace=True (--replace)")
-        drop_index(store, spec.column)
-        existing.pop(spec.name)
+    wants = []
+    for spec in specs:
+        if spec.column != "image" and store.dim() is not None:
+            store.require_modality(spec.column)  # no text index over the empty arrays of an image-only source
+        want = spec.type_sql(dim)
+        if spec.name in existing and _normal(existing[spec.name]["type_full"]) != _normal(want):
+            if not replace:
+                raise UsageError(f"{spec.name} exists with different parameters ({existing[spec.name]['type_full']}); "
+                                 "drop it first or pass replace=True (--replace)")
+            drop_index(store, spec.column)
+            existing.pop(spec.name)
+        wants.append(want)
     t0 = time.perf_counter()
     if materialize:
         compact(store, emit)
-    if spec.name not in existing:
-        store.backend.command(f"ALTER TABLE {store.data_table}{store.layout.on_cluster} ADD INDEX IF NOT EXISTS {spec.name} {spec.embedding_column} "
-                              f"TYPE {want} GRANULARITY 100000000")
+    for spec, want in zip(specs, wants):
+        if spec.name not in existing:
+            store.backend.command(f"ALTER TABLE {store.data_table}{store.layout.on_cluster} ADD INDEX IF NOT EXISTS "
+                                  f"{spec.name} {spec.embedding_column} TYPE {want} GRANULARITY 100000000")
     store.forget_dim()  # searches re-read which indexes exist
     if materialize:
-        _materialize(store, spec, emit, poll_seconds)
+        label = ", ".join(s.name for s in specs)
+        # A build cut short (crash, kill) left its mutation queued, and the engine resumes it on
+        # reopening: wait for that one instead of queueing a rebuild of every part.
+        queued = {s.name for s in specs if _pending_build(store, s.name)}
+        todo = [s for s in specs if s.name not in queued]
+        _run_mutation(store, label, ", ".join(f"MATERIALIZE INDEX {s.name}" for s in todo), emit, poll_seconds)
     seconds = time.perf_counter() - t0
     rows = store.scalar(f"SELECT count() FROM {TABLE}") or 0
-    emit({"event": "index_done", "index": spec.name, "seconds": round(seconds, 3), "rows": rows})
-    return {"index": spec.name, "type": want, "seconds": seconds, "rows": rows,
-            "vectors_per_second": rows / seconds if seconds > 0 else None}
+    out = []
+    for spec, want in zip(specs, wants):
+        if materialize:
+            emit({"event": "index_done", "index": spec.name, "seconds": round(seconds, 3), "rows": rows})
+        out.append({"index": spec.name, "type": want, "seconds": seconds, "rows": rows,
+                    "vectors_per_second": rows / seconds if seconds > 0 and materialize else None})
+    return out
 
 
-def _materialize(store: Store, spec: IndexSpec, emit: ProgressFn, poll_seconds: float) -> None:
-    _run_mutation(store, spec.name, f"MATERIALIZE INDEX {spec.name}", emit, poll_seconds)
+def _pending_build(store: Store, name: str) -> bool:
+    return bool(store.scalar(
+        "SELECT count() FROM " + store.layout.system("mutations") + " WHERE database = currentDatabase() "
+        "AND table = {t:String} AND NOT is_done AND position(command, {c:String}) > 0",
+        {"t": store.data_table, "c": f"MATERIALIZE INDEX {name}"}))
 
 
 def _run_mutation(store: Store, label: str, action: str, emit: ProgressFn, poll_seconds: float) -> None:
-    """``ALTER TABLE … <action>`` as a background mutation, reporting parts done until it ends."""
+    """``ALTER TABLE … <action>`` as a background mutation (none when ``action`` is empty: only
+    wait for those queued), reporting parts done until they end."""
     total = store.scalar("SELECT count() FROM " + store.layout.system("parts") + " WHERE database = currentDatabase() "
                          "AND table = {t:String} AND active", {"t": store.data_table}) or 0
     emit({"event": "index_start", "index": label, "parts": total})
     # The engine runs the mutation in the background; mutations_sync = 0 lets us watch it.
-    store.backend.command(f"ALTER TABLE {store.data_table}{store.layout.on_cluster} {action} SETTINGS mutations_sync = 0")
+    if action:
+        store.backend.command(f"ALTER TABLE {store.data_table}{store.layout.on_cluster} {action} SETTINGS mutations_sync = 0")
     last = -1
     while True:
         pending = store.rows(
             "SELECT mutation_id, parts_to_do, latest_fail_reason FROM " + store.layout.system("mutations") + " "
             "WHERE database = currentDatabase() AND table = {t:String} AND NOT is_done", {"t": store.data_table})
         todo = sum(int(p["parts_to_do"]) for p in pending)
-        done = max(total - todo, 0)
+        total = max(total, todo)  # several commands may queue as several mutations, each over every part
+        done = total - todo
         if done != last:
             emit({"event": "index_progress", "index": label, "parts_done": done, "parts": total})
             last = done

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 
-from laion_search.errors import LaionError, QueryError, ShardValidationError, StoreError
+from laion_search.errors import LaionError, QueryError, ShardValidationError, StoreError, UsageError
 from laion_search.schema import SHARDS_TABLE, TABLE
 from laion_search.sources.formats import Reader, assign_partitions, open_readers
 from laion_search.sources.shards import ShardFiles, open_shard
@@ -69,7 +69,7 @@ class IngestReport:
 def ingest(store: Store, directory: str | os.PathLike[str] | Any, shards: list[int] | None = None, *,
            batch_rows: int = DEFAULT_BATCH_ROWS, force: bool = False,
            progress: ProgressFn | None = None, skip_bad_rows: bool = False, format: str = "auto",
-           model: str | None = None) -> IngestReport:
+           model: str | None = None, index: str | None = None) -> IngestReport:
     """Load the shards found in ``directory`` (all, or those listed) into ``store`` — or any
     other source :func:`ingest_source` takes (a ClickHouse LAION-5B Parquet part, a SISAP
     ``.h5`` file, a folder of those, a URL).
@@ -80,15 +80,18 @@ def ingest(store: Store, directory: str | os.PathLike[str] | Any, shards: list[i
 
     ``skip_bad_rows`` drops rows with NaN/Inf or all-zero vectors (counted per reason in
     ``IngestReport.dropped`` and in ``laion_shards.dropped``) instead of failing their shard.
+
+    ``index`` (``image``, ``text`` or ``both``) declares those HNSW indexes first (default
+    parameters; an index that exists keeps its own), so every shard lands indexed.
     """
     return ingest_source(store, directory, format=format, shards=shards, batch_rows=batch_rows, force=force,
-                         progress=progress, skip_bad_rows=skip_bad_rows, model=model)
+                         progress=progress, skip_bad_rows=skip_bad_rows, model=model, index=index)
 
 
 def ingest_source(store: Store, source: str | os.PathLike[str] | Any, *, format: str = "auto",
                   shards: list[int] | None = None, batch_rows: int = DEFAULT_BATCH_ROWS, force: bool = False,
                   progress: ProgressFn | None = None, skip_bad_rows: bool = False,
-                  model: str | None = None) -> IngestReport:
+                  model: str | None = None, index: str | None = None) -> IngestReport:
     """Load any source :mod:`laion_search.sources.formats` reads: a folder of LAION shards
     (``shards`` picks some), a ClickHouse LAION-5B Parquet part, a SISAP ``.h5`` file, a folder
     of such files, a URL, or an open seekable binary file. ``format`` is ``auto`` (detected from
@@ -111,7 +114,7 @@ def ingest_source(store: Store, source: str | os.PathLike[str] | Any, *, format:
         for r in readers:
             if r.ids_from_source and r.shard not in records:
                 record_shard(store, r, claim=True)
-        return ingest_readers(store, readers, batch_rows=batch_rows, force=force, progress=progress)
+        return ingest_readers(store, readers, batch_rows=batch_rows, force=force, progress=progress, index=index)
     finally:
         for r in readers:
             r.close()
@@ -119,7 +122,7 @@ def ingest_source(store: Store, source: str | os.PathLike[str] | Any, *, format:
 
 def ingest_files(store: Store, files: Iterable[ShardFiles], *, batch_rows: int = DEFAULT_BATCH_ROWS,
                  force: bool = False, progress: ProgressFn | None = None,
-                 skip_bad_rows: bool = False) -> IngestReport:
+                 skip_bad_rows: bool = False, index: str | None = None) -> IngestReport:
     files = list(files)
     dim = store.dim()
     readers: list[Reader] = []
@@ -128,14 +131,16 @@ def ingest_files(store: Store, files: Iterable[ShardFiles], *, batch_rows: int =
         if dim is None:
             dim = reader.dim
         readers.append(reader)  # type: ignore[arg-type]  # its shard number is read-only
-    return ingest_readers(store, readers, batch_rows=batch_rows, force=force, progress=progress)
+    return ingest_readers(store, readers, batch_rows=batch_rows, force=force, progress=progress, index=index)
 
 
 def ingest_readers(store: Store, readers: list[Reader], *, batch_rows: int = DEFAULT_BATCH_ROWS,
-                   force: bool = False, progress: ProgressFn | None = None) -> IngestReport:
+                   force: bool = False, progress: ProgressFn | None = None, index: str | None = None) -> IngestReport:
     """Load checked readers (shards, parts, files), each atomically; see the module docstring."""
     emit = progress or (lambda event: None)
     _drop_orphan_stages(store)
+    if index:
+        declare_indexes(store, index, readers)
     # Background merges of freshly loaded parts compete with the next shard's insert for the two
     # cores (measured: half the throughput). Pause them while loading; they resume afterwards
     # (and `laion index create` compacts each shard before building its index).
@@ -202,6 +207,14 @@ def load_shard(store: Store, reader: Reader, *, batch_rows: int = DEFAULT_BATCH_
             for stmt in layout.drop_stage(name):
                 store.backend.command(stmt)
     stage = stage_table_name(shard, uuid.uuid4().hex[:12])
+    # With vector indexes declared, the shard lands indexed: its batches go in without graphs
+    # (one per 32K-row batch would be thrown away), then one merge of the stage into a single part
+    # builds each index once, over the whole shard, before the swap. (A cluster's stage is
+    # spread over nodes behind a Distributed table: there, each batch's part is indexed on insert.)
+    indexes = [i["name"] for i in store.list_indexes()] if layout.cluster is None else []
+    settings = {**INSERT_SETTINGS, **layout.insert_settings()}
+    if indexes:
+        settings["materialize_skip_indexes_on_insert"] = 0
     try:
         for stmt in layout.create_stage(stage, TABLE):  # CREATE … AS laion; SYSTEM STOP MERGES (it lives for seconds)
             store.backend.command(stmt)
@@ -210,7 +223,7 @@ def load_shard(store: Store, reader: Reader, *, batch_rows: int = DEFAULT_BATCH_
         # ring: one batch being inserted + PREFETCH_DEPTH queued + one being filled, per vector column
         ring = len(reader.modalities) * (PREFETCH_DEPTH + 2)
         for batch in _prefetch(reader.batches(batch_rows, ring=ring), PREFETCH_DEPTH):
-            store.backend.insert_arrow(stage, batch, {**INSERT_SETTINGS, **layout.insert_settings()})
+            store.backend.insert_arrow(stage, batch, settings)
             done += batch.num_rows
             emit({"event": "batch", "shard": shard, "rows_done": done, "rows": reader.rows,
                   "batch_rows": batch.num_rows})
@@ -219,6 +232,13 @@ def load_shard(store: Store, reader: Reader, *, batch_rows: int = DEFAULT_BATCH_
             raise StoreError(f"shard {shard}: staged {staged} rows, expected {reader.rows_loaded}; nothing was changed")
         if reader.ids_from_source and staged:
             _check_source_ids(store, stage, reader)
+        if indexes and staged:
+            t0 = time.perf_counter()
+            emit({"event": "shard_index", "shard": shard, **_named(reader), "rows": staged, "indexes": indexes})
+            store.backend.command(f"SYSTEM START MERGES {stage}")
+            store.backend.command(f"OPTIMIZE TABLE {stage} FINAL")  # one part, its graphs built once
+            emit({"event": "shard_indexed", "shard": shard, **_named(reader), "rows": staged, "indexes": indexes,
+                  "seconds": round(time.perf_counter() - t0, 3)})
         if reader.rows_loaded:
             store.backend.command(layout.replace_partition(TABLE, shard, stage))
         else:
@@ -231,6 +251,27 @@ def load_shard(store: Store, reader: Reader, *, batch_rows: int = DEFAULT_BATCH_
                 store.backend.command(stmt)
         except LaionError:
             pass  # the next run drops it
+
+
+def declare_indexes(store: Store, which: str, readers: list[Reader]) -> list[str]:
+    """Declare the HNSW indexes ``which`` names (``image``, ``text``, ``both``) before loading, with
+    the default parameters, so each shard is indexed as it lands. Indexes that exist are kept as
+    they are. Returns the names declared now."""
+    from laion_search.index import IndexSpec, columns_for, create_indexes
+
+    if which not in ("image", "text", "both"):
+        raise UsageError(f"index must be image, text or both, got {which!r}")
+    have = {i["name"] for i in store.list_indexes()}
+    specs = [IndexSpec(c) for c in columns_for(which)]
+    specs = [s for s in specs if s.name not in have]
+    for spec in specs:
+        lacking = [r for r in readers if spec.column not in r.modalities]
+        if lacking:
+            raise UsageError(f"--index {which}: {lacking[0].source} has no {spec.column} embeddings to index")
+    if not specs or not readers:
+        return []
+    create_indexes(store, specs, materialize=False, dim=store.dim() or readers[0].dim)
+    return [s.name for s in specs]
 
 
 def record_shard(store: Store, reader: Reader, *, claim: bool = False) -> None:
@@ -346,4 +387,4 @@ def _prefetch(batches: Iterator[pa.Table], depth: int = 1) -> Iterator[pa.Table]
             t.join(timeout=0.05)
 
 
-__all__ = ["IngestReport", "ingest", "ingest_files", "ingest_readers", "ingest_source", "load_shard", "record_shard"]
+__all__ = ["IngestReport", "declare_indexes", "ingest", "ingest_files", "ingest_readers", "ingest_source", "load_shard", "record_shard"]

@@ -269,9 +269,10 @@ class Store:
     def index_status(self) -> list[dict[str, Any]]:
         """Each vector index and bf16 scan copy: its parameters, how many parts carry it, size on disk."""
         out = []
+        # rows > 0: a dropped or replaced partition leaves an empty covering part for a while
         parts = self.rows(
             "SELECT name, rows FROM " + self.layout.system("parts") + " WHERE database = currentDatabase() "
-            "AND table = {t:String} AND active", {"t": self.data_table})
+            "AND table = {t:String} AND active AND rows > 0", {"t": self.data_table})
         rows = sum(int(p["rows"]) for p in parts)
         indexes = self.list_indexes()
         # system.parts reports secondary-index bytes per part, not per index, so "covered" is
@@ -311,7 +312,7 @@ class Store:
         """Active parts whose files lack ``column`` (written before it was added)."""
         return int(self.scalar(
             "SELECT count() FROM system.parts AS p WHERE database = currentDatabase() AND table = {t:String} AND active "
-            "AND name NOT IN (SELECT part_name FROM system.parts_columns WHERE database = currentDatabase() "
+            "AND rows > 0 AND name NOT IN (SELECT part_name FROM system.parts_columns WHERE database = currentDatabase() "
             "AND table = {t:String} AND active AND column = {c:String})", {"t": self.data_table, "c": column}) or 0)
 
     def version(self) -> str:

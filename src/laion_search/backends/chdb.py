@@ -17,6 +17,25 @@ from laion_search.errors import QueryError, StoreBusyError, StoreError
 # chDB hosts one engine per process, bound to one data directory at a time.
 MAX_SESSIONS = max(4, os.cpu_count() or 1)  # concurrent queries on one embedded store
 _process_lock = threading.Lock()
+
+
+def index_build_threads() -> int:
+    """Threads the engine's HNSW builds share (ClickHouse's ``max_build_vector_similarity_index_thread_pool_size``,
+    16 by default whatever the machine): the CPUs this process may use, or ``$LAION_INDEX_BUILD_THREADS``.
+    On a small machine 16 threads contend for the graph's locks (``laion bench pipeline`` measures it)."""
+    env = os.environ.get("LAION_INDEX_BUILD_THREADS", "").strip()
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise StoreError(f"LAION_INDEX_BUILD_THREADS must be a whole number, got {env!r}") from None
+        if n < 1:
+            raise StoreError(f"LAION_INDEX_BUILD_THREADS must be at least 1, got {n}")
+        return n
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 _open_path: str | None = None
 
 OWNER_FILE = "laion-search.owner.json"
@@ -44,7 +63,9 @@ class ChdbBackend:
                 )
             if _locked_by_other_process(self.path):
                 raise _busy_or_store_error(self.path, RuntimeError("Cannot lock file"))
-            uri = self.path if not udf_path else f"{self.path}?udf_path={udf_path}"
+            uri = f"{self.path}?max_build_vector_similarity_index_thread_pool_size={index_build_threads()}"
+            if udf_path:
+                uri += f"&udf_path={udf_path}"
             try:
                 first = chdb_session.Session(uri)
             except Exception as exc:  # chDB raises plain RuntimeError/ChdbError here

@@ -28,6 +28,8 @@ UrlOption = typer.Option(None, "--url", envvar="LAION_URL", show_envvar=True,
                          help="ClickHouse server/cluster/Cloud instead of the embedded store: "
                               "clickhouse://user:password@host:8123/db (clickhouses://…:8443 for TLS). Wins over --db.")
 JsonOption = typer.Option(False, "--json", help="Machine-readable JSON output.")
+IndexOnIngestOption = typer.Option(None, "--index", help="image, text or both: declare these HNSW indexes first "
+                                   "(default parameters; existing ones are kept), so each shard lands indexed.")
 ModelOption = typer.Option(None, "--model", envvar="LAION_CLIP_MODEL", show_envvar=True,
                            help="CLIP model: a local directory or hub id, or open_clip:ARCH/PRETRAINED. Default: the "
                                 "model the table records (openai/clip-vit-base-patch32 for LAION-400M, "
@@ -130,6 +132,7 @@ def ingest(
                                                help="The CLIP model that made the vectors, recorded for text/image "
                                                     "searches. Default: LAION's for the dimension (512: "
                                                     "openai/clip-vit-base-patch32, 768: openai/clip-vit-large-patch14)."),
+    index: Optional[str] = IndexOnIngestOption,
     db: Optional[str] = DbOption,
     url: Optional[str] = UrlOption,
     json_output: bool = JsonOption,
@@ -148,7 +151,10 @@ def ingest(
     check_format(fmt)
     with open_store(db, url) as store, output.IngestProgress(output.progress_mode(json_output)) as progress:
         report = ingest_source(store, source, format=fmt, shards=numbers, batch_rows=batch_rows, force=force,
-                               progress=progress, skip_bad_rows=skip_bad_rows, model=source_model)
+                               progress=progress, skip_bad_rows=skip_bad_rows, model=source_model, index=index)
+        hint = _unindexed_hint(store) if index else None
+    if hint:
+        output.err.print(f"hint: {hint}", markup=False, highlight=False)
     if not json_output:
         line = (f"loaded {len(report.loaded)} shard(s), {report.rows:,} rows in {report.seconds:.1f} s "
                 f"({report.rows_per_second:,.0f} rows/s)")
@@ -162,6 +168,15 @@ def ingest(
         if report.text_repaired:
             line += f"; {report.text_repaired:,} rows had invalid UTF-8 text (bad bytes replaced with U+FFFD)"
         output.out.print(line, markup=False, highlight=False)
+
+
+def _unindexed_hint(store: Any) -> str | None:
+    """Parts loaded before the indexes were declared are not indexed by the ones that land now."""
+    lacking = [i["name"] for i in store.index_status() if i.get("method") != "scan" and i["parts_covered"] < i["parts"]]
+    if not lacking:
+        return None
+    return (f"{', '.join(lacking)}: parts loaded before the index was declared are not indexed yet; "
+            "build them with `laion index create --column both`")
 
 
 # -- download -------------------------------------------------------------------------------------
@@ -193,6 +208,7 @@ def download(
     delete_after_ingest: bool = typer.Option(False, "--delete-after-ingest",
                                              help="Delete a shard's files once it is loaded (and keep few on disk)."),
     batch_rows: int = typer.Option(32768, "--batch-rows", min=1, max=1_000_000, help="Rows per insert batch (--ingest)."),
+    index: Optional[str] = IndexOnIngestOption,
     no_fsync: bool = typer.Option(False, "--no-fsync",
                                   help="Do not flush files to disk (faster when the network outruns the disk). "
                                        "Safe if the process is killed; after a power cut or reboot, files written "
@@ -221,6 +237,10 @@ def download(
             raise UsageError("no shards given: e.g. 0-9 or 3,7,12-15 (or a named source: --source NAME)")
     if delete_after_ingest and not do_ingest:
         raise UsageError("--delete-after-ingest needs --ingest")
+    if index and not do_ingest:
+        raise UsageError("--index needs --ingest")
+    if index not in (None, "image", "text", "both"):
+        raise UsageError(f"--index must be image, text or both, got {index!r}")
     remote = Remote(base_url=base_url or DEFAULT_BASE_URL, remote_layout=remote_layout, layout=layout, pad=pad)
     policy = RetryPolicy(tries=tries, base_delay=retry_delay, max_delay=max_retry_delay,
                          connect_timeout=connect_timeout, read_timeout=read_timeout)
@@ -230,7 +250,7 @@ def download(
         if do_ingest:  # the store is open (chDB loaded): the ingest layer costs nothing more now
             from laion_search.ingest import ingest_files
 
-            load = ingest_files
+            load = functools.partial(ingest_files, index=index) if index else ingest_files
         progress = stack.enter_context(output.DownloadProgress(output.progress_mode(json_output)))
         if source is not None:
             report = download_source(source, shards, to, base_url=base_url, store=store, load=load, jobs=jobs,
@@ -472,10 +492,8 @@ def index_create(
     m_val = m if m is not None else (GUIDE_M if guide else DEFAULT_M)
     ef_val = ef_construction if ef_construction is not None else (GUIDE_EF_CONSTRUCTION if guide else DEFAULT_EF_CONSTRUCTION)
     specs = [IndexSpec(c, metric, quantization, m_val, ef_val).check() for c in columns_for(column)]
-    results = []
-    with open_store(db, url) as store:
-        for spec in specs:
-            results.append(_with_index_progress(json_output, functools.partial(_hnsw, store, spec, replace)))
+    with open_store(db, url) as store:  # both columns: one compaction, the builds queued together
+        results = _with_index_progress(json_output, functools.partial(_hnsw, store, specs, replace))
     _print_built(results, json_output)
 
 
@@ -500,10 +518,10 @@ def _scan_copy(store: Any, column: str, progress: Callable[[dict], None]) -> Any
     return create_scan_copy(store, column, progress=progress)
 
 
-def _hnsw(store: Any, spec: Any, replace: bool, progress: Callable[[dict], None]) -> Any:
-    from laion_search.index import create_index
+def _hnsw(store: Any, specs: list, replace: bool, progress: Callable[[dict], None]) -> Any:
+    from laion_search.index import create_indexes
 
-    return create_index(store, spec, replace=replace, progress=progress)
+    return create_indexes(store, specs, replace=replace, progress=progress)
 
 
 def _with_index_progress(json_output: bool, run: Callable[[Callable[[dict], None]], Any]) -> Any:
@@ -894,6 +912,62 @@ def bench_ingest(
         result = run_formats(rows=rows, formats=chosen, workdir=workdir, log=log)
     else:
         result = run_bench(rows=rows, guide_rows=guide_rows, workdir=workdir, log=log)
+    if json_output:
+        print(output.dumps(result))
+    else:
+        output.out.print(result["markdown"])
+    if out:
+        out.write_text(result["markdown"] + "\n")
+
+
+@bench_app.command("pipeline")
+@handle_errors
+def bench_pipeline(
+    rows: int = typer.Option(1_000_000, "--rows", min=1000, help="Rows of the synth shard (realistic geometry)."),
+    modes: str = typer.Option("after,on-ingest", "--modes",
+                              help="Our pipelines: after (ingest, then index create --column both) and/or "
+                                   "on-ingest (ingest --index both)."),
+    build_threads: Optional[str] = typer.Option(None, "--build-threads",
+                                                help="Index-build pool sizes to compare, e.g. 2,16 (default: "
+                                                     "this machine's CPUs; ClickHouse's own default is 16)."),
+    m: Optional[int] = typer.Option(None, "--m", min=2, max=512, help="HNSW links per node (default: ours, 16)."),
+    ef_construction: Optional[int] = typer.Option(None, "--ef-construction", min=1, max=10_000,
+                                                  help="HNSW build candidate list (default: ours, 64)."),
+    quantization: str = typer.Option("bf16", "--quantization", help="bf16, f16, f32, i8 or b1."),
+    n_queries: int = typer.Option(100, "--queries", min=1, help="Queries for recall@10 of each index."),
+    guide_rows: int = typer.Option(20_000, "--guide-rows", min=100,
+                                   help="Rows the guide's pipeline runs on (scaled linearly to --rows)."),
+    peers: bool = typer.Option(True, "--peers/--no-peers", help="Also run raw usearch and the guide."),
+    workdir: Optional[Path] = typer.Option(None, "--dir", help="Scratch directory, kept to reuse the shard (default: a temp dir)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the markdown table here."),
+    json_output: bool = JsonOption,
+) -> None:
+    """A shard from files to the first query served by both HNSW indexes: ingest, builds, first
+    query, recall and peak RSS, beside raw usearch and the guide's pipeline.
+
+    Example: laion bench pipeline --rows 1000000 --build-threads 2,16
+    """
+    from laion_search.bench.pipeline import MODES, run as run_bench
+    from laion_search.index import QUANTIZATIONS
+
+    chosen = tuple(x.strip() for x in modes.split(",") if x.strip())
+    bad = [x for x in chosen if x not in MODES] or ([] if chosen else ["(none)"])
+    if bad:
+        raise UsageError(f"--modes takes {', '.join(MODES)}; got {', '.join(bad)}")
+    if quantization not in QUANTIZATIONS:
+        raise UsageError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}")
+    threads = None
+    if build_threads:
+        try:
+            threads = tuple(int(x) for x in build_threads.split(",") if x.strip())
+        except ValueError:
+            raise UsageError(f"--build-threads takes whole numbers, e.g. 2,16; got {build_threads!r}") from None
+        if not threads or min(threads) < 1:
+            raise UsageError(f"--build-threads takes numbers ≥ 1, e.g. 2,16; got {build_threads!r}")
+    log = None if json_output else output.err.print
+    result = run_bench(rows=rows, modes=chosen, build_threads=threads, m=m, ef_construction=ef_construction,
+                       quantization=quantization, queries=n_queries, guide_rows=guide_rows, peers=peers,
+                       workdir=workdir, log=log)
     if json_output:
         print(output.dumps(result))
     else:

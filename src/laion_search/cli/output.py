@@ -306,6 +306,8 @@ class IngestProgress(Progress):
             rate = e["rows"] / e["seconds"] if e["seconds"] else 0
             extra = f", {e['renormalised']:,} vectors renormalised" if e["renormalised"] else ""
             return f"{_label(e)}: {e['rows']:,} rows in {e['seconds']:.1f} s ({rate:,.0f} rows/s){extra}"
+        if kind == "shard_indexed":
+            return f"{_label(e)}: {', '.join(e['indexes'])} built in {e['seconds']:.1f} s"
         return None
 
     def draw(self, e: dict[str, Any]) -> None:
@@ -323,6 +325,10 @@ class IngestProgress(Progress):
             return
         if kind == "shard_start":
             p.update(self._task, description=_label(e))
+        elif kind == "shard_index":
+            p.update(self._task, description=f"{_label(e)}: building {', '.join(e['indexes'])}")
+        elif kind == "shard_indexed":
+            p.console.print(self.line(e))
         elif kind == "batch":
             done = self._done_before + e["rows_done"]
             elapsed = time.perf_counter() - self._t0
