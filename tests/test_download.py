@@ -208,12 +208,15 @@ def test_body_shorter_than_content_length(mirror, tmp_path):
 
 
 def _rewriter(target: Path, seed: int):
-    """Replace ``target`` (an img_emb file) atomically with different content of the same size."""
+    """Replace ``target`` (an img_emb file) atomically with different content of the same size.
+    The new content is made now: the hook the server runs mid-request only renames it in, so
+    it cannot outlast the client's read timeout on a busy machine."""
+    other = target.parent.parent / f"other-{seed}"
+    synth(other, [0], ROWS, seed=seed, layout="folders")
+    new = other / "img_emb" / "img_emb_0.npy"
+    assert new.stat().st_size == target.stat().st_size and new.read_bytes() != target.read_bytes()
+
     def rewrite() -> None:
-        other = target.parent.parent / f"other-{seed}"
-        synth(other, [0], ROWS, seed=seed, layout="folders")
-        new = other / "img_emb" / "img_emb_0.npy"
-        assert new.stat().st_size == target.stat().st_size and new.read_bytes() != target.read_bytes()
         os.replace(new, target)
         st = target.stat()
         os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a new mtime → new ETag
