@@ -137,11 +137,13 @@ def test_bench_pipeline_measures_each_step_and_recall(tmp_path):
         r = by[method]
         assert r["rows"] == 1500 and r["build_threads"] == 1
         assert set(r["phases"]) == {"ingest", "index", "first_query"} and all(v > 0 for v in r["phases"].values())
-        assert r["strategy"] == "index"
+        assert r["strategy"] == "index" and r["parts"] == 1  # one part for the shard: one graph per index
         assert min(r["recall"].values()) >= 0.9, r["recall"]  # M=8, ef_c=32 over 1,500 rows gives ≥ 0.97 here
         assert r["peak_rss"] > 50 * 2**20
     assert min(by["usearch"]["recall"].values()) >= 0.9
     assert by["guide"]["measured_rows"] == 300 and by["guide"]["rows"] == 1500
+    lat = by["after"]["latency"]  # measured once, on the first of our pipelines
+    assert lat["floor_ms"] > 0 and lat["library_ms"] > 0 and lat["http_ms"] > 0 and "latency" not in by["on-ingest"]
     md = result["markdown"]
-    assert "fastest:" in md and "build rate vs raw usearch, 1 thread(s) each" in md and "vs the guide" in md
+    assert "fastest:" in md and "engine floor" in md and "build rate vs raw usearch, 1 thread(s) each" in md and "vs the guide" in md
     assert np.isfinite([r["vectors_per_second"] for r in result["results"]]).all()

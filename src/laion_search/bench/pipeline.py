@@ -120,8 +120,63 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             found = [[r["id"] for r in search(store, q, k=k, modality=column)] for q in qs[column]]
             recall[column] = _recall(found, truth[column], k)
         rows = store.scalar("SELECT count() FROM laion")
-    return {"method": method, "rows": rows, "phases": phases, "strategy": strategy, "recall": recall,
-            "peak_rss": _peak_rss_bytes(), "build_threads": spec.get("build_threads")}
+        parts = store.scalar("SELECT count() FROM system.parts WHERE database = currentDatabase() AND table = 'laion' "
+                             "AND active AND rows > 0")
+        latency = _latency(store, qs["image"], k) if spec.get("latency") else None
+    out = {"method": method, "rows": rows, "parts": parts, "phases": phases, "strategy": strategy, "recall": recall,
+           "peak_rss": _peak_rss_bytes(), "build_threads": spec.get("build_threads")}
+    if latency is not None:
+        latency["http_ms"] = _http_p50(db, qs["image"], k)
+        out["latency"] = latency
+    return out
+
+
+def _p50_ms(fn: Callable[[np.ndarray], Any], queries: np.ndarray, warm: int = 5) -> float:
+    for q in queries[:warm]:
+        fn(q)
+    times = []
+    for q in queries:
+        t = time.perf_counter()
+        fn(q)
+        times.append((time.perf_counter() - t) * 1000)
+    return float(np.median(times))
+
+
+def _latency(store: Any, queries: np.ndarray, k: int) -> dict[str, float]:
+    """p50 of the same indexed search two ways: the engine's floor (the ANN statement, ids only,
+    straight on a session of the store's chDB engine) and :func:`laion_search.search.search`."""
+    from laion_search.search import search
+
+    from laion_search.backends.base import format_param
+
+    sql = f"SELECT id FROM laion ORDER BY cosineDistance(image_embedding, {{q:Array(Float32)}}) LIMIT {k}"
+
+    def floor(q: np.ndarray) -> Any:
+        # the vector bound as a query parameter, as the library binds it (a literal parses slower)
+        session = store.backend._acquire()  # a session of the store's own engine, no library code around it
+        try:
+            return session.query(sql, "CSV", params={"q": format_param(q)})
+        finally:
+            store.backend._release(session)
+
+    return {"floor_ms": _p50_ms(floor, queries), "library_ms": _p50_ms(lambda q: search(store, q, k=k), queries)}
+
+
+def _http_p50(db: str, queries: np.ndarray, k: int) -> float:
+    """p50 of ``POST /api/search`` (vector, k) against ``laion serve`` on the same store (no cache)."""
+    import httpx
+
+    from laion_search.bench.serve import _start_server, _stop
+
+    proc, base = _start_server(Path(db))
+    try:
+        with httpx.Client(base_url=base, timeout=60) as client:
+            def one(q: np.ndarray) -> None:
+                r = client.post("/api/search", json={"vector": q.tolist(), "k": k})
+                r.raise_for_status()
+            return _p50_ms(one, queries)
+    finally:
+        _stop(proc)
 
 
 def _usearch(shard_dir: Path, qs: dict[str, np.ndarray], truth: dict[str, np.ndarray], k: int,
@@ -212,7 +267,8 @@ def run(rows: int = 1_000_000, modes: tuple[str, ...] = MODES, build_threads: tu
                 say(f"{LABELS[mode]}, index build pool {n} thread(s) …")
                 db = root / f"db-{mode}-{n}"
                 shutil.rmtree(db, ignore_errors=True)
-                r = _run({**base, "method": mode, "db": str(db), "build_threads": n},
+                first = not any(x.get("latency") for x in results)
+                r = _run({**base, "method": mode, "db": str(db), "build_threads": n, "latency": first},
                          {"LAION_INDEX_BUILD_THREADS": str(n)})
                 shutil.rmtree(db, ignore_errors=True)
                 results.append(r)
@@ -261,8 +317,8 @@ def _markdown(results: list[dict[str, Any]], rows: int, m: int, ef: int, quantiz
     lines = [f"{rows:,} rows, 512-d, {cores} core(s); our indexes {quantization} M={m} ef_construction={ef}",
              "",
              "| pipeline | build threads | ingest | both indexes | vectors/s per index | first indexed query | "
-             f"to first indexed query | recall@{k} image / text | peak RSS |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"to first indexed query | recall@{k} image / text | parts | peak RSS |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     by_method: dict[str, dict[str, Any]] = {}
     for r in results:
         p = r["phases"]
@@ -274,7 +330,7 @@ def _markdown(results: list[dict[str, Any]], rows: int, m: int, ef: int, quantiz
         first = f"{p['first_query'] * 1000:,.0f} ms" if "first_query" in p else "—"
         total = mmss(_total(r)) if r["method"] != "usearch" else "—"
         lines.append(f"| {label} | {r.get('build_threads') or '—'} | {p.get('ingest', 0):,.1f} s | {p['index']:,.1f} s | "
-                     f"{vps:,.0f} | {first} | **{total}** | {rec} | {r['peak_rss'] / 2**20:,.0f} MB |")
+                     f"{vps:,.0f} | {first} | **{total}** | {rec} | {r.get('parts', '—')} | {r['peak_rss'] / 2**20:,.0f} MB |")
     lines.append("")
     ours = [r for r in results if r["method"] in MODES]
     if ours:
@@ -291,6 +347,13 @@ def _markdown(results: list[dict[str, Any]], rows: int, m: int, ef: int, quantiz
                              f"quantization): **{fast['vectors_per_second'] / u['vectors_per_second']:.2f}×** "
                              f"({LABELS[fast['method']].split(': ')[1]}; target ≥ 0.9×); raw usearch alone needs "
                              f"{mmss(u['phases']['index'])} for the two graphs")
+        lat = next((r["latency"] for r in results if r.get("latency")), None)
+        if lat:
+            lines.append(f"indexed search p50 (image index, k={k}, one client): engine floor "
+                         f"(ANN statement, ids only, straight on chDB) **{lat['floor_ms']:.1f} ms**, library "
+                         f"**{lat['library_ms']:.1f} ms** ({lat['library_ms'] / lat['floor_ms']:.2f}× the floor; target "
+                         f"≤ 1.3×), HTTP **{lat['http_ms']:.1f} ms** (library + {lat['http_ms'] - lat['library_ms']:.1f} ms; "
+                         "target ≤ + 3 ms)")
         if "guide" in by_method:
             g = by_method["guide"]
             lines.append(f"vs the guide: **{_total(g) / _total(best):.1f}×** faster to the first indexed query "
