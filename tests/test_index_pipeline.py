@@ -108,22 +108,23 @@ def test_create_indexes_builds_both_in_one_go_and_reports_each(tmp_path):
             create_indexes(db, [IndexSpec("image")], materialize=False)
 
 
-def test_index_build_threads_follow_the_machine_or_the_environment(tmp_path, monkeypatch):
-    from laion_search.backends.chdb import index_build_threads
+def test_index_build_threads_come_from_the_environment_else_the_engine(tmp_path, monkeypatch):
+    from laion_search.backends.chdb import ENGINE_BUILD_THREADS, index_build_threads
 
+    pool = ("SELECT value FROM system.server_settings "
+            "WHERE name = 'max_build_vector_similarity_index_thread_pool_size'")
     monkeypatch.setenv("LAION_INDEX_BUILD_THREADS", "3")
     assert index_build_threads() == 3
     with connect(tmp_path / "db") as db:  # the engine's pool is sized from it when the store opens
-        assert db.scalar("SELECT value FROM system.server_settings "
-                         "WHERE name = 'max_build_vector_similarity_index_thread_pool_size'") == "3"
+        assert db.scalar(pool) == "3"
     for bad in ("many", "0"):
         monkeypatch.setenv("LAION_INDEX_BUILD_THREADS", bad)
         with pytest.raises(StoreError, match="LAION_INDEX_BUILD_THREADS"):
             index_build_threads()
     monkeypatch.delenv("LAION_INDEX_BUILD_THREADS")
-    import os
-
-    assert index_build_threads() == len(os.sched_getaffinity(0))
+    assert index_build_threads() is None
+    with connect(tmp_path / "db") as db:
+        assert db.scalar(pool) == str(ENGINE_BUILD_THREADS)
 
 
 def test_bench_pipeline_measures_each_step_and_recall(tmp_path):

@@ -13,8 +13,9 @@ indexes, timed step by step, beside raw usearch and the guide, in one run.
   (optimistic for the guide: an HNSW insert costs more as the graph grows).
 
 Each pipeline runs in its own process with a fresh store, so its peak RSS (VmHWM) is its own,
-and ``--build-threads`` repeats ours with the engine's index-build pool at other sizes (the
-ClickHouse default is 16 threads whatever the machine). Recall@k of both indexes is measured
+and ``--build-threads`` repeats ours with the engine's index-build pool at other sizes (default:
+``$LAION_INDEX_BUILD_THREADS``, else the engine's 16 threads, whatever the machine); raw usearch
+runs with the same number of threads. Recall@k of both indexes is measured
 against numpy's exact ranking (text→image and image→text queries of random rows).
 """
 
@@ -236,7 +237,7 @@ def run(rows: int = 1_000_000, modes: tuple[str, ...] = MODES, build_threads: tu
         m: int | None = None, ef_construction: int | None = None, quantization: str = "bf16", queries: int = 100,
         k: int = 10, guide_rows: int = 20_000, peers: bool = True, workdir: Path | None = None,
         log: Callable[[str], Any] | None = None) -> dict[str, Any]:
-    from laion_search.backends.chdb import index_build_threads
+    from laion_search.backends.chdb import ENGINE_BUILD_THREADS, index_build_threads
     from laion_search.index import DEFAULT_EF_CONSTRUCTION, DEFAULT_M
     from laion_search.sources.synth import synth
 
@@ -246,8 +247,8 @@ def run(rows: int = 1_000_000, modes: tuple[str, ...] = MODES, build_threads: tu
     say = log or (lambda msg: None)
     m = m or DEFAULT_M
     ef = ef_construction or DEFAULT_EF_CONSTRUCTION
-    cores = index_build_threads()
-    threads = tuple(build_threads or (cores,))
+    cores = len(os.sched_getaffinity(0))
+    threads = tuple(build_threads or (index_build_threads() or ENGINE_BUILD_THREADS,))
     results: list[dict[str, Any]] = []
     with scratch_dir(workdir, "laion-bench-pipeline-") as root:
         shard_dir = root / f"shard-{rows}"
