@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from laion_search.errors import UsageError
-from laion_search.schema import INDEX_NAMES, METRICS, QUANTIZATIONS, TABLE, TUNING_TABLE, scan_column
+from laion_search.schema import INDEX_NAMES, METRICS, OPTIMIZE_SETTINGS, QUANTIZATIONS, TABLE, TUNING_TABLE, scan_column
 from laion_search.store import Store
 #: Chosen from the sweep in the README (100K rows): ≥ 4× faster to build than the guide's (64, 256)
 #: at recall@10 ≥ 0.95 — (16, 64) built 7.1× faster at recall 0.960; (16, 128), recall 0.998, was
@@ -181,7 +181,8 @@ def compact(store: Store, progress: ProgressFn | None = None) -> int:
                       {"t": store.data_table})
     for i, r in enumerate(rows):
         emit({"event": "compact", "partition": r["partition_id"], "done": i, "total": len(rows)})
-        store.backend.command(f"OPTIMIZE TABLE {store.data_table}{store.layout.on_cluster} PARTITION ID {{p:String}} FINAL", {"p": r["partition_id"]})
+        store.backend.command(f"OPTIMIZE TABLE {store.data_table}{store.layout.on_cluster} PARTITION ID {{p:String}} FINAL "
+                              f"SETTINGS {OPTIMIZE_SETTINGS}", {"p": r["partition_id"]})
     return len(rows)
 
 

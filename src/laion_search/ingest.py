@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Iterator
 import pyarrow as pa
 
 from laion_search.errors import LaionError, QueryError, ShardValidationError, StoreError, UsageError
-from laion_search.schema import SHARDS_TABLE, TABLE
+from laion_search.schema import OPTIMIZE_SETTINGS, SHARDS_TABLE, TABLE
 from laion_search.sources.formats import Reader, assign_partitions, open_readers
 from laion_search.sources.shards import ShardFiles, open_shard
 from laion_search.store import Store, list_stage_tables, stage_table_name
@@ -235,8 +235,19 @@ def load_shard(store: Store, reader: Reader, *, batch_rows: int = DEFAULT_BATCH_
         if indexes and staged:
             t0 = time.perf_counter()
             emit({"event": "shard_index", "shard": shard, **_named(reader), "rows": staged, "indexes": indexes})
+            # Background merges would start on the stage's batch parts the moment merges resume
+            # (each building graphs only to throw them away), and OPTIMIZE FINAL waits for them —
+            # 120 s at most, then it silently does nothing (measured on a 1M-row shard). With no
+            # part small enough to pick (max_bytes… = 1) the one merge is ours, and a merge that
+            # does not happen is an error, never an unindexed shard swapped in.
+            store.backend.command(f"ALTER TABLE {stage} MODIFY SETTING max_bytes_to_merge_at_max_space_in_pool = 1")
             store.backend.command(f"SYSTEM START MERGES {stage}")
-            store.backend.command(f"OPTIMIZE TABLE {stage} FINAL")  # one part, its graphs built once
+            store.backend.command(f"OPTIMIZE TABLE {stage} FINAL SETTINGS {OPTIMIZE_SETTINGS}")
+            merged = store.scalar("SELECT count() FROM system.parts WHERE database = currentDatabase() AND "
+                                  "table = {t:String} AND active AND rows > 0", {"t": stage})
+            if merged != 1:
+                raise StoreError(f"shard {shard}: merging its staged parts into one indexed part left {merged} "
+                                 "parts; nothing was changed — rerun to retry")
             emit({"event": "shard_indexed", "shard": shard, **_named(reader), "rows": staged, "indexes": indexes,
                   "seconds": round(time.perf_counter() - t0, 3)})
         if reader.rows_loaded:

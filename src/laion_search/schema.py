@@ -155,3 +155,8 @@ def scan_column(column: str) -> str:
     if column not in INDEX_NAMES:
         raise UsageError(f"column must be image or text, got {column!r}")
     return INDEX_NAMES[column][1] + SCAN_SUFFIX
+
+
+#: ``OPTIMIZE … FINAL`` that merges or fails: it waits (as long as it takes) for the merges running
+#: on the table instead of giving up after 120 s, and a merge it cannot do is an error, not a no-op.
+OPTIMIZE_SETTINGS = "optimize_throw_if_noop = 1, lock_acquire_timeout = 86400"
