@@ -76,8 +76,9 @@ def columns_for(which: str) -> list[str]:
 
 def create_index(store: Store, spec: IndexSpec, *, materialize: bool = True, replace: bool = False,
                  progress: ProgressFn | None = None, poll_seconds: float = 0.2) -> dict[str, Any]:
-    """Add the index (if absent) and build it on every part. Idempotent: an index that exists
-    with the same parameters is only (re)materialised where parts lack it."""
+    """Add the index (if absent) and build it on every part. Rerun after a crash, it waits for the
+    build the engine resumed instead of starting over; rerun after a finished build, it rebuilds
+    every part (``MATERIALIZE INDEX`` has no per-part "only where missing")."""
     return create_indexes(store, [spec], materialize=materialize, replace=replace, progress=progress,
                           poll_seconds=poll_seconds)[0]
 
@@ -129,8 +130,9 @@ def create_indexes(store: Store, specs: list[IndexSpec], *, materialize: bool = 
     for spec, want in zip(specs, wants):
         if materialize:
             emit({"event": "index_done", "index": spec.name, "seconds": round(seconds, 3), "rows": rows})
+        # vectors indexed per second, every index built in this call counted (they share the time)
         out.append({"index": spec.name, "type": want, "seconds": seconds, "rows": rows,
-                    "vectors_per_second": rows / seconds if seconds > 0 and materialize else None})
+                    "vectors_per_second": rows * len(specs) / seconds if seconds > 0 and materialize else None})
     return out
 
 

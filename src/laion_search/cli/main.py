@@ -507,9 +507,20 @@ def _print_built(results: list[dict], json_output: bool) -> None:
     if json_output:
         print(output.dumps(results))
         return
+    # indexes built in one call share their time (and their vectors/s counts them all): one line each
+    groups: dict[float, list[dict]] = {}
     for r in results:
+        groups.setdefault(r["seconds"], []).append(r)
+    for group in groups.values():
+        r = group[0]
         rate = f", {r['vectors_per_second']:,.0f} vectors/s" if r["vectors_per_second"] else ""
-        output.out.print(f"{r['index']}: {r['type']} built over {r['rows']:,} rows in {r['seconds']:.1f} s{rate}")
+        if len(group) == 1:
+            output.out.print(f"{r['index']}: {r['type']} built over {r['rows']:,} rows in {r['seconds']:.1f} s{rate}")
+            continue
+        for x in group:
+            output.out.print(f"{x['index']}: {x['type']}")
+        output.out.print(f"{' and '.join(x['index'] for x in group)} built together over {r['rows']:,} rows in "
+                         f"{r['seconds']:.1f} s{rate}")
 
 
 def _scan_copy(store: Any, column: str, progress: Callable[[dict], None]) -> Any:
