@@ -892,6 +892,16 @@ def demo(
 
 
 # -- bench ----------------------------------------------------------------------------------------
+def _print_bench(result: dict, json_output: bool, out: Optional[Path]) -> None:
+    """A bench's result: JSON, or its markdown table (also written to ``out`` when given)."""
+    if json_output:
+        print(output.dumps(result))
+    else:
+        output.out.print(result["markdown"])
+    if out:
+        out.write_text(result["markdown"] + "\n")
+
+
 @bench_app.command("ingest")
 @handle_errors
 def bench_ingest(
@@ -923,12 +933,7 @@ def bench_ingest(
         result = run_formats(rows=rows, formats=chosen, workdir=workdir, log=log)
     else:
         result = run_bench(rows=rows, guide_rows=guide_rows, workdir=workdir, log=log)
-    if json_output:
-        print(output.dumps(result))
-    else:
-        output.out.print(result["markdown"])
-    if out:
-        out.write_text(result["markdown"] + "\n")
+    _print_bench(result, json_output, out)
 
 
 @bench_app.command("pipeline")
@@ -979,12 +984,7 @@ def bench_pipeline(
     result = run_bench(rows=rows, modes=chosen, build_threads=threads, m=m, ef_construction=ef_construction,
                        quantization=quantization, queries=n_queries, guide_rows=guide_rows, peers=peers,
                        workdir=workdir, log=log)
-    if json_output:
-        print(output.dumps(result))
-    else:
-        output.out.print(result["markdown"])
-    if out:
-        out.write_text(result["markdown"] + "\n")
+    _print_bench(result, json_output, out)
 
 
 @bench_app.command("search")
