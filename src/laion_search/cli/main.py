@@ -945,7 +945,7 @@ def bench_pipeline(
                                    "on-ingest (ingest --index both)."),
     build_threads: Optional[str] = typer.Option(None, "--build-threads",
                                                 help="Index-build pool sizes to compare, e.g. 2,16 (default: "
-                                                     "this machine's CPUs; ClickHouse's own default is 16)."),
+                                                     "$LAION_INDEX_BUILD_THREADS, else ClickHouse's 16)."),
     m: Optional[int] = typer.Option(None, "--m", min=2, max=512, help="HNSW links per node (default: ours, 16)."),
     ef_construction: Optional[int] = typer.Option(None, "--ef-construction", min=1, max=10_000,
                                                   help="HNSW build candidate list (default: ours, 64)."),
