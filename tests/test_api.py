@@ -89,4 +89,4 @@ def test_one_query_model_everywhere():
     command = typer.main.get_command(app).commands["search"]  # type: ignore[attr-defined]
     cli = {p.name for p in command.params} - {"db", "url", "json_output"}
     assert cli == fields
-    assert set(SearchBody.model_fields) == fields - SERVER_SIDE and SERVER_SIDE == {"model", "scan_threads"}
+    assert set(SearchBody.model_fields) == fields - SERVER_SIDE and SERVER_SIDE == {"model", "scan_threads", "scan_nice"}

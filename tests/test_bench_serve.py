@@ -25,3 +25,22 @@ def test_bench_serve_mixed_accounts_for_every_indexed_search(tmp_path):
     assert result["scans_done"] > 0 and result["scan_errors"] == 0
     assert result["idle_p50_ms"] > 0 and result["indexed_p99_ms"] >= result["indexed_p50_ms"]
     assert "idle p50" in result["markdown"] and ("target met" in result["markdown"] or "NOT met" in result["markdown"])
+
+
+def test_bench_serve_indexed_only_on_an_existing_store(tmp_path):
+    """--kinds indexed --db: the load on a store the user has (queries are its own stored vectors)."""
+    from laion_search.bench.serve import run
+
+    run(rows=400, clients=1, seconds=1, workdir=tmp_path)  # leaves tmp_path/db with an image index
+    result = run(clients=2, seconds=2, kinds=("indexed",), db=tmp_path / "db", workdir=tmp_path / "w")
+    assert set(result["per_kind"]) == {"indexed"} and result["kinds"] == ["indexed"]
+    assert result["rows"] == 400 and result["requests"] > 0 and result["errors"] == 0
+    assert "indexed queries only" in result["markdown"]
+    with pytest.raises(ValueError, match="query kinds"):
+        run(kinds=("indexed", "nope"), db=tmp_path / "db")
+    from laion_search.store import connect
+
+    with connect(tmp_path / "bare") as store:
+        store.sql("SELECT 1")
+    with pytest.raises(RuntimeError, match="empty"):
+        run(kinds=("indexed",), db=tmp_path / "bare", workdir=tmp_path / "w2")

@@ -156,7 +156,7 @@ CASES: list[Case] = [
          check=_results(4, lambda r: r["id"] >= 1_000_000_000 and r["id"] != 1_000_000_001 and "NSFW" in r)),
     Case("search --like 5 --k 5 --ef-search 64 --rescoring --filter-strategy prefilter --fetch-multiplier 8 "
          "--where shard=0 --db {db} --json", check=_results(5, lambda r: r["id"] < 1_000_000_000)),
-    Case("search --like 5 --k 3 --exact --verify-checksums --scan-threads 1 --db {db} --json", check=_results(3)),
+    Case("search --like 5 --k 3 --exact --verify-checksums --scan-threads 1 --scan-nice 5 --db {db} --json", check=_results(3)),
     Case("search --text 'a photo of a dog' --model {model} --k 3 --db {db} --json", check=_results(3)),
     Case("search --image {tmp}/img.png --model {model} --k 2 --exact --db {db}", check=_has("2 results")),
     Case("search --like 5 --filter-strategy sideways --db {db}", code=2, check=_has("filter strategy")),
@@ -196,6 +196,9 @@ CASES: list[Case] = [
          check=lambda o, e, t: json.loads(o)["encode_ms"] > 0),
     Case("bench serve --rows 500 --clients 1 --seconds 1 --dir {tmp}/b7 --json",
          check=lambda o, e, t: json.loads(o)["requests"] > 0),
+    Case("bench serve --db {tmp}/b7/db --kinds indexed --clients 2 --seconds 1 --json",
+         check=lambda o, e, t: json.loads(o)["kinds"] == ["indexed"] and json.loads(o)["errors"] == 0),
+    Case("bench serve --kinds indexed,bogus --seconds 1", code=2, check=_has("--kinds: choose from")),
     Case("bench serve --mixed --rows 500 --scan-clients 1 --rate 5 --seconds 1 --server-arg=--max-scans=2 "
          "--dir {tmp}/b8 --json", check=lambda o, e, t: json.loads(o)),
     Case("bench pipeline --rows 1000 --modes on-ingest --build-threads 1 --m 8 --ef-construction 32 --quantization bf16 "
@@ -293,7 +296,7 @@ def test_case(i, world):
 
 SERVE = "serve --host 127.0.0.1 --port {port} --token s3cret --model {model} --allow-sql --allow-image-url " \
         "--cors-origin http://example.test --query-timeout 10 --images {images} --cache-size 16 --max-scans 2 " \
-        "--scan-queue 4 --scan-threads 1 --log-level warning --db {db}"
+        "--scan-queue 4 --scan-threads 1 --scan-nice 10 --log-level warning --db {db}"
 SERVE_URL = "serve --url {db} --port {port}"
 
 
@@ -328,6 +331,7 @@ def test_serve_flags(world, tmp_path):
         st = http.get(base + "/api/status", headers=auth).json()
         assert st["rows"] == 100 and st["local_images"]                                # --images
         assert st["admission"]["scan_threads"] == 1                                    # --scan-threads
+        assert st["admission"]["scan_nice"] == 10                                      # --scan-nice
         gate = st["admission"]["exact_scan"]
         assert (gate["max_running"], gate["max_queue"]) == (2, 4), gate                  # --max-scans, --scan-queue
         first = http.post(base + "/api/search", json={"like": 3, "k": 2}, headers=auth).json()

@@ -295,3 +295,43 @@ def test_scans_shed_with_429_while_indexed_searches_pass(served_store):
         status = call(app, "GET", "/api/status").json()["admission"]
     assert status["exact_scan"]["shed"] == 1 and status["exact_scan"]["admitted"] == 2
     assert status["encoding"]["admitted"] == 1
+
+
+def test_exact_scans_run_niced_and_indexed_searches_do_not(served_store):
+    """A server runs exact scans' engine threads at nice 19 (os_thread_priority) so that indexed
+    searches get the cores first; the engine takes the setting, and indexed searches are not niced."""
+    from laion_search.index import IndexSpec, create_index
+    from laion_search.search import search
+
+    store, model, _ = served_store
+    if not store.vector_indexes():
+        create_index(store, IndexSpec("image"))
+    vec = store.rows("SELECT image_embedding FROM laion WHERE id = 9")[0]["image_embedding"]
+    scan = search(store, vec, k=3, exact=True, scan_threads=1, scan_nice=19)
+    assert "os_thread_priority = 19" in scan.sql and scan[0]["id"] == 9
+    plain = search(store, vec, k=3, exact=True)
+    assert "os_thread_priority" not in plain.sql
+    assert search(store, vec, k=3, exact=True, scan_nice=99).sql.count("os_thread_priority = 19") == 1  # clamped
+    indexed = search(store, vec, k=3, scan_nice=19)
+    assert indexed.strategy == "index" and "os_thread_priority" not in indexed.sql
+    app = create_app(store, model=model, cache_size=0)
+    seen = []
+    real = search
+
+    def spy(st, *a, **kw):
+        res = real(st, *a, **kw)
+        seen.append(res.sql)
+        return res
+
+    import laion_search.web.app as web_app
+
+    web_app.search, saved = spy, web_app.search
+    try:
+        assert call(app, "POST", "/api/search", json={"vector": vec, "k": 3, "exact": True}).status_code == 200
+        assert call(app, "POST", "/api/search", json={"vector": vec, "k": 3}).status_code == 200
+    finally:
+        web_app.search = saved
+    assert "os_thread_priority = 19" in seen[0] and "os_thread_priority" not in seen[1]
+    assert call(app, "GET", "/api/status").json()["admission"]["scan_nice"] == 19
+    off = create_app(store, model=model, cache_size=0, scan_nice=0)
+    assert call(off, "GET", "/api/status").json()["admission"]["scan_nice"] == 0

@@ -183,6 +183,14 @@ def test_token_cors_and_sql_switches(web_store):
     assert call(app, "GET", "/api/status", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert call(app, "GET", "/api/status", headers={"Authorization": "Bearer s3cret"}).status_code == 200
     assert call(app, "GET", "/api/status?token=s3cret").status_code == 200
+    # odd credentials are a 401, never a 500: a lower-case scheme works, non-ASCII does not match
+    assert call(app, "GET", "/api/status", headers={"Authorization": "bearer s3cret"}).status_code == 200
+    assert call(app, "GET", "/api/status?token=%C3%A9").status_code == 401
+    assert call(app, "GET", "/api/status", headers={"Authorization": "Bearer s3cr\u00e9t".encode()}).status_code == 401
+    assert call(app, "GET", "/api/status", headers={"Authorization": "Basic s3cret"}).status_code == 401
+    big = call(app, "POST", "/api/search", headers={"Authorization": "Bearer s3cret", "Content-Length": "x"},
+               content=b"{}")
+    assert big.status_code in (400, 422)
     r = call(app, "GET", "/api/status", headers={"Authorization": "Bearer s3cret", "Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in r.headers  # CORS off by default
     plain = create_app(store, model=model)

@@ -58,6 +58,7 @@ class SearchOptions:
     fetch_multiplier: float = 4.0         # candidates per wanted row when post-filtering
     verify_checksums: bool = False        # exact scans: check each block's checksum as it is read
     scan_threads: int | None = None       # exact scans: cap the engine's threads (max_threads)
+    scan_nice: int | None = None          # exact scans: Linux nice of the engine's threads (0-19)
 
 
 @dataclass
@@ -184,6 +185,7 @@ class SearchQuery:
     fetch_multiplier: float = 4.0
     verify_checksums: bool = False
     scan_threads: int | None = None   # exact scans: cap the engine's threads (a server sets it)
+    scan_nice: int | None = None      # exact scans: run the engine's threads at this nice (a server sets it)
 
     @classmethod
     def build(cls, vector: Any = None, *, filters: Filters | None = None, options: SearchOptions | None = None,
@@ -202,7 +204,7 @@ class SearchQuery:
     def options(self) -> SearchOptions:
         return SearchOptions(ef_search=self.ef_search, rescoring=self.rescoring, filter_strategy=self.filter_strategy,
                              fetch_multiplier=self.fetch_multiplier, verify_checksums=self.verify_checksums,
-                             scan_threads=self.scan_threads)
+                             scan_threads=self.scan_threads, scan_nice=self.scan_nice)
 
     def check(self) -> "SearchQuery":
         """Everything that can be checked without the store, with a one-line reason; returns self."""
@@ -272,7 +274,8 @@ def search(store: Store, vector: Any = None, *, query: SearchQuery | None = None
         copy = column + SCAN_SUFFIX
         scan = copy if (func == "cosineDistance" and store.layout.cluster is None and copy in store.columns()) else None
         sql = _exact_sql(select, column, func, where, k, scan, verify_checksums=options.verify_checksums,
-                         cluster=store.layout.cluster is not None, max_threads=options.scan_threads)
+                         cluster=store.layout.cluster is not None, max_threads=options.scan_threads,
+                         nice=options.scan_nice)
         strategy = ("exact-bf16" if scan else "exact") + (" (no index)" if unindexed else "")
         rows = store.rows(sql, params)
     else:
@@ -320,11 +323,16 @@ SCAN_READ_SETTINGS = {"local_filesystem_read_method": "mmap", "min_bytes_to_use_
 
 
 def _exact_sql(select: str, column: str, func: str, where: str, k: int, scan: str | None = None,
-               verify_checksums: bool = False, cluster: bool = False, max_threads: int | None = None) -> str:
+               verify_checksums: bool = False, cluster: bool = False, max_threads: int | None = None,
+               nice: int | None = None) -> str:
     where_sql = f" WHERE {where}" if where else ""
     settings = {"use_skip_indexes": 0, **SCAN_READ_SETTINGS, **({} if verify_checksums else {"checksum_on_read": 0})}
     if max_threads is not None:
         settings["max_threads"] = max(1, int(max_threads))
+    if nice:
+        # the engine renices the query's threads for its duration (Linux; needs CAP_SYS_NICE,
+        # else the engine ignores it): the scheduler then serves indexed searches first
+        settings["os_thread_priority"] = min(19, max(0, int(nice)))
     if scan is not None:  # the copy holds unit vectors: its dot product ranks by cosine
         candidates = min(MAX_K * SCAN_MARGIN, k * SCAN_MARGIN + 32)
         first = f"dotProduct({scan}, CAST({{q:Array(Float32)}}, 'Array(BFloat16)')) DESC"

@@ -422,6 +422,9 @@ def search(
                                                "and merged)."),
     scan_threads: Optional[int] = typer.Option(None, "--scan-threads", min=1,
                                                help="Exact scans: use at most this many engine threads."),
+    scan_nice: Optional[int] = typer.Option(None, "--scan-nice", min=0, max=19,
+                                            help="Exact scans: run the engine's threads at this Linux nice "
+                                                 "(os_thread_priority; needs CAP_SYS_NICE, else ignored)."),
     db: Optional[str] = DbOption,
     url: Optional[str] = UrlOption,
     json_output: bool = JsonOption,
@@ -439,7 +442,7 @@ def search(
         modality=modality, exact=exact, metric=metric, model=model, columns=columns, nsfw=nsfw,
         min_similarity=min_similarity, caption_contains=caption_contains, where=where, exclude_ids=exclude_ids,
         ef_search=ef_search, rescoring=rescoring, filter_strategy=filter_strategy, fetch_multiplier=fetch_multiplier,
-        verify_checksums=verify_checksums, scan_threads=scan_threads).check()
+        verify_checksums=verify_checksums, scan_threads=scan_threads, scan_nice=scan_nice).check()
     with open_store(db, url) as store:
         result = do_search(store, query=query)
     print_search(result, json_output)
@@ -660,6 +663,10 @@ def serve(
                                    help="Exact scans that may wait; beyond that: 429 + Retry-After."),
     scan_threads: Optional[int] = typer.Option(None, "--scan-threads", min=1, max=1024,
                                                help="Engine threads per exact scan (default: half the cores)."),
+    scan_nice: int = typer.Option(19, "--scan-nice", min=0, max=19,
+                                  help="Linux nice of exact scans' engine threads, so that indexed searches get "
+                                       "the cores first (ClickHouse's os_thread_priority; needs CAP_SYS_NICE, "
+                                       "else ignored; 0 = off)."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info or warning."),
     db: Optional[str] = DbOption,
     url: Optional[str] = UrlOption,
@@ -691,7 +698,7 @@ def serve(
         run_server(store, host=host, port=port, token=token, model=model, allow_sql=allow_sql,
                    allow_image_url=allow_image_url, cors_origins=cors_origin or None, query_timeout=query_timeout,
                    image_root=images, cache_size=cache_size, max_scans=max_scans, scan_queue=scan_queue,
-                   scan_threads=scan_threads)
+                   scan_threads=scan_threads, scan_nice=scan_nice)
     # The store is closed and the server wrote nothing that is not already on disk (it only
     # reads). chDB's engine-wide teardown at interpreter exit takes ~4 s more on its own: skip
     # it, so that SIGTERM → exit stays well within 5 s.
@@ -1178,22 +1185,32 @@ def bench_serve(
                                                                          "(open loop)."),
     server_arg: List[str] = typer.Option([], "--server-arg", help="--mixed: pass to `laion serve` (repeatable), "
                                                                   "e.g. --server-arg=--max-scans=2."),
+    kinds: str = typer.Option("indexed,exact,filtered,like", "--kinds", help="Query kinds the clients pick from at random; "
+                                                              "`indexed` alone is the indexed-only load."),
+    db: Optional[Path] = typer.Option(None, "--db", help="Load an existing store (it needs an index on image "
+                                                         "embeddings) instead of a synth one; --rows is then ignored."),
     json_output: bool = JsonOption,
 ) -> None:
     """Load test of `laion serve` on 127.0.0.1: QPS, p50/p99, errors, server RSS; or, with
     --mixed, indexed-search latency while exact scans run back to back.
 
     Example: laion bench serve --rows 1000000 --clients 16 --seconds 30
+    Example: laion bench serve --db ./laion-db --kinds indexed --clients 16
     Example: laion bench serve --mixed --rows 200000 --scan-clients 4 --rate 20
     """
+    from laion_search.bench.serve import KINDS, run_mixed
     from laion_search.bench.serve import run as run_bench
-    from laion_search.bench.serve import run_mixed
 
+    picked = tuple(k.strip() for k in kinds.split(",") if k.strip())
+    if set(picked) - set(KINDS) or not picked:
+        raise UsageError(f"--kinds: choose from {', '.join(KINDS)} (got {kinds!r})")
+    if db is not None and not db.is_dir():
+        raise UsageError(f"--db {db}: no such store")
     if mixed:
         result = run_mixed(rows=rows, scan_clients=scan_clients, rate=rate, seconds=seconds, workdir=workdir,
                            server_args=tuple(server_arg), log=None if json_output else output.err.print)
     else:
-        result = run_bench(rows=rows, clients=clients, seconds=seconds, workdir=workdir,
+        result = run_bench(rows=rows, clients=clients, seconds=seconds, workdir=workdir, kinds=picked, db=db,
                            log=None if json_output else output.err.print)
     print(output.dumps(result)) if json_output else output.out.print(result["markdown"])
 

@@ -22,8 +22,9 @@ message, never a traceback. The page at ``/`` is one static HTML file, no build 
 """
 
 import base64
-import dataclasses
 import binascii
+import dataclasses
+import hmac
 import json
 import logging
 import os
@@ -37,7 +38,7 @@ from typing import Any, Optional
 import numpy as np
 from fastapi import Body, FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -51,6 +52,9 @@ from laion_search.store import Store
 log = logging.getLogger("laion_search.web")
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
+#: Linux nice of an exact scan's engine threads in a server: the kernel then runs indexed searches
+#: first when both want a core (``laion bench serve --mixed`` measures it)
+SCAN_NICE = 19
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
 MAX_TEXT_CHARS = 10_000
 #: clip-back's deduplication: results whose embeddings have an inner product ≥ 0.94 are one
@@ -76,8 +80,8 @@ _FORBIDDEN_SQL = re.compile(
 
 
 #: SearchQuery fields the HTTP API does not take from clients: the server's --model encodes, and
-#: its --scan-threads caps exact scans.
-SERVER_SIDE = frozenset({"model", "scan_threads"})
+#: its --scan-threads and --scan-nice hold exact scans back.
+SERVER_SIDE = frozenset({"model", "scan_threads", "scan_nice"})
 
 
 class SearchBody(BaseModel):
@@ -209,7 +213,8 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
                max_body_bytes: int = MAX_BODY_BYTES, image_url_timeout: float = 5.0,
                query_timeout: float = 30.0, image_root: str | os.PathLike[str] | None = None,
                cache_size: int = 256, text_cache_size: int = 1024, max_scans: int | None = None,
-               scan_queue: int = 8, scan_threads: int | None = None, encode_queue: int = 16) -> Any:
+               scan_queue: int = 8, scan_threads: int | None = None, encode_queue: int = 16,
+               scan_nice: int = SCAN_NICE) -> Any:
     """The ASGI app over an open ``store``. All routes call library functions.
 
     ``query_timeout`` caps every engine query the server runs (``max_execution_time``).
@@ -218,7 +223,8 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
     bound the LRU caches of results and encoded text queries (0 turns one off).
 
     Exact scans run at most ``max_scans`` at a time (default: a quarter of the cores, at least
-    1) with ``scan_threads`` engine threads each (default: half the cores), ``scan_queue`` more
+    1) with ``scan_threads`` engine threads each (default: half the cores) running at Linux nice
+    ``scan_nice`` (ClickHouse's ``os_thread_priority``; 0 turns it off), ``scan_queue`` more
     wait, the rest get 429 + Retry-After; encodings likewise (1 at a time, ``encode_queue``
     waiting). Indexed searches are never queued behind either (:mod:`laion_search.web.admission`)."""
     cores = os.cpu_count() or 1
@@ -255,32 +261,9 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if app.state.shutting_down and request.url.path != "/health":
-            return _error(503, "the server is shutting down", headers={"Connection": "close"})
-        length = request.headers.get("content-length")
-        if length is not None:
-            try:
-                too_big = int(length) > max_body_bytes
-            except ValueError:
-                return _error(400, "invalid Content-Length")
-            if too_big:
-                return _error(413, f"request body over {max_body_bytes} bytes")
-        # a CORS preflight carries no credentials by design: CORSMiddleware answers it
-        preflight = bool(cors_origins) and request.method == "OPTIONS"
-        if token and not preflight and request.url.path not in ("/health",):
-            header = request.headers.get("authorization", "")
-            supplied = header[7:] if header.lower().startswith("bearer ") else request.query_params.get("token")
-            import hmac
-
-            if not supplied or not hmac.compare_digest(str(supplied), token):
-                return _error(401, "missing or wrong bearer token")
-        try:
-            return await call_next(request)
-        except Exception:  # pragma: no cover - last resort; handlers below catch ours
-            log.exception("unhandled error")
-            return _error(500, "internal error")
+    # added last, so it runs first (outside CORS): shutdown, body size and token checks
+    app.add_middleware(RequestGuard, state=app.state, max_body_bytes=max_body_bytes, token=token,
+                       preflight_open=bool(cors_origins))
 
     @app.exception_handler(UsageError)
     async def usage_error(request: Request, exc: UsageError):
@@ -367,7 +350,8 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
 
         def go() -> Any:
             return search(store, query=dataclasses.replace(
-                query, text=None, image=None, vector=vector, scan_threads=scan_threads if scan else None))
+                query, text=None, image=None, vector=vector, scan_threads=scan_threads if scan else None,
+                scan_nice=scan_nice if scan else None))
 
         if scan:
             with scan_gate.admit():  # bounded: shed with 429 when full
@@ -405,13 +389,19 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
             encoder=enc,
             local_images=root is not None,
             cache={"results": results_cache.stats(), "text": text_cache.stats()},
-            admission={"exact_scan": scan_gate.stats(), "encoding": encode_gate.stats(), "scan_threads": scan_threads},
+            admission={"exact_scan": scan_gate.stats(), "encoding": encode_gate.stats(), "scan_threads": scan_threads,
+                       "scan_nice": scan_nice},
         )
         return out
 
-    @app.post("/api/search", tags=["search"])
-    def api_search(body: SearchBody) -> dict[str, Any]:
-        return run_search(body)
+    @app.post("/api/search", tags=["search"], openapi_extra=json_schema(SearchBody.model_json_schema()))
+    async def api_search(request: Request) -> Response:
+        # the hot path, by hand: pydantic parses the body straight from its bytes and the answer
+        # is encoded once (FastAPI's body dependency and response encoding cost ~1 ms per request)
+        body = SearchBody.model_validate_json(await request.body() or b"null")
+        from starlette.concurrency import run_in_threadpool
+
+        return json_response(await run_in_threadpool(run_search, body))
 
     @app.get("/api/search", tags=["search"])
     def api_search_get(request: Request, text: Optional[str] = Query(None, max_length=MAX_TEXT_CHARS),
@@ -498,10 +488,6 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
         meta = _metadata(store, [r["id"] for r in rows[:k]])
         return [{**meta.get(r["id"], {}), "id": r["id"], "similarity": 1.0 - float(r["distance"])} for r in rows[:k]]
 
-    def json_schema(schema: dict[str, Any]) -> dict[str, Any]:
-        # the body is read by hand (any content type), so its schema is stated for /docs and fuzzers
-        return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
-
     @app.post("/knn-service", tags=["clip-retrieval"], openapi_extra=json_schema(KnnBody.model_json_schema()))
     async def knn_service(request: Request) -> list[dict[str, Any]]:
         data = await json_body(request)
@@ -560,6 +546,84 @@ def safe_image_path(root: Path, path: str) -> Path | None:
     return candidate
 
 
+class RequestGuard:
+    """Checks every HTTP request before routing: 503 while shutting down (``/health`` still
+    answers), 400/413 for a bad or too large ``Content-Length``, 401 without the bearer token
+    (header, or ``?token=``; a CORS preflight needs none when CORS is on).
+
+    A plain ASGI middleware: Starlette's ``@app.middleware("http")`` runs each request through an
+    extra task and memory streams, ~1 ms per request on this machine; this costs a dict lookup."""
+
+    def __init__(self, app: Any, *, state: Any, max_body_bytes: int, token: str | None,
+                 preflight_open: bool) -> None:
+        self.app, self.state, self.max_body_bytes = app, state, max_body_bytes
+        self.token, self.preflight_open = token, preflight_open
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rejection = self.check(scope)
+        if rejection is not None:
+            await rejection(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception:  # the last resort: a clean 500 without details (the log has them)
+            log.exception("unhandled error")
+            if not started:
+                await _error(500, "internal error")(scope, receive, send)
+
+    def check(self, scope: Any) -> JSONResponse | None:
+        path = scope.get("path", "")
+        if self.state.shutting_down and path != "/health":
+            return _error(503, "the server is shutting down", headers={"Connection": "close"})
+        headers = {k.lower(): v for k, v in scope.get("headers", ())}
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                too_big = int(length) > self.max_body_bytes
+            except ValueError:
+                return _error(400, "invalid Content-Length")
+            if too_big:
+                return _error(413, f"request body over {self.max_body_bytes} bytes")
+        if self.token and path != "/health" and not (self.preflight_open and scope.get("method") == "OPTIONS"):
+            header = headers.get(b"authorization", b"")
+            if header[:7].lower() == b"bearer ":
+                supplied = header[7:]
+            else:
+                from urllib.parse import parse_qs
+
+                query = parse_qs(scope.get("query_string", b"").decode("utf-8", "replace"))
+                supplied = query.get("token", [""])[0].encode()
+            if not supplied or not hmac.compare_digest(supplied, self.token.encode()):
+                return _error(401, "missing or wrong bearer token")
+        return None
+
+
+def warm_indexes(store: Store) -> None:
+    """Load every vector index into the engine's cache with one search each, so that the first
+    users do not pay for it (~3–4 s per index at 1M rows, every request in flight waiting on it)."""
+    try:
+        dim = store.dim()
+        if not dim:
+            return
+        unit = [1.0] + [0.0] * (dim - 1)
+        for column, func in sorted(store.vector_indexes()):
+            t = time.perf_counter()
+            store.rows(f"SELECT id FROM {TABLE} ORDER BY {func}({column}, {{q:Array(Float32)}}) LIMIT 1", {"q": unit})
+            log.info("vector index on %s loaded in %.1f s", column, time.perf_counter() - t)
+    except LaionError as exc:  # a cold index is slower, not broken: searches load it themselves
+        log.warning("could not preload the vector indexes: %s", exc)
+
+
 def begin_shutdown(app: Any) -> int:
     """Stop taking requests and cancel this server's running queries (SIGTERM); returns how many
     were cancelled. Their requests answer 503 at once."""
@@ -594,6 +658,27 @@ def storage_fault(message: str) -> str | None:
         if marker in message:
             return what
     return None
+
+
+def json_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """OpenAPI for a route that reads its JSON body by hand, for /docs and fuzzers."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "isoformat"):
+        return obj.isoformat()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, bytes):
+        return obj.decode("utf-8", "replace")
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def json_response(obj: Any, status: int = 200) -> Response:
+    """``obj`` as a JSON response, encoded once (what FastAPI would send for it)."""
+    text = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_json_default)
+    return Response(text.encode(), status_code=status, media_type="application/json")
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -691,6 +776,7 @@ def serve(store: Store, host: str = "127.0.0.1", port: int = 8000, **options: An
     import uvicorn
 
     app = create_app(store, **options)
+    threading.Thread(target=warm_indexes, args=(store,), name="laion-warm-indexes", daemon=True).start()
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
