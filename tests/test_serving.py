@@ -335,3 +335,22 @@ def test_exact_scans_run_niced_and_indexed_searches_do_not(served_store):
     assert call(app, "GET", "/api/status").json()["admission"]["scan_nice"] == 19
     off = create_app(store, model=model, cache_size=0, scan_nice=0)
     assert call(off, "GET", "/api/status").json()["admission"]["scan_nice"] == 0
+
+
+def test_preload_loads_every_vector_index_before_reporting_ready(served_store):
+    """`laion serve` loads its vector indexes in the background at start-up; /api/status says when
+    they are in (the load bench waits for it), and a plain create_app does not preload."""
+    import time
+
+    from laion_search.index import IndexSpec, create_index
+
+    store, model, _ = served_store
+    if not store.vector_indexes():
+        create_index(store, IndexSpec("image"))
+    assert call(create_app(store, model=model), "GET", "/api/status").json()["index_preload"] == {"state": "off"}
+    app = create_app(store, model=model, preload_indexes=True)
+    deadline = time.monotonic() + 120  # a failure timeout: the load is one small search per index
+    while (state := call(app, "GET", "/api/status").json()["index_preload"])["state"] == "loading":
+        assert time.monotonic() < deadline, state
+        time.sleep(0.05)
+    assert state["state"] == "ready" and "image_embedding" in state["indexes"] and state["seconds"] >= 0

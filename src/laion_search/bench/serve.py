@@ -102,15 +102,19 @@ def _start_server(db: Path, *extra: str) -> tuple[subprocess.Popen, str]:
                              str(port), "--cache-size", "0", *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
+    deadline = time.time() + 600  # a failure timeout (start-up plus loading large indexes), not a measurement
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited at start-up (status {proc.returncode})")
         try:
             if httpx.get(base + "/health", timeout=1).status_code == 200:
-                return proc, base
+                # measure once the server has loaded its vector indexes (laion serve preloads them)
+                status = httpx.get(base + "/api/status", timeout=30).json()
+                if status.get("index_preload", {}).get("state") != "loading":
+                    return proc, base
         except httpx.HTTPError:
-            time.sleep(0.2)
+            pass
+        time.sleep(0.2)
     proc.kill()
     raise RuntimeError("server did not start")
 

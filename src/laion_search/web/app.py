@@ -214,13 +214,14 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
                query_timeout: float = 30.0, image_root: str | os.PathLike[str] | None = None,
                cache_size: int = 256, text_cache_size: int = 1024, max_scans: int | None = None,
                scan_queue: int = 8, scan_threads: int | None = None, encode_queue: int = 16,
-               scan_nice: int = SCAN_NICE) -> Any:
+               scan_nice: int = SCAN_NICE, preload_indexes: bool = False) -> Any:
     """The ASGI app over an open ``store``. All routes call library functions.
 
     ``query_timeout`` caps every engine query the server runs (``max_execution_time``).
     ``image_root`` is the folder whose pictures ``/local/<path>`` serves (relative ``url``
     values, e.g. those of ``laion synth --images``). ``cache_size`` / ``text_cache_size``
     bound the LRU caches of results and encoded text queries (0 turns one off).
+    ``preload_indexes`` loads the vector indexes in the background at once (``laion serve`` does).
 
     Exact scans run at most ``max_scans`` at a time (default: a quarter of the cores, at least
     1) with ``scan_threads`` engine threads each (default: half the cores) running at Linux nice
@@ -247,6 +248,10 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
     app.state.shutting_down = False
     encoder = app.state.encoder = EncoderState(model)
     encoder.start()  # the one check, at start-up
+    preload: dict[str, Any] = {"state": "loading" if preload_indexes else "off"}
+    if preload_indexes:
+        threading.Thread(target=warm_up_indexes, args=(store, preload), name="laion-preload-indexes",
+                         daemon=True).start()
     results_cache = app.state.results_cache = LRUCache(cache_size)
     text_cache = app.state.text_cache = LRUCache(text_cache_size)
     root = Path(image_root).expanduser().resolve() if image_root else None
@@ -387,6 +392,7 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
             capabilities={"text": text_cap, "image": image_cap, "vector": {"ok": True} if info["rows"] else empty,
                           "like": {"ok": True} if info["rows"] else empty},
             encoder=enc,
+            index_preload=dict(preload),
             local_images=root is not None,
             cache={"results": results_cache.stats(), "text": text_cache.stats()},
             admission={"exact_scan": scan_gate.stats(), "encoding": encode_gate.stats(), "scan_threads": scan_threads,
@@ -608,20 +614,25 @@ class RequestGuard:
         return None
 
 
-def warm_indexes(store: Store) -> None:
+def warm_up_indexes(store: Store, state: dict[str, Any]) -> None:
     """Load every vector index into the engine's cache with one search each, so that the first
-    users do not pay for it (~3–4 s per index at 1M rows, every request in flight waiting on it)."""
+    users do not pay for it (~3–4 s per index at 1M rows, every request in flight waiting on it).
+    ``state`` (shown by ``/api/status`` as ``index_preload``) goes from ``loading`` to ``ready``
+    or ``failed``."""
+    t0 = time.perf_counter()
     try:
         dim = store.dim()
-        if not dim:
-            return
-        unit = [1.0] + [0.0] * (dim - 1)
-        for column, func in sorted(store.vector_indexes()):
+        unit = [1.0] + [0.0] * ((dim or 1) - 1)
+        for column, func in sorted(store.vector_indexes()) if dim else ():
             t = time.perf_counter()
             store.rows(f"SELECT id FROM {TABLE} ORDER BY {func}({column}, {{q:Array(Float32)}}) LIMIT 1", {"q": unit})
             log.info("vector index on %s loaded in %.1f s", column, time.perf_counter() - t)
+            state.setdefault("indexes", []).append(column)
+        state["state"] = "ready"
     except LaionError as exc:  # a cold index is slower, not broken: searches load it themselves
         log.warning("could not preload the vector indexes: %s", exc)
+        state.update(state="failed", reason=str(exc))
+    state["seconds"] = round(time.perf_counter() - t0, 3)
 
 
 def begin_shutdown(app: Any) -> int:
@@ -775,8 +786,7 @@ def serve(store: Store, host: str = "127.0.0.1", port: int = 8000, **options: An
     a moment, even if a request is stuck in a model."""
     import uvicorn
 
-    app = create_app(store, **options)
-    threading.Thread(target=warm_indexes, args=(store,), name="laion-warm-indexes", daemon=True).start()
+    app = create_app(store, preload_indexes=True, **options)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
