@@ -1194,9 +1194,9 @@ def bench_serve(
     """Load test of `laion serve` on 127.0.0.1: QPS, p50/p99, errors, server RSS; or, with
     --mixed, indexed-search latency while exact scans run back to back.
 
-    Example: laion bench serve --rows 1000000 --clients 16 --seconds 30
-    Example: laion bench serve --db ./laion-db --kinds indexed --clients 16
-    Example: laion bench serve --mixed --rows 200000 --scan-clients 4 --rate 20
+    Examples: laion bench serve --rows 1000000 --clients 16 --seconds 30 ·
+    laion bench serve --db ./laion-db --kinds indexed --clients 16 ·
+    laion bench serve --mixed --rows 200000 --scan-clients 4 --rate 20
     """
     from laion_search.bench.serve import KINDS, run_mixed
     from laion_search.bench.serve import run as run_bench
