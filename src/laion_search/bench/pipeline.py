@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -171,16 +170,11 @@ def _latency(store: Any, queries: np.ndarray, k: int) -> dict[str, float]:
 
 def _http_p50(db: str, queries: np.ndarray, k: int) -> float:
     """p50 of ``POST /api/search`` (vector, k) against ``laion serve`` on the same store (no cache)."""
-    import httpx
-
-    from laion_search.bench.serve import _start_server, _stop
+    from laion_search.bench.serve import _client, _start_server, _stop
 
     proc, base = _start_server(Path(db))
-    # TCP_NODELAY, as requests/urllib3 (clip-retrieval's client) set it: without it the body waits
-    # on the headers' ACK (Nagle), a client-side stall of several ms that no server can remove
-    transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
     try:
-        with httpx.Client(base_url=base, timeout=60, transport=transport) as client:
+        with _client(base, timeout=60) as client:  # TCP_NODELAY, as clip-retrieval's client
             def one(q: np.ndarray) -> None:
                 r = client.post("/api/search", json={"vector": q.tolist(), "k": k})
                 r.raise_for_status()
