@@ -83,7 +83,7 @@ def test_search_without_an_index_takes_the_exact_path(loaded):
 
 def test_index_is_used_and_recall_is_high(loaded):
     store, truth, _ = loaded
-    # (32, 128): the default (16, 64) graph over three 600-row parts gave recall 0.966-1.0 from one
+    # (32, 128): a (16, 64) graph over three 600-row parts gave recall 0.966-1.0 from one
     # multi-threaded build to the next here; (32, 128) gave 1.0 in every build
     create_index(store, IndexSpec(column="image", m=32, ef_construction=128))
     try:

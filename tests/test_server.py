@@ -14,7 +14,7 @@ from laion_search import connect
 from laion_search.backends import ClickHouseBackend, parse_url, redact_url
 from laion_search.backends.cluster import ClusterLayout, SingleNode, parse_distributed
 from laion_search.errors import QueryError, StoreError, UsageError
-from laion_search.index import IndexSpec, create_index, drop_index
+from laion_search.index import DEFAULT_EF_CONSTRUCTION, DEFAULT_M, IndexSpec, create_index, drop_index
 from laion_search.ingest import ingest
 from laion_search.plan import PlanInputs, parse_count, plan
 from laion_search.search import Filters, explain, search
@@ -357,10 +357,12 @@ def test_plan_arithmetic():
 def test_plan_laion_400m_and_5b():
     p = plan(PlanInputs(rows=parse_count("400M"), nodes=6, cores=32, ram_gib=256, disk_tib=8))
     t = p["totals"]
-    assert t["index_ram_bytes"] == 400_000_000 * 1152 * 2           # two indexes, bf16, M=16
+    assert p["inputs"]["m"] == DEFAULT_M and p["inputs"]["ef_construction"] == DEFAULT_EF_CONSTRUCTION
+    assert t["index_ram_bytes"] == 400_000_000 * 1280 * 2           # two indexes, bf16, M=32: 1,024 + 256 B
     assert p["embedded"]["verdict"].startswith("outgrows")
-    # RAM decides: 921.6 GB of indexes / (256 GiB × 0.6) = 5.6 → 6 shards
-    assert p["cluster"]["min_shards_for_ram"] == 6 and p["cluster"]["shards"] == 6
+    # RAM decides: 1,024 GB of indexes / (256 GiB × 0.6) = 6.2 → 7 shards (more than the 6 nodes given)
+    assert p["cluster"]["min_shards_for_ram"] == 7 and p["cluster"]["shards"] == 7
+    assert not p["cluster"]["enough_nodes"]
     assert p["cluster"]["index_ram_bytes_per_node"] <= 256 * 2**30 * 0.6
     b = plan(PlanInputs(rows=parse_count("5.85B"), dim=768, nodes=64, ram_gib=512, quantization="i8", m=16))
     assert b["per_row"]["vector_bytes"] == pytest.approx(2056 * 1.5)
@@ -373,9 +375,10 @@ def test_plan_laion_400m_and_5b():
 
 
 def test_plan_cli_json_and_table():
-    r = cli("plan", "--rows", "400M", "--nodes", "6", "--json")
+    r = cli("plan", "--rows", "400M", "--nodes", "7", "--json")
     data = json.loads(r.stdout)
-    assert data["cluster"]["shards"] == 6 and data["inputs"]["rows"] == 400_000_000
+    assert data["cluster"]["shards"] == 7 and data["inputs"]["rows"] == 400_000_000
+    assert (data["inputs"]["m"], data["inputs"]["ef_construction"]) == (DEFAULT_M, DEFAULT_EF_CONSTRUCTION)
     t = cli("plan", "--rows", "5.85B", "--dim", "768", "--nodes", "64").stdout
     assert "5,850,000,000 rows × 768-d" in t and "| index build |" in t
     bad = cli("plan", "--rows", "many")

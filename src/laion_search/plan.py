@@ -21,9 +21,10 @@ figure is below with where it came from, and ``laion plan --json`` prints them w
   it (100,000 rows, bf16: 109.9 MB at M=16, 146.5 MB at M=64). On disk the index took 0.59–0.74×
   its memory; the plan counts it 1× (upper bound). The index must fit in
   ``vector_similarity_index_cache_size`` (server setting, default 5 GiB) to be fast.
-* **Index build** (``laion bench search``, 2-core dev machine, 512-d, bf16): 1,536 vectors/s at
-  M=16, ef_construction=128 and 344 vectors/s at M=64/256, i.e. 768 and 172 per core. Assumed to
-  scale linearly with cores (parts build in parallel) and inversely with the dimension.
+* **Index build** (``laion bench search``, 2-core dev machine, 512-d, bf16): 4,367 vectors/s at
+  the default M=32, ef_construction=64 (1M realistic rows) and 870 vectors/s at the guide's
+  M=64/256 (same 1M rows, same store); 1,536 vectors/s at (16, 128) (100K rows). Assumed to scale
+  linearly with cores (parts build in parallel) and inversely with the dimension.
 * **Ingest** (``laion bench ingest``, 2 cores): 69,105 rows/s for one ``laion ingest`` process,
   i.e. 34,550 rows/s per core, 512-d; bytes per row scale with the dimension. On a cluster
   one ingest process per cluster shard runs in parallel (a LAION shard touches one node), each
@@ -45,7 +46,9 @@ META_BYTES = 120.0            # per row, assumption for real LAION metadata (26 
 META_BYTES_MEASURED_SYNTH = 26.0
 QUANT_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "i8": 1.0, "b1": 0.125}
 #: HNSW build speed per core at 512-d, measured (vectors/s on 2 cores / 2).
-BUILD_PER_CORE_512 = {(16, 128): 1536 / 2, (64, 256): 344 / 2}
+BUILD_PER_CORE_512 = {(32, 64): 4367 / 2, (16, 128): 1536 / 2, (64, 256): 870 / 2}
+#: the two settings other ones are interpolated between (both measured on the same 1M rows)
+BUILD_FIT_POINTS = ((32, 64), (64, 256))
 INGEST_ROWS_PER_CORE_512 = 69_105 / 2
 ARROW_BYTES_PER_ROW_512 = 2 * 512 * 4 + 200   # what one row weighs on the wire (Arrow, float32)
 NETWORK_BYTES_S = 1.25e9
@@ -71,13 +74,14 @@ def parse_count(text: str | int | float) -> int:
 
 
 def build_rate_per_core(m: int, ef_construction: int, dim: int) -> float:
-    """Vectors/s per core: measured at (16, 128) and (64, 256); other settings scale with
-    M × ef_construction (the work per insert) between/beyond them; all scale with 512/dim."""
+    """Vectors/s per core: measured at (32, 64), (16, 128) and (64, 256); other settings scale
+    with M × ef_construction (the work per insert) between/beyond the default's and the guide's
+    rates; all scale with 512/dim."""
     if (m, ef_construction) in BUILD_PER_CORE_512:
         base = BUILD_PER_CORE_512[(m, ef_construction)]
     else:
         # fit rate = a / (M × ef)^p through the two measured points
-        (m1, e1), (m2, e2) = (16, 128), (64, 256)
+        (m1, e1), (m2, e2) = BUILD_FIT_POINTS
         r1, r2 = BUILD_PER_CORE_512[(m1, e1)], BUILD_PER_CORE_512[(m2, e2)]
         p = math.log(r1 / r2) / math.log((m2 * e2) / (m1 * e1))
         base = r1 * ((m1 * e1) / (m * ef_construction)) ** p
@@ -94,8 +98,8 @@ class PlanInputs:
     disk_tib: float = 8          # per node
     storage: str = "f32-none"
     quantization: str = "bf16"
-    m: int = 16
-    ef_construction: int = 128
+    m: int = 32                  # the index default (laion_search.index.DEFAULT_M)
+    ef_construction: int = 64
     indexes: int = 2             # image and text (the guide builds both)
     replicas: int | None = None  # None: suggest
     meta_bytes: float = META_BYTES

@@ -70,7 +70,7 @@ def run(rows: int = 100_000, model: str | None = None, repeat: int = 30, images:
         with connect(db) as store:
             if store.scalar("SELECT count() FROM laion") != rows:
                 ingest(store, shard_dir)
-            say("index (default: M=16, ef_construction=64)")
+            say(f"index (default: M={IndexSpec().m}, ef_construction={IndexSpec().ef_construction})")
             create_index(store, IndexSpec("image"))
             enc.encode_text(QUERIES)  # warm
             encode_ms = _p50(lambda q: enc.encode_text([q]), QUERIES, repeat)

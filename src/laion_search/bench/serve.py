@@ -56,7 +56,7 @@ def _prepare(root: Path, rows: int, say: Callable[[str], Any]) -> tuple[Path, Pa
         if store.scalar("SELECT count() FROM laion") != rows:
             ingest(store, shards, force=True)
         if not store.rows("SELECT name FROM system.data_skipping_indices WHERE table = 'laion'"):
-            say("index (default: M=16, ef_construction=64)")
+            say(f"index (default: M={IndexSpec().m}, ef_construction={IndexSpec().ef_construction})")
             create_index(store, IndexSpec("image"))
     return shards, db
 

@@ -470,7 +470,7 @@ def index_create(
     column: str = typer.Option("image", "--column", help="image, text or both."),
     metric: str = typer.Option("cosine", "--metric", help="cosine or l2."),
     quantization: str = typer.Option("bf16", "--quantization", help="bf16, f16, f32, i8 or b1."),
-    m: Optional[int] = typer.Option(None, "--m", help="HNSW links per node (default 16; the guide uses 64)."),
+    m: Optional[int] = typer.Option(None, "--m", help="HNSW links per node (default 32; the guide uses 64)."),
     ef_construction: Optional[int] = typer.Option(None, "--ef-construction",
                                                   help="HNSW build candidate list (default 64; 128 for more recall; the guide uses 256)."),
     guide: bool = typer.Option(False, "--guide", help="The guide's exact parameters: bf16, M=64, ef_construction=256."),
@@ -858,16 +858,16 @@ def plan(
     disk: float = typer.Option(8, "--disk-tib", help="Disk per node, TiB."),
     storage: str = typer.Option("f32-none", "--storage", help="f32-none (ours), f32-lz4 (the guide's) or bf16."),
     quantization: str = typer.Option("bf16", "--quantization", help="Index quantization: bf16, f16, f32, i8 or b1."),
-    m: int = typer.Option(16, "--m", min=2, help="HNSW M."),
-    ef_construction: int = typer.Option(128, "--ef-construction", min=1,
-                                        help="HNSW ef_construction (128: the higher-recall setting, a conservative build estimate)."),
+    m: int = typer.Option(32, "--m", min=2, help="HNSW M (ours: 32; the guide: 64)."),
+    ef_construction: int = typer.Option(64, "--ef-construction", min=1,
+                                        help="HNSW ef_construction (ours: 64; the guide: 256)."),
     indexes: int = typer.Option(2, "--indexes", min=0, max=2, help="Indexed columns: 2 (image and text), 1, 0."),
     replicas: Optional[int] = typer.Option(None, "--replicas", min=1, help="Replicas per shard (default: suggested)."),
     json_output: bool = JsonOption,
 ) -> None:
     """Capacity plan from measured figures: disk, RAM, index build and ingest time, shards × replicas.
 
-    Example: laion plan --rows 400M --nodes 6 ; laion plan --rows 5.85B --dim 768 --nodes 64 --ram-gib 512
+    Example: laion plan --rows 400M --nodes 7 ; laion plan --rows 5.85B --dim 768 --nodes 64 --ram-gib 512
     """
     from laion_search.plan import PlanInputs, markdown, parse_count
     from laion_search.plan import plan as do_plan
@@ -953,7 +953,7 @@ def bench_pipeline(
     build_threads: Optional[str] = typer.Option(None, "--build-threads",
                                                 help="Index-build pool sizes to compare, e.g. 2,16 (default: "
                                                      "$LAION_INDEX_BUILD_THREADS, else ClickHouse's 16)."),
-    m: Optional[int] = typer.Option(None, "--m", min=2, max=512, help="HNSW links per node (default: ours, 16)."),
+    m: Optional[int] = typer.Option(None, "--m", min=2, max=512, help="HNSW links per node (default: ours, 32)."),
     ef_construction: Optional[int] = typer.Option(None, "--ef-construction", min=1, max=10_000,
                                                   help="HNSW build candidate list (default: ours, 64)."),
     quantization: str = typer.Option("bf16", "--quantization", help="bf16, f16, f32, i8 or b1."),
@@ -1006,7 +1006,7 @@ def bench_search(
     limit: int = typer.Option(1000, "--limit", min=0, help="With --gold: the first N queries (0: all)."),
     k: int = typer.Option(10, "--k", min=1, max=1000, help="Neighbours per query (recall@k; --gold: 10 and 30)."),
     configs: Optional[str] = typer.Option(None, "--configs", help="HNSW M:ef_construction pairs, comma-separated; "
-                                                                  "none: exact search only. Default 16:64,64:256; "
+                                                                  "none: exact search only. Default 32:64,64:256 (ours, the guide's); "
                                                                   "with --gold: the table's own index, if any."),
     quantization: str = typer.Option("bf16", "--quantization", help="bf16, f16, f32, i8 or b1; a list (bf16,i8,b1) "
                                                                   "sweeps them (i8 / b1 always with rescoring)."),
@@ -1027,12 +1027,13 @@ def bench_search(
     """Recall@k, latency, QPS, build speed and index size: exact and HNSW, vs numpy, faiss and usearch;
     or, with --queries FILE --gold FILE, recall@10/@30 against a published gold standard on your table.
 
-    Example: laion bench search --rows 1000000 --configs 16:64,16:128,64:256
+    Example: laion bench search --rows 1000000 --configs 32:64,16:128,64:256
 
     Example: laion bench search --db ./sisap-db --queries public-queries-2024-laion2B-en-clip768v2-n=10k.h5
     --gold gold-standard-dbsize=300K--public-queries-2024-laion2B-en-clip768v2-n=10k.h5 --limit 1000
     """
     from laion_search.bench.search import parse_configs, run as run_bench, run_gold
+    from laion_search.index import DEFAULT_EF_CONSTRUCTION, DEFAULT_M, GUIDE_EF_CONSTRUCTION, GUIDE_M
 
     try:
         parse_configs(configs or "none")
@@ -1062,7 +1063,7 @@ def bench_search(
     else:
         if n_queries < 1:
             raise UsageError("--queries must be at least 1")
-        result = run_bench(rows=rows, queries=n_queries, k=k, configs=configs or "16:64,64:256",
+        result = run_bench(rows=rows, queries=n_queries, k=k, configs=configs or f"{DEFAULT_M}:{DEFAULT_EF_CONSTRUCTION},{GUIDE_M}:{GUIDE_EF_CONSTRUCTION}",
                            quantization=quantization, threads=threads, workdir=workdir, out=out,
                            log=None if json_output else output.err.print, data=data, corpus=corpus,
                            rescoring=rescoring, peers=peers)
