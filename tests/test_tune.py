@@ -113,6 +113,24 @@ def _check_tune_meets_target(store, img):
     assert not result.stored and store.tuning() == {}
 
 
+def test_cross_modal_mix_tunes_for_text_to_image_queries(realistic):
+    """--queries cross-modal: every query is a sample row's text vector searching the image index,
+    and the ef_search found gives the promised recall on exactly those queries (numpy truth)."""
+    root, img = realistic
+    with connect(root / "db") as store:
+        result = tune(store, "image", recall=0.98, k=10, sample=60, save=False, queries="cross-modal")
+        assert result.met and result.queries == 60
+        queries = _queries(store, "image_embedding", 60, 0, kinds=("cross",))
+        rows = store.rows("SELECT text_embedding FROM laion ORDER BY cityHash64(id, 0) LIMIT 60")
+        assert all(q is None for q, _ in queries)
+        assert all(np.allclose(v, _unit(np.asarray([r["text_embedding"]]))[0], atol=1e-6) for (_, v), r in zip(queries, rows))
+        assert _numpy_recall(store, img, queries, 10, result.ef_search) >= 0.98
+        lower = [p for p in result.curve if p["ef_search"] < result.ef_search]
+        assert all(p["recall"] < 0.98 for p in lower)
+        with pytest.raises(UsageError, match="queries must be one of"):
+            tune(store, "image", queries="sideways")
+
+
 def test_tuned_default_survives_reopen_and_is_used_by_search(realistic):
     root, img = realistic
     with connect(root / "db") as store:

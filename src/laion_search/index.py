@@ -21,10 +21,12 @@ from typing import Any, Callable
 from laion_search.errors import UsageError
 from laion_search.schema import INDEX_NAMES, METRICS, OPTIMIZE_SETTINGS, QUANTIZATIONS, TABLE, TUNING_TABLE, scan_column
 from laion_search.store import Store
-#: Chosen at 1M rows on realistic vectors and on real embeddings (docs/realistic-vectors.md §5–6):
-#: (32, 64) reaches recall@10 ≥ 0.95 on both columns where (16, 64) fell to 0.93–0.94, builds in
-#: the same time as (16, 64) at 1M and ≥ 4× faster than the guide's (64, 256). (16, 128) gives
-#: more recall at half the build rate (--ef-construction 128), the guide's graph is --guide.
+#: Chosen at 1M rows on realistic vectors and on real embeddings (docs/realistic-vectors.md §5–7):
+#: (32, 64) reaches recall@10 ≥ 0.95 on both columns of 1M realistic rows at the engine's
+#: ef_search (256), where (16, 64) fell to 0.93, builds as fast as (16, 64) there and 5× faster
+#: than the guide's (64, 256). On real text at 250K rows, text → image, it needs a larger
+#: ef_search (`laion index tune --queries cross-modal`: 832 for 0.95). (32, 128) gives more recall
+#: at half the build rate (--ef-construction 128); the guide's graph is --guide.
 DEFAULT_M = 32
 DEFAULT_EF_CONSTRUCTION = 64
 GUIDE_M = 64

@@ -7,7 +7,8 @@ autofaiss tunes faiss indexes, but inside the engine:
 1. draw a sample of queries, in equal parts: stored vectors of the column (each left out of its
    own results), the same vectors perturbed by a little noise (queries that are not in the table),
    and the same rows' vectors of the other modality (captions searching images: LAION's use,
-   and the hardest of the three for a graph index; ``cross_modal=False`` leaves them out);
+   and the hardest of the three for a graph index; ``queries="same-modality"`` leaves them out,
+   ``queries="cross-modal"`` uses only them: the workload of a table searched by text → image);
 2. take their exact top-k with an exact search (:func:`laion_search.search.search`, ``exact=True``);
 3. search through the index with ``ef_search`` = 16, 32, 64, … (doubling) until recall@k reaches
    the target, then bisect between the last two values for the smallest one that does;
@@ -37,6 +38,15 @@ MAX_EF_SEARCH = 4096
 START_EF_SEARCH = 16
 #: perturbed queries: unit noise of this norm added to a stored vector, then renormalised
 PERTURBATION = 0.1
+#: the sample's query kinds, by name: ``mixed`` (default), ``same-modality`` (no other-modality
+#: vectors), ``cross-modal`` (only the other modality's vectors: a text → image workload, the
+#: hardest for a graph built on the image side; on real text at 250K rows the (32, 64) graph needs
+#: ef_search ~2048 for them where the mixed sample is satisfied near 300)
+QUERY_MIXES: dict[str, tuple[str, ...]] = {
+    "mixed": ("stored", "perturbed", "cross"),
+    "same-modality": ("stored", "perturbed"),
+    "cross-modal": ("cross",),
+}
 
 ProgressFn = Callable[[dict[str, Any]], None]
 
@@ -63,9 +73,11 @@ class TuneResult:
 
 def tune(store: Store, column: str = "image", *, recall: float = 0.95, k: int = 10, sample: int = 200,
          seed: int = 0, max_ef_search: int = MAX_EF_SEARCH, save: bool = True, cross_modal: bool = True,
-         progress: ProgressFn | None = None) -> TuneResult:
+         queries: str | None = None, progress: ProgressFn | None = None) -> TuneResult:
     """Find the smallest ``ef_search`` whose recall@k meets ``recall`` on the index of ``column``,
-    and (``save``) store it as that index's default. See the module docstring."""
+    and (``save``) store it as that index's default. ``queries``: the sample's mix, one of
+    :data:`QUERY_MIXES` (default ``mixed``, or ``same-modality`` when ``cross_modal`` is false).
+    See the module docstring."""
     from laion_search.search import SearchOptions, check_k, search
 
     emit = progress or (lambda e: None)
@@ -86,10 +98,13 @@ def tune(store: Store, column: str = "image", *, recall: float = 0.95, k: int = 
     rows = int(store.scalar("SELECT count() FROM laion") or 0)
     if rows <= k + 1:
         raise UsageError(f"the table has {rows} rows: too few to measure recall@{k}")
-    queries = _queries(store, emb, int(sample), seed, cross_modal)
-    emit({"event": "tune_truth", "queries": len(queries)})
+    mix = queries or ("mixed" if cross_modal else "same-modality")
+    if mix not in QUERY_MIXES:
+        raise UsageError(f"queries must be one of {', '.join(QUERY_MIXES)}, got {mix!r}")
+    sample_queries = _queries(store, emb, int(sample), seed, kinds=QUERY_MIXES[mix])
+    emit({"event": "tune_truth", "queries": len(sample_queries)})
     truth = []
-    for qid, vec in queries:
+    for qid, vec in sample_queries:
         got = search(store, vec, k=k + 1, exact=True, modality=column, columns=["id"]).rows
         truth.append([r["id"] for r in got if r["id"] != qid][:k])
 
@@ -98,7 +113,7 @@ def tune(store: Store, column: str = "image", *, recall: float = 0.95, k: int = 
     def measure(ef: int) -> float:
         if ef not in measured:
             hits, lat = [], []
-            for (qid, vec), want in zip(queries, truth):
+            for (qid, vec), want in zip(sample_queries, truth):
                 t = time.perf_counter()
                 got = search(store, vec, k=k + 1, modality=column, columns=["id"],
                              options=SearchOptions(ef_search=ef)).rows
@@ -130,7 +145,7 @@ def tune(store: Store, column: str = "image", *, recall: float = 0.95, k: int = 
             else:
                 lo = mid
     curve = [{"ef_search": e, "recall": r, "p50_ms": p} for e, (r, p) in sorted(measured.items())]
-    result = TuneResult(column, name, index["type_full"], float(recall), k, len(queries), hi is not None, hi,
+    result = TuneResult(column, name, index["type_full"], float(recall), k, len(sample_queries), hi is not None, hi,
                         measured[hi][0] if hi is not None else max(r for r, _ in measured.values()),
                         measured[hi][1] if hi is not None else measured[max(measured)][1], curve)
     if hi is None:
@@ -147,7 +162,8 @@ def tune(store: Store, column: str = "image", *, recall: float = 0.95, k: int = 
     return result
 
 
-def _queries(store: Store, emb: str, sample: int, seed: int, cross_modal: bool = True) -> list[tuple[int | None, np.ndarray]]:
+def _queries(store: Store, emb: str, sample: int, seed: int, cross_modal: bool = True,
+             kinds: tuple[str, ...] | None = None) -> list[tuple[int | None, np.ndarray]]:
     """``(id to leave out or None, unit vector)``, in turn: a stored vector of the column (its own
     row is left out of its results), the same vector perturbed, and — ``cross_modal`` — the row's
     vector of the *other* modality (a caption searching images: LAION's text→image search, whose
@@ -155,7 +171,7 @@ def _queries(store: Store, emb: str, sample: int, seed: int, cross_modal: bool =
     other = next(e for _, e in INDEX_NAMES.values() if e != emb)
     t = store.sql(f"SELECT id, {emb} AS v, {other} AS o FROM laion ORDER BY cityHash64(id, {{seed:UInt64}}) "
                   "LIMIT {n:UInt64}", {"seed": int(seed), "n": int(sample)})
-    kinds = ("stored", "perturbed", "cross") if cross_modal else ("stored", "perturbed")
+    kinds = kinds or (QUERY_MIXES["mixed"] if cross_modal else QUERY_MIXES["same-modality"])
     rng = np.random.default_rng(seed)
     out: list[tuple[int | None, np.ndarray]] = []
     for i, (rid, v, o) in enumerate(zip(t.column("id").to_pylist(), t.column("v").to_pylist(), t.column("o").to_pylist())):

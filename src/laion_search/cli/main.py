@@ -581,6 +581,9 @@ def index_tune(
                                     "the other modality's (text→image), in equal parts."),
     cross_modal: bool = typer.Option(True, "--cross-modal/--same-modality",
                                      help="Include the other modality's vectors as queries (LAION's text→image search)."),
+    queries: Optional[str] = typer.Option(None, "--queries",
+                                          help="The sample's mix: mixed (default), same-modality, or cross-modal "
+                                               "(only the other modality's vectors: tune for a text→image workload)."),
     seed: int = typer.Option(0, "--seed", help="Which rows make the sample."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Measure only; do not store the default."),
     db: Optional[str] = DbOption,
@@ -600,7 +603,7 @@ def index_tune(
 
     with open_store(db, url) as store:
         result = tune(store, column, recall=recall, k=k, sample=sample, seed=seed, save=not dry_run,
-                      cross_modal=cross_modal, progress=show)
+                      cross_modal=cross_modal, queries=queries, progress=show)
     if json_output:
         print(output.dumps(result.as_dict()))
     elif result.met:
