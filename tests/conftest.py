@@ -155,3 +155,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _await_the_clip_model(monkeypatch):
+    """A served text/image request waits for the server's background CLIP load (an event) for
+    ``ENCODER_WAIT`` seconds, then answers 503 "still loading". Tests await that event instead of
+    racing a clock: on a busy machine the first load in a worker can take longer than 10 s. The
+    value is only a failure deadline; the wait ends the moment the model is loaded."""
+    try:
+        import laion_search.web.app as web_app
+    except ImportError:  # the server extra is not installed: no served requests to wait in
+        return
+    monkeypatch.setattr(web_app, "ENCODER_WAIT", 600.0)

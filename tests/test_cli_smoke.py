@@ -344,6 +344,11 @@ def test_serve_flags(world, tmp_path):
         assert "rows" in url, url
         pic = http.get(base + "/local/" + url["rows"][0]["url"], headers=auth)
         assert pic.status_code == 200 and pic.content[:2] == b"\xff\xd8"             # a JPEG, same-origin
+        # the server loads its CLIP model in the background: await that event (the status says when
+        # it is done), not a clock; on a busy machine it can take longer than a request waits for it
+        while http.get(base + "/api/status", headers=auth).json()["encoder"]["state"] == "checking":
+            assert proc.poll() is None and time.monotonic() < deadline + 600, "the CLIP model never loaded"
+            time.sleep(0.2)
         r = http.post(base + "/api/search", json={"text": "a dog", "k": 2}, headers=auth)  # --model
         assert r.status_code == 200 and len(r.json()["results"]) == 2
         r = http.post(base + "/api/sql", json={"query": "SELECT count() AS n FROM laion"}, headers=auth)
