@@ -162,8 +162,8 @@ def tune(store: Store, column: str = "image", *, recall: float = 0.95, k: int = 
     return result
 
 
-def _queries(store: Store, emb: str, sample: int, seed: int, cross_modal: bool = True,
-             kinds: tuple[str, ...] | None = None) -> list[tuple[int | None, np.ndarray]]:
+def _queries(store: Store, emb: str, sample: int, seed: int,
+             kinds: tuple[str, ...] = QUERY_MIXES["mixed"]) -> list[tuple[int | None, np.ndarray]]:
     """``(id to leave out or None, unit vector)``, in turn: a stored vector of the column (its own
     row is left out of its results), the same vector perturbed, and — ``cross_modal`` — the row's
     vector of the *other* modality (a caption searching images: LAION's text→image search, whose
@@ -171,7 +171,6 @@ def _queries(store: Store, emb: str, sample: int, seed: int, cross_modal: bool =
     other = next(e for _, e in INDEX_NAMES.values() if e != emb)
     t = store.sql(f"SELECT id, {emb} AS v, {other} AS o FROM laion ORDER BY cityHash64(id, {{seed:UInt64}}) "
                   "LIMIT {n:UInt64}", {"seed": int(seed), "n": int(sample)})
-    kinds = kinds or (QUERY_MIXES["mixed"] if cross_modal else QUERY_MIXES["same-modality"])
     rng = np.random.default_rng(seed)
     out: list[tuple[int | None, np.ndarray]] = []
     for i, (rid, v, o) in enumerate(zip(t.column("id").to_pylist(), t.column("v").to_pylist(), t.column("o").to_pylist())):

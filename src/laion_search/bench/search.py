@@ -26,7 +26,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from laion_search.index import DEFAULT_EF_CONSTRUCTION, DEFAULT_M, GUIDE_EF_CONSTRUCTION, GUIDE_M
+
 EF_SEARCH = 256  # ClickHouse's hnsw_candidate_list_size_for_search default
+#: our default index and the guide's, side by side
+DEFAULT_CONFIGS = f"{DEFAULT_M}:{DEFAULT_EF_CONSTRUCTION},{GUIDE_M}:{GUIDE_EF_CONSTRUCTION}"
 
 
 def parse_configs(text: str) -> list[tuple[int, int]]:
@@ -66,7 +70,7 @@ def _row(name: str, results, lat, truth, k, qps1, qpsn, **extra) -> dict[str, An
             "p95_ms": lat_ms[min(len(lat_ms) - 1, int(0.95 * len(lat_ms)))], "qps_1": qps1, "qps_n": qpsn, **extra}
 
 
-def run(rows: int = 100_000, queries: int = 100, k: int = 10, configs: str = "32:64,64:256",
+def run(rows: int = 100_000, queries: int = 100, k: int = 10, configs: str = DEFAULT_CONFIGS,
         quantization: str = "bf16", threads: int = 2, workdir: Path | None = None, out: Path | None = None,
         log: Callable[[str], Any] | None = None, data: str = "synth", corpus: Any = None,
         rescoring: bool = False, fetch_multiplier: float = 4.0, peers: bool = True) -> dict[str, Any]:

@@ -1035,8 +1035,7 @@ def bench_search(
     Example: laion bench search --db ./sisap-db --queries public-queries-2024-laion2B-en-clip768v2-n=10k.h5
     --gold gold-standard-dbsize=300K--public-queries-2024-laion2B-en-clip768v2-n=10k.h5 --limit 1000
     """
-    from laion_search.bench.search import parse_configs, run as run_bench, run_gold
-    from laion_search.index import DEFAULT_EF_CONSTRUCTION, DEFAULT_M, GUIDE_EF_CONSTRUCTION, GUIDE_M
+    from laion_search.bench.search import DEFAULT_CONFIGS, parse_configs, run as run_bench, run_gold
 
     try:
         parse_configs(configs or "none")
@@ -1066,7 +1065,7 @@ def bench_search(
     else:
         if n_queries < 1:
             raise UsageError("--queries must be at least 1")
-        result = run_bench(rows=rows, queries=n_queries, k=k, configs=configs or f"{DEFAULT_M}:{DEFAULT_EF_CONSTRUCTION},{GUIDE_M}:{GUIDE_EF_CONSTRUCTION}",
+        result = run_bench(rows=rows, queries=n_queries, k=k, configs=configs or DEFAULT_CONFIGS,
                            quantization=quantization, threads=threads, workdir=workdir, out=out,
                            log=None if json_output else output.err.print, data=data, corpus=corpus,
                            rescoring=rescoring, peers=peers)
