@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Iterator
 import pyarrow as pa
 
 from laion_search.errors import LaionError, QueryError, ShardValidationError, StoreError, UsageError
+from laion_search.index.ivf import Feeder
 from laion_search.schema import OPTIMIZE_SETTINGS, SHARDS_TABLE, TABLE
 from laion_search.sources.formats import Reader, assign_partitions, open_readers
 from laion_search.sources.shards import ShardFiles, open_shard
@@ -215,15 +216,22 @@ def load_shard(store: Store, reader: Reader, *, batch_rows: int = DEFAULT_BATCH_
     settings = {**INSERT_SETTINGS, **layout.insert_settings()}
     if indexes:
         settings["materialize_skip_indexes_on_insert"] = 0
+    feeder: Feeder | None = None
     try:
         for stmt in layout.create_stage(stage, TABLE):  # CREATE … AS laion; SYSTEM STOP MERGES (it lives for seconds)
             store.backend.command(stmt)
+        if layout.cluster is None:
+            # IVF indexes (laion_search.index.ivf): the shard's rows are assigned to their lists as they stream
+            feeder = Feeder(store, shard, stage, reader.rows, emit) or None
         emit({"event": "shard_start", "shard": shard, **_named(reader), "rows": reader.rows})
         done = 0
-        # ring: one batch being inserted + PREFETCH_DEPTH queued + one being filled, per vector column
-        ring = len(reader.modalities) * (PREFETCH_DEPTH + 2)
+        # ring: one batch being inserted + PREFETCH_DEPTH queued + one being filled, per vector column.
+        # The IVF feeder holds a batch's vectors a little longer (assignment, then its own insert).
+        ring = len(reader.modalities) * (PREFETCH_DEPTH + 2 + (1 if feeder else 0))
         for batch in _prefetch(reader.batches(batch_rows, ring=ring), PREFETCH_DEPTH):
             store.backend.insert_arrow(stage, batch, settings)
+            if feeder:
+                feeder.add(batch)
             done += batch.num_rows
             emit({"event": "batch", "shard": shard, "rows_done": done, "rows": reader.rows,
                   "batch_rows": batch.num_rows})
@@ -250,16 +258,23 @@ def load_shard(store: Store, reader: Reader, *, batch_rows: int = DEFAULT_BATCH_
                                  "parts; nothing was changed — rerun to retry")
             emit({"event": "shard_indexed", "shard": shard, **_named(reader), "rows": staged, "indexes": indexes,
                   "seconds": round(time.perf_counter() - t0, 3)})
+        if feeder:
+            feeder.finish()
         if reader.rows_loaded:
             store.backend.command(layout.replace_partition(TABLE, shard, stage))
         else:
             store.backend.command(layout.drop_partition(TABLE, shard))
         store.forget_dim()
+        if feeder:
+            # before the shard's record: a crash in between makes the rerun load the shard again, IVF included
+            feeder.land(reader.fingerprint(), reader.rows_loaded)
         record_shard(store, reader)
     finally:
         try:
             for stmt in layout.drop_stage(stage):
                 store.backend.command(stmt)
+            if feeder:
+                feeder.drop()
         except LaionError:
             pass  # the next run drops it
 

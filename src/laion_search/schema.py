@@ -160,3 +160,99 @@ def scan_column(column: str) -> str:
 #: ``OPTIMIZE … FINAL`` that merges or fails: it waits (as long as it takes) for the merges running
 #: on the table instead of giving up after 120 s, and a merge it cannot do is an error, not a no-op.
 OPTIMIZE_SETTINGS = "optimize_throw_if_noop = 1, lock_acquire_timeout = 86400"
+
+
+# -- the partitioned (IVF) index: made of tables (laion_search.index.ivf) ------------------------------
+#: One row per (column, generation): its state (``building`` while filled, ``ready`` once served,
+#: ``dropped``), its parameters and the nprobe ``laion index tune`` stored for it. The served
+#: generation of a column is its newest ``ready`` one; a rebuild fills a newer generation beside it.
+IVF_META_TABLE = "laion_ivf"
+IVF_META_DDL = """
+CREATE TABLE IF NOT EXISTS {table}
+(
+    `column` String,
+    `gen` UInt32,
+    `state` String,
+    `lists` UInt32,
+    `codes` String,
+    `dim` UInt32,
+    `sample_rows` UInt64,
+    `trained_rows` UInt64,
+    `train_seconds` Float64,
+    `nprobe` UInt32 DEFAULT 0,
+    `fetch_multiplier` Float64 DEFAULT 0,
+    `tuned_recall` Float64 DEFAULT 0,
+    `tuned_k` UInt32 DEFAULT 0,
+    `tuned_p50_ms` Float64 DEFAULT 0,
+    `tuned_queries` String DEFAULT '',
+    `updated_at` DateTime64(3)
+)
+ENGINE = ReplacingMergeTree(updated_at)
+ORDER BY (column, gen)
+"""
+#: The centroids of each generation (unit vectors; a row's list is its nearest centroid by cosine).
+IVF_CENTROIDS_TABLE = "laion_ivf_centroids"
+IVF_CENTROIDS_DDL = """
+CREATE TABLE IF NOT EXISTS {table}
+(
+    `column` String,
+    `gen` UInt32,
+    `list` UInt32,
+    `centroid` Array(Float32) CODEC(NONE)
+)
+ENGINE = MergeTree
+ORDER BY (column, gen, list)
+"""
+#: Which shards each generation's companion table holds, and from which load of the shard (its
+#: ``laion_shards`` fingerprint): a shard is covered when the two agree.
+IVF_SHARDS_TABLE = "laion_ivf_shards"
+IVF_SHARDS_DDL = """
+CREATE TABLE IF NOT EXISTS {table}
+(
+    `column` String,
+    `gen` UInt32,
+    `shard` UInt32,
+    `rows` UInt64,
+    `fingerprint` String,
+    `updated_at` DateTime64(3)
+)
+ENGINE = ReplacingMergeTree(updated_at)
+ORDER BY (column, gen, shard)
+"""
+#: A generation's companion table: every row's id, shard and vector, in (list, id) order, so that
+#: ``WHERE list IN (…)`` reads only the probed lists (the primary key prunes the rest). Small
+#: granules: a probe reads whole granules, and a list is ~1,000 rows at the default list count.
+IVF_GRANULARITY = 256
+IVF_TABLE_DDL = """
+CREATE TABLE IF NOT EXISTS {table}
+(
+    `list` UInt32,
+    `id` Int64,
+    `shard` UInt32,
+    `vec` Array(Float32) {codec}
+)
+ENGINE = MergeTree
+ORDER BY (list, id)
+SETTINGS index_granularity = """ + str(IVF_GRANULARITY) + """{extra}
+"""
+#: ``--codes``: what the companion's vector column keeps besides the float32 values. ``int8`` and
+#: ``rabitq`` are the engine's ``Quantized`` codec: a search scans the compact codes and rescores
+#: the best ``k × fetch multiplier`` on the full vectors (``vector_search_use_quantized_codes``).
+IVF_CODES = ("none", "int8", "rabitq")
+IVF_COLUMN_PREFIX = "laion_ivf_"
+
+
+def ivf_table(column: str, gen: int) -> str:
+    """``laion_ivf_image_g3``: generation 3's companion table of the image embeddings."""
+    if column not in INDEX_NAMES:
+        raise UsageError(f"column must be image or text, got {column!r}")
+    return f"{IVF_COLUMN_PREFIX}{column}_g{int(gen)}"
+
+
+def ivf_table_ddl(table: str, codes: str, dim: int) -> str:
+    if codes not in IVF_CODES:
+        raise UsageError(f"codes must be one of {', '.join(IVF_CODES)}, got {codes!r}")
+    if codes == "none":
+        return IVF_TABLE_DDL.format(table=table, codec="CODEC(NONE)", extra="")
+    return IVF_TABLE_DDL.format(table=table, codec=f"CODEC(Quantized('{codes}', {int(dim)}))",
+                                extra=", allow_experimental_codecs = 1, enable_quantized_codec = 1")

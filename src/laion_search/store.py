@@ -16,7 +16,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 import pyarrow as pa
 
@@ -28,6 +28,7 @@ from laion_search.schema import (INDEX_NAMES, SHARDS_DDL, SHARDS_TABLE, STAGE_PR
                                  index_memory_estimate, parse_index_type, scan_column)
 from laion_search.sources.naming import model_for_dim
 
+T = TypeVar("T")
 SCHEMA_TTL = 30.0  # seconds a store trusts its cached column / index list
 UDF_DIR = "udf"  # <store>/udf: executable UDFs the embedded engine loads at open
 
@@ -70,6 +71,7 @@ class Store:
         self._modalities: tuple[list[str], float] | None = None
         self._schema_cache: tuple[frozenset[str], frozenset[tuple[str, str]], float] | None = None
         self._tuning_cache: tuple[dict[str, dict[str, Any]], float] | None = None
+        self._cached: dict[str, tuple[Any, float]] = {}  # see cached()
         #: where rows live: one node (``laion`` is MergeTree) or a cluster (``laion`` is Distributed)
         self.layout: SingleNode | ClusterLayout = detect_layout(backend, TABLE)
         if create and self.layout.cluster is None:
@@ -124,6 +126,26 @@ class Store:
             self.forget_dim()  # a statement that may change the table
         return self.backend.query_arrow(query, params)
 
+    def run_ddl(self, statement: str, params: Params | None = None) -> None:
+        """Run a statement that changes tables (DDL, INSERT … SELECT, DELETE, OPTIMIZE) and drop
+        every cache that depends on them."""
+        self.backend.command(statement, params)
+        self.forget_dim()
+
+    def insert(self, table: str, data: pa.Table, settings: Mapping[str, Any] | None = None) -> None:
+        """Insert an Arrow table into ``table`` (a name from our fixed set, never a user's)."""
+        self.backend.insert_arrow(table, data, settings)
+        self.forget_dim()
+
+    def cached(self, key: str, load: Callable[[], T]) -> T:
+        """``load()``, kept for :data:`SCHEMA_TTL` seconds under ``key`` and dropped with the other
+        caches by any change this store makes (:meth:`forget_dim`): modules above the store keep their
+        derived state here (e.g. the IVF index's centroids) without the store importing them."""
+        hit = self._cached.get(key)
+        if hit is None or time.monotonic() - hit[1] > SCHEMA_TTL:
+            hit = self._cached[key] = (load(), time.monotonic())
+        return hit[0]
+
     def rows(self, query: str, params: Params | None = None) -> list[dict[str, Any]]:
         """Run a query and return its rows as dicts."""
         return self.sql(query, params).to_pylist()
@@ -152,6 +174,7 @@ class Store:
         self._schema_cache = None
         self._tuning_cache = None
         self._modalities = None
+        self._cached.clear()
 
     def columns(self) -> frozenset[str]:
         """Names of the ``laion`` table's columns (searches ask whether the bf16 scan copies of
@@ -444,6 +467,7 @@ def connect(target: str | os.PathLike[str] | None = None, *, create: bool = True
 
 
 S = TypeVar("S", bound=Store)
+
 
 
 def open_backend(cls: type[S], target: str | os.PathLike[str] | None = None, *, create: bool = True,
