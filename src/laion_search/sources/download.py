@@ -59,6 +59,7 @@ from laion_search.sources.http import RETRY_STATUSES, USER_AGENT, RetryPolicy  #
 from laion_search.sources.http import Retryable as _Retryable
 from laion_search.sources.http import content_range as _content_range
 from laion_search.sources.http import describe as _describe
+from laion_search.sources.http import header_int, if_range
 from laion_search.sources.http import request as _request
 from laion_search.sources.http import retry_after as _retry_after
 from laion_search.sources.http import validators as _validators
@@ -227,13 +228,6 @@ class Manifest:
 
 
 # -- HTTP ----------------------------------------------------------------------------------------
-def _if_range(state: dict[str, Any]) -> str | None:
-    etag = state.get("etag")
-    if etag and not etag.startswith("W/"):  # If-Range needs a strong validator
-        return etag
-    return state.get("last_modified")
-
-
 def _boot_id() -> str | None:
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
@@ -429,7 +423,7 @@ class _Fetcher:
         headers: dict[str, str] = dict(job.headers)
         if offset:
             headers["Range"] = f"bytes={offset}-"
-            validator = _if_range(state or {})
+            validator = if_range(state or {})
             if validator:
                 headers["If-Range"] = validator
         conn, resp, _ = _request("GET", job.url, headers, self.policy)
@@ -458,11 +452,11 @@ class _Fetcher:
             elif status == 200:
                 if offset:
                     why = "server ignored the Range request" if not headers.get("If-Range") or not _changed(
-                        state or {}, new, _int(resp.getheader("Content-Length"))) else "file changed on the server"
+                        state or {}, new, header_int(resp.getheader("Content-Length"))) else "file changed on the server"
                     self.emit({"event": "restart", "shard": job.shard, "file": job.rel, "url": job.url,
                                "reason": f"{why}; starting again from byte 0"})
                 offset = 0
-                total = _int(resp.getheader("Content-Length"))
+                total = header_int(resp.getheader("Content-Length"))
                 mode = "wb"
             else:
                 raise DownloadError(f"HTTP {status} {resp.reason}")
@@ -566,13 +560,6 @@ def _changed(old: dict[str, Any], new: dict[str, Any], total: int | None) -> str
     if old.get("last_modified") and new.get("last_modified") and old["last_modified"] != new["last_modified"]:
         return f"Last-Modified {old['last_modified']} → {new['last_modified']}"
     return None
-
-
-def _int(value: str | None) -> int | None:
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
-        return None
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -54,6 +54,8 @@ from laion_search.sources.http import (
     RetryPolicy,
     content_range,
     describe,
+    header_int,
+    if_range,
     origin,
     request,
     retry_after,
@@ -269,7 +271,7 @@ class HTTPFile(io.RawIOBase):
                     return None
                 raise DownloadError(f"{self.name}: server refused the first byte range (HTTP 416)")
             if status == 200:
-                length = _int(resp.getheader("Content-Length"))
+                length = header_int(resp.getheader("Content-Length"))
                 if length is None or length > len(buf):
                     raise DownloadError(
                         f"{self.name}: the server does not support Range requests (it answered a ranged request "
@@ -309,15 +311,15 @@ class HTTPFile(io.RawIOBase):
     def _range_once(self, offset: int, view: memoryview, done: dict[str, int]) -> None:
         end = offset + len(view) - 1
         headers = {"Range": f"bytes={offset}-{end}"}
-        if_range = _if_range(self._validator)
-        if if_range:
-            headers["If-Range"] = if_range
+        validator = if_range(self._validator)
+        if validator:
+            headers["If-Range"] = validator
         conn, resp, final = self._send(headers)
         try:
             status = resp.status
             self._check_status(resp)
             if status == 200:
-                if _changed(self._validator, validators(resp)) or _int(resp.getheader("Content-Length")) != self._size:
+                if _changed(self._validator, validators(resp)) or header_int(resp.getheader("Content-Length")) != self._size:
                     raise DownloadError(f"{self.name}: the file changed on the server while being read")
                 raise DownloadError(f"{self.name}: the server stopped honouring Range requests (HTTP 200 to a range)")
             if status != 206:
@@ -429,20 +431,6 @@ class HTTPFile(io.RawIOBase):
 
 def _hf_base() -> str:
     return (os.environ.get(HF_ENDPOINT_ENV) or DEFAULT_HF_ENDPOINT).rstrip("/")
-
-
-def _int(value: str | None) -> int | None:
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-def _if_range(v: dict[str, Any]) -> str | None:
-    etag = v.get("etag")
-    if etag and not etag.startswith("W/"):
-        return etag
-    return v.get("last_modified")
 
 
 def _changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
