@@ -39,6 +39,7 @@ import io
 import logging
 import os
 import random
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -72,6 +73,7 @@ DEFAULT_BLOCK_SIZE = 2 << 20   #: bytes per Range request for small reads (and p
 DEFAULT_CACHE_BLOCKS = 16      #: cached blocks (32 MiB by default): footers, h5 metadata, B-tree nodes
 #: a read of at least this many blocks skips the cache: one request straight into the caller's buffer
 DIRECT_BLOCKS = 4
+_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 ProgressFn = Callable[[dict[str, Any]], None]
 
@@ -126,7 +128,12 @@ def resolve(path_or_url: str | os.PathLike[str], headers: dict[str, str] | None 
 
 
 def is_remote(path_or_url: str | os.PathLike[str]) -> bool:
-    return isinstance(path_or_url, str) and path_or_url.startswith(("http://", "https://", "hf://"))
+    """True for any ``scheme://…`` string, not only the schemes we read: such a name goes to
+    :func:`open_input`, which reads ``http(s)://`` and ``hf://``, maps ``file://`` to its path and
+    refuses any other scheme with a :class:`~laion_search.errors.UsageError` naming it — where a
+    check for http(s)/hf alone would hand ``s3://…`` to the local readers as a path, to fail as a
+    missing file. ``os.PathLike`` objects are always local."""
+    return isinstance(path_or_url, str) and _URL_RE.match(path_or_url) is not None
 
 
 # -- local ---------------------------------------------------------------------------------------
