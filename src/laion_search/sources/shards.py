@@ -27,8 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from laion_search.errors import ShardError, ShardValidationError
-from laion_search.schema import ID_STRIDE  # noqa: E402
-from laion_search.sources.naming import KINDS, NAME_RE, model_for_dim  # noqa: E402,F401 - KINDS, model_for_dim re-exported
+from laion_search.schema import ID_STRIDE, model_for_dim  # noqa: E402
+from laion_search.sources.naming import KINDS, NAME_RE  # noqa: E402,F401 - KINDS re-exported
 from laion_search.sources.files import check_regular_file  # noqa: E402
 from laion_search.sources.npy import parse_npy_header  # noqa: E402
 
