@@ -54,7 +54,7 @@ from urllib.parse import urlsplit
 
 from laion_search.errors import DownloadError, LaionError, UsageError
 from laion_search.sources.naming import KINDS, shard_file_name, shard_file_relpath
-from laion_search.sources.npy import embedding_rows
+from laion_search.sources.npy import embedding_rows, read_npy_header
 from laion_search.sources.http import RETRY_STATUSES, USER_AGENT, RetryPolicy  # noqa: F401
 from laion_search.sources.http import Retryable as _Retryable
 from laion_search.sources.http import content_range as _content_range
@@ -262,8 +262,6 @@ def verify_file(path: Path, kind: str) -> int:
     rows = embedding_rows(path)
     if rows is not None:
         return rows
-    from laion_search.sources.shards import read_npy_header
-
     return read_npy_header(path).rows
 
 
