@@ -486,7 +486,7 @@ def cached_copy(url: str, cache_dir: str | os.PathLike[str], *, headers: dict[st
                 policy: RetryPolicy | None = None, progress: ProgressFn | None = None, name: str | None = None) -> Path:
     """A verified full local copy of ``url`` under ``cache_dir`` (downloaded once, with the
     downloader's resume/retry/verify/manifest; reused afterwards). Raises DownloadError."""
-    from laion_search.sources.download import FileJob, download_files
+    from laion_search.sources.fetch import FileJob, download_files
 
     base = Path(unquote(urlsplit(url).path)).name or "file"
     sub = hashlib.sha256(url.encode()).hexdigest()[:16]
