@@ -1,4 +1,6 @@
-"""The package's shape: no import cycles between its modules, deferred imports included."""
+"""The package's shape: no import cycles between its modules, deferred (function-local) and
+``if TYPE_CHECKING:`` imports included — a cycle that only type checkers or a late call walk today
+is one edit away from an ImportError, and it tangles the layers all the same."""
 
 from __future__ import annotations
 
@@ -10,44 +12,49 @@ import laion_search
 PKG = Path(laion_search.__file__).parent
 
 
-def _modules() -> dict[str, Path]:
+def _modules(pkg: Path = PKG) -> dict[str, Path]:
     out = {}
-    for f in PKG.rglob("*.py"):
-        parts = f.relative_to(PKG.parent).with_suffix("").parts
+    for f in pkg.rglob("*.py"):
+        parts = f.relative_to(pkg.parent).with_suffix("").parts
         name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         out[name] = f
     return out
 
 
-def _runtime_nodes(tree: ast.AST):
-    """Every node but those under ``if TYPE_CHECKING:`` (imports for type checkers never run)."""
+def _nodes(tree: ast.AST, type_checking: bool):
+    """Every node, or (``type_checking=False``) every node but those under ``if TYPE_CHECKING:``."""
     todo = [tree]
     while todo:
         node = todo.pop()
         yield node
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+            if not type_checking and isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
                 todo.extend(child.orelse)
                 continue
             todo.append(child)
 
 
-def import_graph() -> dict[str, set[str]]:
-    """Module → the package modules it imports anywhere in its text (top level or inside a
-    function), absolute or relative; ``if TYPE_CHECKING:`` blocks aside."""
-    mods = _modules()
+def import_graph(pkg: Path = PKG, *, type_checking: bool = True) -> dict[str, set[str]]:
+    """Module → the package modules it imports anywhere in its text: top level, inside a function,
+    under ``if TYPE_CHECKING:`` (unless ``type_checking=False``), absolute or relative.
+
+    ``from P import m`` where ``P.m`` is a module is an edge to ``P.m`` only: a package's
+    ``__init__`` runs before any of its submodules whichever way they are imported, so an edge to
+    it would be one every submodule has. ``from P import name`` (not a module) is an edge to ``P``."""
+    mods = _modules(pkg)
     graph: dict[str, set[str]] = {m: set() for m in mods}
     for name, path in mods.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        for node in _runtime_nodes(ast.parse(path.read_text(encoding="utf-8"))):
+        for node in _nodes(ast.parse(path.read_text(encoding="utf-8")), type_checking):
             targets: list[str] = []
             if isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
                     anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                     base = ".".join(anchor + ([base] if base else []))
-                targets.append(base)
-                targets += [f"{base}.{a.name}" for a in node.names]
+                for alias in node.names:
+                    sub = f"{base}.{alias.name}"
+                    targets.append(sub if sub in mods else base)
             elif isinstance(node, ast.Import):
                 targets += [a.name for a in node.names]
             graph[name] |= {t for t in targets if t in mods and t != name}
@@ -92,7 +99,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_no_import_cycles():
     graph = import_graph()
     assert "laion_search.store" in graph and graph["laion_search.index"], "the walk found the package"
-    assert cycles(graph) == []
+    assert cycles(graph) == [], "import cycles (deferred and TYPE_CHECKING imports included)"
 
 
 def test_the_cycle_check_sees_deferred_and_relative_imports():
@@ -103,8 +110,35 @@ def test_the_cycle_check_sees_deferred_and_relative_imports():
     # its commands (deferred): both must be in the graph
     assert "laion_search.backends.chdb" in real["laion_search.backends"]
     assert "laion_search.store" in real["laion_search.cli.main"]
-    # the package's names load on first use: its __init__ imports only the errors at run time
-    assert real["laion_search"] == {"laion_search.errors"}
+    # shards names Input only for type checkers; remote falls back to the per-file fetcher in a function
+    assert "laion_search.sources.inputs" in real["laion_search.sources.shards"]
+    assert "laion_search.sources.fetch" in real["laion_search.sources.remote"]
+    # `from laion_search import killpoints` is an edge to the submodule, not to the package's __init__
+    assert "laion_search.killpoints" in real["laion_search.store"] and "laion_search" not in real["laion_search.store"]
+    # the package's names load on first use: its __init__ imports only the errors at run time,
+    # the rest for type checkers
+    assert import_graph(type_checking=False)["laion_search"] == {"laion_search.errors"}
+    assert {"laion_search.api", "laion_search.store"} <= real["laion_search"]
+
+
+def test_the_cycle_check_counts_type_checking_and_function_imports(tmp_path):
+    """A cycle closed only by a function-local import and an ``if TYPE_CHECKING:`` import is found;
+    ``from pkg import submodule`` does not make every module depend on ``pkg/__init__``."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    files = {
+        "__init__.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.a import A\n",
+        "a.py": "from pkg import b\nclass A: ...\n",
+        "b.py": "def f():\n    from .c import C\n    return C\n",
+        "c.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.a import A\nclass C: ...\n",
+        "d.py": "import pkg.c\n",
+    }
+    for name, text in files.items():
+        (pkg / name).write_text(text)
+    graph = import_graph(pkg)
+    assert graph == {"pkg": {"pkg.a"}, "pkg.a": {"pkg.b"}, "pkg.b": {"pkg.c"}, "pkg.c": {"pkg.a"}, "pkg.d": {"pkg.c"}}
+    assert cycles(graph) == [["pkg.a", "pkg.b", "pkg.c"]]
+    assert cycles(import_graph(pkg, type_checking=False)) == []
 
 
 def test_schema_names_live_in_one_module():

@@ -452,7 +452,7 @@ def test_complete_part_left_by_a_crash_before_the_rename(mirror, tmp_path):
 def test_retry_after_forms():
     import email.utils
 
-    from laion_search.sources.download import _retry_after
+    from laion_search.sources.http import retry_after as _retry_after
 
     assert _retry_after("7") == 7.0 and _retry_after(None) is None and _retry_after("soon") is None
     when = email.utils.formatdate(time.time() + 30, usegmt=True)

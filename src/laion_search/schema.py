@@ -130,6 +130,16 @@ SCAN_SUFFIX = "_bf16"
 ID_STRIDE = 1_000_000_000
 MAX_SHARD = (2**63 - 1) // ID_STRIDE - 1
 
+#: The CLIP model behind LAION's published embeddings, by dimension: LAION-400M (the guide's
+#: shards) is OpenAI ViT-B/32; LAION-5B, ClickHouse's LAION-5B subset and SISAP's LAION2B-en
+#: are OpenAI ViT-L/14. A search by text or image encodes with the model the table records.
+MODELS_BY_DIM = {512: "openai/clip-vit-base-patch32", 768: "openai/clip-vit-large-patch14"}
+
+
+def model_for_dim(dim: int | None) -> str:
+    """The model LAION used for ``dim``-d embeddings, or "" when none is known."""
+    return MODELS_BY_DIM.get(int(dim), "") if dim else ""
+
 
 def parse_index_type(type_full: str) -> dict[str, Any]:
     """``vector_similarity('hnsw', 'cosineDistance', 512, 'bf16', 64, 256)`` → its parameters."""

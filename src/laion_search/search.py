@@ -24,7 +24,7 @@ import numpy as np
 from laion_search.backends import settings_sql
 from laion_search.errors import UsageError
 from laion_search.schema import (COLUMNS, DEFAULT_COLUMNS, FILTER_STRATEGIES, MAX_K, METRICS, MODALITIES, NSFW_MODES,
-                                 SCAN_SUFFIX, TABLE, WHERE_TYPES)
+                                 SCAN_SUFFIX, TABLE, WHERE_TYPES, model_for_dim)
 from laion_search.store import Store
 from laion_search.vectors import as_vector
 
@@ -123,8 +123,6 @@ def encoder_for(store: Store, model: str | None = None) -> Any:
     enc = get_encoder(chosen)
     dim = store.dim()
     if dim is not None and int(enc.dim) != dim:
-        from laion_search.sources.naming import model_for_dim
-
         right = recorded or model_for_dim(dim)
         hint = f"use --model {right}" if right else "use a CLIP model with that dimension"
         raise UsageError(f"CLIP model {enc.name!r} makes {enc.dim}-d vectors but the table holds {dim}-d embeddings"

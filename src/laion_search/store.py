@@ -25,8 +25,7 @@ from laion_search.backends import Backend, ChdbBackend, ClickHouseBackend, Param
 from laion_search.backends.cluster import ClusterLayout, SingleNode, detect_layout
 from laion_search.errors import ModalityError, QueryError, StoreError, UsageError
 from laion_search.schema import (INDEX_NAMES, SHARDS_DDL, SHARDS_TABLE, STAGE_PREFIX, TABLE, TABLE_DDL, TUNING_DDL, TUNING_TABLE,
-                                 index_memory_estimate, parse_index_type, scan_column)
-from laion_search.sources.naming import model_for_dim
+                                 index_memory_estimate, model_for_dim, parse_index_type, scan_column)
 
 T = TypeVar("T")
 SCHEMA_TTL = 30.0  # seconds a store trusts its cached column / index list

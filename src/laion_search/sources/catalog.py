@@ -13,7 +13,7 @@ dimension × bytes per value, not measured downloads.
   ``emb``, float16 × 768), with the 10k public queries and the gold standard (``knns``, 1-based).
 
 A single-file source downloads as parts (a Parquet part or an ``.h5`` is one file) through
-:func:`laion_search.sources.download.download_files`; ``laion400m`` through the shard downloader.
+:func:`laion_search.sources.fetch.download_files`; ``laion400m`` through the shard downloader.
 ``base_url`` replaces every file's prefix (a mirror, or a loopback server in tests).
 """
 
@@ -171,7 +171,7 @@ def get_source(name: str) -> Source:
 
 def plan_source(source: Source, parts: list[int], to: str | os.PathLike[str], base_url: str | None = None) -> list:
     """FileJobs for a single-file source's parts: one file each, saved as ``to/NAME``."""
-    from laion_search.sources.download import FileJob
+    from laion_search.sources.fetch import FileJob
 
     if source.layout != "files":
         raise UsageError(f"{source.name} is a shard source: download it with its shard numbers")
@@ -195,7 +195,8 @@ def download_source(name: str, parts: str | None, to: str | os.PathLike[str], *,
                     store: Any = None, **kw: Any):
     """Download a named source's parts (``parts``: a spec such as ``1-3``; None: all) into ``to``
     with every guarantee of ``laion download``. Returns the DownloadReport."""
-    from laion_search.sources.download import Remote, download, download_files
+    from laion_search.sources.download import Remote, download
+    from laion_search.sources.fetch import download_files
 
     source = get_source(name)
     numbers = source.parts(parts)

@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol, Sequence
 
 from laion_search.errors import ShardError, UsageError
-from laion_search.sources.inputs import Input, as_input, is_remote
+from laion_search.sources.inputs import Input, as_input
+from laion_search.sources.remote import is_remote
 
 FORMATS = ("auto", "laion", "clickhouse-parquet", "sisap-h5")
 #: partitions of single-file sources start here (LAION shard numbers stay below: 2,314 for LAION-5B)

@@ -15,6 +15,7 @@ import random
 import time
 import urllib.request
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from laion_search.errors import DownloadError
@@ -165,6 +166,25 @@ def content_range(value: str | None) -> tuple[int | None, int | None] | None:
         return None
 
 
+def header_int(value: str | None) -> int | None:
+    """A numeric header (Content-Length) as an int; None when absent or malformed, so a bad
+    header is treated like a missing one instead of failing the transfer."""
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def if_range(state: dict[str, Any]) -> str | None:
+    """The ``If-Range`` value for a resume or a later range, from the validators first seen
+    (:func:`validators`): the ETag when strong — RFC 9110 forbids weak ones there — else
+    Last-Modified; None when the server gave neither."""
+    etag = state.get("etag")
+    if etag and not etag.startswith("W/"):
+        return etag
+    return state.get("last_modified")
+
+
 def describe(exc: BaseException) -> str:
     """A short reason for a network error, for events and messages."""
     if isinstance(exc, TimeoutError):
@@ -180,4 +200,5 @@ def describe(exc: BaseException) -> str:
 
 
 __all__ = ["CREDENTIAL_HEADERS", "RETRY_STATUSES", "USER_AGENT", "RetryPolicy", "Retryable", "connect",
-           "content_range", "describe", "origin", "request", "retry_after", "safe_url", "validators"]
+           "content_range", "describe", "header_int", "if_range", "origin", "request", "retry_after", "safe_url",
+           "validators"]

@@ -9,18 +9,12 @@ such an object as it does on a local path, so remote ingest needs nothing else f
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from laion_search.sources.files import check_regular_file
-
-_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-def is_remote(source: str | os.PathLike[str]) -> bool:
-    return isinstance(source, str) and _URL_RE.match(source) is not None
+from laion_search.sources.remote import is_remote, open_input
 
 
 @dataclass
@@ -87,8 +81,6 @@ def as_input(source: str | os.PathLike[str] | BinaryIO) -> Input:
         raw = str(getattr(source, "name", "") or "stream")
         return Input(raw, _basename(raw), file=source)
     if is_remote(str(source)):
-        from laion_search.sources.remote import open_input
-
         f = open_input(str(source))
         return Input(str(source), _basename(str(source)), file=f)
     path = Path(source)

@@ -28,17 +28,6 @@ def shard_file_relpath(kind: str, shard: int, pad: int = 0, layout: str = "flat"
     return f"{kind}/{name}" if layout == "folders" else name
 
 
-#: The CLIP model behind LAION's published embeddings, by dimension: LAION-400M (the guide's
-#: shards) is OpenAI ViT-B/32; LAION-5B, ClickHouse's LAION-5B subset and SISAP's LAION2B-en
-#: are OpenAI ViT-L/14. A search by text or image encodes with the model the table records.
-MODELS_BY_DIM = {512: "openai/clip-vit-base-patch32", 768: "openai/clip-vit-large-patch14"}
-
-
-def model_for_dim(dim: int | None) -> str:
-    """The model LAION used for ``dim``-d embeddings, or "" when none is known."""
-    return MODELS_BY_DIM.get(int(dim), "") if dim else ""
-
-
 def parse_shard_spec(spec: str | None) -> list[int] | None:
     """Parse ``"0-9"``, ``"3,7,12-15"`` or ``"5"`` into a sorted list of shard numbers.
 

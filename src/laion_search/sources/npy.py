@@ -1,5 +1,10 @@
 """The one ``.npy`` header parser: shape, dtype string and data offset, read from the header alone
-(no numpy: ``laion download`` verifies files before it imports anything heavy)."""
+(no numpy at import: ``laion download`` verifies files before it imports anything heavy; only
+:func:`read_npy_header`, which names what is wrong with a file that fails the quick check, loads it).
+
+Both the shard readers and the downloader's verification use this module, so it sits below them
+and imports neither (the downloader must not reach up into the readers: see the architecture test).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,13 @@ import ast
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from laion_search.errors import ShardError, ShardValidationError
+from laion_search.sources.files import check_regular_file
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MAGIC = b"\x93NUMPY"
 MAX_HEADER_BYTES = 1 << 16
@@ -73,7 +83,7 @@ EMBEDDING_ITEMSIZE = {"<f2": 2, "<f4": 4}
 def embedding_rows(path: str | os.PathLike[str]) -> int | None:
     """Row count of a well-formed embeddings ``.npy`` (2-D, C order, little-endian float16/32,
     exactly header + rows × dim × itemsize bytes); None for anything else, which
-    :func:`laion_search.sources.shards.read_npy_header` then examines and names."""
+    :func:`read_npy_header` then examines and names."""
     try:
         h = parse_npy_header(Path(path))
     except ShardError:
@@ -84,3 +94,48 @@ def embedding_rows(path: str | os.PathLike[str]) -> int | None:
     if h.file_size != h.offset + h.shape[0] * h.shape[1] * itemsize:
         return None
     return h.shape[0]
+
+
+@dataclass(frozen=True)
+class NpyInfo:
+    path: Path
+    dtype: np.dtype
+    rows: int
+    dim: int
+    offset: int
+
+
+def read_npy_header(path: Path) -> NpyInfo:
+    """Read and check an embeddings ``.npy`` header without loading the array."""
+    import numpy as np
+
+    check_regular_file(path)
+    header = parse_npy_header(path)
+    fortran, shape, offset = header.fortran_order, header.shape, header.offset
+    try:
+        dtype = np.dtype(header.descr)
+    except TypeError as exc:
+        raise ShardValidationError(f"corrupt .npy header: dtype {header.descr!r}: {exc}", path=str(path)) from None
+    if fortran:
+        raise ShardValidationError("Fortran-ordered arrays are not supported; save with C order", path=str(path))
+    if len(shape) != 2:
+        raise ShardValidationError(f"expected a 2-D array (rows × dim), found shape {shape}", path=str(path))
+    if dtype not in tuple(np.dtype(d) for d in EMBEDDING_ITEMSIZE):
+        hint = ""
+        if dtype.kind == "f" and dtype.byteorder == ">":
+            hint = " (big-endian; convert with arr.astype('<f2'))"
+        elif dtype.kind == "f":
+            hint = " (convert with arr.astype('float16') or 'float32')"
+        raise ShardValidationError(
+            f"dtype {dtype.str} is not supported: embeddings must be little-endian float16 or float32{hint}",
+            path=str(path))
+    rows, dim = int(shape[0]), int(shape[1])
+    expected = offset + rows * dim * dtype.itemsize
+    size = header.file_size
+    if size < expected:
+        raise ShardValidationError(
+            f"truncated: header promises {rows} × {dim} {dtype.name} ({expected} bytes) but the file has {size}",
+            path=str(path))
+    if size > expected:
+        raise ShardValidationError(f"{size - expected} unexpected trailing bytes after the array", path=str(path))
+    return NpyInfo(path, dtype, rows, dim, offset)

@@ -39,6 +39,7 @@ import io
 import logging
 import os
 import random
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -54,6 +55,8 @@ from laion_search.sources.http import (
     RetryPolicy,
     content_range,
     describe,
+    header_int,
+    if_range,
     origin,
     request,
     retry_after,
@@ -70,6 +73,7 @@ DEFAULT_BLOCK_SIZE = 2 << 20   #: bytes per Range request for small reads (and p
 DEFAULT_CACHE_BLOCKS = 16      #: cached blocks (32 MiB by default): footers, h5 metadata, B-tree nodes
 #: a read of at least this many blocks skips the cache: one request straight into the caller's buffer
 DIRECT_BLOCKS = 4
+_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 ProgressFn = Callable[[dict[str, Any]], None]
 
@@ -124,7 +128,12 @@ def resolve(path_or_url: str | os.PathLike[str], headers: dict[str, str] | None 
 
 
 def is_remote(path_or_url: str | os.PathLike[str]) -> bool:
-    return isinstance(path_or_url, str) and path_or_url.startswith(("http://", "https://", "hf://"))
+    """True for any ``scheme://…`` string, not only the schemes we read: such a name goes to
+    :func:`open_input`, which reads ``http(s)://`` and ``hf://``, maps ``file://`` to its path and
+    refuses any other scheme with a :class:`~laion_search.errors.UsageError` naming it — where a
+    check for http(s)/hf alone would hand ``s3://…`` to the local readers as a path, to fail as a
+    missing file. ``os.PathLike`` objects are always local."""
+    return isinstance(path_or_url, str) and _URL_RE.match(path_or_url) is not None
 
 
 # -- local ---------------------------------------------------------------------------------------
@@ -269,7 +278,7 @@ class HTTPFile(io.RawIOBase):
                     return None
                 raise DownloadError(f"{self.name}: server refused the first byte range (HTTP 416)")
             if status == 200:
-                length = _int(resp.getheader("Content-Length"))
+                length = header_int(resp.getheader("Content-Length"))
                 if length is None or length > len(buf):
                     raise DownloadError(
                         f"{self.name}: the server does not support Range requests (it answered a ranged request "
@@ -309,15 +318,15 @@ class HTTPFile(io.RawIOBase):
     def _range_once(self, offset: int, view: memoryview, done: dict[str, int]) -> None:
         end = offset + len(view) - 1
         headers = {"Range": f"bytes={offset}-{end}"}
-        if_range = _if_range(self._validator)
-        if if_range:
-            headers["If-Range"] = if_range
+        validator = if_range(self._validator)
+        if validator:
+            headers["If-Range"] = validator
         conn, resp, final = self._send(headers)
         try:
             status = resp.status
             self._check_status(resp)
             if status == 200:
-                if _changed(self._validator, validators(resp)) or _int(resp.getheader("Content-Length")) != self._size:
+                if _changed(self._validator, validators(resp)) or header_int(resp.getheader("Content-Length")) != self._size:
                     raise DownloadError(f"{self.name}: the file changed on the server while being read")
                 raise DownloadError(f"{self.name}: the server stopped honouring Range requests (HTTP 200 to a range)")
             if status != 206:
@@ -431,20 +440,6 @@ def _hf_base() -> str:
     return (os.environ.get(HF_ENDPOINT_ENV) or DEFAULT_HF_ENDPOINT).rstrip("/")
 
 
-def _int(value: str | None) -> int | None:
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-def _if_range(v: dict[str, Any]) -> str | None:
-    etag = v.get("etag")
-    if etag and not etag.startswith("W/"):
-        return etag
-    return v.get("last_modified")
-
-
 def _changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
     for key in ("etag", "last_modified"):
         if old.get(key) and new.get(key) and old[key] != new[key]:
@@ -491,7 +486,7 @@ def cached_copy(url: str, cache_dir: str | os.PathLike[str], *, headers: dict[st
                 policy: RetryPolicy | None = None, progress: ProgressFn | None = None, name: str | None = None) -> Path:
     """A verified full local copy of ``url`` under ``cache_dir`` (downloaded once, with the
     downloader's resume/retry/verify/manifest; reused afterwards). Raises DownloadError."""
-    from laion_search.sources.download import FileJob, download_files
+    from laion_search.sources.fetch import FileJob, download_files
 
     base = Path(unquote(urlsplit(url).path)).name or "file"
     sub = hashlib.sha256(url.encode()).hexdigest()[:16]

@@ -27,10 +27,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from laion_search.errors import ShardError, ShardValidationError
-from laion_search.schema import ID_STRIDE  # noqa: E402
-from laion_search.sources.naming import KINDS, NAME_RE, model_for_dim  # noqa: E402,F401 - KINDS, model_for_dim re-exported
-from laion_search.sources.files import check_regular_file  # noqa: E402
-from laion_search.sources.npy import parse_npy_header  # noqa: E402
+from laion_search.schema import ID_STRIDE, model_for_dim
+from laion_search.sources.files import check_regular_file
+from laion_search.sources.naming import KINDS, NAME_RE
+from laion_search.sources.npy import EMBEDDING_ITEMSIZE, NpyInfo, read_npy_header
 
 if TYPE_CHECKING:
     from laion_search.sources.inputs import Input
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 #: A vector whose L2 norm is further than this from 1 is renormalised on ingest (and counted).
 NORM_TOLERANCE = 1e-2
 
-ACCEPTED_DTYPES = (np.dtype("<f2"), np.dtype("<f4"))
+ACCEPTED_DTYPES = tuple(np.dtype(d) for d in EMBEDDING_ITEMSIZE)
 
 #: Metadata columns we read, with the Arrow type family each must have. url and caption are required.
 METADATA_COLUMNS: dict[str, str] = {
@@ -122,49 +122,6 @@ def discover(directory: str | os.PathLike[str], shards: list[int] | None = None)
         raise ShardError("no LAION shards found (expected img_emb_N.npy, text_emb_N.npy and "
                          "metadata_N.parquet, flat or in img_emb/ text_emb/ metadata/)", path=str(root))
     return out
-
-
-@dataclass(frozen=True)
-class NpyInfo:
-    path: Path
-    dtype: np.dtype
-    rows: int
-    dim: int
-    offset: int
-
-
-def read_npy_header(path: Path) -> NpyInfo:
-    """Read and check an embeddings ``.npy`` header without loading the array."""
-    check_regular_file(path)
-    header = parse_npy_header(path)
-    fortran, shape, offset = header.fortran_order, header.shape, header.offset
-    try:
-        dtype = np.dtype(header.descr)
-    except TypeError as exc:
-        raise ShardValidationError(f"corrupt .npy header: dtype {header.descr!r}: {exc}", path=str(path)) from None
-    if fortran:
-        raise ShardValidationError("Fortran-ordered arrays are not supported; save with C order", path=str(path))
-    if len(shape) != 2:
-        raise ShardValidationError(f"expected a 2-D array (rows × dim), found shape {shape}", path=str(path))
-    if dtype not in ACCEPTED_DTYPES:
-        hint = ""
-        if dtype.kind == "f" and dtype.byteorder == ">":
-            hint = " (big-endian; convert with arr.astype('<f2'))"
-        elif dtype.kind == "f":
-            hint = " (convert with arr.astype('float16') or 'float32')"
-        raise ShardValidationError(
-            f"dtype {dtype.str} is not supported: embeddings must be little-endian float16 or float32{hint}",
-            path=str(path))
-    rows, dim = int(shape[0]), int(shape[1])
-    expected = offset + rows * dim * dtype.itemsize
-    size = header.file_size
-    if size < expected:
-        raise ShardValidationError(
-            f"truncated: header promises {rows} × {dim} {dtype.name} ({expected} bytes) but the file has {size}",
-            path=str(path))
-    if size > expected:
-        raise ShardValidationError(f"{size - expected} unexpected trailing bytes after the array", path=str(path))
-    return NpyInfo(path, dtype, rows, dim, offset)
 
 
 def _one_line(exc: BaseException) -> str:
