@@ -21,6 +21,7 @@ from typing import Any, Callable
 from laion_search import index as _index
 from laion_search import ingest as _ingest
 from laion_search import search as _search
+from laion_search.index import ivf as _ivf
 from laion_search.errors import UsageError
 from laion_search.ingest import IngestReport
 from laion_search.search import SearchQuery, SearchResult
@@ -47,7 +48,7 @@ class Database(Store):
     def ingest(self, source: str | os.PathLike[str], shards: list[int] | None = None, **options: Any) -> IngestReport:
         """Load shards from ``source`` (see :func:`laion_search.ingest.ingest` for the options:
         ``force``, ``batch_rows``, ``skip_bad_rows``, ``progress``)."""
-        return _ingest.ingest(self, source, shards, **options)
+        return _ingest.ingest(self, source, shards, **options)  # index=, index_kind="ivf" declare indexes first
 
     def search(self, query: SearchQuery | None = None, /, **fields: Any) -> SearchResult:
         """Nearest neighbours for a :class:`SearchQuery`, or for its fields given as keywords:
@@ -59,27 +60,45 @@ class Database(Store):
     def create_index(self, column: str = "image", *, kind: str = "hnsw", metric: str = "cosine",
                      quantization: str = "bf16", m: int = _index.DEFAULT_M,
                      ef_construction: int = _index.DEFAULT_EF_CONSTRUCTION, replace: bool = False,
+                     lists: int | None = None, codes: str = "none",
                      progress: ProgressFn | None = None) -> IndexBuild:
-        """Add and build an HNSW index on ``column`` (image or text), or with ``kind="scan"`` the
-        bf16 copy exact searches read. Idempotent: rerun to finish an interrupted build."""
-        if kind == "scan":
+        """Add and build an HNSW index on ``column`` (image or text); with ``kind="ivf"`` the
+        partitioned index (``lists``, ``codes``: see :mod:`laion_search.index.ivf`); with
+        ``kind="scan"`` the bf16 copy exact searches read. Idempotent: rerun to finish an
+        interrupted build."""
+        if kind == "ivf":
+            out = _ivf.create_ivf(self, [column], lists=lists, codes=codes, replace=replace, progress=progress)[0]
+        elif kind == "scan":
             out = _index.create_scan_copy(self, column, progress=progress)
         elif kind == "hnsw":
             spec = _index.IndexSpec(column=column, metric=metric, quantization=quantization, m=m,
                                     ef_construction=ef_construction)
             out = _index.create_index(self, spec, replace=replace, progress=progress)
         else:
-            raise UsageError(f"kind must be hnsw or scan, got {kind!r}")
+            raise UsageError(f"kind must be hnsw, ivf or scan, got {kind!r}")
         return IndexBuild(index=out["index"], type=out["type"], seconds=out["seconds"], rows=out["rows"],
                           vectors_per_second=out["vectors_per_second"])
 
     def drop_index(self, column: str = "image", *, kind: str = "hnsw") -> bool:
-        """Drop ``column``'s HNSW index (or its bf16 scan copy); returns whether it existed."""
+        """Drop ``column``'s HNSW index (its IVF index, its bf16 scan copy); returns whether it existed."""
         if kind == "scan":
             return _index.drop_scan_copy(self, column)
+        if kind == "ivf":
+            return _ivf.drop_ivf(self, column)
         if kind != "hnsw":
-            raise UsageError(f"kind must be hnsw or scan, got {kind!r}")
+            raise UsageError(f"kind must be hnsw, ivf or scan, got {kind!r}")
         return _index.drop_index(self, column)
+
+    def index_status(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        """Every index: HNSW graphs and bf16 scan copies (parts covered, sizes), IVF generations
+        (lists, coverage, list balance, whether a retrain would pay)."""
+        return super().index_status() + _ivf.status(self)
+
+    def tune_index(self, column: str = "image", *, recall: float = 0.95, kind: str = "auto", **options: Any) -> Any:
+        """Tune ef_search (HNSW) or nprobe (IVF) for a recall target; see :func:`laion_search.tune.tune`."""
+        from laion_search.tune import tune
+
+        return tune(self, column, recall=recall, kind=kind, **options)
 
 
 def connect(target: str | os.PathLike[str] | None = None, *, create: bool = True,

@@ -30,7 +30,8 @@ from typing import Any, Callable, Iterable, Iterator
 import pyarrow as pa
 
 from laion_search.errors import LaionError, QueryError, ShardValidationError, StoreError, UsageError
-from laion_search.index.ivf import Feeder
+from laion_search.index.hnsw import IndexSpec, columns_for, create_indexes
+from laion_search.index.ivf import Feeder, cover, declare_ivf
 from laion_search.schema import OPTIMIZE_SETTINGS, SHARDS_TABLE, TABLE
 from laion_search.sources.formats import Reader, assign_partitions, open_readers
 from laion_search.sources.shards import ShardFiles, open_shard
@@ -70,7 +71,7 @@ class IngestReport:
 def ingest(store: Store, directory: str | os.PathLike[str] | Any, shards: list[int] | None = None, *,
            batch_rows: int = DEFAULT_BATCH_ROWS, force: bool = False,
            progress: ProgressFn | None = None, skip_bad_rows: bool = False, format: str = "auto",
-           model: str | None = None, index: str | None = None) -> IngestReport:
+           model: str | None = None, index: str | None = None, index_kind: str = "hnsw") -> IngestReport:
     """Load the shards found in ``directory`` (all, or those listed) into ``store`` — or any
     other source :func:`ingest_source` takes (a ClickHouse LAION-5B Parquet part, a SISAP
     ``.h5`` file, a folder of those, a URL).
@@ -82,17 +83,18 @@ def ingest(store: Store, directory: str | os.PathLike[str] | Any, shards: list[i
     ``skip_bad_rows`` drops rows with NaN/Inf or all-zero vectors (counted per reason in
     ``IngestReport.dropped`` and in ``laion_shards.dropped``) instead of failing their shard.
 
-    ``index`` (``image``, ``text`` or ``both``) declares those HNSW indexes first (default
-    parameters; an index that exists keeps its own), so every shard lands indexed.
+    ``index`` (``image``, ``text`` or ``both``) declares those indexes first (``index_kind``: ``hnsw``
+    or ``ivf``; default parameters; an index that exists keeps its own), so every shard lands indexed.
     """
     return ingest_source(store, directory, format=format, shards=shards, batch_rows=batch_rows, force=force,
-                         progress=progress, skip_bad_rows=skip_bad_rows, model=model, index=index)
+                         progress=progress, skip_bad_rows=skip_bad_rows, model=model, index=index,
+                         index_kind=index_kind)
 
 
 def ingest_source(store: Store, source: str | os.PathLike[str] | Any, *, format: str = "auto",
                   shards: list[int] | None = None, batch_rows: int = DEFAULT_BATCH_ROWS, force: bool = False,
                   progress: ProgressFn | None = None, skip_bad_rows: bool = False,
-                  model: str | None = None, index: str | None = None) -> IngestReport:
+                  model: str | None = None, index: str | None = None, index_kind: str = "hnsw") -> IngestReport:
     """Load any source :mod:`laion_search.sources.formats` reads: a folder of LAION shards
     (``shards`` picks some), a ClickHouse LAION-5B Parquet part, a SISAP ``.h5`` file, a folder
     of such files, a URL, or an open seekable binary file. ``format`` is ``auto`` (detected from
@@ -115,7 +117,8 @@ def ingest_source(store: Store, source: str | os.PathLike[str] | Any, *, format:
         for r in readers:
             if r.ids_from_source and r.shard not in records:
                 record_shard(store, r, claim=True)
-        return ingest_readers(store, readers, batch_rows=batch_rows, force=force, progress=progress, index=index)
+        return ingest_readers(store, readers, batch_rows=batch_rows, force=force, progress=progress, index=index,
+                              index_kind=index_kind)
     finally:
         for r in readers:
             r.close()
@@ -123,7 +126,7 @@ def ingest_source(store: Store, source: str | os.PathLike[str] | Any, *, format:
 
 def ingest_files(store: Store, files: Iterable[ShardFiles], *, batch_rows: int = DEFAULT_BATCH_ROWS,
                  force: bool = False, progress: ProgressFn | None = None,
-                 skip_bad_rows: bool = False, index: str | None = None) -> IngestReport:
+                 skip_bad_rows: bool = False, index: str | None = None, index_kind: str = "hnsw") -> IngestReport:
     files = list(files)
     dim = store.dim()
     readers: list[Reader] = []
@@ -132,16 +135,18 @@ def ingest_files(store: Store, files: Iterable[ShardFiles], *, batch_rows: int =
         if dim is None:
             dim = reader.dim
         readers.append(reader)  # type: ignore[arg-type]  # its shard number is read-only
-    return ingest_readers(store, readers, batch_rows=batch_rows, force=force, progress=progress, index=index)
+    return ingest_readers(store, readers, batch_rows=batch_rows, force=force, progress=progress, index=index,
+                          index_kind=index_kind)
 
 
 def ingest_readers(store: Store, readers: list[Reader], *, batch_rows: int = DEFAULT_BATCH_ROWS,
-                   force: bool = False, progress: ProgressFn | None = None, index: str | None = None) -> IngestReport:
+                   force: bool = False, progress: ProgressFn | None = None, index: str | None = None,
+                   index_kind: str = "hnsw") -> IngestReport:
     """Load checked readers (shards, parts, files), each atomically; see the module docstring."""
     emit = progress or (lambda event: None)
     _drop_orphan_stages(store)
     if index:
-        declare_indexes(store, index, readers)
+        declare_indexes(store, index, readers, kind=index_kind)
     # Background merges of freshly loaded parts compete with the next shard's insert for the two
     # cores (measured: half the throughput). Pause them while loading; they resume afterwards
     # (and `laion index create` compacts each shard before building its index).
@@ -149,7 +154,11 @@ def ingest_readers(store: Store, readers: list[Reader], *, batch_rows: int = DEF
     if pause_merges:
         store.backend.command(f"SYSTEM STOP MERGES {TABLE}")
     try:
-        return _ingest_readers(store, readers, batch_rows, force, emit)
+        report = _ingest_readers(store, readers, batch_rows, force, emit)
+        if index and index_kind == "ivf":
+            # shards loaded before the index was declared (skipped now) are assigned from the table
+            cover(store, columns_for(index), progress=emit)
+        return report
     finally:
         if pause_merges:
             try:
@@ -279,14 +288,23 @@ def load_shard(store: Store, reader: Reader, *, batch_rows: int = DEFAULT_BATCH_
             pass  # the next run drops it
 
 
-def declare_indexes(store: Store, which: str, readers: list[Reader]) -> list[str]:
-    """Declare the HNSW indexes ``which`` names (``image``, ``text``, ``both``) before loading, with
-    the default parameters, so each shard is indexed as it lands. Indexes that exist are kept as
-    they are. Returns the names declared now."""
-    from laion_search.index import IndexSpec, columns_for, create_indexes
-
+def declare_indexes(store: Store, which: str, readers: list[Reader], *, kind: str = "hnsw") -> list[str]:
+    """Declare the indexes ``which`` names (``image``, ``text``, ``both``; ``kind`` ``hnsw`` or ``ivf``)
+    before loading, with the default parameters, so each shard is indexed as it lands. Indexes that
+    exist are kept as they are. Returns the names declared now."""
     if which not in ("image", "text", "both"):
         raise UsageError(f"index must be image, text or both, got {which!r}")
+    if kind not in ("hnsw", "ivf"):
+        raise UsageError(f"index kind must be hnsw or ivf, got {kind!r}")
+    if kind == "ivf":
+        for column in columns_for(which):
+            lacking = [r for r in readers if column not in r.modalities]
+            if lacking:
+                raise UsageError(f"--index {which}: {lacking[0].source} has no {column} embeddings to index")
+        if not readers:
+            return []
+        rows = sum(store.partition_rows().values()) + sum(r.rows for r in readers)
+        return declare_ivf(store, columns_for(which), dim=store.dim() or readers[0].dim, rows=rows)
     have = {i["name"] for i in store.list_indexes()}
     specs = [IndexSpec(c) for c in columns_for(which)]
     specs = [s for s in specs if s.name not in have]

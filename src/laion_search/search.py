@@ -14,6 +14,7 @@ more candidates (``fetch_multiplier``) and, if still short, re-run the query pre
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ import numpy as np
 
 from laion_search.backends import settings_sql
 from laion_search.errors import UsageError
+from laion_search.index import ivf
 from laion_search.schema import (COLUMNS, DEFAULT_COLUMNS, FILTER_STRATEGIES, MAX_K, METRICS, MODALITIES, NSFW_MODES,
                                  SCAN_SUFFIX, TABLE, WHERE_TYPES, model_for_dim)
 from laion_search.store import Store
@@ -57,6 +59,7 @@ class SearchOptions:
     filter_strategy: str = "auto"         # auto: post-filter, then pre-filter if short of k
     fetch_multiplier: float = 4.0         # candidates per wanted row when post-filtering
     verify_checksums: bool = False        # exact scans: check each block's checksum as it is read
+    nprobe: int | None = None             # IVF lists probed (default: the value `laion index tune` stored, else 32)
     scan_threads: int | None = None       # exact scans: cap the engine's threads (max_threads)
     scan_nice: int | None = None          # exact scans: Linux nice of the engine's threads (0-19)
 
@@ -148,7 +151,9 @@ def row_vector(store: Store, row_id: Any, modality: str = "image") -> np.ndarray
 def will_scan(store: Store, modality: str = "image", metric: str = "cosine", exact: bool = False) -> bool:
     """Whether such a search reads every row (exact, or no vector index serves its column and
     metric) rather than walking an index: servers class and admit queries by it."""
-    return bool(exact) or (_column(modality), _metric(metric)) not in store.vector_indexes()
+    if exact:
+        return True
+    return (_column(modality), _metric(metric)) not in store.vector_indexes() and modality not in ivf.state(store).served
 
 
 @dataclass
@@ -182,6 +187,7 @@ class SearchQuery:
     filter_strategy: str = "auto"
     fetch_multiplier: float = 4.0
     verify_checksums: bool = False
+    nprobe: int | None = None         # IVF: lists probed (given: search through the IVF index)
     scan_threads: int | None = None   # exact scans: cap the engine's threads (a server sets it)
     scan_nice: int | None = None      # exact scans: run the engine's threads at this nice (a server sets it)
 
@@ -202,7 +208,7 @@ class SearchQuery:
     def options(self) -> SearchOptions:
         return SearchOptions(ef_search=self.ef_search, rescoring=self.rescoring, filter_strategy=self.filter_strategy,
                              fetch_multiplier=self.fetch_multiplier, verify_checksums=self.verify_checksums,
-                             scan_threads=self.scan_threads, scan_nice=self.scan_nice)
+                             nprobe=self.nprobe, scan_threads=self.scan_threads, scan_nice=self.scan_nice)
 
     def check(self) -> "SearchQuery":
         """Everything that can be checked without the store, with a one-line reason; returns self."""
@@ -267,8 +273,17 @@ def search(store: Store, vector: Any = None, *, query: SearchQuery | None = None
     # without a vector index for this column and metric the engine would scan anyway: take
     # the exact path, which scans faster (dot product or the bf16 copy, then re-ranking)
     settings = _index_settings(options, filtered=bool(where))  # validates the knobs on every path
-    unindexed = not exact and (column, func) not in store.vector_indexes()
-    if exact or unindexed:
+    hnsw = (column, func) in store.vector_indexes()
+    served = None if exact else ivf.state(store).served.get(modality)
+    if options.nprobe is not None and served is None and not exact:
+        raise UsageError(f"nprobe is for an IVF index, and {column} has none: laion index create --kind ivf "
+                         f"--column {modality}")
+    unindexed = not exact and not hnsw and served is None
+    if served is not None and (options.nprobe is not None or not hnsw):
+        # the IVF index: chosen by --nprobe, or because it is the only index of the column
+        rows, sql, strategy = _search_ivf(store, served, qv, k, func, select, cols, where, params, filters, options)
+        params = {**params, "q": qv}
+    elif exact or unindexed:
         copy = column + SCAN_SUFFIX
         scan = copy if (func == "cosineDistance" and store.layout.cluster is None and copy in store.columns()) else None
         sql = _exact_sql(select, column, func, where, k, scan, verify_checksums=options.verify_checksums,
@@ -299,6 +314,70 @@ def search(store: Store, vector: Any = None, *, query: SearchQuery | None = None
         r["rank"] = rank
     ordered = [{"rank": r["rank"], "distance": r["distance"], **{c: r[c] for c in cols}} for r in rows]
     return SearchResult(ordered, k, modality, metric, exact, strategy, seconds, sql, params)
+
+
+def _search_ivf(store: Store, info: Any, qv: np.ndarray, k: int, func: str, select: str, cols: list[str], where: str,
+                params: dict[str, Any], filters: Filters, options: SearchOptions) -> tuple[list[dict[str, Any]], str, str]:
+    """Through the IVF index (:mod:`laion_search.index.ivf`): candidates with their exact distances
+    from the probed lists, the rows themselves from ``laion`` by id (filters there), the shards the
+    index does not cover searched exactly. Filtered searches fetch more candidates until k rows
+    pass, then, if the probed lists hold too few, search the matching rows exactly (prefilter)."""
+    state = ivf.state(store)
+    cents = state.centroids[(info.column, info.gen)]
+    skip = state.uncovered.get((info.column, info.gen), [])
+    nprobe = int(options.nprobe or info.nprobe or ivf.DEFAULT_NPROBE)
+    if not 1 <= nprobe <= 1_048_576:
+        raise UsageError("nprobe must be between 1 and 1048576")
+    nprobe = min(nprobe, info.lists)
+    limit = k if not where else int(math.ceil(k * max(options.fetch_multiplier, ivf.FILTER_FETCH)))
+    strategy = f"ivf (nprobe {nprobe})"
+    while True:
+        cand = ivf.candidates(store, info, cents, qv, limit=limit, nprobe=nprobe, func=func,
+                              exclude_ids=filters.exclude_ids, skip_shards=skip)
+        rows = _rows_by_id(store, cand, select, cols, where, params)
+        if skip:  # shards the index does not hold (yet): exact over those only
+            extra = " AND ".join(x for x in (where, "shard IN {ivf_skip:Array(UInt32)}") if x)
+            rows += store.rows(_exact_sql(select, MODALITIES[info.column], func, extra, k),
+                               {**params, "ivf_skip": skip, "q": qv})
+            strategy = f"ivf (nprobe {nprobe}) + exact over {len(skip)} uncovered shard(s)"
+        rows.sort(key=lambda r: r["distance"])
+        if len(rows) >= k or not where or len(cand) < limit or limit >= MAX_IVF_CANDIDATES:
+            break
+        limit = min(MAX_IVF_CANDIDATES, limit * 8)
+    if where and len(rows) < k and options.filter_strategy != "postfilter":
+        # the probed lists hold fewer than k matching rows: evaluate the filter first, exactly
+        rows = store.rows(_exact_sql(select, MODALITIES[info.column], func, where, k), {**params, "q": qv})
+        strategy = "ivf→prefilter"
+    sql = (f"-- candidates (lists probed: {nprobe})\nSELECT id, shard, {func}(vec, {{q:Array(Float32)}}) AS distance "
+           f"FROM {info.table} WHERE list IN {{lists:Array(UInt32)}} ORDER BY distance ASC LIMIT {limit}")
+    return rows[:k], sql, strategy
+
+
+#: Candidates a filtered IVF search reads at most before it evaluates the filter first instead.
+MAX_IVF_CANDIDATES = 100_000
+
+
+def _rows_by_id(store: Store, cand: list[dict[str, Any]], select: str, cols: list[str], where: str,
+                params: dict[str, Any]) -> list[dict[str, Any]]:
+    """The result rows of IVF candidates, read from ``laion`` by (shard, id): the shard prunes
+    partitions, the id the granules; the candidate's distance comes along."""
+    if not cand:
+        return []
+    dist: dict[int, float] = {}
+    for c in cand:
+        i = int(c["id"])
+        dist[i] = min(dist.get(i, math.inf), float(c["distance"]))
+    clause = "shard IN {ivf_shards:Array(UInt32)} AND id IN {ivf_ids:Array(Int64)}" + (f" AND {where}" if where else "")
+    got = store.rows(f"SELECT {select} FROM {TABLE} WHERE {clause}",
+                     {**params, "ivf_shards": sorted({int(c["shard"]) for c in cand}), "ivf_ids": list(dist)})
+    seen: set[int] = set()
+    out = []
+    for r in got:
+        if r["id"] in seen:
+            continue
+        seen.add(r["id"])
+        out.append({**r, "distance": dist[r["id"]]})
+    return out
 
 
 #: Exact cosine search ranks by dot product first (stored vectors are L2-normalised at ingest, so

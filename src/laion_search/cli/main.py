@@ -28,8 +28,10 @@ UrlOption = typer.Option(None, "--url", envvar="LAION_URL", show_envvar=True,
                          help="ClickHouse server/cluster/Cloud instead of the embedded store: "
                               "clickhouse://user:password@host:8123/db (clickhouses://…:8443 for TLS). Wins over --db.")
 JsonOption = typer.Option(False, "--json", help="Machine-readable JSON output.")
-IndexOnIngestOption = typer.Option(None, "--index", help="image, text or both: declare these HNSW indexes first "
+IndexOnIngestOption = typer.Option(None, "--index", help="image, text or both: declare these indexes first "
                                    "(default parameters; existing ones are kept), so each shard lands indexed.")
+IndexKindOnIngestOption = typer.Option("hnsw", "--index-kind", help="The kind --index declares: hnsw (engine graph, "
+                                       "in RAM) or ivf (partitioned, on disk; each shard is assigned as it lands).")
 ModelOption = typer.Option(None, "--model", envvar="LAION_CLIP_MODEL", show_envvar=True,
                            help="CLIP model: a local directory or hub id, or open_clip:ARCH/PRETRAINED. Default: the "
                                 "model the table records (openai/clip-vit-base-patch32 for LAION-400M, "
@@ -133,6 +135,7 @@ def ingest(
                                                     "searches. Default: LAION's for the dimension (512: "
                                                     "openai/clip-vit-base-patch32, 768: openai/clip-vit-large-patch14)."),
     index: Optional[str] = IndexOnIngestOption,
+    index_kind: str = IndexKindOnIngestOption,
     db: Optional[str] = DbOption,
     url: Optional[str] = UrlOption,
     json_output: bool = JsonOption,
@@ -141,7 +144,8 @@ def ingest(
 
     Examples: laion ingest ./shards --shards 0-9 --db ./laion-db ·
     laion ingest laion5b_100m_part_1_of_10.parquet --db ./laion5b ·
-    laion ingest laion2B-en-clip768v2-n=300K.h5 --db ./sisap
+    laion ingest laion2B-en-clip768v2-n=300K.h5 --db ./sisap ·
+    laion ingest ./shards --index both --index-kind ivf
     """
     from laion_search.ingest import ingest_source
     from laion_search.sources.formats import check_format
@@ -151,8 +155,9 @@ def ingest(
     check_format(fmt)
     with open_store(db, url) as store, output.IngestProgress(output.progress_mode(json_output)) as progress:
         report = ingest_source(store, source, format=fmt, shards=numbers, batch_rows=batch_rows, force=force,
-                               progress=progress, skip_bad_rows=skip_bad_rows, model=source_model, index=index)
-        hint = _unindexed_hint(store) if index else None
+                               progress=progress, skip_bad_rows=skip_bad_rows, model=source_model, index=index,
+                               index_kind=_check_kind(index_kind, ("hnsw", "ivf")))
+        hint = _unindexed_hint(store) if index and index_kind == "hnsw" else None
     if hint:
         output.err.print(f"hint: {hint}", markup=False, highlight=False)
     if not json_output:
@@ -411,6 +416,9 @@ def search(
                                                         "LICENSE!=?, url~flickr (repeatable, ANDed)."),
     columns: List[str] = typer.Option([], "--column", "-c", help="Extra result columns (e.g. NSFW, similarity, width)."),
     exclude_ids: List[int] = typer.Option([], "--exclude-id", help="Leave this row id out of the results (repeatable)."),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1,
+                                         help="IVF lists to probe (searches through the IVF index; default: the "
+                                              "value `laion index tune` stored, else 32)."),
     ef_search: Optional[int] = typer.Option(None, "--ef-search", help="HNSW candidate list size at query time."),
     rescoring: bool = typer.Option(False, "--rescoring", help="Re-rank index candidates with exact distances."),
     filter_strategy: str = typer.Option("auto", "--filter-strategy", help="auto, postfilter or prefilter."),
@@ -442,7 +450,7 @@ def search(
         modality=modality, exact=exact, metric=metric, model=model, columns=columns, nsfw=nsfw,
         min_similarity=min_similarity, caption_contains=caption_contains, where=where, exclude_ids=exclude_ids,
         ef_search=ef_search, rescoring=rescoring, filter_strategy=filter_strategy, fetch_multiplier=fetch_multiplier,
-        verify_checksums=verify_checksums, scan_threads=scan_threads, scan_nice=scan_nice).check()
+        verify_checksums=verify_checksums, nprobe=nprobe, scan_threads=scan_threads, scan_nice=scan_nice).check()
     with open_store(db, url) as store:
         result = do_search(store, query=query)
     print_search(result, json_output)
@@ -459,8 +467,10 @@ def print_search(result, json_output: bool) -> None:
 # -- index ----------------------------------------------------------------------------------------
 index_app = typer.Typer(help="HNSW vector_similarity indexes (and bf16 scan copies for fast exact search): "
                              "create, status, drop.", no_args_is_help=True)
-KindOption = typer.Option("hnsw", "--kind", help="hnsw: a vector_similarity index (approximate, fast); scan: a bf16 "
-                                                 "copy of the column that halves what an exact search reads.")
+KindOption = typer.Option("hnsw", "--kind", help="hnsw: the engine's vector_similarity graph (lowest latency, in RAM); "
+                                                 "ivf: partitioned lists on disk (builds in seconds, a few bytes of RAM "
+                                                 "per vector); scan: a bf16 copy of the column that halves what an "
+                                                 "exact search reads.")
 app.add_typer(index_app, name="index")
 
 
@@ -474,18 +484,31 @@ def index_create(
     ef_construction: Optional[int] = typer.Option(None, "--ef-construction",
                                                   help="HNSW build candidate list (default 64; 128 for more recall; the guide uses 256)."),
     guide: bool = typer.Option(False, "--guide", help="The guide's exact parameters: bf16, M=64, ef_construction=256."),
-    replace: bool = typer.Option(False, "--replace", help="Replace an index that exists with other parameters."),
+    replace: bool = typer.Option(False, "--replace", help="Replace an index that exists with other parameters "
+                                                          "(IVF: build a new one; the old one serves until it is ready)."),
     kind: str = KindOption,
+    lists: Optional[int] = typer.Option(None, "--lists", min=1, help="IVF: number of lists (default ~√rows, a power "
+                                                                     "of two: 1,024 at 1M rows)."),
+    codes: str = typer.Option("none", "--codes", help="IVF: none (float32 lists), int8 or rabitq (the engine's "
+                                                      "Quantized codec: scans codes, rescores on float32)."),
     db: Optional[str] = DbOption,
     url: Optional[str] = UrlOption,
     json_output: bool = JsonOption,
 ) -> None:
     """Add and build (materialise) vector indexes, with progress; rerun to resume.
 
-    Examples: laion index create --column both --guide · laion index create --kind scan
+    Examples: laion index create --column both --guide · laion index create --kind ivf --column both ·
+    laion index create --kind scan
     """
     from laion_search.index import (DEFAULT_EF_CONSTRUCTION, DEFAULT_M, GUIDE_EF_CONSTRUCTION, GUIDE_M, IndexSpec, columns_for)
 
+    if _check_kind(kind) == "ivf":
+        from laion_search.index.ivf import create_ivf
+
+        with open_store(db, url) as store:
+            results = _with_index_progress(json_output, lambda progress: create_ivf(
+                store, columns_for(column), lists=lists, codes=codes, replace=replace, progress=progress))
+        return _print_built(results, json_output)
     if _check_kind(kind) == "scan":
         with open_store(db, url) as store:
             results = [_with_index_progress(json_output, functools.partial(_scan_copy, store, c))
@@ -500,9 +523,9 @@ def index_create(
     _print_built(results, json_output)
 
 
-def _check_kind(kind: str) -> str:
-    if kind not in ("hnsw", "scan"):
-        raise UsageError(f"--kind must be hnsw or scan, got {kind!r}")
+def _check_kind(kind: str, kinds: tuple[str, ...] = ("hnsw", "ivf", "scan")) -> str:
+    if kind not in kinds:
+        raise UsageError(f"--kind must be {', '.join(kinds[:-1])} or {kinds[-1]}, got {kind!r}")
     return kind
 
 
@@ -552,12 +575,15 @@ def index_status_cmd(db: Optional[str] = DbOption, url: Optional[str] = UrlOptio
     Example: laion index status
     """
 
+    from laion_search.index.ivf import status as ivf_status
+
     with open_store(db, url) as store:
         info = store.index_status()
+        ivfs = ivf_status(store)
     if json_output:
-        print(output.dumps(info))
+        print(output.dumps(info + ivfs))
         return
-    if not info:
+    if not info and not ivfs:
         output.out.print("no vector indexes (create one: laion index create)")
         return
     rows = [{**i, "bytes_on_disk": output.human_bytes(i["bytes_on_disk"]),
@@ -566,8 +592,23 @@ def index_status_cmd(db: Optional[str] = DbOption, url: Optional[str] = UrlOptio
     for r in rows:
         if r.get("ef_search"):
             r["tuned"] = f"{r['ef_search']} (recall@{r['tuned_k']} {r['tuned_recall']:.3f}, p50 {r['tuned_p50_ms']:.1f} ms)"
+    for i in ivfs:
+        rows.append({"name": i["name"], "column": i["column"], "distance": "cosine, l2", "quantization": i["codes"],
+                     "m": f"{i['lists']} lists", "ef_construction": f"{i['state']}, gen {i['generation']}",
+                     "covered": f"{i['rows_covered']:,}/{i['rows']:,} rows",
+                     "bytes_on_disk": output.human_bytes(i["bytes_on_disk"]),
+                     "memory": output.human_bytes(i["memory_bytes_estimate"]),
+                     "tuned": (f"nprobe {i['nprobe']} (recall@{i['tuned_k']} {i['tuned_recall']:.3f}, "
+                               f"p50 {i['tuned_p50_ms']:.1f} ms)") if i.get("nprobe") else ""})
     output.print_records(rows, ["name", "column", "distance", "quantization", "m", "ef_construction", "covered",
                                 "bytes_on_disk", "memory", "tuned"])
+    for i in ivfs:
+        if i.get("list_rows_mean") is not None:
+            output.out.print(f"{i['name']}: lists hold {i['list_rows_mean']:,.0f} rows on average, at most "
+                             f"{i['list_rows_max']:,}; {i['lists_empty']} empty; {i['parts']} part(s)",
+                             markup=False, highlight=False)
+        if i.get("retrain"):
+            output.out.print(f"{i['name']}: retrain advised: {i['retrain']}", markup=False, highlight=False)
 
 
 @index_app.command("tune")
@@ -585,31 +626,37 @@ def index_tune(
                                           help="The sample's mix: mixed (default), same-modality, or cross-modal "
                                                "(only the other modality's vectors: tune for a text→image workload)."),
     seed: int = typer.Option(0, "--seed", help="Which rows make the sample."),
+    kind: str = typer.Option("auto", "--kind", help="auto (the column's HNSW index, else its IVF index), hnsw "
+                                                    "(tunes ef_search) or ivf (tunes nprobe)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Measure only; do not store the default."),
     db: Optional[str] = DbOption,
     url: Optional[str] = UrlOption,
     json_output: bool = JsonOption,
 ) -> None:
-    """Find the smallest ef_search whose recall@k against exact search meets the target, and store
-    it as the index's default (searches use it unless given --ef-search).
+    """Find the smallest ef_search (HNSW) or nprobe (IVF) whose recall@k against exact search meets
+    the target at the sample's lower 95 % confidence bound (so it holds on fresh queries), and store
+    it as the index's default (searches use it unless given --ef-search / --nprobe).
 
-    Example: laion index tune --recall 0.95 --column image
+    Examples: laion index tune --recall 0.95 --column image · laion index tune --kind ivf --queries cross-modal
     """
     from laion_search.tune import tune
 
     def show(e: dict) -> None:
         if not json_output and e["event"] == "tune_step":
-            output.err.print(f"ef_search {e['ef_search']}: recall@{k} {e['recall']:.3f}, p50 {e['p50_ms']:.1f} ms")
+            output.err.print(f"{e['knob']} {e['value']}: recall@{k} {e['recall']:.3f} (lower bound "
+                             f"{e['recall_lower']:.3f}), p50 {e['p50_ms']:.1f} ms")
 
     with open_store(db, url) as store:
         result = tune(store, column, recall=recall, k=k, sample=sample, seed=seed, save=not dry_run,
-                      cross_modal=cross_modal, queries=queries, progress=show)
+                      cross_modal=cross_modal, queries=queries, progress=show, kind=kind)
+    knob = "nprobe" if result.kind == "ivf" else "ef_search"
     if json_output:
         print(output.dumps(result.as_dict()))
     elif result.met:
         where = "stored as the default" if result.stored else "not stored (--dry-run)"
-        output.out.print(f"{result.index}: ef_search {result.ef_search} reaches recall@{k} {result.recall:.3f} "
-                         f"(target {recall:g}, {result.queries} queries), p50 {result.p50_ms:.1f} ms; {where}")
+        output.out.print(f"{result.index}: {knob} {result.value} reaches recall@{k} {result.recall:.3f} (lower bound "
+                         f"{result.recall_lower:.3f}; target {recall:g}, {result.queries} queries), p50 "
+                         f"{result.p50_ms:.1f} ms; {where}")
     else:
         output.out.print(f"{result.index}: {result.recommendation}")
     if not result.met:
@@ -630,7 +677,11 @@ def index_drop(column: str = typer.Option("both", "--column", help="image, text 
     from laion_search.schema import INDEX_NAMES, scan_column
 
     with open_store(db, url) as store:
-        if _check_kind(kind) == "scan":
+        if _check_kind(kind) == "ivf":
+            from laion_search.index.ivf import drop_ivf
+
+            dropped = {f"ivf on {INDEX_NAMES[c][1]}": drop_ivf(store, c) for c in columns_for(column)}
+        elif kind == "scan":
             dropped = {scan_column(c): drop_scan_copy(store, c) for c in columns_for(column)}
         else:
             dropped = {INDEX_NAMES[c][0]: drop_index(store, c) for c in columns_for(column)}

@@ -107,6 +107,7 @@ class SearchBody(BaseModel):
     filter_strategy: str = "auto"
     fetch_multiplier: float = 4.0
     verify_checksums: bool = False
+    nprobe: Optional[int] = Field(None, description="IVF lists probed (searches through the IVF index).")
 
     def query(self, *, model: str | None, image: bytes | None = None) -> SearchQuery:
         fields = self.model_dump()
