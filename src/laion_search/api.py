@@ -89,10 +89,10 @@ class Database(Store):
             raise UsageError(f"kind must be hnsw, ivf or scan, got {kind!r}")
         return _index.drop_index(self, column)
 
-    def index_status(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        """Every index: HNSW graphs and bf16 scan copies (parts covered, sizes), IVF generations
-        (lists, coverage, list balance, whether a retrain would pay)."""
-        return super().index_status() + _ivf.status(self)
+    def ivf_status(self) -> list[dict[str, Any]]:
+        """Each IVF generation: lists, codes, rows covered, list balance, size, whether a retrain
+        would pay (:meth:`index_status` lists the HNSW graphs and scan copies)."""
+        return _ivf.status(self)
 
     def tune_index(self, column: str = "image", *, recall: float = 0.95, kind: str = "auto", **options: Any) -> Any:
         """Tune ef_search (HNSW) or nprobe (IVF) for a recall target; see :func:`laion_search.tune.tune`."""
