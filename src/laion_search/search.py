@@ -23,7 +23,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from laion_search.backends import settings_sql
-from laion_search.errors import UsageError
+from laion_search.errors import QueryError, UsageError
 from laion_search.index import ivf
 from laion_search.schema import (COLUMNS, DEFAULT_COLUMNS, FILTER_STRATEGIES, MAX_K, METRICS, MODALITIES, NSFW_MODES,
                                  SCAN_SUFFIX, TABLE, WHERE_TYPES, model_for_dim)
@@ -325,15 +325,19 @@ def _search_ivf(store: Store, info: Any, qv: np.ndarray, k: int, func: str, sele
     state = ivf.state(store)
     cents = state.centroids[(info.column, info.gen)]
     skip = state.uncovered.get((info.column, info.gen), [])
-    nprobe = int(options.nprobe or info.nprobe or ivf.DEFAULT_NPROBE)
-    if not 1 <= nprobe <= 1_048_576:
-        raise UsageError("nprobe must be between 1 and 1048576")
-    nprobe = min(nprobe, info.lists)
+    nprobe = min(int(options.nprobe or info.nprobe or ivf.DEFAULT_NPROBE), info.lists)
     limit = k if not where else int(math.ceil(k * max(options.fetch_multiplier, ivf.FILTER_FETCH)))
     strategy = f"ivf (nprobe {nprobe})"
     while True:
-        cand = ivf.candidates(store, info, cents, qv, limit=limit, nprobe=nprobe, func=func,
-                              exclude_ids=filters.exclude_ids, skip_shards=skip)
+        try:
+            cand = ivf.candidates(store, info, cents, qv, limit=limit, nprobe=nprobe, func=func,
+                                  exclude_ids=filters.exclude_ids, skip_shards=skip)
+        except QueryError as exc:
+            store.forget_dim()  # a rebuild may have switched generations since the state was read
+            if ivf.state(store).served.get(info.column, info).gen != info.gen:
+                return _search_ivf(store, ivf.state(store).served[info.column], qv, k, func, select, cols, where,
+                                   params, filters, options)
+            raise ivf.damaged(info, f"its lists cannot be read ({exc})") from exc
         rows = _rows_by_id(store, cand, select, cols, where, params)
         if skip:  # shards the index does not hold (yet): exact over those only
             extra = " AND ".join(x for x in (where, "shard IN {ivf_skip:Array(UInt32)}") if x)
@@ -353,6 +357,7 @@ def _search_ivf(store: Store, info: Any, qv: np.ndarray, k: int, func: str, sele
     return rows[:k], sql, strategy
 
 
+MAX_NPROBE = 1_048_576
 #: Candidates a filtered IVF search reads at most before it evaluates the filter first instead.
 MAX_IVF_CANDIDATES = 100_000
 
@@ -529,6 +534,8 @@ def _index_settings(options: SearchOptions, filtered: bool) -> dict[str, Any]:
         if not 1 <= ef <= 100_000:
             raise UsageError("ef_search must be between 1 and 100000")
         settings["hnsw_candidate_list_size_for_search"] = ef
+    if options.nprobe is not None and (isinstance(options.nprobe, bool) or not 1 <= int(options.nprobe) <= MAX_NPROBE):
+        raise UsageError(f"nprobe must be between 1 and {MAX_NPROBE}")
     if options.rescoring:
         settings["vector_search_with_rescoring"] = 1
     if filtered or options.rescoring:

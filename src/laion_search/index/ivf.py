@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 
 from laion_search.backends import settings_sql
-from laion_search.errors import StoreError, UsageError
+from laion_search.errors import QueryError, StoreError, UsageError
 from laion_search.schema import (INDEX_NAMES, IVF_CENTROIDS_DDL, IVF_CENTROIDS_TABLE, IVF_CODES, IVF_META_DDL,
                                  IVF_META_TABLE, IVF_SHARDS_DDL, IVF_SHARDS_TABLE, OPTIMIZE_SETTINGS, TABLE,
                                  ivf_table, ivf_table_ddl)
@@ -241,13 +241,21 @@ def load_state(store: Store) -> IvfState:
 
 
 def read_centroids(store: Store, info: IvfInfo) -> np.ndarray:
-    t = store.sql(f"SELECT centroid FROM {IVF_CENTROIDS_TABLE} WHERE column = {{c:String}} AND gen = {{g:UInt32}} "
-                  "ORDER BY list", {"c": info.column, "g": info.gen})
+    try:
+        t = store.sql(f"SELECT centroid FROM {IVF_CENTROIDS_TABLE} WHERE column = {{c:String}} AND gen = {{g:UInt32}} "
+                      "ORDER BY list", {"c": info.column, "g": info.gen})
+    except QueryError as exc:
+        raise damaged(info, f"its centroids cannot be read ({exc})") from exc
     if t.num_rows != info.lists:
-        raise StoreError(f"the IVF index on {info.embedding_column} (generation {info.gen}) has {t.num_rows} of its "
-                         f"{info.lists} centroids in {IVF_CENTROIDS_TABLE}; rebuild it: laion index create --kind ivf "
-                         f"--column {info.column} --replace")
+        raise damaged(info, f"it has {t.num_rows} of its {info.lists} centroids in {IVF_CENTROIDS_TABLE}")
     return _vectors(t.column(0), info.dim)
+
+
+def damaged(info: IvfInfo, why: str) -> StoreError:
+    """The error for an IVF index whose tables were changed by hand (dropped, truncated)."""
+    return StoreError(f"the IVF index on {info.embedding_column} (generation {info.gen}) is damaged: {why}; rebuild it: "
+                      f"laion index create --kind ivf --column {info.column} --replace (or drop it: laion index drop "
+                      f"--kind ivf --column {info.column})")
 
 
 def _vectors(col: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
@@ -354,6 +362,9 @@ def create_ivf(store: Store, columns: Sequence[str], *, lists: int | None = None
     lists = _check_lists(lists)
     dim = _check_columns(store, columns)
     rows = int(store.scalar(f"SELECT count() FROM {TABLE}") or 0)
+    if lists is not None and lists > rows:
+        raise UsageError(f"{lists} lists need at least {lists} rows to train on, the table has {rows}; "
+                         f"use --lists {max(1, rows // SAMPLE_PER_LIST)} or load more rows")
     todo: list[IvfInfo] = []
     results: dict[str, dict[str, Any]] = {}
     for column in columns:
