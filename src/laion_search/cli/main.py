@@ -1131,6 +1131,43 @@ def bench_search(
 
 
 data_app = typer.Typer(help="Datasets for benchmarks, built offline and cached.", no_args_is_help=True)
+@bench_app.command("ivf")
+@handle_errors
+def bench_ivf(
+    rows: int = typer.Option(1_000_000, "--rows", min=1000, help="Rows of the shard (synth, realistic geometry)."),
+    queries: int = typer.Option(100, "--queries", min=1, help="Queries per kind (image→image, text→image)."),
+    k: int = typer.Option(10, "--k", min=1, max=1000, help="Neighbours per query (recall@k)."),
+    nprobes: str = typer.Option("8,16,32,64", "--nprobe", help="Probes to measure, comma-separated."),
+    codes: str = typer.Option("none", "--codes", help="IVF codes to measure, comma-separated: none, int8, rabitq."),
+    lists: Optional[int] = typer.Option(None, "--lists", min=1, help="IVF lists (default: the index's own default)."),
+    hnsw: bool = typer.Option(True, "--hnsw/--no-hnsw", help="Also build our HNSW (and usearch) on the same rows."),
+    peers: bool = typer.Option(True, "--peers/--no-peers", help="faiss IVF-Flat / IVF-PQ (and usearch) on the same vectors."),
+    parts: bool = typer.Option(True, "--parts/--no-parts", help="Also measure rows read per probe as parts multiply."),
+    threads: int = typer.Option(2, "--threads", min=1, max=64, help="Client threads for the QPS columns."),
+    data: str = typer.Option("synth", "--data", help="synth or real-text (laion bench data real-text)."),
+    corpus: Optional[Path] = typer.Option(None, "--corpus", help="real-text: the text corpus."),
+    workdir: Optional[Path] = typer.Option(None, "--dir", help="Scratch directory, reused between runs (default: temp)."),
+    out: Optional[Path] = typer.Option(Path("bench-out"), "--out", help="Where bench-ivf.md goes."),
+    json_output: bool = JsonOption,
+) -> None:
+    """The IVF index side by side with HNSW, usearch and faiss IVF-Flat / IVF-PQ: the seconds from a shard
+    on disk to its first indexed query, build seconds, RAM per vector, recall@k and p50 / QPS for
+    image→image and text→image queries at each nprobe; rows read per probe as parts multiply.
+
+    Example: laion bench ivf --rows 1000000 --nprobe 16,32,64 --codes none,int8
+    """
+    from laion_search.bench.ivf import run as run_ivf
+
+    if data not in ("synth", "real-text"):
+        raise UsageError(f"--data must be synth or real-text, got {data!r}")
+    result = run_ivf(rows=rows, queries=queries, k=k, nprobes=nprobes, codes=codes, lists=lists, hnsw=hnsw,
+                     peers=peers, threads=threads, workdir=workdir, out=out, data=data, corpus=corpus, parts=parts,
+                     log=None if json_output else output.err.print)
+    _print_bench(result, json_output, None)
+    if out and not json_output:
+        output.out.print(f"wrote {out / 'bench-ivf.md'}")
+
+
 bench_app.add_typer(data_app, name="data")
 
 
