@@ -65,7 +65,15 @@ class QueryError(StoreError):
 
 
 class EncoderError(LaionError):
-    """A CLIP model could not be loaded, or an input (text, image) could not be encoded."""
+    """A CLIP model could not be loaded, or an input (text, image) could not be encoded.
+
+    ``reason`` is what went wrong and ``fix`` (when there is one) the sentence that says what to
+    do; the message is both, on one line. A server shows them apart (``/api/status``)."""
+
+    def __init__(self, message: str, *, fix: str | None = None):
+        self.reason = message
+        self.fix = fix
+        super().__init__(f"{message}. {fix}" if fix else message)
 
 
 class EncoderUnavailable(EncoderError):
