@@ -45,17 +45,21 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except UsageError as exc:
-            output.err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
-            raise typer.Exit(getattr(exc, "exit_code", 2)) from None  # ModalityError: 1
         except LaionError as exc:
-            output.err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
-            raise typer.Exit(1) from None
+            raise typer.Exit(report_error(exc)) from None
         except KeyboardInterrupt:
             output.err.print("interrupted")
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def report_error(exc: LaionError) -> int:
+    """Print a library error as its one line; returns the exit status (2 for usage errors)."""
+    output.err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+    if isinstance(exc, UsageError):
+        return getattr(exc, "exit_code", 2)  # ModalityError: 1
+    return 1
 
 
 def open_store(db: Optional[str], url: Optional[str] = None, *, create: bool):
@@ -736,13 +740,14 @@ def serve(
     """HTTP API + web page at http://HOST:PORT/ (OpenAPI docs at /docs); speaks clip-retrieval's /knn-service.
 
     The CLIP model is checked once at start-up; without one, text and image search answer 503
-    with the fix while vector and "more like this" search keep working. SIGTERM cancels running
-    queries and exits within a few seconds.
+    with the fix while vector and "more like this" search keep working. SIGTERM refuses queued
+    queries, cancels running ones (their requests answer 503) and exits within a few seconds.
 
     Example: laion serve --port 8000 --db ./laion-db --images ./shards
     """
     import logging
 
+    from laion_search.web.app import bind_listeners
     from laion_search.web.app import serve as run_server
 
     if log_level.lower() not in ("debug", "info", "warning"):
@@ -755,18 +760,29 @@ def serve(
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
         web_log.addHandler(handler)
-    with open_store(db, url, create=False) as store:
-        output.err.print(f"serving {store.location} on http://{host}:{port}/  (API docs: /docs)")
-        run_server(store, host=host, port=port, token=token, model=model, allow_sql=allow_sql,
-                   allow_image_url=allow_image_url, cors_origins=cors_origin or None, query_timeout=query_timeout,
-                   image_root=images, cache_size=cache_size, max_scans=max_scans, scan_queue=scan_queue,
-                   scan_threads=scan_threads, scan_nice=scan_nice)
-    # The store is closed and the server wrote nothing that is not already on disk (it only
-    # reads). chDB's engine-wide teardown at interpreter exit takes ~4 s more on its own: skip
-    # it, so that SIGTERM → exit stays well within 5 s.
+    # the port first: a taken one is one line and exit 1, before the engine starts (an engine
+    # torn down at interpreter exit while the server's start-up threads still use it segfaults)
+    sockets = bind_listeners(host, port)
+    code = 0
+    try:
+        with open_store(db, url, create=False) as store:
+            output.err.print(f"serving {store.location} on http://{host}:{port}/  (API docs: /docs)")
+            run_server(store, host=host, port=port, sockets=sockets, token=token, model=model, allow_sql=allow_sql,
+                       allow_image_url=allow_image_url, cors_origins=cors_origin or None,
+                       query_timeout=query_timeout, image_root=images, cache_size=cache_size, max_scans=max_scans,
+                       scan_queue=scan_queue, scan_threads=scan_threads, scan_nice=scan_nice)
+    except LaionError as exc:
+        code = report_error(exc)
+    except SystemExit as exc:  # uvicorn's own way out when it cannot start
+        code = exc.code if isinstance(exc.code, int) else 1
+    # Every way out once the store was opened ends here. The store is closed and the server wrote
+    # nothing that is not already on disk (it only reads). chDB's engine-wide teardown at
+    # interpreter exit takes ~4 s more on its own, and crashes when the server's background
+    # threads (the CLIP check, the index preload) are still in the engine: skip it, so that
+    # SIGTERM → exit stays well within 5 s and no way out ends in a segfault.
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 # -- embed --------------------------------------------------------------------------------------
