@@ -59,8 +59,10 @@ def main() -> None:
            "exists or a command of the app is missing here.\n",
            "Every command that opens a store takes `--db PATH` (embedded chDB; `$LAION_DB`) or "
            "`--url clickhouse://…` (`$LAION_URL`, wins over `--db`); see "
-           "[Getting started](getting-started.md#where-the-store-lives). Errors are one line on stderr: "
-           "exit 2 for bad arguments, 1 for bad data or engine errors.\n"]
+           "[Getting started](getting-started.md#where-the-store-lives). Only `ingest`, `download --ingest`, "
+           "`init` and `index create` create a store; the other commands on a path that holds none fail "
+           "with one line naming it and how to create one, and leave nothing behind. Errors are one line "
+           "on stderr: exit 2 for bad arguments, 1 for bad data or engine errors.\n"]
     describe(typer.main.get_command(app), ["laion"], out)
     print("\n".join(out).rstrip() + "\n")
 

@@ -86,7 +86,7 @@ def test_read_only_store_then_writable_again(tmp_path):
 
 def test_new_store_under_read_only_parent(tmp_path):
     with mounted("-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", target=tmp_path / "ro") as ro:
-        p = run_cli("status", "--db", str(ro / "sub" / "db"))
+        p = run_cli("init", "--db", str(ro / "sub" / "db"))  # a command that creates (status refuses a missing store)
         assert p.returncode == 1
         assert f"cannot write to {ro} (Read-only file system)" in _one_error_line(p.stderr)
 

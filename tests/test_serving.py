@@ -150,32 +150,58 @@ def test_local_pictures_served_safely(served_store, tmp_path):
     assert call(create_app(store, model=model), "GET", "/local/" + url).status_code == 404  # no image root
 
 
+class ServerLog:
+    """A `laion serve` subprocess's stderr, read in a thread: tests wait for a line (an event),
+    never for a span of time; the timeout is only a failure deadline."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=lambda: [self.lines.put(x) for x in proc.stderr], daemon=True).start()
+
+    def wait_for(self, text: str) -> None:
+        """Until a line with ``text`` has been logged (lines already read count: order is free)."""
+        if any(text in line for line in self.seen):
+            return
+        while True:
+            try:
+                line = self.lines.get(timeout=120)  # a failure timeout only
+            except queue.Empty:
+                raise AssertionError(f"no {text!r} in the server log:\n{self.text()}") from None
+            self.seen.append(line)
+            if text in line:
+                return
+
+    def rest(self) -> str:
+        """Everything, once the process has ended (its stderr is closed)."""
+        self.proc.wait(timeout=60)
+        while True:
+            try:
+                self.seen.append(self.lines.get(timeout=10))
+            except queue.Empty:
+                return self.text()
+
+    def text(self) -> str:
+        return "".join(self.seen)
+
+
+def _serve(db, port: int, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "laion_search.cli", "serve", "--db", str(db), "--port", str(port),
+                             *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
 def test_sigterm_with_a_query_in_flight(tmp_path):
     synth(tmp_path / "shards", [0], 200, dim=16, seed=5)
     db = tmp_path / "db"
     run_cli("ingest", str(tmp_path / "shards"), "--db", str(db), check=True)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "laion_search.cli", "serve", "--db", str(db), "--port", str(port),
-                             "--allow-sql", "--log-level", "debug", "--model", str(tmp_path / "no-model"),
-                             "--query-timeout", "600"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    lines: queue.Queue[str] = queue.Queue()
-    log: list[str] = []
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr], daemon=True).start()
-
-    def wait_for(text: str) -> None:
-        while True:
-            try:
-                line = lines.get(timeout=120)  # a failure timeout only
-            except queue.Empty:
-                raise AssertionError(f"no {text!r} in the server log:\n{''.join(log)}") from None
-            log.append(line)
-            if text in line:
-                return
-
+    proc = _serve(db, port, "--allow-sql", "--log-level", "debug", "--model", str(tmp_path / "no-model"),
+                  "--query-timeout", "600")
+    log = ServerLog(proc)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_for("Uvicorn running on")
+        log.wait_for("Uvicorn running on")
         answer: dict[str, object] = {}
 
         def slow() -> None:  # a scan that would run for minutes
@@ -188,22 +214,123 @@ def test_sigterm_with_a_query_in_flight(tmp_path):
 
         client = threading.Thread(target=slow)
         client.start()
-        wait_for("sql query started")
+        log.wait_for("sql query started")
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=60)
         exit_seconds = time.monotonic() - t0
         client.join(timeout=60)
-        assert rc == 0, "".join(log)
+        text = log.rest()
+        assert rc == 0, text
         assert not client.is_alive()
         assert answer.get("status") == 503 or "closed" in answer, answer
         if "status" in answer:
             assert "shutting down" in answer["body"]["error"]
+        assert "shutting down: cancelled 1 running query" in text, text  # the scan, and only the scan
         print(f"exit after SIGTERM: {exit_seconds:.2f} s; in-flight request: {answer}")
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+
+
+def test_idle_shutdown_cancels_nothing_and_says_nothing_of_it(tmp_path):
+    synth(tmp_path / "shards", [0], 50, dim=16, seed=6)
+    db = tmp_path / "db"
+    run_cli("ingest", str(tmp_path / "shards"), "--db", str(db), check=True)
+    proc = _serve(db, free_port(), "--model", str(tmp_path / "no-model"))
+    log = ServerLog(proc)
+    try:
+        log.wait_for("Uvicorn running on")
+        log.wait_for("text and image search off")  # the start-up check is over: the server is idle
+        proc.send_signal(signal.SIGTERM)
+        text = log.rest()
+        assert proc.returncode == 0 and "shutting down" in text, text
+        assert "cancelled" not in text, text  # before: "cancelled 1 running query" on every shutdown
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def test_a_busy_port_is_one_line_and_exit_1_without_an_engine_crash(tmp_path):
+    synth(tmp_path / "shards", [0], 50, dim=16, seed=7)
+    db = tmp_path / "db"
+    run_cli("ingest", str(tmp_path / "shards"), "--db", str(db), check=True)
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = run_cli("serve", "--db", str(db), "--port", str(port), "--model", str(tmp_path / "no-model"))
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    # before: uvicorn's error, then "Exception in global_context->shutdown()" and exit 139 (SIGSEGV)
+    assert r.returncode == 1 and "global_context" not in r.stderr, (r.returncode, r.stderr)
+    assert lines == [f"error: cannot serve on 127.0.0.1:{port}: the port is in use (another server?); "
+                     "choose another with --port"], r.stderr
+    # the store was never opened: the next command finds it free and as it was
+    import json
+
+    assert json.loads(run_cli("status", "--db", str(db), "--json", check=True).stdout)["rows"] == 50
+
+
+def test_shutdown_refuses_queued_scans_at_once_and_counts_only_real_cancellations(served_store, caplog):
+    from laion_search.web.app import begin_shutdown
+
+    store, model, _ = served_store
+    app = create_app(store, model=model, max_scans=1, scan_queue=2, cache_size=0)
+    gate = app.state.scan_gate
+    vec = store.rows("SELECT image_embedding FROM laion WHERE id = 9")[0]["image_embedding"]
+    answers: list[httpx.Response] = []
+    with gate.admit():  # the one scan slot is busy (as with a long scan in flight)
+        queued = threading.Thread(target=lambda: answers.append(
+            call(app, "POST", "/api/search", json={"vector": vec, "k": 3, "exact": True})))
+        queued.start()
+        deadline = time.monotonic() + 120  # a failure deadline: we wait for the request to queue
+        while gate.stats()["waiting"] != 1:
+            assert queued.is_alive() and time.monotonic() < deadline
+            time.sleep(0.01)
+        with caplog.at_level("INFO", logger="laion_search.web"):
+            assert begin_shutdown(app) == 0  # nothing of this server's runs in the engine: idle
+        queued.join(120)  # woken by the shutdown, not by the slot (still held here)
+        assert not queued.is_alive()
+        assert gate.stats()["running"] == 1
+    assert answers[0].status_code == 503 and "shutting down" in answers[0].json()["error"]
+    assert "cancelled" not in caplog.text
+    r = call(app, "POST", "/api/search", json={"vector": vec, "k": 3})
+    assert r.status_code == 503 and r.headers["connection"] == "close"
+    assert call(app, "GET", "/health").status_code == 200
+
+
+def test_shutdown_cancels_a_running_query_and_counts_it(served_store, caplog):
+    from laion_search.errors import QueryError
+    from laion_search.web.app import begin_shutdown
+
+    store, model, _ = served_store
+    app = create_app(store, model=model, query_timeout=600)
+    outcome: list[BaseException] = []
+
+    def slow() -> None:  # the server's own session settings tag it, as a search would be
+        try:
+            store.rows("SELECT sum(number) FROM numbers(1000000000000)")
+        except BaseException as exc:  # noqa: BLE001 - what the cancel raises is the result
+            outcome.append(exc)
+
+    t = threading.Thread(target=slow)
+    t.start()
+    deadline = time.monotonic() + 120  # a failure deadline: we wait for the query to be running
+    while not store.rows("SELECT 1 FROM system.processes WHERE query LIKE 'SELECT sum(number) FROM numbers%'"):
+        assert t.is_alive() and time.monotonic() < deadline
+        time.sleep(0.01)
+    try:
+        with caplog.at_level("INFO", logger="laion_search.web"):
+            assert begin_shutdown(app) == 1
+    finally:
+        t.join(120)
+        store.backend.command("SET max_execution_time = 30")  # the fixture's store serves later tests
+    assert isinstance(outcome[0], QueryError) and "cancelled" in str(outcome[0]).lower()
+    assert "shutting down: cancelled 1 running query" in caplog.text
 
 
 def test_synth_images_small_local_and_alike_for_near_rows(tmp_path):

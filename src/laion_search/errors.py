@@ -13,7 +13,9 @@
     ├── EncoderError                CLIP model missing/unloadable, or an input it cannot encode
     │   └── EncoderUnavailable      a server's start-up check found no usable encoder (or is still running)
     ├── DownloadError               a shard file could not be downloaded (after the retry budget)
-    └── Overloaded                  a server's queue for this class of query is full (retry after a while)
+    ├── Overloaded                  a server's queue for this class of query is full (retry after a while)
+    ├── ShuttingDown                a server is stopping: a queued query is refused, not run
+    └── ServeError                  a server cannot listen on its address (the port is taken …)
 
 Third-party errors are re-raised as ours with ``raise … from`` so callers (CLI, HTTP API)
 only need to know this tree, and the original is kept as ``__cause__``.
@@ -65,7 +67,15 @@ class QueryError(StoreError):
 
 
 class EncoderError(LaionError):
-    """A CLIP model could not be loaded, or an input (text, image) could not be encoded."""
+    """A CLIP model could not be loaded, or an input (text, image) could not be encoded.
+
+    ``reason`` is what went wrong and ``fix`` (when there is one) the sentence that says what to
+    do; the message is both, on one line. A server shows them apart (``/api/status``)."""
+
+    def __init__(self, message: str, *, fix: str | None = None):
+        self.reason = message
+        self.fix = fix
+        super().__init__(f"{message}. {fix}" if fix else message)
 
 
 class EncoderUnavailable(EncoderError):
@@ -88,3 +98,13 @@ class Overloaded(LaionError):
     def __init__(self, message: str, *, retry_after: int = 1):
         self.retry_after = retry_after
         super().__init__(message)
+
+
+class ShuttingDown(LaionError):
+    """A server is shutting down (SIGTERM): a query still waiting for its turn is refused at
+    once instead of being run (HTTP 503)."""
+
+
+class ServeError(LaionError):
+    """``laion serve`` cannot listen on its host and port: the port is taken, the address is not
+    this machine's, or binding it needs a privilege. Found before the store is opened."""

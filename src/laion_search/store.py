@@ -65,6 +65,10 @@ class Store:
     """A handle on one laion-search store. Thread-safe; close it (or use ``with``) when done."""
 
     def __init__(self, backend: Backend, *, create: bool = True):
+        """``create``: make the tables when they are missing. Without it, a database that has them
+        is still brought up to date (:meth:`init` only adds missing bookkeeping columns then), and
+        one without them is left untouched (:func:`open_backend` refuses a directory without a
+        store before the engine starts)."""
         self.backend = backend
         self._dim: int | None = None
         self._modalities: tuple[list[str], float] | None = None
@@ -73,7 +77,7 @@ class Store:
         self._cached: dict[str, tuple[Any, float]] = {}  # see cached()
         #: where rows live: one node (``laion`` is MergeTree) or a cluster (``laion`` is Distributed)
         self.layout: SingleNode | ClusterLayout = detect_layout(backend, TABLE)
-        if create and self.layout.cluster is None:
+        if self.layout.cluster is None and (create or self.has_table()):
             self.init()
 
     @property
@@ -94,6 +98,12 @@ class Store:
             self.backend.command(stmt)
         self.layout = layout
         return statements
+
+    def has_table(self) -> bool:
+        """Whether the database holds the ``laion`` table (a store: see :func:`missing_store_message`)."""
+        return bool(self.backend.query_arrow(
+            "SELECT count() AS n FROM system.tables WHERE database = currentDatabase() AND name = {t:String}",
+            {"t": TABLE}).column(0)[0].as_py())
 
     def init(self) -> None:
         """Create the tables if they do not exist (idempotent)."""
@@ -363,7 +373,10 @@ class Store:
     def cancel_queries(self, tag: str) -> int:
         """Cancel the running queries whose ``log_comment`` setting is ``tag`` (a server tags
         its own queries so that shutting down ends them, and nobody else's); returns how many."""
-        got = self.rows("KILL QUERY WHERE Settings['log_comment'] = {tag:String} "
+        # KILL QUERY finds its victims with a SELECT on system.processes that carries the tag
+        # too and is not a KILL: without `query_id != queryID()` it counts itself, and every
+        # shutdown, idle or not, reported "cancelled 1 running query"
+        got = self.rows("KILL QUERY WHERE Settings['log_comment'] = {tag:String} AND query_id != queryID() "
                         "AND NOT startsWith(query, 'KILL') SYNC", {"tag": tag})
         return len(got)
 
@@ -459,6 +472,12 @@ def connect(target: str | os.PathLike[str] | None = None, *, create: bool = True
 
     ``None`` uses ``$LAION_URL``, else :func:`default_db_path` (``$LAION_DB`` or the per-user data directory).
 
+    ``create=False`` creates nothing: a directory that holds no store raises
+    :class:`~laion_search.errors.StoreError` naming the path and how to create one, and leaves no
+    directory behind (the read-only commands open stores this way, so a mistyped ``--db`` is an
+    error, not a new empty store); on a server the tables are then not created (check
+    :meth:`Store.has_table`).
+
     The library's public entry is :func:`laion_search.connect`, which returns a
     :class:`~laion_search.api.Database` (this Store plus ingest/search/index methods).
     """
@@ -472,6 +491,7 @@ S = TypeVar("S", bound=Store)
 def open_backend(cls: type[S], target: str | os.PathLike[str] | None = None, *, create: bool = True,
                  udf_path: str | None = None) -> S:
     """``cls`` (a Store or a subclass) over the backend ``target`` names; see :func:`connect`."""
+    default = target is None
     if target is None:
         target = os.environ.get("LAION_URL") or default_db_path()
     text = str(target)
@@ -487,6 +507,9 @@ def open_backend(cls: type[S], target: str | os.PathLike[str] | None = None, *, 
         candidate = Path(text).expanduser() / UDF_DIR
         if any(candidate.glob("*_function.xml")):
             udf_path = str(candidate.resolve())
+    if not create and not holds_store(text):
+        # before the engine starts: it would make the directory and its own files in it
+        raise StoreError(missing_store_message(text, default=default and not os.environ.get("LAION_DB")))
     check_store_dir(text)
     killpoints.reached("store_open")
     backend = ChdbBackend(text, udf_path=udf_path)
@@ -495,6 +518,23 @@ def open_backend(cls: type[S], target: str | os.PathLike[str] | None = None, *, 
     except Exception:
         backend.close()
         raise
+
+
+def holds_store(path: str | os.PathLike[str]) -> bool:
+    """Whether the directory holds an embedded store: the engine's definition of the ``laion``
+    table (``metadata/default/laion.sql``, ClickHouse's on-disk layout). Read from the disk, so
+    asking neither starts the engine nor writes anything."""
+    return (Path(path).expanduser() / "metadata" / "default" / f"{TABLE}.sql").is_file()
+
+
+def missing_store_message(location: str | os.PathLike[str], *, default: bool = False) -> str:
+    """One line: no store at ``location``, and the commands that create one."""
+    where = str(location)
+    opt = "--url" if is_url(where) else "--db"
+    arg = f" {opt} {where}" if not default else ""
+    hint = (" (the default store; pass --db PATH or set LAION_DB for another)" if default else "")
+    return (f"no laion-search store at {where}{hint}: create one with `laion ingest SHARDS{arg}` "
+            f"(or an empty one with `laion init{arg}`)")
 
 
 def check_store_dir(path: str | os.PathLike[str]) -> None:

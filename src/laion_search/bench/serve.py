@@ -67,7 +67,7 @@ def _existing(db: Path, say: Callable[[str], Any]) -> tuple[np.ndarray, list[int
     existing store, which must have a vector index on image embeddings."""
     from laion_search.store import connect
 
-    with connect(db) as store:
+    with connect(db, create=False) as store:  # an existing store: a mistyped path must not become a new one
         rows = int(store.scalar("SELECT count() FROM laion") or 0)
         if not rows:
             raise RuntimeError(f"{db}: the store is empty")

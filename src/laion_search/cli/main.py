@@ -45,12 +45,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except UsageError as exc:
-            output.err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
-            raise typer.Exit(getattr(exc, "exit_code", 2)) from None  # ModalityError: 1
         except LaionError as exc:
-            output.err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
-            raise typer.Exit(1) from None
+            raise typer.Exit(report_error(exc)) from None
         except KeyboardInterrupt:
             output.err.print("interrupted")
             raise typer.Exit(130) from None
@@ -58,10 +54,26 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def open_store(db: Optional[str], url: Optional[str] = None):
-    from laion_search.store import connect
+def report_error(exc: LaionError) -> int:
+    """Print a library error as its one line; returns the exit status (2 for usage errors)."""
+    output.err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+    if isinstance(exc, UsageError):
+        return getattr(exc, "exit_code", 2)  # ModalityError: 1
+    return 1
 
-    return connect(url or db)
+
+def open_store(db: Optional[str], url: Optional[str] = None, *, create: bool):
+    """The store ``--url`` or ``--db`` names. Only the commands that load or build (ingest,
+    download, init, index create) pass ``create``: the others on a path without a store fail
+    with one line naming it, and leave nothing behind, instead of reading a new empty store."""
+    from laion_search.errors import StoreError
+    from laion_search.store import connect, missing_store_message
+
+    store = connect(url or db, create=create)
+    if not create and not store.has_table():  # a server database without the tables
+        store.close()
+        raise StoreError(missing_store_message(store.location))
+    return store
 
 
 # -- synth ----------------------------------------------------------------------------------------
@@ -153,7 +165,7 @@ def ingest(
 
     numbers = parse_shard_spec(shards)
     check_format(fmt)
-    with open_store(db, url) as store, output.IngestProgress(output.progress_mode(json_output)) as progress:
+    with open_store(db, url, create=True) as store, output.IngestProgress(output.progress_mode(json_output)) as progress:
         report = ingest_source(store, source, format=fmt, shards=numbers, batch_rows=batch_rows, force=force,
                                progress=progress, skip_bad_rows=skip_bad_rows, model=source_model, index=index,
                                index_kind=_check_kind(index_kind, ("hnsw", "ivf")))
@@ -250,7 +262,7 @@ def download(
     policy = RetryPolicy(tries=tries, base_delay=retry_delay, max_delay=max_retry_delay,
                          connect_timeout=connect_timeout, read_timeout=read_timeout)
     with contextlib.ExitStack() as stack:
-        store = stack.enter_context(open_store(db, url)) if do_ingest else None
+        store = stack.enter_context(open_store(db, url, create=True)) if do_ingest else None
         load: Any = None
         if do_ingest:  # the store is open (chDB loaded): the ingest layer costs nothing more now
             from laion_search.ingest import ingest_files
@@ -343,7 +355,7 @@ def status(db: Optional[str] = DbOption, url: Optional[str] = UrlOption,
 
     Example: laion status --db ./laion-db
     """
-    with open_store(db, url) as store:
+    with open_store(db, url, create=False) as store:
         info = store.status().as_dict()
     if json_output:
         print(output.dumps(info))
@@ -391,7 +403,7 @@ def sql(
     if fmt not in ("table", "json", "jsonl", "csv", "tsv"):
         raise UsageError("--format must be table, json, jsonl, csv or tsv")
     params = parse_params(param)
-    with open_store(db, url) as store:
+    with open_store(db, url, create=False) as store:
         result = store.sql(query, params)
     output.print_arrow(result, "json" if json_output else fmt)
 
@@ -451,7 +463,7 @@ def search(
         min_similarity=min_similarity, caption_contains=caption_contains, where=where, exclude_ids=exclude_ids,
         ef_search=ef_search, rescoring=rescoring, filter_strategy=filter_strategy, fetch_multiplier=fetch_multiplier,
         verify_checksums=verify_checksums, nprobe=nprobe, scan_threads=scan_threads, scan_nice=scan_nice).check()
-    with open_store(db, url) as store:
+    with open_store(db, url, create=False) as store:
         result = do_search(store, query=query)
     print_search(result, json_output)
 
@@ -505,12 +517,12 @@ def index_create(
     if _check_kind(kind) == "ivf":
         from laion_search.index.ivf import create_ivf
 
-        with open_store(db, url) as store:
+        with open_store(db, url, create=True) as store:
             results = _with_index_progress(json_output, lambda progress: create_ivf(
                 store, columns_for(column), lists=lists, codes=codes, replace=replace, progress=progress))
         return _print_built(results, json_output)
     if _check_kind(kind) == "scan":
-        with open_store(db, url) as store:
+        with open_store(db, url, create=True) as store:
             results = [_with_index_progress(json_output, functools.partial(_scan_copy, store, c))
                        for c in columns_for(column)]
         return _print_built(results, json_output)
@@ -518,7 +530,7 @@ def index_create(
     m_val = m if m is not None else (GUIDE_M if guide else DEFAULT_M)
     ef_val = ef_construction if ef_construction is not None else (GUIDE_EF_CONSTRUCTION if guide else DEFAULT_EF_CONSTRUCTION)
     specs = [IndexSpec(c, metric, quantization, m_val, ef_val).check() for c in columns_for(column)]
-    with open_store(db, url) as store:  # both columns: one compaction, the builds queued together
+    with open_store(db, url, create=True) as store:  # both columns: one compaction, the builds queued together
         results = _with_index_progress(json_output, functools.partial(_hnsw, store, specs, replace))
     _print_built(results, json_output)
 
@@ -577,7 +589,7 @@ def index_status_cmd(db: Optional[str] = DbOption, url: Optional[str] = UrlOptio
 
     from laion_search.index.ivf import status as ivf_status
 
-    with open_store(db, url) as store:
+    with open_store(db, url, create=False) as store:
         info = store.index_status()
         ivfs = ivf_status(store)
     if json_output:
@@ -646,7 +658,7 @@ def index_tune(
             output.err.print(f"{e['knob']} {e['value']}: recall@{k} {e['recall']:.3f} (lower bound "
                              f"{e['recall_lower']:.3f}), p50 {e['p50_ms']:.1f} ms")
 
-    with open_store(db, url) as store:
+    with open_store(db, url, create=False) as store:
         result = tune(store, column, recall=recall, k=k, sample=sample, seed=seed, save=not dry_run,
                       cross_modal=cross_modal, queries=queries, progress=show, kind=kind)
     knob = "nprobe" if result.kind == "ivf" else "ef_search"
@@ -676,7 +688,7 @@ def index_drop(column: str = typer.Option("both", "--column", help="image, text 
     from laion_search.index import columns_for, drop_index, drop_scan_copy
     from laion_search.schema import INDEX_NAMES, scan_column
 
-    with open_store(db, url) as store:
+    with open_store(db, url, create=False) as store:
         if _check_kind(kind) == "ivf":
             from laion_search.index.ivf import drop_ivf
 
@@ -728,13 +740,14 @@ def serve(
     """HTTP API + web page at http://HOST:PORT/ (OpenAPI docs at /docs); speaks clip-retrieval's /knn-service.
 
     The CLIP model is checked once at start-up; without one, text and image search answer 503
-    with the fix while vector and "more like this" search keep working. SIGTERM cancels running
-    queries and exits within a few seconds.
+    with the fix while vector and "more like this" search keep working. SIGTERM refuses queued
+    queries, cancels running ones (their requests answer 503) and exits within a few seconds.
 
     Example: laion serve --port 8000 --db ./laion-db --images ./shards
     """
     import logging
 
+    from laion_search.web.app import bind_listeners
     from laion_search.web.app import serve as run_server
 
     if log_level.lower() not in ("debug", "info", "warning"):
@@ -747,18 +760,29 @@ def serve(
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
         web_log.addHandler(handler)
-    with open_store(db, url) as store:
-        output.err.print(f"serving {store.location} on http://{host}:{port}/  (API docs: /docs)")
-        run_server(store, host=host, port=port, token=token, model=model, allow_sql=allow_sql,
-                   allow_image_url=allow_image_url, cors_origins=cors_origin or None, query_timeout=query_timeout,
-                   image_root=images, cache_size=cache_size, max_scans=max_scans, scan_queue=scan_queue,
-                   scan_threads=scan_threads, scan_nice=scan_nice)
-    # The store is closed and the server wrote nothing that is not already on disk (it only
-    # reads). chDB's engine-wide teardown at interpreter exit takes ~4 s more on its own: skip
-    # it, so that SIGTERM → exit stays well within 5 s.
+    # the port first: a taken one is one line and exit 1, before the engine starts (an engine
+    # torn down at interpreter exit while the server's start-up threads still use it segfaults)
+    sockets = bind_listeners(host, port)
+    code = 0
+    try:
+        with open_store(db, url, create=False) as store:
+            output.err.print(f"serving {store.location} on http://{host}:{port}/  (API docs: /docs)")
+            run_server(store, host=host, port=port, sockets=sockets, token=token, model=model, allow_sql=allow_sql,
+                       allow_image_url=allow_image_url, cors_origins=cors_origin or None,
+                       query_timeout=query_timeout, image_root=images, cache_size=cache_size, max_scans=max_scans,
+                       scan_queue=scan_queue, scan_threads=scan_threads, scan_nice=scan_nice)
+    except LaionError as exc:
+        code = report_error(exc)
+    except SystemExit as exc:  # uvicorn's own way out when it cannot start
+        code = exc.code if isinstance(exc.code, int) else 1
+    # Every way out once the store was opened ends here. The store is closed and the server wrote
+    # nothing that is not already on disk (it only reads). chDB's engine-wide teardown at
+    # interpreter exit takes ~4 s more on its own, and crashes when the server's background
+    # threads (the CLIP check, the index preload) are still in the engine: skip it, so that
+    # SIGTERM → exit stays well within 5 s and no way out ends in a segfault.
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 # -- embed --------------------------------------------------------------------------------------
@@ -879,7 +903,7 @@ def init(
         if dry_run:
             statements = [TABLE_DDL.format(table=TABLE).strip(), SHARDS_DDL.format(table=SHARDS_TABLE).strip()]
         else:
-            with open_store(db, url) as store:
+            with open_store(db, url, create=True) as store:
                 statements = [f"(tables exist in {store.location})"]
     else:
         if not dry_run and not (target and is_url(str(target))):
@@ -1109,7 +1133,7 @@ def bench_search(
         for p in (qpath, gold):
             if not p.is_file():
                 raise UsageError(f"{p}: no such file")
-        with open_store(db, url) as store:
+        with open_store(db, url, create=False) as store:
             result = run_gold(store, qpath, gold, limit=limit or None,
                               configs=None if configs in (None, "none") else configs, quantization=quantization,
                               threads=threads, metric=metric, out=out, log=None if json_output else output.err.print)

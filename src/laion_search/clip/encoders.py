@@ -6,19 +6,27 @@ LAION-400M's embeddings come from OpenAI CLIP ViT-B/32, so that is the default
 
 * a Hugging Face model id or a local directory with a CLIP model (``config.json``, weights,
   tokenizer files) — e.g. a copy made on a machine with internet by
-  ``huggingface-cli download openai/clip-vit-base-patch32 --local-dir ./clip-b32``;
+  ``hf download openai/clip-vit-base-patch32 --local-dir ./clip-b32``;
 * ``open_clip:ARCH/PRETRAINED`` (e.g. ``open_clip:ViT-L-14/laion2b_s32b_b82k`` for LAION-5B)
   when ``open_clip_torch`` is installed.
 
 Heavy dependencies (torch, transformers, Pillow) are the ``[clip]`` extra, imported only when
 an encoder is first used. Encoders live in a registry keyed by scheme, so a new family plugs in
 with :func:`register` without touching callers.
+
+Where a model loads from is decided before torch is imported (:func:`hub_access`): a local
+directory and offline mode (``HF_HUB_OFFLINE``) never touch the network, not even DNS; a hub id
+costs one bounded probe of the hub (:data:`HUB_PROBE_SECONDS`), and when the hub does not answer
+it loads from the local cache only. A model that is not there fails at once with one line that
+says how to point at a local copy, instead of the hub client's five retries (~30 s).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +41,11 @@ DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 ENV_MODEL = "LAION_CLIP_MODEL"
 INSTALL_HINT = "pip install 'laion-search[clip]'  (torch, transformers, pillow)"
 MAX_TEXT_CHARS = 10_000  # CLIP reads 77 tokens; longer text is cut long before tokenizing
+#: Seconds the hub probe may take, name lookup and TCP connect together: a reachable hub answers
+#: in a fraction of this, and a lookup that hangs (no resolver) must not hold a query for longer.
+HUB_PROBE_SECONDS = 1.0
+#: A Hugging Face repo id (``owner/name`` or ``name``), as the hub client accepts them.
+_REPO_ID_RE = re.compile(r"^(?:[\w.-]{1,96}/)?[\w.-]{1,96}$")
 
 # OpenAI CLIP's image normalisation (used when a model directory has no preprocessor config)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -104,17 +117,18 @@ class HFClipEncoder:
     """A CLIP model in Hugging Face format (hub id or local directory)."""
 
     def __init__(self, model: str):
+        local_only = hub_access(model)  # before torch: a model that is not here fails in milliseconds
         torch, transformers = _import_torch_stack()
         self.name = model
         self._torch = torch
         try:
-            self.model = transformers.CLIPModel.from_pretrained(model)
-            self.tokenizer = transformers.CLIPTokenizer.from_pretrained(model)
+            with hub_offline(local_only):
+                self.model = transformers.CLIPModel.from_pretrained(model, local_files_only=local_only)
+                self.tokenizer = transformers.CLIPTokenizer.from_pretrained(model, local_files_only=local_only)
         except (OSError, ValueError) as exc:
-            raise EncoderError(
-                f"cannot load CLIP model {model!r}: {str(exc).splitlines()[0]}. Without internet, download it on "
-                f"another machine (huggingface-cli download {_hub_id(model)} --local-dir ./clip-model), copy the "
-                "folder here and pass --model ./clip-model (or set LAION_CLIP_MODEL)") from None
+            # the library's first line may end with a full stop: one, not "files.. Without"
+            raise EncoderError(f"cannot load CLIP model {model!r}: {str(exc).splitlines()[0].rstrip('. ')}",
+                               fix=local_copy_fix(model)) from None
         self.model.eval()
         cfg = self.model.config
         self.dim = int(cfg.projection_dim)
@@ -182,6 +196,84 @@ def _hub_id(model: str) -> str:
         else DEFAULT_MODEL
 
 
+def local_copy_fix(model: str) -> str:
+    """The one sentence that says how to point at a local copy of ``model``."""
+    return (f"Without internet, download it on another machine (hf download {_hub_id(model)} --local-dir "
+            "./clip-model), copy the folder here and pass --model ./clip-model (or set LAION_CLIP_MODEL)")
+
+
+def offline_mode() -> bool:
+    """Whether the model hub is switched off: ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` as
+    the user set them, or :func:`go_offline` earlier in this process."""
+    if any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+           for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return True
+    try:
+        import huggingface_hub.constants as hub_constants  # light: no torch, no network
+    except ImportError:
+        return False
+    return bool(hub_constants.HF_HUB_OFFLINE)
+
+
+def hub_access(model: str) -> bool:
+    """Where ``model`` loads from, decided before anything heavy is imported: returns True when
+    the load must stay off the network (a local directory, offline mode, an unreachable hub) and
+    False when the hub may be asked. Raises :class:`EncoderError` at once, with the fix, when the
+    model cannot be there: a path that does not exist, or a hub id missing from the local cache
+    while the hub is off or unreachable. A local directory or offline mode makes no network call,
+    not even a name lookup; otherwise one bounded probe (:func:`hub_reachable`) decides."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise EncoderError(f"cannot load CLIP model {model!r}: not a directory (a CLIP model is a folder with "
+                               "config.json, weights and tokenizer files)", fix=local_copy_fix(model))
+        return True
+    if not _REPO_ID_RE.match(model) or ".." in model or model.startswith((".", "~")):
+        raise EncoderError(f"cannot load CLIP model {model!r}: no such directory", fix=local_copy_fix(model))
+    if offline_mode():
+        why = "the model hub is switched off (HF_HUB_OFFLINE)"
+    elif not hub_reachable():
+        why = f"the model hub ({hub_endpoint()}) is unreachable"
+    else:
+        return False
+    if not _in_hub_cache(model):
+        raise EncoderError(f"cannot load CLIP model {model!r}: {why} and the model is not in the local cache",
+                           fix=local_copy_fix(model))
+    return True
+
+
+def _in_hub_cache(model: str) -> bool:
+    """Whether the hub client's local cache holds ``model`` (its config, at least)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # without the hub client nothing can load a hub id anyway
+        return False
+    try:
+        return isinstance(try_to_load_from_cache(model, "config.json"), str)
+    except ValueError:  # not a valid repo id after all
+        return False
+
+
+@contextlib.contextmanager
+def hub_offline(on: bool = True):
+    """While the block runs, the hub client makes no request at all when ``on`` (transformers'
+    ``local_files_only`` alone still lets it fetch metadata of its own, e.g. its user agent's)."""
+    if not on:
+        yield
+        return
+    try:
+        import huggingface_hub.constants as hub_constants
+    except ImportError:
+        yield
+        return
+    before = hub_constants.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = before
+
+
 def _features(feats: Any) -> np.ndarray:
     # transformers ≥ 5 returns a model output whose pooler_output holds the projected features
     tensor = feats if hasattr(feats, "detach") else feats.pooler_output
@@ -216,10 +308,19 @@ class OpenClipEncoder:
         except ImportError:
             raise EncoderError("open_clip models need open_clip_torch: pip install open_clip_torch") from None
         arch, _, pretrained = spec.partition("/")
+        # a checkpoint file needs no hub; a pretrained tag comes from the hub or its cache, and
+        # with the hub off or silent only the cache is asked (no retries)
+        local_only = bool(pretrained) and Path(pretrained).expanduser().is_file()
+        if pretrained and not local_only and (offline_mode() or not hub_reachable()):
+            local_only = True
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained or None)
+            with hub_offline(local_only):
+                model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained or None)
         except Exception as exc:
-            raise EncoderError(f"cannot load open_clip model {spec!r}: {exc}") from None
+            first = (str(exc).splitlines() or [type(exc).__name__])[0].rstrip(". ")
+            raise EncoderError(f"cannot load open_clip model {spec!r}: {first}",
+                               fix="Without internet, pass a local checkpoint file: --model open_clip:ARCH/PATH.bin"
+                               if local_only else None) from None
         self.name = f"open_clip:{spec}"
         self._torch, self.model, self._preprocess = torch, model.eval(), preprocess
         self.tokenizer = open_clip.get_tokenizer(arch)
@@ -244,7 +345,7 @@ class OpenClipEncoder:
 
 
 # -- start-up check (servers) ---------------------------------------------------------------------
-DOWNLOAD_FIX = (f"on a machine with internet run `huggingface-cli download {DEFAULT_MODEL} --local-dir ./clip-b32`, "
+DOWNLOAD_FIX = (f"on a machine with internet run `hf download {DEFAULT_MODEL} --local-dir ./clip-b32`, "
                 "copy ./clip-b32 here and restart with `--model ./clip-b32` (or set LAION_CLIP_MODEL)")
 
 
@@ -264,41 +365,68 @@ class EncoderCheck:
 
 
 def check_encoder(model: str | os.PathLike[str] | None = None) -> EncoderCheck:
-    """Load the encoder once (a long-running process calls this at start-up). When it cannot
-    load, the model hub is switched off for the rest of the process (``HF_HUB_OFFLINE``), so
-    nothing later retries the network, and the reason and the fix are returned, not raised."""
+    """Load the encoder once (a long-running process calls this at start-up). Where it loads
+    from is decided as for every load (:func:`hub_access`: no retries against a silent hub); when
+    it cannot load, the model hub is switched off for the rest of the process
+    (``HF_HUB_OFFLINE``), so nothing later asks the network again, and the reason and the fix are
+    returned, not raised."""
     name = resolve_model(model)
-    unreachable = False
-    if not Path(name).exists() and os.environ.get("HF_HUB_OFFLINE", "0") in ("", "0") and not hub_reachable():
-        # no network: the hub client would retry for ~30 s; use the local cache only, at once
-        unreachable = True
-        go_offline()
     try:
         enc = get_encoder(name)
     except EncoderError as exc:
         go_offline()
-        text = str(exc)
-        if "need torch" in text or "open_clip_torch" in text:
+        if "need torch" in exc.reason or "open_clip_torch" in exc.reason:
+            text = str(exc)
             return EncoderCheck(name, False, reason=text.split(":")[0], fix=text.rsplit(": ", 1)[-1])
-        reason = text.split(". Without internet")[0].rstrip(".")
-        if unreachable and "couldn't connect" in reason:
-            reason = f"cannot load CLIP model {name!r}: the model hub is unreachable and the model is not in the local cache"
-        return EncoderCheck(name, False, reason=reason, fix=DOWNLOAD_FIX)
+        return EncoderCheck(name, False, reason=exc.reason, fix=DOWNLOAD_FIX)
     return EncoderCheck(name, True, dim=int(enc.dim))
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the model hub (``$HF_ENDPOINT``, default huggingface.co) accepts a TCP connection."""
+def hub_endpoint() -> str:
+    """The model hub the hub client talks to: ``$HF_ENDPOINT``, default https://huggingface.co."""
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
+def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """Whether the model hub (or the proxy the hub client would use for it) accepts a TCP
+    connection within ``timeout`` seconds, the name lookup included: a lookup runs in a helper
+    thread, because ``getaddrinfo`` has no timeout of its own and hangs for ~10 s without a
+    resolver. One connection attempt per address, no retries."""
     import socket
+    import time
+    import urllib.request
     from urllib.parse import urlsplit
 
-    parts = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        socket.create_connection((parts.hostname or "", port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+    parts = urlsplit(hub_endpoint())
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        p = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = p.hostname or "", p.port or (443 if p.scheme == "https" else 80)
+    deadline = time.monotonic() + timeout
+    found: list[Any] = []
+
+    def lookup() -> None:
+        try:
+            found.extend(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except (OSError, UnicodeError):
+            pass
+
+    resolver = threading.Thread(target=lookup, name="laion-hub-lookup", daemon=True)
+    resolver.start()
+    resolver.join(timeout)
+    for family, kind, proto, _, address in list(found) if not resolver.is_alive() else []:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                sock.settimeout(left)
+                sock.connect(address)
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def go_offline() -> None:

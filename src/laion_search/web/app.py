@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import re
+import socket
 import threading
 import time
 from importlib import resources
@@ -44,7 +45,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from laion_search.web.admission import AdmissionGate
 from laion_search.web.cache import LRUCache, request_key
-from laion_search.errors import EncoderError, EncoderUnavailable, LaionError, Overloaded, QueryError, UsageError
+from laion_search.errors import (EncoderError, EncoderUnavailable, LaionError, Overloaded, QueryError, ServeError,
+                                 ShuttingDown, UsageError)
 from laion_search.schema import COLUMNS, MAX_K, TABLE
 from laion_search.search import SearchQuery, search, will_scan
 from laion_search.store import Store
@@ -287,6 +289,10 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
     async def overloaded(request: Request, exc: Overloaded):
         return _error(429, str(exc), headers={"Retry-After": str(exc.retry_after)})
 
+    @app.exception_handler(ShuttingDown)
+    async def shutting_down(request: Request, exc: ShuttingDown):
+        return _error(503, str(exc), headers={"Connection": "close"})
+
     @app.exception_handler(LaionError)
     async def laion_error(request: Request, exc: LaionError):
         if app.state.shutting_down:
@@ -355,6 +361,8 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
         log.debug("search started: %s", "exact scan" if scan else "indexed")
 
         def go() -> Any:
+            if app.state.shutting_down:  # admitted as the signal came: the cancel would miss it
+                raise ShuttingDown("the server is shutting down; the query was not started")
             return search(store, query=dataclasses.replace(
                 query, text=None, image=None, vector=vector, scan_threads=scan_threads if scan else None,
                 scan_nice=scan_nice if scan else None))
@@ -637,9 +645,13 @@ def warm_up_indexes(store: Store, state: dict[str, Any]) -> None:
 
 
 def begin_shutdown(app: Any) -> int:
-    """Stop taking requests and cancel this server's running queries (SIGTERM); returns how many
-    were cancelled. Their requests answer 503 at once."""
+    """Stop taking requests, refuse the queued ones and cancel this server's running queries
+    (SIGTERM); returns how many running queries were cancelled. Their requests, and the queued
+    exact scans and encodings, answer 503 at once; a query that ends before the cancel reaches it
+    answers as usual. Logs the cancellations only when there were some."""
     app.state.shutting_down = True
+    for gate in (app.state.scan_gate, app.state.encode_gate):
+        gate.close("the server is shutting down; the query was not started")
     if app.state.query_tag is None:
         return 0
     try:
@@ -781,13 +793,65 @@ def deduplicate(store: Store, rows: list[dict[str, Any]], modality: str,
 GRACEFUL_SECONDS = 3.0
 
 
-def serve(store: Store, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
-    """Run the app with uvicorn until SIGINT/SIGTERM. On the signal it stops accepting, cancels
-    its running queries (their requests answer 503) and exits within ``GRACEFUL_SECONDS`` plus
-    a moment, even if a request is stuck in a model."""
+def bind_listeners(host: str, port: int) -> list[socket.socket]:
+    """Bind ``host:port`` (every address the host names, as uvicorn would) before anything
+    else starts, so that a taken port is one :class:`ServeError` line and the embedded engine is
+    never opened for a server that cannot listen. The sockets are handed to :func:`serve`."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as exc:
+        raise ServeError(f"cannot serve on {host}:{port}: unknown host ({getattr(exc, 'strerror', None) or exc})") \
+            from None
+    sockets: list[socket.socket] = []
+    seen = set()
+    try:
+        for family, kind, proto, _, address in infos:
+            if (family, address) in seen:
+                continue
+            seen.add((family, address))
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            # as asyncio's create_server: a restart may take the port over from connections in TIME_WAIT
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                raise ServeError(_bind_error(host, port, exc)) from None
+            sock.set_inheritable(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _bind_error(host: str, port: int, exc: OSError) -> str:
+    import errno
+
+    where = f"{host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        return f"cannot serve on {where}: the port is in use (another server?); choose another with --port"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot serve on {where}: {host} is not an address of this machine (--host)"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"cannot serve on {where}: permission denied (ports below 1024 need privileges; choose another --port)"
+    return f"cannot serve on {where}: {exc.strerror or exc}"
+
+
+def serve(store: Store, host: str = "127.0.0.1", port: int = 8000, *, sockets: list[socket.socket] | None = None,
+          **options: Any) -> None:
+    """Run the app with uvicorn until SIGINT/SIGTERM, on ``sockets`` from :func:`bind_listeners`
+    (bound here when not given). On the signal it stops accepting, refuses queued queries and
+    cancels its running ones (their requests answer 503) and exits within ``GRACEFUL_SECONDS``
+    plus a moment, even if a request is stuck in a model."""
     import uvicorn
 
+    if sockets is None:
+        sockets = bind_listeners(host, port)
     app = create_app(store, preload_indexes=True, **options)
+    stopping: list[threading.Thread] = []
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
@@ -798,8 +862,21 @@ def serve(store: Store, host: str = "127.0.0.1", port: int = 8000, **options: An
             self._captured_signals.clear()
             if first:
                 log.info("signal %s: shutting down", sig)
-                threading.Thread(target=begin_shutdown, args=(app,), name="laion-shutdown", daemon=True).start()
+                stopping.append(threading.Thread(target=begin_shutdown, args=(app,), name="laion-shutdown",
+                                                 daemon=True))
+                stopping[0].start()
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:  # uvicorn says where it listens only for the sockets it bound itself
+                shown = f"[{host}]" if ":" in host else host
+                logging.getLogger("uvicorn.error").info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)",
+                                                        shown, port)
 
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_keep_alive=5,
                             limit_concurrency=256, timeout_graceful_shutdown=int(GRACEFUL_SECONDS))
-    Server(config).run()
+    Server(config).run(sockets=sockets)
+    for thread in stopping:
+        # the cancel's KILL ... SYNC may still be in the engine when the last request is answered:
+        # the caller closes the store next, and its count belongs in the log
+        thread.join(GRACEFUL_SECONDS)
