@@ -28,6 +28,7 @@ from laion_search.schema import (INDEX_NAMES, SHARDS_DDL, SHARDS_TABLE, STAGE_PR
                                  index_memory_estimate, model_for_dim, parse_index_type, scan_column)
 
 T = TypeVar("T")
+_Self = TypeVar("_Self", bound="Store")
 SCHEMA_TTL = 30.0  # seconds a store trusts its cached column / index list
 UDF_DIR = "udf"  # <store>/udf: executable UDFs the embedded engine loads at open
 
@@ -120,7 +121,7 @@ class Store:
     def close(self) -> None:
         self.backend.close()
 
-    def __enter__(self) -> "Store":
+    def __enter__(self: _Self) -> _Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -122,7 +122,7 @@ def tune(store: Store, column: str = "image", *, recall: float = 0.95, k: int = 
         raise UsageError(f"no {name} to tune: build it first (laion index create --column {column})")
     if kind == "ivf" and served is None:
         raise UsageError(f"no IVF index on {emb} to tune: build it first (laion index create --kind ivf --column {column})")
-    info = parse_index_type(index["type_full"]) if kind == "hnsw" else {"distance": "cosineDistance"}
+    info = parse_index_type(index["type_full"]) if index is not None and kind == "hnsw" else {"distance": "cosineDistance"}
     if info.get("distance") != "cosineDistance":
         raise UsageError(f"{name} uses {info.get('distance')}; tuning measures cosine indexes only")
     rows = int(store.scalar("SELECT count() FROM laion") or 0)
@@ -157,6 +157,7 @@ def tune(store: Store, column: str = "image", *, recall: float = 0.95, k: int = 
         return measured[value][1]
 
     if kind == "ivf":
+        assert served is not None
         start, cap, lo = 1, served.lists, 0
     else:
         start, cap, lo = max(START_EF_SEARCH, k), max_ef_search, k - 1  # an ef_search below k cannot return k rows
@@ -165,12 +166,17 @@ def tune(store: Store, column: str = "image", *, recall: float = 0.95, k: int = 
     hi = _smallest(measure, recall, start, cap, lo)
     curve = [{knob: v, "recall": r, "recall_lower": lb, "p50_ms": p} for v, (r, lb, p) in sorted(measured.items())]
     best = hi if hi is not None else max(measured, key=lambda v: measured[v][1])
-    result = TuneResult(column, name if kind == "hnsw" else served.table,
-                        index["type_full"] if kind == "hnsw" else f"ivf(lists={served.lists}, codes={served.codes})",
+    if kind == "hnsw":
+        assert index is not None
+        label, type_full = name, index["type_full"]
+    else:
+        assert served is not None
+        label, type_full = served.table, f"ivf(lists={served.lists}, codes={served.codes})"
+    result = TuneResult(column, label, type_full,
                         float(recall), k, len(sample_queries), hi is not None, hi if kind == "hnsw" else None,
                         measured[best][0], measured[best][2], curve, kind=kind,
                         nprobe=hi if kind == "ivf" else None, recall_lower=measured[best][1], mix=mix)
-    if hi is None and kind == "ivf":
+    if hi is None and served is not None and kind == "ivf":
         result.recommendation = (
             f"no nprobe up to all {served.lists} lists reaches recall@{k} {recall:g} at the lower bound (best "
             f"{measured[best][1]:.3f} at nprobe {best}): the candidates are the limit; a larger --sample narrows the "
@@ -183,7 +189,7 @@ def tune(store: Store, column: str = "image", *, recall: float = 0.95, k: int = 
             f"wider build search, e.g. laion index create --column {column} --m {min(2 * m, 128)} --ef-construction "
             f"{min(max(2 * efc, 128), 1024)} --replace, then tune again")
     elif save:
-        if kind == "ivf":
+        if served is not None and kind == "ivf":
             ivf.save_tuning(store, served, result)
         else:
             save_default(store, result)

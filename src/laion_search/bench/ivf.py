@@ -67,7 +67,7 @@ def run(rows: int = 1_000_000, queries: int = 100, k: int = 10, nprobes: str = "
         lists: int | None = None, hnsw: bool = True, peers: bool = True, threads: int = 2,
         workdir: Path | None = None, out: Path | None = None, log: Say | None = None, data: str = "synth",
         corpus: Any = None, parts: bool = True) -> dict[str, Any]:
-    from laion_search import connect
+    from laion_search.api import connect
     from laion_search.bench.common import scratch_dir
     from laion_search.index import IndexSpec, create_index, drop_index, ivf
     from laion_search.search import SearchOptions, search
@@ -171,7 +171,7 @@ def _peers(base: np.ndarray, qsets: dict, k: int, threads: int, lists: int, prob
         import faiss
     except ImportError:
         say("faiss not installed: its rows are skipped")
-        faiss = None
+        faiss = None  # type: ignore[assignment]
     if faiss is not None:
         faiss.omp_set_num_threads(os.cpu_count() or 1)
         dim = base.shape[1]
@@ -219,7 +219,7 @@ def _parts_experiment(root: Path, dim: int, say: Say, rows: int = 200_000, lists
                       nprobe: int = 16, spreads: tuple[int, ...] = (1, 8, 40)) -> list[dict[str, Any]]:
     """Rows and granules a probe reads when the same rows sit in 1, 8 or 40 parts (merges paused):
     the engine's own plan (``EXPLAIN indexes = 1``) counts the granules the primary key keeps."""
-    from laion_search import connect
+    from laion_search.api import connect
     from laion_search.index import ivf
     from laion_search.schema import IVF_GRANULARITY, ivf_table_ddl
 

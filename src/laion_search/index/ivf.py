@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -213,7 +213,7 @@ def generations(store: Store, column: str | None = None) -> list[IvfInfo]:
     """Every generation not dropped, oldest first."""
     if not tables_exist(store):
         return []
-    names = [f.name for f in IvfInfo.__dataclass_fields__.values()]  # type: ignore[attr-defined]
+    names = [f.name for f in fields(IvfInfo)]
     rows = store.rows(f"SELECT {', '.join(f'`{n}`' for n in names)} FROM {IVF_META_TABLE} FINAL "
                       "WHERE state != 'dropped' ORDER BY column, gen")
     out = [IvfInfo(**r) for r in rows]
@@ -604,9 +604,8 @@ class Feeder:
             store.run_ddl(_companion_ddl(info).replace(info.table, self.stages[key], 1))
             store.run_ddl(f"SYSTEM STOP MERGES {self.stages[key]}")
             if info.trained:
-                self.cents[key] = now.centroids.get(key)
-                if self.cents[key] is None:
-                    self.cents[key] = read_centroids(store, info)
+                known = now.centroids.get(key)
+                self.cents[key] = known if known is not None else read_centroids(store, info)
 
     def __bool__(self) -> bool:
         return bool(self.infos)
