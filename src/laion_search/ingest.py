@@ -32,6 +32,7 @@ import pyarrow as pa
 from laion_search.errors import LaionError, QueryError, ShardValidationError, StoreError, UsageError
 from laion_search.index.hnsw import IndexSpec, columns_for, create_indexes
 from laion_search.index.ivf import Feeder, cover, declare_ivf
+from laion_search.index.ivf import state as ivf_state
 from laion_search.schema import OPTIMIZE_SETTINGS, SHARDS_TABLE, TABLE
 from laion_search.sources.formats import Reader, assign_partitions, open_readers
 from laion_search.sources.shards import ShardFiles, open_shard
@@ -158,6 +159,12 @@ def ingest_readers(store: Store, readers: list[Reader], *, batch_rows: int = DEF
         if index and index_kind == "ivf":
             # shards loaded before the index was declared (skipped now) are assigned from the table
             cover(store, columns_for(index), progress=emit)
+        elif store.layout.cluster is None:
+            # a shard an interrupted run left out of an IVF index (killed between its lists' swap and its
+            # record) is skipped now, being loaded: assign it from the table
+            lacking = [c for (c, _), shards in ivf_state(store).uncovered.items() if shards]
+            if lacking:
+                cover(store, lacking, progress=emit)
         return report
     finally:
         if pause_merges:

@@ -153,7 +153,7 @@ class Progress:
     callback. :meth:`observe` sees every event first, in every mode (for running totals)."""
 
     json_lines = True
-    json_skip: frozenset[str] = frozenset({"batch"})
+    json_skip: frozenset[str] = frozenset({"batch", "ivf_progress"})
 
     def __init__(self, mode: str):
         self.mode = mode  # "bar", "plain" or "json"
@@ -241,17 +241,33 @@ class IndexProgress(Progress):
     def line(self, e: dict[str, Any]) -> str | None:
         if e["event"] == "index_progress":
             return f"{e['index']}: {e['parts_done']}/{e['parts']} parts"
-        return None
+        return ivf_line(e)
 
     def draw(self, e: dict[str, Any]) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-        p = self.bars(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("parts"),
-                      TimeElapsedColumn())
+        p = self.bars(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[unit]}"), TimeElapsedColumn())
         if e["event"] == "index_start":
-            self._task = p.add_task(e["index"], total=e["parts"])
+            self._task = p.add_task(e["index"], total=e["parts"], unit="parts")
         elif e["event"] == "index_progress" and self._task is not None:
             p.update(self._task, completed=e["parts_done"])
+        elif e["event"] == "ivf_progress":
+            # IVF: rows assigned to their lists, over every shard the build covers
+            if self._task is None:
+                self._task = p.add_task("assigning rows to lists", total=e["rows"], unit="rows")
+            p.update(self._task, completed=e["rows_done"])
+        elif ivf_line(e):
+            p.console.print(ivf_line(e), markup=False, highlight=False)
+
+
+def ivf_line(e: dict[str, Any]) -> str | None:
+    """The IVF build's steps (laion_search.index.ivf), as one line each."""
+    if e["event"] == "ivf_train":
+        return f"{e['index']}: k-means, {e['lists']:,} lists on {e['sample']:,} sampled rows"
+    if e["event"] == "ivf_compact":
+        return f"{e['index']}: merging its {e['parts']} parts (a probe reads each list once per part)"
+    return None
 
 
 class EmbedProgress(Progress):
@@ -308,7 +324,9 @@ class IngestProgress(Progress):
             return f"{_label(e)}: {e['rows']:,} rows in {e['seconds']:.1f} s ({rate:,.0f} rows/s){extra}"
         if kind == "shard_indexed":
             return f"{_label(e)}: {', '.join(e['indexes'])} built in {e['seconds']:.1f} s"
-        return None
+        if kind == "ivf_progress":  # shards loaded before --index-kind ivf, assigned from the table
+            return f"IVF: {e['rows_done']:,}/{e['rows']:,} rows of earlier shards assigned"
+        return ivf_line(e)
 
     def draw(self, e: dict[str, Any]) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -327,8 +345,8 @@ class IngestProgress(Progress):
             p.update(self._task, description=_label(e))
         elif kind == "shard_index":
             p.update(self._task, description=f"{_label(e)}: building {', '.join(e['indexes'])}")
-        elif kind == "shard_indexed":
-            p.console.print(self.line(e))
+        elif kind == "shard_indexed" or ivf_line(e):
+            p.console.print(self.line(e), markup=False, highlight=False)
         elif kind == "batch":
             done = self._done_before + e["rows_done"]
             elapsed = time.perf_counter() - self._t0
