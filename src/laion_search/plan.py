@@ -236,3 +236,124 @@ def markdown(result: dict[str, Any]) -> str:
              f"| verdict | {e['verdict']} | vector_similarity_index_cache_size ≥ "
              f"{human(c['vector_similarity_index_cache_size'])} per node |"]
     return "\n".join(lines)
+
+
+# -- the IVF index (laion_search.index.ivf): lists on disk, centroids in RAM ------------------------------
+#: Companion-table bytes per 512-d row on disk, by ``--codes`` (measured: 200,000 rows, one merged
+#: part, ``system.parts.bytes_on_disk``): float32 vector + offsets + list/id/shard; ``int8`` adds its
+#: codes (+1 byte per dimension), ``rabitq`` ~1 bit per dimension and two floats.
+IVF_ROW_BYTES_512 = {"none": 2058.0, "int8": 2572.0, "rabitq": 2126.0}
+#: Bytes a probe *reads* per row it scans: the float32 vector, or the codes when they are scanned
+#: (then k × fetch multiplier vectors are re-read to rescore, a constant per query).
+IVF_SCAN_BYTES_512 = {"none": 2056.0, "int8": 520.0, "rabitq": 80.0}
+#: Assigning rows to lists: multiply-adds per core-second in bfloat16 (torch on the CPU's matrix
+#: units; measured 131,072 rows × 1,024 lists × 512-d in 0.139 s on 2 cores).
+IVF_ASSIGN_MACS_PER_CORE_S = 2.4e11
+#: Writing the companion rows (insert + the merge into one part per shard), rows/s per core at 512-d
+#: (measured in `laion bench ivf --rows 1000000`, both columns: see docs/indexes.md).
+IVF_WRITE_ROWS_PER_CORE_512 = 40_000.0
+#: Bytes/s one core scans from the page cache in a probe (measured at 1M rows, 32 lists: see docs/indexes.md).
+IVF_SCAN_BYTES_PER_CORE_S = 1.5e9
+#: Read amplification of a probe over one merged part (measured: 1.35× at ~800 rows per list).
+IVF_AMPLIFICATION = 1.35
+#: A query's fixed cost: choosing the lists, two statements, fetching k rows by id (measured ~5 ms).
+IVF_QUERY_FIXED_MS = 5.0
+ENGINE_RAM_BYTES = 4 * 2**30   # the engine's own working memory, caches at their defaults
+
+
+@dataclass
+class IvfPlanInputs:
+    rows: int
+    dim: int = 512
+    cores: int = 32
+    ram_gib: float = 64
+    disk_tib: float = 8
+    codes: str = "none"
+    lists: int | None = None     # None: the index default (laion_search.index.ivf.default_lists)
+    nprobe: int = 32
+    columns: int = 2             # image and text
+    meta_bytes: float = META_BYTES
+
+    def check(self) -> "IvfPlanInputs":
+        if self.codes not in IVF_ROW_BYTES_512:
+            raise UsageError(f"codes must be one of {', '.join(IVF_ROW_BYTES_512)}")
+        for name in ("rows", "dim", "cores", "nprobe"):
+            if int(getattr(self, name)) < 1:
+                raise UsageError(f"{name} must be at least 1")
+        if self.columns not in (1, 2):
+            raise UsageError("columns must be 1 (image) or 2 (image and text)")
+        if self.ram_gib <= 0 or self.disk_tib <= 0:
+            raise UsageError("ram and disk per node must be positive")
+        return self
+
+
+def plan_ivf(inputs: IvfPlanInputs) -> dict[str, Any]:
+    """One node serving the table through IVF indexes: RAM, disk, build time and the bytes (and time)
+    a query reads. The index's RAM is its centroids and primary keys; the lists stay on disk."""
+    from laion_search.index.ivf import KMEANS_ROUNDS, default_lists, sample_size
+
+    p = inputs.check()
+    rows, dim, scale = p.rows, p.dim, p.dim / 512
+    lists = p.lists or default_lists(rows)
+    gib, tib = 2**30, 2**40
+    table_bytes = rows * (2 * VECTOR_BYTES_512["f32-none"] * scale + p.meta_bytes)
+    companion_bytes = rows * IVF_ROW_BYTES_512[p.codes] * scale * p.columns
+    centroid_bytes = lists * dim * 4 * p.columns
+    # the primary keys the engine keeps in memory: (list, id) per 256-row granule of each companion
+    # table, id per 1,024-row granule of the laion table
+    key_bytes = rows / 256 * 12 * p.columns + rows / 1024 * 8
+    ram = ENGINE_RAM_BYTES + centroid_bytes + key_bytes
+    rows_per_list = rows / lists
+    scanned_rows = min(rows, p.nprobe * rows_per_list * IVF_AMPLIFICATION)
+    scanned_bytes = scanned_rows * IVF_SCAN_BYTES_512[p.codes] * scale
+    query_ms = IVF_QUERY_FIXED_MS + scanned_bytes / (IVF_SCAN_BYTES_PER_CORE_S * min(p.cores, 2)) * 1000
+    assign_s = rows * lists * dim * p.columns / (IVF_ASSIGN_MACS_PER_CORE_S * p.cores)
+    sample = sample_size(lists)
+    train_s = KMEANS_ROUNDS * sample * lists * dim * p.columns / (IVF_ASSIGN_MACS_PER_CORE_S * p.cores)
+    write_s = rows * p.columns / (IVF_WRITE_ROWS_PER_CORE_512 / scale * p.cores)
+    disk = table_bytes + companion_bytes
+    return {
+        "inputs": asdict(p),
+        "lists": lists, "rows_per_list": rows_per_list,
+        "ram_bytes": ram, "centroid_bytes": centroid_bytes, "key_bytes": key_bytes,
+        "ram_bytes_per_vector": (centroid_bytes + key_bytes) / (rows * p.columns),
+        "table_bytes": table_bytes, "index_disk_bytes": companion_bytes, "disk_bytes": disk,
+        "build_hours": (assign_s + train_s + write_s) / 3600, "train_sample_rows": sample,
+        "build_ram_bytes": sample * dim * 4 * 2,  # the sample, and its assignments' scratch
+        "build_parts_hours": {"train": train_s / 3600, "assign": assign_s / 3600, "write": write_s / 3600},
+        "query_rows_scanned": scanned_rows, "query_bytes_scanned": scanned_bytes,
+        "query_ms_from_page_cache": query_ms,
+        "page_cache_for_hot_lists_bytes": companion_bytes,
+        "fits_ram": ram <= p.ram_gib * gib, "fits_disk": disk <= p.disk_tib * tib * DISK_USABLE,
+        "hnsw_ram_bytes_for_comparison": rows * p.columns * (dim * 2 + 32 * 8),
+        "assumptions": {"row_bytes_512": IVF_ROW_BYTES_512, "scan_bytes_512": IVF_SCAN_BYTES_512,
+                        "assign_macs_per_core_s": IVF_ASSIGN_MACS_PER_CORE_S,
+                        "write_rows_per_core_512": IVF_WRITE_ROWS_PER_CORE_512,
+                        "scan_bytes_per_core_s": IVF_SCAN_BYTES_PER_CORE_S, "amplification": IVF_AMPLIFICATION,
+                        "query_fixed_ms": IVF_QUERY_FIXED_MS, "engine_ram_bytes": ENGINE_RAM_BYTES},
+    }
+
+
+def markdown_ivf(r: dict[str, Any]) -> str:
+    i = r["inputs"]
+    cols = "image and text" if i["columns"] == 2 else "image"
+    lines = [f"{i['rows']:,} rows × {i['dim']}-d, IVF on {cols}: {r['lists']:,} lists (~{r['rows_per_list']:,.0f} rows "
+             f"each), codes {i['codes']}, nprobe {i['nprobe']}; one node of {i['cores']} cores, {i['ram_gib']:g} GiB RAM, "
+             f"{i['disk_tib']:g} TiB disk", "",
+             "| | one node |", "|---|---:|",
+             f"| RAM the index needs (centroids + primary keys + the engine) | {human(r['ram_bytes'])} "
+             f"({'fits' if r['fits_ram'] else 'does not fit'} {i['ram_gib']:g} GiB) |",
+             f"| RAM per vector held by the index | {r['ram_bytes_per_vector']:.2f} B (HNSW: "
+             f"{r['hnsw_ram_bytes_for_comparison'] / (i['rows'] * i['columns']):,.0f} B) |",
+             f"| HNSW graphs' RAM, for comparison | {human(r['hnsw_ram_bytes_for_comparison'])} |",
+             f"| table on disk | {human(r['table_bytes'])} |",
+             f"| IVF lists on disk | {human(r['index_disk_bytes'])} |",
+             f"| disk in all | {human(r['disk_bytes'])} ({'fits' if r['fits_disk'] else 'does not fit'}) |",
+             f"| index build | {hours(r['build_hours'])} (k-means {hours(r['build_parts_hours']['train'])}, assign "
+             f"{hours(r['build_parts_hours']['assign'])}, write {hours(r['build_parts_hours']['write'])}) |",
+             f"| RAM to build (the k-means sample: {r['train_sample_rows']:,} rows) | {human(r['build_ram_bytes'])} |",
+             f"| a query reads | {r['query_rows_scanned']:,.0f} rows, {human(r['query_bytes_scanned'])} |",
+             f"| query time, lists in the page cache | ~{r['query_ms_from_page_cache']:,.0f} ms |",
+             f"| page cache to keep every list hot | {human(r['page_cache_for_hot_lists_bytes'])} (optional: cold lists "
+             "are read from disk) |"]
+    return "\n".join(lines)

@@ -941,14 +941,32 @@ def plan(
                                         help="HNSW ef_construction (ours: 64; the guide: 256)."),
     indexes: int = typer.Option(2, "--indexes", min=0, max=2, help="Indexed columns: 2 (image and text), 1, 0."),
     replicas: Optional[int] = typer.Option(None, "--replicas", min=1, help="Replicas per shard (default: suggested)."),
+    kind: str = typer.Option("hnsw", "--kind", help="hnsw (graphs in RAM; a cluster when they outgrow a node) or ivf "
+                                                    "(one node: lists on disk, centroids in RAM)."),
+    codes: str = typer.Option("none", "--codes", help="ivf: none, int8 or rabitq."),
+    lists: Optional[int] = typer.Option(None, "--lists", min=1, help="ivf: lists (default: the index default for the rows)."),
+    nprobe: int = typer.Option(32, "--nprobe", min=1, help="ivf: lists a query probes."),
     json_output: bool = JsonOption,
 ) -> None:
-    """Capacity plan from measured figures: disk, RAM, index build and ingest time, shards × replicas.
+    """Capacity plan from measured figures: disk, RAM, index build and ingest time, shards × replicas
+    (HNSW), or one node's RAM, disk, build time and bytes read per query (IVF).
 
-    Example: laion plan --rows 400M --nodes 7 ; laion plan --rows 5.85B --dim 768 --nodes 64 --ram-gib 512
+    Example: laion plan --rows 400M --nodes 7 ; laion plan --rows 5.85B --dim 768 --nodes 64 --ram-gib 512 ;
+    laion plan --kind ivf --rows 400M --ram-gib 64
     """
-    from laion_search.plan import PlanInputs, markdown, parse_count
+    from laion_search.plan import IvfPlanInputs, PlanInputs, markdown, markdown_ivf, parse_count, plan_ivf
     from laion_search.plan import plan as do_plan
+
+    if kind == "ivf":
+        r = plan_ivf(IvfPlanInputs(rows=parse_count(rows), dim=dim, cores=cores, ram_gib=ram, disk_tib=disk,
+                                   codes=codes, lists=lists, nprobe=nprobe, columns=max(1, indexes)))
+        if json_output:
+            print(output.dumps(r))
+        else:
+            output.out.print(markdown_ivf(r), markup=False, highlight=False)
+        return
+    if kind != "hnsw":
+        raise UsageError(f"--kind must be hnsw or ivf, got {kind!r}")
 
     result = do_plan(PlanInputs(rows=parse_count(rows), dim=dim, nodes=nodes, cores=cores, ram_gib=ram,
                                 disk_tib=disk, storage=storage, quantization=quantization, m=m,

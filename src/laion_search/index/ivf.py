@@ -52,7 +52,8 @@ ProgressFn = Callable[[dict[str, Any]], None]
 DEFAULT_NPROBE = 32
 #: k-means: sample rows per list (faiss warns below 39; 64 keeps the clusters stable) and rounds.
 SAMPLE_PER_LIST = 64
-MAX_SAMPLE = 262_144
+MIN_SAMPLE_PER_LIST = 40
+MAX_SAMPLE = 524_288
 KMEANS_ROUNDS = 10
 #: Rows read back per statement when a generation is filled from the ``laion`` table.
 FILL_BATCH_ROWS = 65_536
@@ -66,12 +67,20 @@ RETRAIN_IMBALANCE = 8.0
 STATES = ("building", "declared", "ready", "dropped")
 
 
+#: Rows per list the default aims at: a probe then reads a few granules per list, and the rows a
+#: query reads stay ~nprobe × 1,000 as the table grows (faiss's √rows rule lets lists grow with the
+#: table: 20,000 rows per list at LAION-400M, 20× the bytes per probe). Capped at MAX_DEFAULT_LISTS,
+#: where choosing the probed lists still costs the query ~3 ms of numpy (65,536 × 512 products).
+ROWS_PER_LIST = 1_000
+MAX_DEFAULT_LISTS = 65_536
+
+
 def default_lists(rows: int) -> int:
-    """~√rows rounded to a power of two, between 16 and 65,536: ~1,000 rows per list at 1M rows,
-    so a probe reads a few granules; grows with the table (LAION-400M: 16,384 lists)."""
+    """~rows / 1,000 rounded to a power of two, between 16 and 65,536 (1M rows: 1,024 lists;
+    10M: 8,192; LAION-400M: 65,536)."""
     if rows <= 0:
         return 16
-    return int(min(65_536, max(16, 2 ** round(math.log2(math.sqrt(rows))))))
+    return int(min(MAX_DEFAULT_LISTS, max(16, 2 ** round(math.log2(max(1.0, rows / ROWS_PER_LIST))))))
 
 
 # -- the math: spherical k-means and assignment (torch's bf16 matmul when present, else numpy) ----
@@ -346,7 +355,9 @@ def sample_vectors(store: Store, column: str, n: int, dim: int, seed: int = 0) -
 
 
 def sample_size(lists: int) -> int:
-    return min(MAX_SAMPLE, max(lists * SAMPLE_PER_LIST, 4096))
+    """Rows k-means trains on: 64 per list up to MAX_SAMPLE, never fewer than MIN_SAMPLE_PER_LIST
+    per list (below ~39 per list faiss warns the centroids are unstable)."""
+    return max(lists * MIN_SAMPLE_PER_LIST, min(MAX_SAMPLE, max(lists * SAMPLE_PER_LIST, 4096)))
 
 
 def create_ivf(store: Store, columns: Sequence[str], *, lists: int | None = None, codes: str = "none",
