@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from laion_search.errors import LaionError, QueryError, ShardValidationError, StoreError, UsageError
 from laion_search.index.hnsw import IndexSpec, columns_for, create_indexes
-from laion_search.index.ivf import Feeder, cover, declare_ivf
+from laion_search.index.ivf import FEED_DEPTH, Feeder, cover, declare_ivf
 from laion_search.index.ivf import state as ivf_state
 from laion_search.schema import OPTIMIZE_SETTINGS, SHARDS_TABLE, TABLE
 from laion_search.sources.formats import Reader, assign_partitions, open_readers
@@ -242,12 +242,14 @@ def load_shard(store: Store, reader: Reader, *, batch_rows: int = DEFAULT_BATCH_
         emit({"event": "shard_start", "shard": shard, **_named(reader), "rows": reader.rows})
         done = 0
         # ring: one batch being inserted + PREFETCH_DEPTH queued + one being filled, per vector column.
-        # The IVF feeder holds a batch's vectors a little longer (assignment, then its own insert).
-        ring = len(reader.modalities) * (PREFETCH_DEPTH + 2 + (1 if feeder else 0))
+        # The IVF feeder's thread holds a batch longer: one waiting for it and one it works on.
+        ring = len(reader.modalities) * (PREFETCH_DEPTH + 2 + (FEED_DEPTH + 1 if feeder else 0))
+        if feeder:
+            feeder.start()
         for batch in _prefetch(reader.batches(batch_rows, ring=ring), PREFETCH_DEPTH):
             store.backend.insert_arrow(stage, batch, settings)
             if feeder:
-                feeder.add(batch)
+                feeder.put(batch)
             done += batch.num_rows
             emit({"event": "batch", "shard": shard, "rows_done": done, "rows": reader.rows,
                   "batch_rows": batch.num_rows})
@@ -290,6 +292,7 @@ def load_shard(store: Store, reader: Reader, *, batch_rows: int = DEFAULT_BATCH_
             for stmt in layout.drop_stage(stage):
                 store.backend.command(stmt)
             if feeder:
+                feeder.stop()
                 feeder.drop()
         except LaionError:
             pass  # the next run drops it

@@ -30,7 +30,10 @@ they land (:class:`Feeder`, used by :func:`laion_search.ingest.load_shard`).
 from __future__ import annotations
 
 import math
+import queue
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -55,6 +58,8 @@ SAMPLE_PER_LIST = 64
 MIN_SAMPLE_PER_LIST = 40
 MAX_SAMPLE = 524_288
 KMEANS_ROUNDS = 10
+#: Batches waiting for the feeder's thread at most (each holds the reader's buffers).
+FEED_DEPTH = 1
 #: Rows read back per statement when a generation is filled from the ``laion`` table.
 FILL_BATCH_ROWS = 65_536
 #: Candidates read per wanted row when the search is filtered (the rest may fail the filter).
@@ -102,18 +107,23 @@ def assign(vectors: np.ndarray, centroids: np.ndarray, *, chunk: int = 4096) -> 
     """Each row's nearest centroid by cosine (``uint32``). With torch, in bfloat16 (the CPU's
     matrix units: ~5× float32 here); a near-tie may then go to the second-nearest centroid, which
     costs an IVF nothing (both lists are equally close to the row)."""
-    out = np.empty(len(vectors), dtype=np.uint32)
     torch = _torch()
     if torch is not None:
-        c = torch.tensor(np.asarray(centroids, dtype=np.float32), dtype=torch.bfloat16).T.contiguous()
-        for i in range(0, len(vectors), chunk):
-            x = torch.tensor(np.asarray(vectors[i:i + chunk], dtype=np.float32), dtype=torch.bfloat16)
-            # chunks of 4K rows keep the scores in cache; max() on bf16 is ~2.5× argmax() (measured)
-            out[i:i + chunk] = (x @ c).max(dim=1).indices.numpy()
-        return out
+        x = torch.tensor(np.asarray(vectors, dtype=np.float32), dtype=torch.bfloat16)
+        return _assign_bf16(torch, x, centroids, chunk)
+    out = np.empty(len(vectors), dtype=np.uint32)
     c32 = np.ascontiguousarray(centroids, dtype=np.float32)
     for i in range(0, len(vectors), chunk):
         out[i:i + chunk] = np.argmax(np.asarray(vectors[i:i + chunk], dtype=np.float32) @ c32.T, axis=1)
+    return out
+
+
+def _assign_bf16(torch: Any, x: Any, centroids: np.ndarray, chunk: int) -> np.ndarray:
+    c = torch.tensor(np.asarray(centroids, dtype=np.float32), dtype=torch.bfloat16).T.contiguous()
+    out = np.empty(x.shape[0], dtype=np.uint32)
+    for i in range(0, x.shape[0], chunk):
+        # chunks of 4K rows keep the scores in cache; max() on bf16 is ~2.5× argmax() (measured)
+        out[i:i + chunk] = (x[i:i + chunk] @ c).max(dim=1).indices.numpy()
     return out
 
 
@@ -126,9 +136,11 @@ def train(sample: np.ndarray, lists: int, *, rounds: int = KMEANS_ROUNDS, seed: 
                          f"use --lists {max(1, len(x) // SAMPLE_PER_LIST)} or load more rows")
     rng = np.random.default_rng(seed)
     cent = x[rng.choice(len(x), size=lists, replace=False)].copy()
+    torch = _torch()
+    xb = torch.tensor(x, dtype=torch.bfloat16) if torch is not None else None  # converted once, not per round
     for _ in range(rounds):
-        lab = assign(x, cent)
-        sums = _sums(x, lab, lists)
+        lab = _assign_bf16(torch, xb, cent, 4096) if xb is not None else assign(x, cent)
+        sums = _sums(x, lab, lists, torch)
         empty = np.flatnonzero(~sums.any(axis=1))
         if len(empty):
             sim = np.einsum("ij,ij->i", x, cent[lab])
@@ -137,8 +149,12 @@ def train(sample: np.ndarray, lists: int, *, rounds: int = KMEANS_ROUNDS, seed: 
     return cent.astype(np.float32)
 
 
-def _sums(x: np.ndarray, lab: np.ndarray, k: int) -> np.ndarray:
-    """Per-list sums of the rows (one sort and one reduceat: no Python loop over lists)."""
+def _sums(x: np.ndarray, lab: np.ndarray, k: int, torch: Any = None) -> np.ndarray:
+    """Per-list sums of the rows: torch's scatter-add, else one sort and one reduceat (~10× slower)."""
+    if torch is not None:
+        out = torch.zeros((k, x.shape[1]), dtype=torch.float32)
+        out.index_add_(0, torch.from_numpy(lab.astype(np.int64)), torch.from_numpy(x))
+        return out.numpy()
     order = np.argsort(lab, kind="stable")
     sl = lab[order]
     starts = np.flatnonzero(np.r_[True, sl[1:] != sl[:-1]])
@@ -623,6 +639,52 @@ class Feeder:
     def __bool__(self) -> bool:
         return bool(self.infos)
 
+    # The feeder's work (assignment in torch, its own inserts) runs on a thread of its own, beside the
+    # shard's inserts into its stage: on 2 cores the two overlap instead of taking turns.
+    def start(self) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=FEED_DEPTH)
+        self._failed: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="laion-ivf-feeder", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            batch = self._queue.get()
+            if batch is None:
+                return
+            if self._failed is None:
+                try:
+                    self.add(batch)
+                except BaseException as exc:  # noqa: BLE001 - handed to the loading thread
+                    self._failed = exc
+
+    def put(self, batch: pa.Table) -> None:
+        """Hand a batch over (blocks while FEED_DEPTH batches wait: the reader's buffers are reused)."""
+        if self._failed is not None:
+            raise self._failed
+        self._queue.put(batch)
+
+    def stop(self) -> None:
+        """End the thread however the load ended (an error, a kill of the main thread's work)."""
+        thread = getattr(self, "_thread", None)
+        if thread is not None and thread.is_alive():
+            self._failed = self._failed or StoreError("the shard's load stopped")
+            while thread.is_alive():
+                try:
+                    self._queue.put(None, timeout=0.1)
+                except queue.Full:
+                    try:
+                        self._queue.get_nowait()
+                    except queue.Empty:
+                        pass
+                thread.join(timeout=0.1)
+
+    def join(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._failed is not None:
+            raise self._failed
+
     def add(self, batch: pa.Table) -> None:
         for info in self.infos:
             key = (info.column, info.gen)
@@ -659,18 +721,25 @@ class Feeder:
             self._insert(info, vec_col, ids)
 
     def finish(self) -> None:
-        """After the last batch: train what is still untrained, merge each stage into one part."""
+        """After the last batch: train what is still untrained, merge each stage into one part (the
+        stages side by side: one merge per core)."""
+        if getattr(self, "_thread", None) is not None:
+            self.join()
         for info in self.infos:
             key = (info.column, info.gen)
             if key not in self.cents and self.pending.get(key):
                 self._train(info)
-            stage = self.stages[key]
+
+        def merge(stage: str) -> None:
             self.store.run_ddl(f"ALTER TABLE {stage} MODIFY SETTING max_bytes_to_merge_at_max_space_in_pool = 1")
             self.store.run_ddl(f"SYSTEM START MERGES {stage}")
             parts = int(self.store.scalar("SELECT count() FROM system.parts WHERE database = currentDatabase() AND "
                                           "table = {t:String} AND active", {"t": stage}) or 0)
             if parts > 1:
                 self.store.run_ddl(f"OPTIMIZE TABLE {stage} FINAL SETTINGS {OPTIMIZE_SETTINGS}")
+
+        with ThreadPoolExecutor(max(1, len(self.stages))) as pool:
+            list(pool.map(merge, self.stages.values()))
 
     def land(self, fingerprint: str, rows: int) -> None:
         """Swap each stage into its generation (after the shard's own swap): the shard's old rows
