@@ -266,3 +266,34 @@ def test_server_path_gives_the_embedded_results(tmp_path, server_url):
         pytest.fail(f"the server path failed: {exc}")
     # same seed, same sample, same centroids: the same lists, so the same answers
     assert got == want
+
+
+def test_http_search_and_clip_retrieval_route_use_the_ivf_index(tmp_path):
+    pytest.importorskip("fastapi")
+    import asyncio
+
+    import httpx
+
+    from laion_search.web.app import create_app
+
+    synth(tmp_path / "s", [0], 600, dim=DIM, seed=38)
+    ids, img, _, _ = _source(tmp_path / "s", [0])
+    with connect(tmp_path / "db") as db:
+        db.ingest(tmp_path / "s")
+        ivf.create_ivf(db, ["image"], lists=8)
+        app = create_app(db)
+
+        async def go() -> tuple[dict, dict, dict]:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                a = (await c.post("/api/search", json={"vector": img[4].tolist(), "k": 5, "nprobe": 8})).json()
+                b = (await c.post("/api/search", json={"vector": img[4].tolist(), "k": 5})).json()
+                bad = (await c.post("/api/search", json={"vector": img[4].tolist(), "k": 5, "nprobe": 0}))
+                knn = (await c.post("/knn-service", json={"embedding_input": img[4].tolist(), "num_images": 5,
+                                                          "modality": "image", "indice_name": "laion"})).json()
+                return a, b, {"status": bad.status_code, "knn": knn}
+
+        a, b, other = asyncio.run(go())
+    assert a["strategy"] == "ivf (nprobe 8)" and b["strategy"].startswith("ivf")
+    np.testing.assert_allclose([r["distance"] for r in a["results"]], _truth(img, img[4], 5), atol=2e-5)
+    assert other["status"] == 400
+    assert [r["id"] for r in other["knn"]][:5] == [r["id"] for r in a["results"]]
