@@ -33,6 +33,15 @@ def _source(root, shards) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict
     return np.concatenate(ids), np.concatenate(img), np.concatenate(txt), meta
 
 
+def _companion_matches_table(db, column: str) -> int:
+    """Rows whose vector in the IVF companion table differs from the laion table's (0 when consistent)."""
+    info = ivf.state(db).served[column]
+    emb = {"image": "image_embedding", "text": "text_embedding"}[column]
+    return db.scalar(f"SELECT count() FROM {info.table} AS c INNER JOIN laion AS l ON c.id = l.id "
+                     f"WHERE c.vec != l.{emb}") + abs(db.scalar(f"SELECT count() FROM {info.table}")
+                                                       - db.scalar("SELECT count() FROM laion"))
+
+
 def _truth(base: np.ndarray, q: np.ndarray, k: int, allowed: np.ndarray | None = None) -> np.ndarray:
     d = 1.0 - base @ (q / np.linalg.norm(q))
     if allowed is not None:
@@ -142,8 +151,12 @@ def test_incremental_ingest_assigns_new_shards_and_uncovered_ones_are_searched_e
     ids, img, _, _ = _source(tmp_path / "s", [0, 1, 2])
     events: list[dict] = []
     with connect(tmp_path / "db") as db:
-        db.ingest(tmp_path / "s", shards=[0, 1], index="both", index_kind="ivf", progress=events.append)
+        # small batches: the k-means sample spans many of them, held while the reader reuses its buffers
+        db.ingest(tmp_path / "s", shards=[0, 1], index="both", index_kind="ivf", progress=events.append,
+                  batch_rows=100)
         assert any(e["event"] == "ivf_train" for e in events)
+        for column in ("image", "text"):
+            assert _companion_matches_table(db, column) == 0
         served = ivf.state(db).served
         assert set(served) == {"image", "text"} and served["image"].lists == ivf.default_lists(1600)
         db.ingest(tmp_path / "s", shards=[2], progress=events.append)  # asked for nothing: lands assigned
@@ -151,6 +164,7 @@ def test_incremental_ingest_assigns_new_shards_and_uncovered_ones_are_searched_e
         per_shard = {r["shard"]: r["n"] for r in db.rows(f"SELECT shard, count() AS n FROM {info.table} GROUP BY shard")}
         assert per_shard == {0: 800, 1: 800, 2: 800}
         assert ivf.state(db).uncovered[("image", info.gen)] == []
+        assert _companion_matches_table(db, "image") == 0 and _companion_matches_table(db, "text") == 0
         # a shard the index lost (a crash between the swap and its record): exact over it, no row missed
         db.run_ddl(f"DELETE FROM {info.table} WHERE shard = 2")
         db.run_ddl("DELETE FROM laion_ivf_shards WHERE shard = 2")

@@ -31,6 +31,9 @@ def _ivf_complete(store) -> None:
         n, uniq = store.sql(f"SELECT count(), uniqExact(id) FROM {info.table}").to_pylist()[0].values()
         assert n == uniq == rows, (column, n, uniq, rows)
         assert store.scalar(f"SELECT count() FROM {info.table} WHERE id NOT IN (SELECT id FROM laion)") == 0
+        emb = {"image": "image_embedding", "text": "text_embedding"}[column]
+        assert store.scalar(f"SELECT count() FROM {info.table} AS c INNER JOIN laion AS l ON c.id = l.id "
+                            f"WHERE c.vec != l.{emb}") == 0, f"{column}: companion vectors differ from the table's"
     leftovers = store.rows("SELECT name FROM system.tables WHERE database = currentDatabase() AND "
                            "match(name, '^laion_ivf_(image|text)_g[0-9]+$')")
     assert sorted(r["name"] for r in leftovers) == sorted(i.table for i in state.served.values()), leftovers

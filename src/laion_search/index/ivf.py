@@ -337,11 +337,9 @@ def _store_centroids(store: Store, info: IvfInfo, centroids: np.ndarray) -> None
     # a crash between this and the meta row leaves centroids a rerun trains again: clear them first
     store.run_ddl(f"DELETE FROM {IVF_CENTROIDS_TABLE} WHERE column = {{c:String}} AND gen = {{g:UInt32}}",
                   {"c": info.column, "g": info.gen})
-    flat = pa.array(np.ascontiguousarray(centroids, dtype=np.float32).ravel())
     store.insert(IVF_CENTROIDS_TABLE, pa.table({
         "column": [info.column] * len(centroids), "gen": pa.array([info.gen] * len(centroids), pa.uint32()),
-        "list": pa.array(np.arange(len(centroids), dtype=np.uint32)),
-        "centroid": pa.FixedSizeListArray.from_arrays(flat, centroids.shape[1]).cast(pa.list_(pa.float32())),
+        "list": pa.array(np.arange(len(centroids), dtype=np.uint32)), "centroid": _list_column(centroids),
     }))
 
 
@@ -546,6 +544,12 @@ def _fill(store: Store, infos: list[IvfInfo], emit: ProgressFn, batch_rows: int)
         _compact(store, info, emit)
 
 
+def _list_column(vectors: np.ndarray) -> pa.Array:
+    """(rows, dim) float32 → the ``Array(Float32)`` column the engine takes (a list array)."""
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).ravel())
+    return pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]).cast(pa.list_(pa.float32()))
+
+
 def _companion_batch(lists: np.ndarray, ids: Any, shard: int, vectors: Any) -> pa.Table:
     """Rows for a companion table, already in its (list, id) order: the engine then finds the block
     sorted and skips its own sort of the vectors."""
@@ -692,7 +696,10 @@ class Feeder:
             if key in self.cents:
                 self._insert(info, vec_col, batch.column("id"))
                 continue
-            self.pending.setdefault(key, []).append((batch.column("id"), vec_col))
+            # a copy: the reader reuses its batches' buffers, and these wait until the sample is complete
+            ids = np.array(batch.column("id").to_numpy(), dtype=np.int64, copy=True)
+            vectors = np.array(_vectors(vec_col, info.dim), dtype=np.float32, copy=True)
+            self.pending.setdefault(key, []).append((pa.array(ids), _list_column(vectors)))
             self.buffered[key] = self.buffered.get(key, 0) + batch.num_rows
             if self.buffered[key] >= sample_size(info.lists or default_lists(self.shard_rows)):
                 self._train(info)
