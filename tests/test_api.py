@@ -59,7 +59,12 @@ def test_connect_ingest_index_search_status(tmp_path):
         assert [i.name for i in db.status().indexes] == ["image_embedding_bf16"]
         assert db.drop_index("image", kind="scan") is True
         with pytest.raises(UsageError, match="kind must be"):
-            db.create_index("image", kind="ivf")
+            db.create_index("image", kind="pq")
+        built = db.create_index("image", kind="ivf", lists=4)
+        assert built.index == "laion_ivf_image_g1" and built.rows == 600 and built.type.startswith("ivf(lists=4")
+        assert db.search(like=7, k=5).strategy == "ivf (nprobe 4)"
+        assert [s["lists"] for s in db.ivf_status()] == [4]
+        assert db.drop_index("image", kind="ivf") is True and db.ivf_status() == []
 
 
 def test_search_query_checks_once_with_one_line_reasons():
