@@ -311,3 +311,22 @@ def test_http_search_and_clip_retrieval_route_use_the_ivf_index(tmp_path):
     np.testing.assert_allclose([r["distance"] for r in a["results"]], _truth(img, img[4], 5), atol=2e-5)
     assert other["status"] == 400
     assert [r["id"] for r in other["knn"]][:5] == [r["id"] for r in a["results"]]
+
+
+def test_sisap_layout_set_gold_is_numpy_and_ivf_meets_it(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    from laion_search.bench.search import gold_recall, read_gold, read_queries
+    from laion_search.bench.sisap_set import build
+
+    files = build(tmp_path / "sisap", 3000, queries=15, dim=48, k=20)
+    data = np.asarray(h5py.File(files["data"])["emb"][:], dtype=np.float32)
+    qs, gold = read_queries(files["queries"]), read_gold(files["gold"])
+    assert data.shape == (3000, 48) and qs.shape == (15, 48) and gold.shape == (15, 20)
+    # the queries are held out (none is a database row) and the gold is numpy's exact top 20, ids from 1
+    assert not any(np.any(np.all(np.isclose(data, q, atol=1e-3), axis=1)) for q in qs)
+    np.testing.assert_array_equal(gold[:, :10] - 1, np.argsort(-(qs @ data.T), axis=1)[:, :10])
+    with connect(tmp_path / "db") as db:
+        db.ingest(files["data"], index="image", index_kind="ivf")
+        lists = ivf.state(db).served["image"].lists
+        got = [[r["id"] for r in search(db, vector=q, k=10, nprobe=lists).rows] for q in qs]
+        assert gold_recall(got, gold, 10) == 1.0

@@ -1243,6 +1243,30 @@ def bench_data_real_text(
         output.out.print(f"{manifest['rows']:,} rows × {manifest['dim']} ({manifest['model']}) in {path}")
 
 
+@data_app.command("sisap")
+@handle_errors
+def bench_data_sisap(
+    out: Path = typer.Argument(..., help="Directory for the three .h5 files."),
+    rows: int = typer.Option(1_000_000, "--rows", min=100, help="Database rows."),
+    queries: int = typer.Option(1000, "--queries", min=1, help="Held-out queries (same distribution, not in the database)."),
+    dim: int = typer.Option(768, "--dim", min=2, help="Dimension (SISAP's LAION2B: 768)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    json_output: bool = JsonOption,
+) -> None:
+    """Write a SISAP-layout set: database .h5 (realistic geometry), held-out queries .h5 and their gold
+    standard .h5 computed by numpy — for `laion bench search --queries … --gold …` at sizes SISAP does not publish.
+
+    Example: laion bench data sisap ./sisap3m --rows 3000000 --queries 1000
+    """
+    from laion_search.bench.sisap_set import build as build_sisap
+
+    files = build_sisap(out, rows, queries=queries, dim=dim, seed=seed, log=None if json_output else output.err.print)
+    if json_output:
+        print(output.dumps(files))
+    else:
+        output.out.print(f"database {files['data']}\nqueries  {files['queries']}\ngold     {files['gold']}")
+
+
 @bench_app.command("geometry")
 @handle_errors
 def bench_geometry(
