@@ -755,8 +755,12 @@ class Feeder:
             key = (info.column, info.gen)
             if key not in self.cents:
                 continue  # an empty shard never trained a declared index
+            # rows of this shard exist only where a record does (it is written first): a new shard needs no
+            # DELETE, a mutation that would read the shard column of every part
+            had = self.shard in covered_shards(self.store, info)
             _record_shard(self.store, info, self.shard, 0, "pending")
-            self.store.run_ddl(f"DELETE FROM {info.table} WHERE shard = {{s:UInt32}}", {"s": self.shard})
+            if had:
+                self.store.run_ddl(f"DELETE FROM {info.table} WHERE shard = {{s:UInt32}}", {"s": self.shard})
             self.store.run_ddl(f"ALTER TABLE {info.table} ATTACH PARTITION tuple() FROM {self.stages[key]}")
             _record_shard(self.store, info, self.shard, rows, fingerprint)
             if info.state == "declared":
