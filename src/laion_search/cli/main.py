@@ -226,6 +226,7 @@ def download(
                                              help="Delete a shard's files once it is loaded (and keep few on disk)."),
     batch_rows: int = typer.Option(32768, "--batch-rows", min=1, max=1_000_000, help="Rows per insert batch (--ingest)."),
     index: Optional[str] = IndexOnIngestOption,
+    index_kind: str = IndexKindOnIngestOption,
     no_fsync: bool = typer.Option(False, "--no-fsync",
                                   help="Do not flush files to disk (faster when the network outruns the disk). "
                                        "Safe if the process is killed; after a power cut or reboot, files written "
@@ -267,7 +268,8 @@ def download(
         if do_ingest:  # the store is open (chDB loaded): the ingest layer costs nothing more now
             from laion_search.ingest import ingest_files
 
-            load = functools.partial(ingest_files, index=index) if index else ingest_files
+            load = (functools.partial(ingest_files, index=index, index_kind=_check_kind(index_kind, ("hnsw", "ivf")))
+                    if index else ingest_files)
         progress = stack.enter_context(output.DownloadProgress(output.progress_mode(json_output)))
         if source is not None:
             report = download_source(source, shards, to, base_url=base_url, store=store, load=load, jobs=jobs,
