@@ -173,3 +173,14 @@ def test_code_map_names_every_module():
     stale = sorted(n for n in named if n not in modules)
     assert missing == [], f"docs/architecture.md's code map lacks {missing}"
     assert stale == [], f"docs/architecture.md's code map names modules that do not exist: {stale}"
+
+
+def test_every_public_error_is_exported():
+    import inspect
+
+    from laion_search import errors
+
+    public = {n for n, obj in vars(errors).items()
+              if inspect.isclass(obj) and issubclass(obj, errors.LaionError) and not n.startswith("_")}
+    assert public <= set(laion_search.__all__), sorted(public - set(laion_search.__all__))
+    assert all(getattr(laion_search, n) is getattr(errors, n) for n in public)

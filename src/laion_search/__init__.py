@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from laion_search.errors import (EncoderError, LaionError, QueryError, ShardError, ShardValidationError,
-                                 StoreBusyError, StoreError, UsageError)
+from laion_search.errors import (DownloadError, EncoderError, EncoderUnavailable, LaionError, ModalityError, Overloaded,
+                                 QueryError, ServeError, ShardError, ShardValidationError, ShuttingDown, StoreBusyError,
+                                 StoreError, UsageError)
 
 if TYPE_CHECKING:
     from laion_search.api import Database, IndexBuild, connect
@@ -30,7 +31,8 @@ __all__ = [
     "connect", "Database", "SearchQuery", "SearchResult", "Filters", "SearchOptions", "IngestReport",
     "IndexBuild", "StoreStatus", "ShardStatus", "IndexInfo",
     "LaionError", "UsageError", "ShardError", "ShardValidationError", "StoreError", "StoreBusyError",
-    "QueryError", "EncoderError", "__version__",
+    "QueryError", "EncoderError", "ModalityError", "EncoderUnavailable", "DownloadError", "Overloaded",
+    "ShuttingDown", "ServeError", "__version__",
 ]
 
 _LAZY = {"connect": "laion_search.api", "Database": "laion_search.api", "IndexBuild": "laion_search.api",
