@@ -51,6 +51,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from laion_search.errors import UsageError
 from laion_search.sources.naming import shard_file_name
 
 TOPICS = [
@@ -91,19 +92,19 @@ def synth(out: str | os.PathLike[str], shards: list[int], rows: int, *, dim: int
     the list.
     """
     if layout not in ("flat", "folders"):
-        raise ValueError("layout must be 'flat' or 'folders'")
+        raise UsageError("layout must be 'flat' or 'folders'")
     if rows < 0 or dim < 2:
-        raise ValueError("rows must be >= 0 and dim >= 2")
+        raise UsageError("rows must be >= 0 and dim >= 2")
     if geometry not in GEOMETRIES:
-        raise ValueError(f"geometry must be one of {', '.join(GEOMETRIES)}")
+        raise UsageError(f"geometry must be one of {', '.join(GEOMETRIES)}")
     if not 1 <= intrinsic_dim:
-        raise ValueError("intrinsic_dim must be >= 1")
+        raise UsageError("intrinsic_dim must be >= 1")
     if not 0.0 <= anisotropy < 1.0:
-        raise ValueError("anisotropy must be in [0, 1)")
+        raise UsageError("anisotropy must be in [0, 1)")
     if not 0.0 <= noise <= 10.0 or not 0.0 <= decay <= 10.0 or not 0.0 <= hubs <= 3.0:
-        raise ValueError("noise and decay must be in [0, 10], hubs in [0, 3]")
+        raise UsageError("noise and decay must be in [0, 10], hubs in [0, 3]")
     if not PAIR_LOW <= pair_cosine <= PAIR_HIGH:
-        raise ValueError(f"pair_cosine must be in [{PAIR_LOW}, {PAIR_HIGH}] (LAION's range)")
+        raise UsageError(f"pair_cosine must be in [{PAIR_LOW}, {PAIR_HIGH}] (LAION's range)")
     root = Path(out)
     dirs = {k: (root / k if layout == "folders" else root) for k in ("img_emb", "text_emb", "metadata")}
     for d in dirs.values():
