@@ -22,33 +22,14 @@ import os
 import re
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from laion_search.bench.search import _latencies, _qps, _recall
+
 Say = Callable[[str], Any]
-
-
-def _timed(fn: Callable[[np.ndarray], list[int]], qs: np.ndarray) -> tuple[list[list[int]], list[float]]:
-    out, lat = [], []
-    for q in qs:
-        t = time.perf_counter()
-        out.append(fn(q))
-        lat.append(time.perf_counter() - t)
-    return out, lat
-
-
-def _qps(fn: Callable[[np.ndarray], Any], qs: np.ndarray, threads: int) -> float:
-    t = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(fn, qs))
-    return len(qs) / (time.perf_counter() - t)
-
-
-def _recall(got: list[list[int]], truth: np.ndarray, k: int) -> float:
-    return float(np.mean([len(set(g[:k]) & set(t[:k].tolist())) / k for g, t in zip(got, truth)]))
 
 
 def _measure(name: str, fn: Callable[[np.ndarray], list[int]], queries: dict[str, tuple[np.ndarray, np.ndarray]],
@@ -56,7 +37,7 @@ def _measure(name: str, fn: Callable[[np.ndarray], list[int]], queries: dict[str
     row: dict[str, Any] = {"method": name, **extra}
     for kind, (qs, truth) in queries.items():
         fn(qs[0])  # warm: first-use costs (caches, imports) are not a query's
-        got, lat = _timed(fn, qs)
+        got, lat = _latencies(fn, qs)
         row[f"recall_{kind}"] = _recall(got, truth, k)
         row[f"p50_ms_{kind}"] = statistics.median(lat) * 1000
         row[f"qps_{kind}"] = _qps(fn, qs, threads)
