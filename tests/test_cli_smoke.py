@@ -9,6 +9,7 @@ what earlier ones built. `serve` runs as a real process (it listens); see test_s
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -40,6 +41,13 @@ def _json_lines(out: str) -> list[dict]:
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
+def _done(out: str) -> dict:
+    """The last JSON event of a --json progress stream (ingest's ``done``, download's ``summary``)."""
+    events = _json_lines(out)
+    assert events, f"no JSON events in:\n{out[-1500:]}"
+    return events[-1]
+
+
 def _has(*needles: str) -> Callable[[str, str, Path], None]:
     def check(out: str, err: str, tmp: Path) -> None:
         for n in needles:
@@ -47,10 +55,83 @@ def _has(*needles: str) -> Callable[[str, str, Path], None]:
     return check
 
 
-def _results(n: int, pred: Callable[[dict], bool] = lambda r: True) -> Callable[[str, str, Path], None]:
+def _all(*checks: Callable[[str, str, Path], object]) -> Callable[[str, str, Path], None]:
     def check(out: str, err: str, tmp: Path) -> None:
-        rows = json.loads(out)["results"]
-        assert len(rows) == n and all(pred(r) for r in rows), rows
+        for c in checks:
+            got = c(out, err, tmp)
+            assert got is None or got is True, (c, got)
+    return check
+
+
+# -- the smoke store, read here (not through the product's search) to check what searches print ------------
+_STORE_CACHE: dict[str, dict[int, dict]] = {}
+
+
+def _store_rows(db: Path) -> dict[int, dict]:
+    """Every row of the store at ``db``, by id (read once: the searches run after the last ingest)."""
+    from laion_search import connect
+
+    if str(db) not in _STORE_CACHE:
+        with connect(db) as store:
+            rows = store.rows("SELECT id, url, caption, NSFW, similarity, shard, image_embedding, text_embedding "
+                              "FROM laion ORDER BY id")
+        _STORE_CACHE[str(db)] = {r["id"]: r for r in rows}
+    return _STORE_CACHE[str(db)]
+
+
+def _distances(rows: dict[int, dict], q: np.ndarray, column: str, metric: str = "cosine") -> dict[int, float]:
+    """Each row's distance to ``q``, in numpy (float64)."""
+    ids = list(rows)
+    x = np.array([rows[i][column] for i in ids], np.float64)
+    q = np.asarray(q, np.float64)
+    if metric == "l2":
+        d = np.linalg.norm(x - q, axis=1)
+    else:
+        d = 1 - x @ q / (np.linalg.norm(x, axis=1) * np.linalg.norm(q))
+    return dict(zip(ids, d.tolist()))
+
+
+def _results(n: int, pred: Callable[[dict], bool] = lambda r: True, *, like: int | None = None,
+             vector: str | None = None, column: str = "image_embedding", metric: str = "cosine",
+             exact: bool = False, allowed: Callable[[dict], bool] | None = None,
+             keys: tuple[str, ...] = ()) -> Callable[[str, str, Path], None]:
+    """A `search --json` answer: exactly ``n`` rows with rank, distance, id, caption, url (and
+    ``keys``), ranks 1..n, no id twice, distances ascending, every row in the store with the store's
+    caption and url (and ``keys`` values), each satisfying ``pred``. With a query (``like`` row or
+    ``vector`` file) the distances are recomputed in numpy; an ``exact`` search must return the true
+    nearest rows (of those ``allowed``, ties within the engine's rounding aside)."""
+    def check(out: str, err: str, tmp: Path) -> None:
+        answer = json.loads(out)
+        rows = answer["results"]
+        assert len(rows) == n and answer["k"] == n, rows
+        assert [r["rank"] for r in rows] == list(range(1, n + 1)), rows
+        for r in rows:
+            assert {"rank", "distance", "id", "caption", "url", *keys} <= set(r), r
+            assert pred(r), r
+        ids = [r["id"] for r in rows]
+        assert len(set(ids)) == n, f"an id twice: {ids}"
+        dists = [r["distance"] for r in rows]
+        assert dists == sorted(dists), dists
+        store = _store_rows(tmp / "db")
+        for r in rows:
+            assert r["id"] in store, f"id {r['id']} is not in the store"
+            for c in ("caption", "url", *keys):
+                want = store[r["id"]][c]
+                assert r[c] == want or (isinstance(want, float) and abs(r[c] - want) < 1e-6), (c, r[c], want)
+        if like is None and vector is None:
+            return
+        q = store[like][column] if like is not None else np.load(tmp / vector)
+        truth = _distances(store, q, column, metric)
+        if like is not None:
+            assert like not in ids
+            truth.pop(like)
+        # exact searches re-rank in float32; indexed ones may report the index's (quantised) distance
+        tol = 1e-4 * (10 if metric == "l2" else 1) if exact else 2e-2
+        np.testing.assert_allclose(dists, [truth[i] for i in ids], atol=tol, err_msg="distances differ from numpy")
+        if exact:
+            pool = sorted(d for i, d in truth.items() if allowed is None or allowed(store[i]))
+            kth = pool[n - 1]
+            assert all(truth[i] <= kth + tol for i in ids), ("not the nearest rows", ids, kth)
     return check
 
 
@@ -76,143 +157,340 @@ def _file(rel: str) -> Callable[[str, str, Path], None]:
     return check
 
 
+def _npy(rel: str, shape: tuple[int, int]) -> Callable[[str, str, Path], None]:
+    """An embeddings file of ``shape``: float16, finite, L2-normalised rows."""
+    def check(out: str, err: str, tmp: Path) -> None:
+        a = np.load(tmp / rel)
+        assert a.shape == shape and a.dtype == np.float16, (rel, a.shape, a.dtype)
+        norms = np.linalg.norm(a.astype(np.float32), axis=1)
+        assert np.isfinite(norms).all() and np.allclose(norms, 1, atol=1e-2), (rel, norms)
+    return check
+
+
+def _synth(out: str, shards: list[int], rows: int, dim: int) -> Callable[[str, str, Path], None]:
+    """`synth --json`'s summary, and its files: ``rows`` × ``dim`` per shard, and as many metadata rows."""
+    def check(o: str, e: str, tmp: Path) -> None:
+        import pyarrow.parquet as pq
+
+        j = json.loads(o)
+        assert (j["shards"], j["rows_per_shard"]) == (shards, rows), j
+        assert len(j["files"]) == 3 * len(shards) and all(Path(f).is_file() for f in j["files"]), j["files"]
+        for s in shards:
+            for kind in ("img_emb", "text_emb"):
+                _npy(f"{out}/{kind}_{s}.npy", (rows, dim))(o, e, tmp)
+            assert pq.read_metadata(tmp / out / f"metadata_{s}.parquet").num_rows == rows
+    return check
+
+
+def _same_files(pairs: list[tuple[str, str]]) -> Callable[[str, str, Path], None]:
+    """Downloaded files byte-equal to the mirror's (``(downloaded, mirror)`` paths under tmp)."""
+    def check(out: str, err: str, tmp: Path) -> None:
+        for got, want in pairs:
+            assert (tmp / got).read_bytes() == (tmp / want).read_bytes(), (got, want)
+    return check
+
+
+def _store_count(rel: str, rows: int, shards: list[int]) -> Callable[[str, str, Path], None]:
+    """The store at ``rel`` holds ``rows`` rows, in the partitions ``shards``."""
+    def check(out: str, err: str, tmp: Path) -> None:
+        from laion_search import connect
+
+        with connect(tmp / rel) as store:
+            got = store.rows("SELECT count() AS n, groupUniqArray(shard) AS s FROM laion")[0]
+        assert (got["n"], sorted(got["s"])) == (rows, shards), got
+    return check
+
+
+def _mirror(shard: int) -> list[tuple[str, str]]:
+    return [(f"{k}_{shard}.{x}", f"mirror/{k}/{k}_{shard}.{x}")
+            for k, x in (("img_emb", "npy"), ("text_emb", "npy"), ("metadata", "parquet"))]
+
+
+def _in(folder: str, pairs: list[tuple[str, str]], nested: bool = False) -> list[tuple[str, str]]:
+    return [(f"{folder}/{want.split('/')[1]}/{got}" if nested else f"{folder}/{got}", want) for got, want in pairs]
+
+
+def _recall_row(method: str, recall10: float) -> Callable[[str, str, Path], None]:
+    """`bench search --gold`'s table has ``method`` with recall@10 ≥ ``recall10``."""
+    def check(out: str, err: str, tmp: Path) -> None:
+        import re
+
+        m = re.search(r"^\| " + re.escape(method) + r"[^|]* \| ([0-9.]+) \| ([0-9.]+) \|", out, re.M)
+        assert m and float(m.group(1)) >= recall10, (method, out[-1500:])
+    return check
+
+
+def _bench_rows(key: str, *methods: str, recall: tuple[str, float] | None = None) -> Callable[[str, str, Path], None]:
+    """A bench --json answer whose ``results`` name each of ``methods`` (substrings) once at least,
+    with positive timings; exact methods at recall 1 and ``recall`` = (method, minimum)."""
+    def check(out: str, err: str, tmp: Path) -> None:
+        rows = json.loads(out)["results"]
+        names = [r[key] for r in rows]
+        for m in methods:
+            assert any(m in n for n in names), (m, names)
+        for r in rows:
+            for f in ("seconds", "p50_ms", "rows_per_second", "qps_1"):
+                if f in r:
+                    assert r[f] > 0, r
+            if "recall" in r and "exact" in r[key]:
+                assert r["recall"] == 1.0, r
+        if recall:
+            got = [r["recall"] for r in rows if recall[0] in r[key]]
+            assert got and min(got) >= recall[1], (recall, got)
+    return check
+
+
+def _embedded(folder: str, shards: dict[int, list[tuple[str, str]]]) -> Callable[[str, str, Path], None]:
+    """`laion embed`'s shards: per shard, the images (path, caption) in order, 16-d unit vectors."""
+    def check(out: str, err: str, tmp: Path) -> None:
+        import pyarrow.parquet as pq
+
+        for s, want in shards.items():
+            meta = pq.read_table(tmp / folder / f"metadata_{s}.parquet").to_pylist()
+            assert [(m["image_path"], m["caption"]) for m in meta] == want, meta
+            assert all((m["width"], m["height"]) == (50, 40) for m in meta), meta
+            for kind in ("img_emb", "text_emb"):
+                _npy(f"{folder}/{kind}_{s}.npy", (len(want), 16))(out, err, tmp)
+    return check
+
+
+def _pictures(folder: str, n: int) -> Callable[[str, str, Path], None]:
+    """`synth --images`: one JPEG per row, each the file its row's url names."""
+    def check(out: str, err: str, tmp: Path) -> None:
+        import pyarrow.parquet as pq
+        from PIL import Image
+
+        urls = pq.read_table(tmp / folder / "metadata_0.parquet", columns=["url"]).column(0).to_pylist()
+        pics = sorted((tmp / folder).rglob("*.jpg"))
+        assert len(pics) == n and sorted(p.name for p in pics) == sorted(Path(u).name for u in urls), (urls, pics)
+        for p in pics:
+            with Image.open(p) as im:
+                assert im.format == "JPEG" and im.size[0] > 0
+    return check
+
+
+def _json(pred: Callable[[dict | list], bool]) -> Callable[[str, str, Path], None]:
+    def check(out: str, err: str, tmp: Path) -> None:
+        j = json.loads(out)
+        assert pred(j) is True, json.dumps(j)[:1500]
+    return check
+
+
+IDS_0 = lambda r: r["id"] < 1_000_000_000  # noqa: E731 - shard 0's ids
+TUNED = re.compile(r"ef_search (\d+) reaches recall@10 (0\.\d+|1\.0+) \(target 0\.9, 200 queries\)"
+                   r".*stored as the default")
+
 CASES: list[Case] = [
     # -- data in
-    Case("synth {shards} --shards 0-1 --rows 300 --dim 16 --seed 3 --json",
-         check=lambda o, e, t: (t / "shards" / "img_emb_1.npy").exists()),
+    Case("synth {shards} --shards 0-1 --rows 300 --dim 16 --seed 3 --json", check=_synth("shards", [0, 1], 300, 16)),
     Case("synth {tmp}/pics --shards 0 --rows 10 --dim 16 --images",
-         check=lambda o, e, t: len(list((t / "pics").rglob("*.jpg"))) == 10),
+         check=_all(_has("wrote 1 shard(s) × 10 rows"), _npy("pics/img_emb_0.npy", (10, 16)), _pictures("pics", 10))),
     Case("synth {tmp}/knobs --shards 0 --rows 400 --dim 32 --intrinsic-dim 8 --decay 0.7 --anisotropy 0.3 "
          "--noise 0.2 --hubs 0.5 --pair-cosine 0.35 --json",
-         check=lambda o, e, t: abs(_mean_similarity(t / "knobs") - 0.35) < 0.03),
-    Case("synth {tmp}/hard --shards 0 --rows 400 --dim 32 --hard", check=_file("hard/img_emb_0.npy")),
+         check=_all(_synth("knobs", [0], 400, 32), lambda o, e, t: abs(_mean_similarity(t / "knobs") - 0.35) < 0.03)),
+    Case("synth {tmp}/hard --shards 0 --rows 400 --dim 32 --hard",
+         check=_all(_has("× 400 rows"), _npy("hard/img_emb_0.npy", (400, 32)), _npy("hard/text_emb_0.npy", (400, 32)))),
     Case("bench geometry {tmp}/knobs {tmp}/hard --names knobs,hard --rows 400 --sample 40 --out {tmp}/geo --json",
-         check=lambda o, e, t: (t / "geo" / "geometry.md").exists() and "knobs" in o),
+         check=_all(_json(lambda j: set(j) == {"knobs", "hard"} and all((j[n]["rows"], j[n]["dim"]) == (400, 32)
+                                                                        for n in j)
+                          and abs(j["knobs"]["pair_cosine_mean"] - 0.35) < 0.03 and j["knobs"]["axes_90"] <= 8),
+                    lambda o, e, t: all(n in (t / "geo" / "geometry.md").read_text() for n in ("knobs", "hard")))),
     Case("bench data real-text --rows 40 --corpus {tmp}/corpus.tsv --seed 1 --out {tmp}/rt --json",
-         check=lambda o, e, t: (t / "rt").is_dir() and json.loads(o)),
+         check=_all(_json(lambda j: (j["rows"], j["dim"], j["seed"]) == (40, 384, 1)
+                          and all((Path(j["dir"]) / f).is_file() for f in j["files"])),
+                    _npy("rt/img_emb_0.npy", (40, 384)))),
     Case("bench search --data real-text --corpus {tmp}/corpus.tsv --rows 100 --queries 10 --k 3 --configs 8:32 "
          "--rescoring --no-peers --threads 1 --dir {tmp}/b9 --out {tmp}/b9out --json",
-         check=lambda o, e, t: any("hnsw" in r["method"] for r in json.loads(o)["results"])),
+         check=_all(_json(lambda j: (j["data"], j["queries"], j["k"]) == ("real-text", 10, 3)),
+                    _bench_rows("method", "numpy exact", "laion exact", "hnsw M=8 ef_c=32 rescored",
+                                recall=("hnsw", 0.5)))),
     Case("synth {tmp}/folders --shards 7 --rows 20 --dim 16 --layout folders --pad 4",
-         check=_file("folders/img_emb/img_emb_0007.npy")),
+         check=_all(_npy("folders/img_emb/img_emb_0007.npy", (20, 16)), _file("folders/metadata/metadata_0007.parquet"))),
     Case("ingest {shards} --db {db} --shards 0 --batch-rows 64 --json",
-         check=lambda o, e, t: _json_lines(o)[-1]["loaded"] == [0]),
+         check=_all(lambda o, e, t: (_done(o)["loaded"], _done(o)["rows"]) == ([0], 300),
+                    _store_count("db", 300, [0]))),
     Case("ingest {shards} --db {db} --force --skip-bad-rows --json",
-         check=lambda o, e, t: sorted(_json_lines(o)[-1]["loaded"]) == [0, 1]),
-    Case("ingest {tmp}/folders --url {tmp}/folderdb", check=_has("shard 7")),
+         check=_all(lambda o, e, t: (sorted(_done(o)["loaded"]), _done(o)["rows"], _done(o)["dropped_rows"])
+                    == ([0, 1], 600, 0), _store_count("db", 600, [0, 1]))),
+    Case("ingest {tmp}/folders --url {tmp}/folderdb",
+         check=_all(_has("shard 7", "loaded 1 shard(s), 20 rows"), _store_count("folderdb", 20, [7]))),
     Case("ingest {shards} --index both --db {tmp}/idxdb --json",
          check=lambda o, e, t: [x["shard"] for x in _json_lines(o) if x.get("event") == "shard_indexed"] == [0, 1]
-         and _indexed(t / "idxdb", {"image_index", "text_index"}, parts=2)),
+         and _done(o)["rows"] == 600 and _indexed(t / "idxdb", {"image_index", "text_index"}, parts=2)),
     Case("ingest {shards} --index sideways --db {tmp}/idxdb2", code=2, check=_has("image, text or both")),
     Case("ingest {tmp}/part.parquet --format clickhouse-parquet --model openai/clip-vit-large-patch14 "
-         "--db {tmp}/partdb --json", check=lambda o, e, t: _json_lines(o)[-1]["rows"] == 300),
+         "--db {tmp}/partdb --json", check=_all(lambda o, e, t: _done(o)["rows"] == 300,
+                                                 _store_count("partdb", 300, [1_000_000]))),
     Case("ingest {tmp}/emb.h5 --format auto --db {tmp}/sisapdb --json",
-         check=lambda o, e, t: _json_lines(o)[-1]["rows"] == 200),
-    Case("status --db {db} --json", check=lambda o, e, t: json.loads(o)["rows"] == 600),
-    Case("status --url {db}", check=_has("600 rows")),
+         check=_all(lambda o, e, t: _done(o)["rows"] == 200, _store_count("sisapdb", 200, [1_000_000]))),
+    Case("status --db {db} --json",
+         check=_json(lambda j: (j["rows"], j["dim"], j["modalities"]) == (600, 16, ["image", "text"])
+                     and [(s["shard"], s["rows"], s["state"]) for s in j["shards"]]
+                     == [(0, 300, "loaded"), (1, 300, "loaded")])),
+    Case("status --url {db}", check=_has("600 rows", "dim 16", "loaded")),
     Case("sources --json", check=lambda o, e, t: {"laion400m", "laion5b-100m", "sisap-300k"}
          <= {s["name"] for s in json.loads(o)["sources"]}),
     # -- download from a loopback mirror
     Case("download 0-1 --to {tmp}/dl --base-url {mirror} --remote-layout folders --layout folders --pad 0 --jobs 2 "
          "--tries 3 --retry-delay 0.01 --max-retry-delay 0.1 --connect-timeout 5 --read-timeout 5 --no-fsync --json",
-         check=lambda o, e, t: _json_lines(o)[-1]["shards_verified"] == [0, 1]
-         and (t / "dl" / "img_emb" / "img_emb_1.npy").exists()),
+         check=_all(lambda o, e, t: (_done(o)["shards_verified"], _done(o)["failed"], _done(o)["ok"])
+                    == ([0, 1], [], True),
+                    _same_files(_in("dl", _mirror(0) + _mirror(1), nested=True)))),
     Case("download 0-1 --to {tmp}/dl2 --base-url {mirror} --ingest --delete-after-ingest --batch-rows 16 "
          "--db {tmp}/dldb --json",
-         check=lambda o, e, t: sorted(_json_lines(o)[-1]["ingested"]) == [0, 1] and not (t / "dl2" / "img_emb_0.npy").exists()),
+         check=_all(lambda o, e, t: (sorted(_done(o)["ingested"]), _done(o)["ingested_rows"],
+                                     sorted(_done(o)["deleted"])) == ([0, 1], 100, [0, 1])
+                    and not list((t / "dl2").glob("*.npy")),
+                    _store_count("dldb", 100, [0, 1]))),
     Case("download 1 --to {tmp}/dl3 --base-url {mirror} --ingest --url {tmp}/dldb2",
-         check=lambda o, e, t: (t / "dl3" / "metadata_1.parquet").exists()),
+         check=_all(_has("shard 1: verified, 50 rows × 16-d", "shard 1: ingested 50 rows"),
+                    _same_files(_in("dl3", _mirror(1))), _store_count("dldb2", 50, [1]))),
     Case("download 0-1 --to {tmp}/dl5 --base-url {mirror} --ingest --index image --db {tmp}/dldb3 --json",
-         check=lambda o, e, t: _indexed(t / "dldb3", {"image_index"}, parts=2)),
+         check=lambda o, e, t: _done(o)["ingested_rows"] == 100 and _indexed(t / "dldb3", {"image_index"}, parts=2)),
     Case("download 1 --to {tmp}/dl6 --base-url {mirror} --index both", code=2, check=_has("--index needs --ingest")),
     Case("download --source laion5b-100m 1 --to {tmp}/dl4 --base-url {mirror} --json",
-         check=lambda o, e, t: _json_lines(o)[-1]["shards_verified"] == [1]),
+         check=_all(lambda o, e, t: _done(o)["shards_verified"] == [1],
+                    _same_files([("dl4/laion5b_100m_part_1_of_10.parquet",
+                                  "mirror/laion5b_100m_part_1_of_10.parquet")]))),
     # -- SQL
     Case("sql 'SELECT count() AS n FROM laion WHERE shard = {s:UInt32}' --param s=1 --db {db} --json",
          check=lambda o, e, t: json.loads(o) == [{"n": 300}]),
     Case("sql 'SELECT id FROM laion ORDER BY id LIMIT 2' --format csv --db {db}",
          check=lambda o, e, t: o.splitlines() == ["id", "0", "1"]),
-    Case("sql 'SELECT id FROM laion ORDER BY id LIMIT 1' --format tsv --url {db}", check=_has("id\n0")),
+    Case("sql 'SELECT id FROM laion ORDER BY id LIMIT 1' --format tsv --url {db}",
+         check=lambda o, e, t: o.splitlines() == ["id", "0"]),
     # -- indexes
     Case("index create --column image --metric cosine --quantization bf16 --m 8 --ef-construction 32 --db {db} --json",
-         check=lambda o, e, t: json.loads(o)[0]["index"] == "image_index"),
+         check=_json(lambda j: [(x["index"], x["type"], x["rows"]) for x in j]
+                     == [("image_index", "vector_similarity('hnsw', 'cosineDistance', 16, 'bf16', 8, 32)", 600)])),
     Case("index create --column image --m 12 --db {db}", code=2, check=_has("exists with different parameters")),
-    Case("index create --column image --quantization i8 --m 12 --replace --db {db}", check=_has("image_index")),
+    Case("index create --column image --quantization i8 --m 12 --replace --db {db}",
+         check=_has("image_index: vector_similarity('hnsw', 'cosineDistance', 16, 'i8', 12, 64) built over 600 rows")),
     Case("index tune --recall 0.9 --column image --k 5 --sample 30 --same-modality --seed 1 --dry-run --db {db} --json",
-         check=lambda o, e, t: json.loads(o)["met"] and not json.loads(o)["stored"]),
-    Case("index tune --recall 0.9 --cross-modal --url {db}", check=_has("ef_search")),
+         check=_json(lambda j: j["met"] is True and j["stored"] is False and (j["k"], j["queries"]) == (5, 30)
+                     and j["recall"] >= 0.9 and j["ef_search"] in [c["ef_search"] for c in j["curve"]])),
+    Case("index tune --recall 0.9 --cross-modal --url {db}",
+         check=lambda o, e, t: (m := TUNED.search(o)) is not None and float(m.group(2)) >= 0.9),
     Case("index tune --recall 0.9 --queries cross-modal --sample 20 --dry-run --db {db} --json",
-         check=lambda o, e, t: json.loads(o)["queries"] == 20),
+         check=_json(lambda j: j["queries"] == 20 and j["met"] is True and j["recall"] >= 0.9 and not j["stored"])),
     Case("index tune --queries sideways --db {db}", code=2, check=_has("queries must be one of")),
     Case("index create --column text --guide --url {db} --json",
-         check=lambda o, e, t: "64, 256" in json.loads(o)[0]["type"]),
-    Case("index create --kind scan --column image --db {db}", check=_has("image_embedding_bf16")),
+         check=_json(lambda j: [(x["index"], x["type"]) for x in j]
+                     == [("text_index", "vector_similarity('hnsw', 'cosineDistance', 16, 'bf16', 64, 256)")])),
+    Case("index create --kind scan --column image --db {db}",
+         check=_has("image_embedding_bf16: bf16 scan copy built over 600 rows")),
     Case("index status --db {db} --json",
-         check=lambda o, e, t: {"image_index", "text_index", "image_embedding_bf16"} <= {i["name"] for i in json.loads(o)}),
-    Case("index status --url {db}", check=_has("text_index", "image_index")),
+         check=_json(lambda j: {i["name"] for i in j} == {"image_index", "text_index", "image_embedding_bf16"}
+                     and all(i["parts_covered"] == i["parts"] == 2 for i in j)
+                     and next(i for i in j if i["name"] == "image_index")["ef_search"] is not None)),
+    Case("index status --url {db}", check=_has("text_index", "image_index", "image_embedding_bf16", "2/2 parts")),
     # -- search
-    Case("search --like 5 --k 3 --db {db} --json", check=_results(3, lambda r: r["id"] != 5)),
+    Case("search --like 5 --k 3 --db {db} --json", check=_results(3, like=5)),
     Case("search --vector {vec} --k 2 --exact --metric l2 --modality text --url {db} --json",
-         check=_results(2)),
+         check=_results(2, vector="vec.npy", column="text_embedding", metric="l2", exact=True)),
     Case("search --like 5 --k 4 --nsfw exclude --min-similarity 0 --caption-contains a --where shard=1 "
          "--column similarity --column NSFW --exclude-id 1000000001 --db {db} --json",
-         check=_results(4, lambda r: r["id"] >= 1_000_000_000 and r["id"] != 1_000_000_001 and "NSFW" in r)),
+         check=_results(4, lambda r: r["id"] >= 1_000_000_000 and r["id"] != 1_000_000_001
+                        and "a" in r["caption"].lower() and r["NSFW"] not in ("NSFW", "UNSURE") and r["similarity"] >= 0,
+                        like=5, keys=("similarity", "NSFW"))),
     Case("search --like 5 --k 5 --ef-search 64 --rescoring --filter-strategy prefilter --fetch-multiplier 8 "
-         "--where shard=0 --db {db} --json", check=_results(5, lambda r: r["id"] < 1_000_000_000)),
-    Case("search --like 5 --k 3 --exact --verify-checksums --scan-threads 1 --scan-nice 5 --db {db} --json", check=_results(3)),
+         "--where shard=0 --db {db} --json",
+         check=_all(_results(5, IDS_0, like=5), _json(lambda j: j["strategy"] == "prefilter"))),
+    Case("search --like 5 --k 3 --exact --verify-checksums --scan-threads 1 --scan-nice 5 --db {db} --json",
+         check=_all(_results(3, like=5, exact=True), _json(lambda j: j["exact"] is True))),
     Case("search --text 'a photo of a dog' --model {model} --k 3 --db {db} --json", check=_results(3)),
-    Case("search --image {tmp}/img.png --model {model} --k 2 --exact --db {db}", check=_has("2 results")),
+    Case("search --image {tmp}/img.png --model {model} --k 2 --exact --db {db}",
+         check=lambda o, e, t: o.startswith("2 results · image embeddings · exact")
+         and len(re.findall(r"^│ [12] ", o, re.M)) == 2),
     Case("search --like 5 --filter-strategy sideways --db {db}", code=2, check=_has("filter strategy")),
     Case("index drop --column text --db {db} --json", check=lambda o, e, t: json.loads(o) == {"text_index": True}),
-    Case("index drop --column image --kind scan --url {db}", check=_has("image_embedding_bf16")),
+    Case("index drop --column image --kind scan --url {db}", check=_has("image_embedding_bf16: dropped")),
     # -- CLIP: embed images, UDFs
     Case("embed {tmp}/images {tmp}/embedded --model {model} --shard-size 2 --batch-size 1 --from-filenames --json",
-         check=lambda o, e, t: (t / "embedded" / "metadata_1.parquet").exists()),
+         check=_all(lambda o, e, t: (_done(o)["images"], _done(o)["shards_written"], _done(o)["failed"])
+                    == (3, [0, 1], []),
+                    _embedded("embedded", {0: [("blue_house.jpg", "blue house"), ("dog.png", "dog")],
+                                           1: [("red_car.png", "red car")]}))),
     Case("embed {tmp}/images {tmp}/embedded2 --model {model} --captions {tmp}/captions.csv",
-         check=_file("embedded2/img_emb_0.npy")),
+         check=_all(_has("embedded 3 images", "shards written [0]"),
+                    _embedded("embedded2", {0: [("blue_house.jpg", ""), ("dog.png", "a dog"),
+                                                ("red_car.png", "a red car")]}))),
     Case("udf install --dir {tmp}/udf --model {model} --python " + shlex.quote(sys.executable)
-         + " --pool-size 1 --json", check=_file("udf/encode_text_function.xml")),
-    Case("udf install --db {db} --model {model} --pool-size 1", check=lambda o, e, t: (t / "db" / "udf").is_dir()),
+         + " --pool-size 1 --json",
+         check=_json(lambda j: sorted(Path(f).name for f in j["files"]) == UDF_FILES
+                     and all(Path(f).parent == Path(j["dir"]) and Path(f).stat().st_size > 0 for f in j["files"])
+                     and sys.executable in Path(j["dir"], "encode_text_function.xml").read_text()
+                     + Path(j["dir"], "encode_text.py").read_text())),
+    Case("udf install --db {db} --model {model} --pool-size 1",
+         check=lambda o, e, t: sorted(p.name for p in (t / "db" / "udf").iterdir()) == UDF_FILES
+         and o.count("wrote ") == 4),
     Case("udf install --url clickhouse://u:p@127.0.0.1:1/db --model {model}", code=2,
          check=_has("must be copied into the server's config")),
     # -- cluster DDL and planning
     Case("init --cluster c1 --shards-by hash --replicated --dry-run --json",
-         check=lambda o, e, t: any("ReplicatedMergeTree" in s for s in json.loads(o)["statements"])),
-    Case("init --db {tmp}/fresh --json", check=lambda o, e, t: (t / "fresh").is_dir()),
-    Case("init --url {tmp}/fresh2 --cluster c1 --shards-by modulo --dry-run", check=_has("ON CLUSTER")),
+         check=_json(lambda j: j["dry_run"] is True and j["cluster"] == "c1"
+                     and any("ReplicatedMergeTree" in s and "ON CLUSTER `c1`" in s for s in j["statements"])
+                     and any("Distributed('c1'" in s and "cityHash64(shard)" in s for s in j["statements"]))),
+    Case("init --db {tmp}/fresh --json",
+         check=_all(_json(lambda j: j["dry_run"] is False and j["cluster"] is None), _store_count("fresh", 0, []))),
+    Case("init --url {tmp}/fresh2 --cluster c1 --shards-by modulo --dry-run",
+         check=_has("ON CLUSTER `c1`", "ENGINE = Distributed('c1', 'default', 'laion_local', shard);")),
     Case("plan --rows 100M --nodes 3 --dim 768 --cores 16 --ram-gib 64 --disk-tib 2 --storage f32-lz4 --quantization i8 "
-         "--m 32 --ef-construction 128 --indexes 1 --replicas 2 --json", check=lambda o, e, t: json.loads(o)["inputs"]),
+         "--m 32 --ef-construction 128 --indexes 1 --replicas 2 --json",
+         check=_json(lambda j: {k: j["inputs"][k] for k in ("rows", "nodes", "dim", "replicas", "m", "quantization")}
+                     == {"rows": 100_000_000, "nodes": 3, "dim": 768, "replicas": 2, "m": 32, "quantization": "i8"}
+                     and j["cluster"]["nodes_needed"] == j["cluster"]["shards"] * 2
+                     and j["totals"]["index_ram_bytes"] > 0 and j["embedded"]["verdict"] != "")),
     # -- demo and benchmarks, at toy sizes
-    Case("demo --dir {tmp}/demo --rows 300 --shards 2", check=_has("more like")),
+    Case("demo --dir {tmp}/demo --rows 300 --shards 2", check=_has("600 rows", "more like", "indexed search")),
     Case("bench ingest --rows 2000 --formats clickhouse-parquet,sisap-h5 --dir {tmp}/b0 --json",
-         check=lambda o, e, t: json.loads(o)),
+         check=_all(_json(lambda j: [(r["format"], r["rows"]) for r in j["results"]]
+                          == [("clickhouse-parquet", 2000), ("sisap-h5", 2000)]),
+                    _bench_rows("format", "clickhouse-parquet", "sisap-h5"))),
     Case("bench ingest --rows 2000 --guide-rows 200 --dir {tmp}/b1 --out {tmp}/b1out --json",
-         check=lambda o, e, t: json.loads(o)["results"]),
+         check=_all(_json(lambda j: [(r["method"], r["rows"]) for r in j["results"]]
+                          == [("ours", 2000), ("native", 2000), ("guide", 200)] and j["ratios"]["ours_vs_guide"] > 0),
+                    _bench_rows("method", "ours", "native", "guide"))),
     Case("bench search --rows 1500 --queries 20 --k 5 --configs 8:32 --quantization bf16 --metric cosine "
          "--threads 1 --dir {tmp}/b2 --out {tmp}/b2out --json",
-         check=lambda o, e, t: (t / "b2out" / "bench-search.md").exists()),
+         check=_all(_file("b2out/bench-search.md"), _json(lambda j: (j["rows"], j["queries"], j["k"]) == (1500, 20, 5)),
+                    _bench_rows("method", "numpy exact", "laion exact", "laion hnsw M=8 ef_c=32",
+                                recall=("hnsw", 0.5)))),
     Case("bench search --db {db} --queries {tmp}/q.npy --gold {tmp}/gold.npy --limit 5 --k 5 --out {tmp}/b3out",
-         check=_has("recall@10")),
+         check=_all(_has("600 rows × 16-d, 5 queries"), _recall_row("laion exact (chDB)", 1.0),
+                    _recall_row("laion hnsw", 0.5))),
     Case("bench search --url {db} --queries {tmp}/q.npy --gold {tmp}/gold.npy --limit 3 --k 5 --out {tmp}/b4out",
-         check=_has("recall@30")),
+         check=_all(_has("3 queries", "recall@30"), _recall_row("laion exact (chDB)", 1.0))),
     Case("bench clip --rows 200 --model {model} --repeat 3 --images 2 --dir {tmp}/b5 --json",
-         check=lambda o, e, t: json.loads(o)["encode_ms"] > 0),
+         check=_json(lambda j: j["rows"] == 200 and all(j[f] > 0 for f in ("encode_ms", "text_search_ms",
+                                                                          "udf_pooled_ms", "embed_images_per_second")))),
     Case("bench serve --rows 500 --clients 1 --seconds 1 --dir {tmp}/b7 --json",
-         check=lambda o, e, t: json.loads(o)["requests"] > 0),
+         check=_json(lambda j: j["requests"] > 0 and j["errors"] == 0 and (j["rows"], j["clients"]) == (500, 1)
+                     and sum(k["requests"] for k in j["per_kind"].values()) == j["requests"])),
     Case("bench serve --db {tmp}/b7/db --kinds indexed --clients 2 --seconds 1 --json",
-         check=lambda o, e, t: json.loads(o)["kinds"] == ["indexed"] and json.loads(o)["errors"] == 0),
+         check=lambda o, e, t: json.loads(o)["kinds"] == ["indexed"] and json.loads(o)["errors"] == 0
+         and json.loads(o)["per_kind"]["indexed"]["requests"] == json.loads(o)["requests"] > 0),
     Case("bench serve --kinds indexed,bogus --seconds 1", code=2, check=_has("--kinds: choose from")),
     Case("bench serve --mixed --rows 500 --scan-clients 1 --rate 5 --seconds 1 --server-arg=--max-scans=2 "
-         "--dir {tmp}/b8 --json", check=lambda o, e, t: json.loads(o)),
+         "--dir {tmp}/b8 --json",
+         check=_json(lambda j: (j["rows"], j["scan_clients"], j["rate"], j["server_args"])
+                     == (500, 1, 5.0, ["--max-scans=2"]) and j["indexed_errors"] == 0 and j["scan_errors"] == 0
+                     and j["indexed_answered"] <= j["indexed_sent"])),
     Case("bench pipeline --rows 1000 --modes on-ingest --build-threads 1 --m 8 --ef-construction 32 --quantization bf16 "
          "--queries 5 --guide-rows 300 --dir {tmp}/b10 --out {tmp}/b10.md --json",
          check=lambda o, e, t: {r["method"] for r in json.loads(o)["results"]} == {"on-ingest", "usearch", "guide"}
+         and min(json.loads(o)["results"][0]["recall"].values()) >= 0.5 and json.loads(o)["results"][0]["rows"] == 1000
          and "fastest:" in (t / "b10.md").read_text()),
-    Case("bench pipeline --rows 1000 --modes after --no-peers --dir {tmp}/b10", check=_has("index create --column both")),
+    Case("bench pipeline --rows 1000 --modes after --no-peers --dir {tmp}/b10",
+         check=_has("1,000 rows, 512-d", "index create --column both", "fastest:")),
     Case("bench pipeline --rows 1000 --modes sideways", code=2, check=_has("--modes takes after, on-ingest")),
     Case("bench download --shards 1 --rows 100 --rate 50 --repeat 1 --unthrottled --dir {tmp}/b6 --out {tmp}/b6out "
-         "--json", check=lambda o, e, t: json.loads(o)["results"]),
+         "--json", check=_all(_json(lambda j: (j["shards"], j["rows"], j["baseline"]) == (1, 100, "curl")
+                                    and j["bytes"] > 0),
+                              _bench_rows("method", "curl", "laion download -j 1", "laion download -j 4"))),
 ]
+
+UDF_FILES = sorted(["encode_text.py", "encode_text_function.xml", "encode_image.py", "encode_image_function.xml"])
 
 
 @pytest.fixture(scope="module")
@@ -293,8 +571,12 @@ def test_case(i, world):
     out, err = result.stdout, result.stderr
     assert result.exit_code == case.code, f"laion {' '.join(argv)} → {result.exit_code}\n{out[-2000:]}\n{err[-2000:]}"
     assert "Traceback" not in out + err
+    assert case.check is not None or case.code != 0 or not out, "a case that succeeds checks what it printed"
     if case.check is not None:
-        assert case.check(out, err, world["tmp"]) is not False, f"laion {' '.join(argv)}:\n{out[-2000:]}"
+        # a check asserts (and returns None) or is a predicate (returns True): anything else, such as
+        # the {} or [] of a json.loads, is a check that tests nothing
+        got = case.check(out, err, world["tmp"])
+        assert got is None or got is True, f"laion {' '.join(argv)}: check returned {got!r:.200}\n{out[-2000:]}"
 
 
 SERVE = "serve --host 127.0.0.1 --port {port} --token s3cret --model {model} --allow-sql --allow-image-url " \
