@@ -34,20 +34,22 @@ import threading
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import numpy as np
-from fastapi import Body, FastAPI, File, Query, Request, UploadFile
+from fastapi import Body, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.config import JsonDict
+from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from laion_search.web.admission import AdmissionGate
 from laion_search.web.cache import LRUCache, request_key
 from laion_search.errors import (EncoderError, EncoderUnavailable, LaionError, Overloaded, QueryError, ServeError,
                                  ShuttingDown, UsageError)
-from laion_search.schema import COLUMNS, MAX_K, TABLE
+from laion_search.schema import COLUMNS, FILTER_STRATEGIES, MAX_K, METRICS, MODALITIES, NSFW_MODES, TABLE
 from laion_search.search import SearchQuery, search, will_scan
 from laion_search.store import Store
 
@@ -86,28 +88,58 @@ _FORBIDDEN_SQL = re.compile(
 SERVER_SIDE = frozenset({"model", "scan_threads", "scan_nice"})
 
 
+#: JSON Schema bounds of the engine's Int64 and Float32 (ids; vector values); bounds exact as doubles,
+#: as the OpenAPI document may hold them
+INT64_MIN, INT64_END = -(2**63), 2**63
+INT64: JsonDict = {"minimum": INT64_MIN, "exclusiveMaximum": INT64_END}
+FLOAT32: JsonDict = {"minimum": -3.4028234663852886e38, "maximum": 3.4028234663852886e38}
+#: a text query is not all whitespace (said as "not blank" rather than "has a non-space", which a
+#: fuzzer can only negate by filtering)
+NOT_BLANK: JsonDict = {"not": {"pattern": r"^\s*$"}}
+#: "Exactly one query", as JSON Schema: each branch is one query field present and not null
+ONE_QUERY: JsonDict = {"oneOf": [{"required": [name], "properties": {name: {"type": kind}}}
+                                  for name, kind in (("text", "string"), ("image", "string"), ("vector", "array"),
+                                                     ("like", "integer"))]}
+
+
 class SearchBody(BaseModel):
     """:class:`~laion_search.search.SearchQuery` over HTTP (JSON body, query string or form);
-    a field added there must be added here (checked when this module loads, and by a test)."""
+    a field added there must be added here (checked when this module loads, and by a test).
 
-    text: Optional[str] = Field(None, max_length=MAX_TEXT_CHARS, description="Text query (CLIP-encoded).")
-    image: Optional[str] = Field(None, description="Base64 image (optionally a data: URL).")
-    vector: Optional[list[float]] = Field(None, max_length=4096, description="Query embedding.")
-    like: Optional[int] = Field(None, description="Row id: search with its stored embedding.")
-    k: int = Field(10, description=f"Results, 1-{MAX_K}.")
-    modality: str = Field("image", description="image or text embeddings.")
+    The schema's constraints beyond the Python types (bounds, choices, one query) document what
+    :meth:`SearchQuery.check` enforces, so that the OpenAPI schema says which requests succeed;
+    the library still refuses the others with a 400 and its reason."""
+
+    model_config = ConfigDict(json_schema_extra=ONE_QUERY)
+
+    text: Optional[str] = Field(None, max_length=MAX_TEXT_CHARS, description="Text query (CLIP-encoded).",
+                                json_schema_extra=NOT_BLANK)
+    image: Optional[str] = Field(None, description="Base64 image (optionally a data: URL).",
+                                 json_schema_extra={"contentEncoding": "base64", "contentMediaType": "image/*"})
+    vector: Optional[list[float]] = Field(None, max_length=4096, description=(
+        "Query embedding: as many values as the table's dimension (`/api/status`'s `dim`), not all zero."),
+        json_schema_extra={"minItems": 1, "items": {"type": "number", **FLOAT32}})
+    like: Optional[int] = Field(None, description="Row id: search with its stored embedding.", json_schema_extra=INT64)
+    k: int = Field(10, description=f"Results, 1-{MAX_K}.", json_schema_extra={"minimum": 1, "maximum": MAX_K})
+    modality: str = Field("image", description="image or text embeddings.",
+                          json_schema_extra={"enum": list(MODALITIES)})
     exact: bool = Field(False, description="Brute force, ignoring vector indexes.")
-    metric: str = Field("cosine", description="cosine or l2.")
-    columns: list[str] = Field(default_factory=list, max_length=len(COLUMNS), description="Extra result columns.")
-    nsfw: str = Field("any", description="any, exclude or only.")
+    metric: str = Field("cosine", description="cosine or l2.", json_schema_extra={"enum": list(METRICS)})
+    columns: list[str] = Field(default_factory=list, max_length=len(COLUMNS), description="Extra result columns.",
+                               json_schema_extra={"items": {"type": "string", "enum": list(COLUMNS)}})
+    nsfw: str = Field("any", description="any, exclude or only.", json_schema_extra={"enum": list(NSFW_MODES)})
     min_similarity: Optional[float] = None
     caption_contains: Optional[str] = Field(None, max_length=1000)
-    where: list[str] = Field(default_factory=list, max_length=16, description="COLUMN OP VALUE filters, ANDed.")
-    exclude_ids: list[int] = Field(default_factory=list, max_length=MAX_K)
-    ef_search: Optional[int] = None
+    where: list[str] = Field(default_factory=list, max_length=16, description=(
+        "COLUMN OP VALUE filters, ANDed: a column of " + ", ".join(COLUMNS) + ", an operator of = == != <> < <= > >= "
+        "(~, contains, on text columns) and a value of the column's type (optionally quoted)."))
+    # checked here: the engine would wrap an id outside Int64 silently (2**64 + 5 would exclude row 5)
+    exclude_ids: list[Annotated[int, Field(ge=INT64_MIN, lt=INT64_END)]] = Field(
+        default_factory=list, max_length=MAX_K)
+    ef_search: Optional[int] = Field(None, json_schema_extra={"minimum": 1, "maximum": 100_000})
     rescoring: bool = False
-    filter_strategy: str = "auto"
-    fetch_multiplier: float = 4.0
+    filter_strategy: str = Field("auto", json_schema_extra={"enum": list(FILTER_STRATEGIES)})
+    fetch_multiplier: float = Field(4.0, json_schema_extra={"minimum": 1, "maximum": 1000})
     verify_checksums: bool = False
     nprobe: Optional[int] = Field(None, description="IVF lists probed (searches through the IVF index).")
 
@@ -130,29 +162,121 @@ def search_body_from_params(items: list[tuple[str, str]]) -> SearchBody:
         if key in _LIST_FIELDS:
             data.setdefault(key, []).append(value)
         elif key in SearchBody.model_fields:
+            if key in data:  # one value, not the last of several
+                raise UsageError(f"search parameter {key!r} given more than once "
+                                 f"(only {', '.join(sorted(_LIST_FIELDS))} repeat)")
             data[key] = value
         elif key != "token":
             raise UsageError(f"unknown search parameter {key!r}")
     return SearchBody.model_validate(data)
 
 
+#: clip-back's query, as JSON Schema: a non-empty text, an image, an image_url or an embedding_input
+KNN_QUERY: JsonDict = {"anyOf": [{"required": ["text"], "properties": {"text": {"type": "string", "minLength": 1}}},
+                                 {"required": ["image"], "properties": {"image": {"type": "string"}}},
+                                 {"required": ["image_url"], "properties": {"image_url": {"type": "string"}}},
+                                 {"required": ["embedding_input"],
+                                  "properties": {"embedding_input": {"type": "array"}}}]}
+
+
 class KnnBody(BaseModel):
-    """clip-back's ``/knn-service`` request (its defaults where it has them)."""
+    """clip-back's ``/knn-service`` request (its defaults where it has them). The query is the
+    first of text (non-empty), image, image_url and embedding_input that is given."""
+
+    model_config = ConfigDict(json_schema_extra=KNN_QUERY)
 
     text: Optional[str] = Field(None, max_length=MAX_TEXT_CHARS)
-    image: Optional[str] = None
-    image_url: Optional[str] = Field(None, max_length=2048)
-    embedding_input: Optional[list[float]] = Field(None, max_length=4096)
-    modality: str = "image"
+    image: Optional[str] = Field(None, json_schema_extra={"contentEncoding": "base64", "contentMediaType": "image/*"})
+    image_url: Optional[str] = Field(None, max_length=2048, description=(
+        "An http(s) URL the server fetches: only on servers started with --allow-image-url."))
+    embedding_input: Optional[list[float]] = Field(None, max_length=4096, description=(
+        "Query embedding: as many values as the table's dimension, not all zero."),
+        json_schema_extra={"minItems": 1, "items": {"type": "number", **FLOAT32}})
+    modality: str = Field("image", json_schema_extra={"enum": list(MODALITIES)})
     num_images: int = 40
     num_result_ids: Optional[int] = None  # clip-back: num_images when absent
-    indice_name: Optional[str] = None
+    indice_name: Optional[str] = Field(None, json_schema_extra={"enum": [TABLE, "", None]})
     deduplicate: bool = False
     use_safety_model: bool = False
     use_violence_detector: bool = False
     aesthetic_score: Optional[Any] = None
     aesthetic_weight: Optional[Any] = None
     use_mclip: bool = False
+
+
+# -- answers, as the OpenAPI schema documents them (the routes build plain dicts) -----------------------
+class ErrorBody(BaseModel):
+    """Every refusal (4xx) and failure (5xx): one line that says why."""
+
+    error: str
+
+
+#: the error answers every route may give (bad request, token, body size, validation, overload,
+#: unavailable encoder or store, internal error)
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": what} for code, what in (
+        (400, "Bad request: the reason"), (401, "Missing or wrong bearer token"), (413, "Request body too large"),
+        (422, "Malformed request"), (429, "Overloaded: retry after Retry-After seconds"),
+        (500, "Internal error"), (503, "The CLIP model or the store is unavailable, or the server is stopping"))}
+
+
+class SearchRow(BaseModel):
+    """One result: its rank, distance, id, caption, url and the extra ``columns`` asked for."""
+
+    model_config = ConfigDict(extra="allow")
+
+    rank: int = Field(ge=1)
+    distance: float
+    id: int
+    caption: str
+    url: str
+
+
+class SearchAnswer(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    k: int
+    modality: str
+    metric: str
+    exact: bool
+    strategy: str
+    seconds: float
+    results: list[SearchRow]
+    cached: bool
+    total_seconds: float
+
+
+class KnnRow(BaseModel):
+    """clip-back's answer row: id, similarity and the metadata columns."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: int
+    similarity: float
+
+
+class MetadataRow(BaseModel):
+    id: int
+    metadata: dict[str, Any]
+
+
+class StatusAnswer(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    rows: int
+    parts: int
+    dim: Optional[int]
+    modalities: list[str]
+    shards: list[dict[str, Any]]
+    indexes: list[dict[str, Any]]
+    version: Any
+    capabilities: dict[str, Any]
+    encoder: dict[str, Any]
+
+
+def answers(model: Any = None) -> dict[int | str, dict[str, Any]]:
+    """A route's documented answers: ``model`` for 200, :data:`ERROR_RESPONSES` for the rest."""
+    return {**({200: {"model": model}} if model is not None else {}), **ERROR_RESPONSES}
 
 
 class EncoderState:
@@ -378,11 +502,11 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
         out = {**out, "cached": False, "total_seconds": round(time.perf_counter() - t0, 6)}
         return out
 
-    @app.get("/health", tags=["service"])
+    @app.get("/health", tags=["service"], responses=answers())
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/api/status", tags=["service"])
+    @app.get("/api/status", tags=["service"], response_model=None, responses=answers(StatusAnswer))
     def status() -> dict[str, Any]:
         info = store.status().as_dict()
         out = {k: info[k] for k in ("rows", "parts", "bytes_on_disk", "dim", "modalities", "model", "shards",
@@ -409,7 +533,7 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
         )
         return out
 
-    @app.post("/api/search", tags=["search"], openapi_extra=json_schema(SearchBody.model_json_schema()))
+    @app.post("/api/search", tags=["search"], responses=answers(SearchAnswer))
     async def api_search(request: Request) -> Response:
         # the hot path, by hand: pydantic parses the body straight from its bytes and the answer
         # is encoded once (FastAPI's body dependency and response encoding cost ~1 ms per request)
@@ -418,17 +542,23 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
 
         return json_response(await run_in_threadpool(run_search, body))
 
-    @app.get("/api/search", tags=["search"])
-    def api_search_get(request: Request, text: Optional[str] = Query(None, max_length=MAX_TEXT_CHARS),
-                       like: Optional[int] = None, k: int = 10) -> dict[str, Any]:
+    @app.get("/api/search", tags=["search"], response_model=None, responses=answers(SearchAnswer))
+    def api_search_get(request: Request,
+                       text: Optional[str] = Query(None, max_length=MAX_TEXT_CHARS, json_schema_extra=NOT_BLANK),
+                       like: Optional[int] = Query(None, json_schema_extra=INT64),
+                       k: int = Query(10, json_schema_extra={"minimum": 1, "maximum": MAX_K})) -> dict[str, Any]:
         """Every /api/search field as a query parameter (lists repeated: ``&where=a&where=b``);
-        the common ones are listed here."""
+        the common ones are listed here. Give exactly one query (``text`` or ``like`` here)."""
         return run_search(search_body_from_params(list(request.query_params.multi_items())))
 
-    @app.post("/api/search/upload", tags=["search"])
-    async def api_search_upload(request: Request, file: UploadFile = File(...)) -> dict[str, Any]:
-        """An image file as the query; every other /api/search field as a form field."""
+    @app.post("/api/search/upload", tags=["search"], response_model=None, responses=answers(SearchAnswer))
+    async def api_search_upload(request: Request) -> dict[str, Any]:
+        """An image file as the query; every other /api/search field (but another query) as a form field."""
         form = await request.form()
+        file = form.get("file")
+        if not isinstance(file, StarletteUploadFile):
+            raise RequestValidationError([{"type": "missing", "loc": ("body", "file"), "input": None,
+                                           "msg": "Field required" if file is None else "expected an uploaded file"}])
         body = search_body_from_params([(k, v) for k, v in form.multi_items() if k != "file" and isinstance(v, str)])
         if body.text is not None or body.vector is not None or body.like is not None or body.image is not None:
             raise UsageError("give exactly one query: the uploaded file is the query here")
@@ -442,7 +572,7 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
         return await run_in_threadpool(run_search, body, data)
 
     if allow_sql:
-        @app.post("/api/sql", tags=["sql"])
+        @app.post("/api/sql", tags=["sql"], responses=answers())
         def api_sql(query: str = Body(..., embed=True, max_length=20_000)) -> dict[str, Any]:
             text = query.strip().rstrip(";")
             if ";" in text or not _READ_ONLY_SQL.match(text) or _FORBIDDEN_SQL.search(text):
@@ -463,7 +593,7 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
                             headers={"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"})
 
     # -- clip-retrieval compatible back end ----------------------------------------------------------
-    @app.get("/indices-list", tags=["clip-retrieval"])
+    @app.get("/indices-list", tags=["clip-retrieval"], responses=answers())
     def indices_list() -> list[str]:
         return [TABLE]
 
@@ -503,7 +633,7 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
         meta = _metadata(store, [r["id"] for r in rows[:k]])
         return [{**meta.get(r["id"], {}), "id": r["id"], "similarity": 1.0 - float(r["distance"])} for r in rows[:k]]
 
-    @app.post("/knn-service", tags=["clip-retrieval"], openapi_extra=json_schema(KnnBody.model_json_schema()))
+    @app.post("/knn-service", tags=["clip-retrieval"], response_model=None, responses=answers(list[KnnRow]))
     async def knn_service(request: Request) -> list[dict[str, Any]]:
         data = await json_body(request)
         if not isinstance(data, dict):
@@ -513,13 +643,13 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
 
         return await run_in_threadpool(knn, body)
 
-    @app.post("/metadata", tags=["clip-retrieval"], openapi_extra=json_schema({
-        "type": "object", "required": ["ids"],
-        "properties": {"ids": {"type": "array", "items": {"type": "integer"}, "maxItems": MAX_K},
-                       "indice_name": {"type": "string"}}}))
+    @app.post("/metadata", tags=["clip-retrieval"], response_model=None, responses=answers(list[MetadataRow]))
     async def metadata(request: Request) -> list[dict[str, Any]]:
         body = await json_body(request)
         ids = body.get("ids") if isinstance(body, dict) else None
+        # JSON's integers include 3.0 (JSON Schema's "integer", and pydantic's int for the other routes)
+        if isinstance(ids, list):
+            ids = [int(i) if isinstance(i, float) and i.is_integer() else i for i in ids]
         if not isinstance(ids, list) or len(ids) > MAX_K or not all(isinstance(i, int) and not isinstance(i, bool)
                                                                      for i in ids):
             raise UsageError(f"ids must be a list of at most {MAX_K} integers")
@@ -529,6 +659,20 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
 
         found = await run_in_threadpool(_metadata, store, ids)
         return [{"id": i, "metadata": found[i]} for i in ids if i in found]
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document, with the bodies of the routes that read theirs by hand put in as
+        written (for /docs and fuzzers): through FastAPI's own models their integer bounds would
+        become doubles, and 2**63 - 1 a 2**63."""
+        if app.openapi_schema is None:
+            doc = FastAPI.openapi(app)
+            for (path, method), (schema, media_type) in hand_read_bodies().items():
+                doc["paths"][path][method]["requestBody"] = {"required": True,
+                                                             "content": {media_type: {"schema": schema}}}
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
@@ -684,9 +828,32 @@ def storage_fault(message: str) -> str | None:
     return None
 
 
-def json_schema(schema: dict[str, Any]) -> dict[str, Any]:
-    """OpenAPI for a route that reads its JSON body by hand, for /docs and fuzzers."""
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+def hand_read_bodies() -> dict[tuple[str, str], tuple[dict[str, Any], str]]:
+    """The request bodies the routes read by hand, by (path, method): (JSON Schema, media type)."""
+    json = "application/json"
+    return {
+        ("/api/search", "post"): (SearchBody.model_json_schema(), json),
+        ("/api/search/upload", "post"): (UPLOAD_FORM, "multipart/form-data"),
+        ("/knn-service", "post"): (KnnBody.model_json_schema(), json),
+        ("/metadata", "post"): ({"type": "object", "required": ["ids"], "properties": {
+            "ids": {"type": "array", "items": {"type": "integer", **INT64}, "maxItems": MAX_K},
+            "indice_name": {"type": "string"}}}, json),
+    }
+
+
+def _form_field(prop: dict[str, Any]) -> dict[str, Any]:
+    """A SearchBody property as a form field: a form leaves a field out rather than send null."""
+    branches = [b for b in prop.get("anyOf", ()) if b.get("type") != "null"]
+    rest = {k: v for k, v in prop.items() if k not in ("anyOf", "default")}
+    return {**rest, **branches[0]} if branches else rest
+
+
+#: ``/api/search/upload``'s form: the file, and SearchBody's fields but the other queries (lists repeated)
+UPLOAD_FORM: dict[str, Any] = {
+    "type": "object", "required": ["file"], "additionalProperties": False,
+    "properties": {"file": {"type": "string", "format": "binary", "description": "The query image."},
+                   **{name: _form_field(prop) for name, prop in SearchBody.model_json_schema()["properties"].items()
+                      if name not in ("text", "image", "vector", "like")}}}
 
 
 def _json_default(obj: Any) -> Any:
