@@ -96,10 +96,12 @@ FLOAT32: JsonDict = {"minimum": -3.4028234663852886e38, "maximum": 3.40282346638
 #: a text query is not all whitespace (said as "not blank" rather than "has a non-space", which a
 #: fuzzer can only negate by filtering)
 NOT_BLANK: JsonDict = {"not": {"pattern": r"^\s*$"}}
-#: "Exactly one query", as JSON Schema: each branch is one query field present and not null
-ONE_QUERY: JsonDict = {"oneOf": [{"required": [name], "properties": {name: {"type": kind}}}
-                                  for name, kind in (("text", "string"), ("image", "string"), ("vector", "array"),
-                                                     ("like", "integer"))]}
+#: "Exactly one query", as JSON Schema: a branch per query field, that one given and the others null
+#: or left out (the branches exclude each other: anyOf says oneOf, and fuzzers draw it without filtering)
+_QUERIES = {"text": "string", "image": "string", "vector": "array", "like": "integer"}
+ONE_QUERY: JsonDict = {"anyOf": [
+    {"required": [name], "properties": {name: {"type": kind}, **{o: {"type": "null"} for o in _QUERIES if o != name}}}
+    for name, kind in _QUERIES.items()]}
 
 
 class SearchBody(BaseModel):
