@@ -2,13 +2,17 @@
 
 * every user value reaches the engine as a query parameter: the SQL text the engine receives
   (recorded by a spy on the session) never contains a payload;
+* each payload is a literal value: the rows a search returns are those a Python reference finds
+  with the payload taken literally (none for "caption equals it", the nearest for "differs from it");
 * SQL-injection payloads, bad k, bad vectors, unknown ids, empty and 1 MB text, non-images,
   decompression bombs, path traversal: a clear 4xx / UsageError / exit 2, never a crash or a
-  traceback, and the table is unchanged (row count + checksum);
+  traceback, and the table is unchanged (row count + a hash of every value of every column);
 * hypothesis: query builders (WHERE clauses only ever hold fixed tokens), parameter round trips
   through the engine, searches with generated filters;
 * schemathesis: generated requests (valid and invalid) for every operation in the server's
-  OpenAPI schema, zero 5xx (≥ 1,000 requests; 5,000+ with LAION_SLOW_TESTS=1).
+  OpenAPI schema through ``call_and_validate``: zero 5xx, every answer as the schema documents it,
+  valid requests answered 2xx and invalid ones 4xx, search answers checked against the table
+  (≥ 1,000 requests; 5,000+ with LAION_SLOW_TESTS=1).
 """
 
 from __future__ import annotations
