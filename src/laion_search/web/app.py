@@ -50,7 +50,7 @@ from laion_search.web.cache import LRUCache, request_key
 from laion_search.errors import (EncoderError, EncoderUnavailable, LaionError, Overloaded, QueryError, ServeError,
                                  ShuttingDown, UsageError)
 from laion_search.schema import COLUMNS, FILTER_STRATEGIES, MAX_K, METRICS, MODALITIES, NSFW_MODES, TABLE
-from laion_search.search import SearchQuery, search, will_scan
+from laion_search.search import MAX_NPROBE, SearchQuery, search, will_scan
 from laion_search.store import Store
 
 log = logging.getLogger("laion_search.web")
@@ -143,7 +143,9 @@ class SearchBody(BaseModel):
     filter_strategy: str = Field("auto", json_schema_extra={"enum": list(FILTER_STRATEGIES)})
     fetch_multiplier: float = Field(4.0, json_schema_extra={"minimum": 1, "maximum": 1000})
     verify_checksums: bool = False
-    nprobe: Optional[int] = Field(None, description="IVF lists probed (searches through the IVF index).")
+    nprobe: Optional[int] = Field(None, description=(
+        "IVF lists probed (searches through the IVF index): for a column with an IVF index, or with exact."),
+        json_schema_extra={"minimum": 1, "maximum": MAX_NPROBE})
 
     def query(self, *, model: str | None, image: bytes | None = None) -> SearchQuery:
         fields = self.model_dump()
