@@ -277,8 +277,8 @@ def _json(pred: Callable[[dict | list], bool]) -> Callable[[str, str, Path], Non
 
 
 IDS_0 = lambda r: r["id"] < 1_000_000_000  # noqa: E731 - shard 0's ids
-TUNED = re.compile(r"ef_search (\d+) reaches recall@10 (0\.\d+|1\.0+) \(target 0\.9, 200 queries\)"
-                   r".*stored as the default")
+TUNED = re.compile(r"ef_search (\d+) reaches recall@10 (0\.\d+|1\.0+) \((?:lower bound ([0-9.]+); )?target 0\.9, "
+                   r"200 queries\).*stored as the default")
 
 CASES: list[Case] = [
     # -- data in
@@ -370,7 +370,7 @@ CASES: list[Case] = [
          check=_json(lambda j: j["met"] is True and j["stored"] is False and (j["k"], j["queries"]) == (5, 30)
                      and j["recall"] >= 0.9 and j["ef_search"] in [c["ef_search"] for c in j["curve"]])),
     Case("index tune --recall 0.9 --cross-modal --url {db}",
-         check=lambda o, e, t: (m := TUNED.search(o)) is not None and float(m.group(2)) >= 0.9),
+         check=lambda o, e, t: (m := TUNED.search(o)) is not None and float(m.group(3) or m.group(2)) >= 0.9),
     Case("index tune --recall 0.9 --queries cross-modal --sample 20 --dry-run --db {db} --json",
          check=_json(lambda j: j["queries"] == 20 and j["met"] is True and j["recall"] >= 0.9 and not j["stored"])),
     Case("index tune --queries sideways --db {db}", code=2, check=_has("queries must be one of")),
