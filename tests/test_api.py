@@ -16,7 +16,8 @@ def test_exports_are_exact():
     assert sorted(laion_search.__all__) == sorted([
         "connect", "Database", "SearchQuery", "SearchResult", "Filters", "SearchOptions", "IngestReport",
         "IndexBuild", "StoreStatus", "ShardStatus", "IndexInfo", "LaionError", "UsageError", "ShardError",
-        "ShardValidationError", "StoreError", "StoreBusyError", "QueryError", "EncoderError", "__version__"])
+        "ShardValidationError", "StoreError", "StoreBusyError", "QueryError", "EncoderError", "ModalityError",
+        "EncoderUnavailable", "DownloadError", "Overloaded", "ShuttingDown", "ServeError", "__version__"])
     for name in laion_search.__all__:
         assert getattr(laion_search, name) is not None, name
     assert type(laion_search) is type(dataclasses)  # a plain module, no class swap

@@ -151,6 +151,21 @@ def _indexed(db: Path, names: set[str], *, parts: int) -> bool:
     return True
 
 
+def _ivf_served(db: Path, columns: set[str], rows: int) -> bool:
+    """The store at ``db`` serves an IVF index on ``columns``, each holding every row once, none uncovered."""
+    from laion_search import connect
+    from laion_search.index import ivf
+
+    with connect(db) as store:
+        st = ivf.state(store)
+        assert set(st.served) == columns, st.served
+        for c, info in st.served.items():
+            assert st.uncovered[(c, info.gen)] == []
+            assert store.sql(f"SELECT count(), uniqExact(id) FROM {info.table}").to_pylist()[0] == \
+                {"count()": rows, "uniqExact(id)": rows}
+    return True
+
+
 def _file(rel: str) -> Callable[[str, str, Path], None]:
     def check(out: str, err: str, tmp: Path) -> None:
         assert (tmp / rel).exists(), rel
@@ -348,6 +363,8 @@ CASES: list[Case] = [
     Case("download 0-1 --to {tmp}/dl5 --base-url {mirror} --ingest --index image --db {tmp}/dldb3 --json",
          check=lambda o, e, t: _done(o)["ingested_rows"] == 100 and _indexed(t / "dldb3", {"image_index"}, parts=2)),
     Case("download 1 --to {tmp}/dl6 --base-url {mirror} --index both", code=2, check=_has("--index needs --ingest")),
+    Case("download 1 --to {tmp}/dl7 --base-url {mirror} --ingest --index image --index-kind ivf --db {tmp}/dldb4 --json",
+         check=lambda o, e, t: _done(o)["ingested_rows"] == 50 and _ivf_served(t / "dldb4", {"image"}, 50)),
     Case("download --source laion5b-100m 1 --to {tmp}/dl4 --base-url {mirror} --json",
          check=_all(lambda o, e, t: _done(o)["shards_verified"] == [1],
                     _same_files([("dl4/laion5b_100m_part_1_of_10.parquet",
@@ -405,6 +422,37 @@ CASES: list[Case] = [
     Case("search --like 5 --filter-strategy sideways --db {db}", code=2, check=_has("filter strategy")),
     Case("index drop --column text --db {db} --json", check=lambda o, e, t: json.loads(o) == {"text_index": True}),
     Case("index drop --column image --kind scan --url {db}", check=_has("image_embedding_bf16: dropped")),
+    # -- the IVF index
+    Case("index create --kind ivf --column both --lists 8 --codes none --db {db} --json",
+         check=_all(_json(lambda j: [(r["column"], r["lists"], r["codes"]) for r in j]
+                          == [("image", 8, "none"), ("text", 8, "none")]),
+                    lambda o, e, t: _ivf_served(t / "db", {"image", "text"}, 600))),
+    Case("index create --kind ivf --column image --lists 4 --db {db}", code=2, check=_has("--replace")),
+    Case("search --like 5 --k 3 --nprobe 8 --db {db} --json",
+         check=_all(_results(3, like=5), _json(lambda j: j["strategy"] == "ivf (nprobe 8)"))),
+    Case("index tune --kind ivf --recall 0.8 --sample 20 --dry-run --db {db} --json",
+         check=_json(lambda j: j["kind"] == "ivf" and j["met"] and 1 <= j["nprobe"] <= 8
+                     and j["recall_lower"] >= 0.8 and not j["stored"])),
+    Case("index drop --kind ivf --column both --db {db} --json",
+         check=_json(lambda j: j == {"ivf on image_embedding": True, "ivf on text_embedding": True})),
+    Case("ingest {shards} --index both --index-kind ivf --db {tmp}/ivfdb --json",
+         check=lambda o, e, t: _ivf_served(t / "ivfdb", {"image", "text"}, 600)),
+    Case("plan --kind ivf --rows 400M --codes int8 --lists 65536 --nprobe 64 --ram-gib 64 --json",
+         check=_json(lambda j: j["lists"] == 65536 and j["fits_ram"] and j["ram_bytes"] < 64 * 2**30
+                     and j["query_rows_scanned"] > 64 * 6000)),
+    Case("bench data sisap {tmp}/sis --rows 500 --queries 5 --dim 16 --seed 1 --json",
+         check=_json(lambda j: j["rows"] == 500 and j["dim"] == 16 and all(Path(j[f]).is_file()
+                                                                          for f in ("data", "queries", "gold")))),
+    Case("bench ivf --rows 2000 --queries 5 --k 5 --nprobe 2,8 --codes none --lists 8 --hnsw --peers --parts "
+         "--threads 1 --dir {tmp}/bivf --out {tmp}/bivf-out --json",
+         check=_json(lambda j: j["rows"] == 2000 and j["pipeline"]["rows"] == 2000
+                     and [r["method"] for r in j["results"]][:2] == ["laion ivf none lists=8 nprobe=2",
+                                                                    "laion ivf none lists=8 nprobe=8"]
+                     and j["results"][1]["recall_img"] == 1.0 and len(j["parts"]) == 3
+                     and any(r["method"].startswith("faiss IVF-Flat") for r in j["results"]))),
+    Case("bench ivf --data real-text --corpus {tmp}/corpus.tsv --rows 100 --queries 5 --nprobe 16 --no-hnsw "
+         "--no-peers --no-parts --dir {tmp}/bivf2 --out {tmp}/bivf2-out --json",
+         check=_json(lambda j: j["rows"] == 100 and j["dim"] == 384 and j["results"][0]["recall_txt"] == 1.0)),
     # -- CLIP: embed images, UDFs
     Case("embed {tmp}/images {tmp}/embedded --model {model} --shard-size 2 --batch-size 1 --from-filenames --json",
          check=_all(lambda o, e, t: (_done(o)["images"], _done(o)["shards_written"], _done(o)["failed"])

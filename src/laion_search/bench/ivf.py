@@ -136,7 +136,7 @@ def run(rows: int = 1_000_000, queries: int = 100, k: int = 10, nprobes: str = "
                 drop_index(db, "image")
         if peers:
             results += _peers(base, qsets, k, threads, gen_lists, probes, hnsw, say)
-        parts_rows = _parts_experiment(root, dim, say) if parts else []
+        parts_rows = _parts_experiment(root, dim, say, rows=min(200_000, max(20 * len(base), 20_000))) if parts else []
     md = markdown(results, pipeline, parts_rows, len(base), dim, len(pick), k, threads, data)
     if out:
         out.mkdir(parents=True, exist_ok=True)

@@ -1178,7 +1178,7 @@ data_app = typer.Typer(help="Datasets for benchmarks, built offline and cached."
 @bench_app.command("ivf")
 @handle_errors
 def bench_ivf(
-    rows: int = typer.Option(1_000_000, "--rows", min=1000, help="Rows of the shard (synth, realistic geometry)."),
+    rows: int = typer.Option(1_000_000, "--rows", min=100, help="Rows of the shard (synth, realistic geometry)."),
     queries: int = typer.Option(100, "--queries", min=1, help="Queries per kind (image→image, text→image)."),
     k: int = typer.Option(10, "--k", min=1, max=1000, help="Neighbours per query (recall@k)."),
     nprobes: str = typer.Option("8,16,32,64", "--nprobe", help="Probes to measure, comma-separated."),
