@@ -58,6 +58,8 @@ SAMPLE_PER_LIST = 64
 MIN_SAMPLE_PER_LIST = 40
 MAX_SAMPLE = 524_288
 KMEANS_ROUNDS = 10
+#: Above this many rows a build leaves merging its companion table to the engine's background merges.
+MAX_FINAL_MERGE_ROWS = 50_000_000
 #: Batches waiting for the feeder's thread at most (each holds the reader's buffers).
 FEED_DEPTH = 1
 #: Rows read back per statement when a generation is filled from the ``laion`` table.
@@ -566,8 +568,11 @@ def _companion_batch(lists: np.ndarray, ids: Any, shard: int, vectors: Any) -> p
 def _compact(store: Store, info: IvfInfo, emit: ProgressFn) -> None:
     """Merge the companion's parts: a probe reads at least one granule per list *per part*, so
     many small parts multiply the rows a search reads (see docs/indexes.md for the measurement)."""
-    parts = int(store.scalar("SELECT count() FROM system.parts WHERE database = currentDatabase() AND table = {t:String} "
-                             "AND active", {"t": info.table}) or 0)
+    got = store.rows("SELECT count() AS parts, sum(rows) AS rows FROM system.parts WHERE database = currentDatabase() "
+                     "AND table = {t:String} AND active", {"t": info.table})[0]
+    parts, rows = int(got["parts"] or 0), int(got["rows"] or 0)
+    if rows > MAX_FINAL_MERGE_ROWS:
+        return  # one merge of a LAION-sized table would take hours: the engine's background merges combine its parts
     if parts > 1:
         emit({"event": "ivf_compact", "index": info.table, "parts": parts})
         store.run_ddl(f"OPTIMIZE TABLE {info.table} FINAL SETTINGS {OPTIMIZE_SETTINGS}")
