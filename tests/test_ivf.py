@@ -112,6 +112,9 @@ def test_filters_keep_exactly_k_matching_rows(ivf_db):
         assert len(res.rows) == 10
         assert all(r["width"] >= 400 and r["NSFW"] not in ("NSFW", "UNSURE") for r in res.rows)
         np.testing.assert_allclose([r["distance"] for r in res.rows], _truth(img, img[i], 10, allowed), atol=2e-5)
+    forced = search(db, vector=img[3], k=10, nsfw="exclude", where=["width>=400"], filter_strategy="prefilter")
+    assert forced.strategy == "prefilter"
+    np.testing.assert_allclose([r["distance"] for r in forced.rows], _truth(img, img[3], 10, allowed), atol=2e-5)
     # a filter few rows pass: still k rows (probed lists first, then the filter first)
     rare = search(db, vector=img[5], k=5, where=["width>=1000"], nprobe=1, columns=["width"])
     expect = min(5, int((width >= 1000).sum()))

@@ -326,6 +326,9 @@ def _search_ivf(store: Store, info: Any, qv: np.ndarray, k: int, func: str, sele
     cents = state.centroids[(info.column, info.gen)]
     skip = state.uncovered.get((info.column, info.gen), [])
     nprobe = min(int(options.nprobe or info.nprobe or ivf.DEFAULT_NPROBE), info.lists)
+    if where and options.filter_strategy == "prefilter":  # asked: the filter first, exactly over the rows it keeps
+        rows = store.rows(_exact_sql(select, MODALITIES[info.column], func, where, k), {**params, "q": qv})
+        return rows[:k], _exact_sql(select, MODALITIES[info.column], func, where, k), "prefilter"
     limit = k if not where else int(math.ceil(k * max(options.fetch_multiplier, ivf.FILTER_FETCH)))
     strategy = f"ivf (nprobe {nprobe})"
     while True:
