@@ -249,15 +249,18 @@ IVF_SCAN_BYTES_512 = {"none": 2056.0, "int8": 520.0, "rabitq": 80.0}
 #: Assigning rows to lists: multiply-adds per core-second in bfloat16 (torch on the CPU's matrix
 #: units; measured 131,072 rows × 1,024 lists × 512-d in 0.139 s on 2 cores).
 IVF_ASSIGN_MACS_PER_CORE_S = 2.4e11
-#: Writing the companion rows (insert + the merge into one part per shard), rows/s per core at 512-d
-#: (measured in `laion bench ivf --rows 1000000`, both columns: see docs/indexes.md).
-IVF_WRITE_ROWS_PER_CORE_512 = 40_000.0
-#: Bytes/s one core scans from the page cache in a probe (measured at 1M rows, 32 lists: see docs/indexes.md).
+#: Writing the companion rows (assignment, insert, the merge into one part per shard), rows/s per core
+#: at 512-d: `laion bench ivf --rows 1000000` on a quiet machine took 42.2 s for the shard, 9 s of it the
+#: ingest itself, so ~33 s for 2M companion rows on 2 cores (docs/indexes.md).
+IVF_WRITE_ROWS_PER_CORE_512 = 30_000.0
+#: Bytes/s one core scans from the page cache in a probe (measured at 1M rows: `sum(vec[1])` over 16 lists,
+#: 32 MB in 22.5 ms; see docs/indexes.md).
 IVF_SCAN_BYTES_PER_CORE_S = 1.5e9
 #: Read amplification of a probe over one merged part (measured: 1.35× at ~800 rows per list).
 IVF_AMPLIFICATION = 1.35
-#: A query's fixed cost: choosing the lists, two statements, fetching k rows by id (measured ~5 ms).
-IVF_QUERY_FIXED_MS = 5.0
+#: A query's fixed cost: choosing the lists, two statements, fetching k rows by id (measured at 1M rows,
+#: nprobe 1, quiet: 6.5 ms for the candidates, 5.8 ms for the rows).
+IVF_QUERY_FIXED_MS = 13.0
 ENGINE_RAM_BYTES = 4 * 2**30   # the engine's own working memory, caches at their defaults
 
 
