@@ -49,25 +49,16 @@ def run(rows: int = 1_000_000, queries: int = 100, k: int = 10, nprobes: str = "
         workdir: Path | None = None, out: Path | None = None, log: Say | None = None, data: str = "synth",
         corpus: Any = None, parts: bool = True) -> dict[str, Any]:
     from laion_search.api import connect
-    from laion_search.bench.common import scratch_dir
+    from laion_search.bench.common import bench_shard, scratch_dir
     from laion_search.index import IndexSpec, create_index, drop_index, ivf
     from laion_search.search import SearchOptions, search
-    from laion_search.sources.synth import synth
 
     say = log or (lambda m: None)
     probes = [int(x) for x in nprobes.split(",") if x.strip()]
     code_list = [c.strip() for c in codes.split(",") if c.strip()]
     results: list[dict[str, Any]] = []
     with scratch_dir(workdir, "laion-bench-ivf-") as root:
-        if data == "real-text":
-            from laion_search.bench.real_text import build
-
-            shard_dir = build(rows, corpus=corpus, log=say)
-        else:
-            shard_dir = root / f"shards-{rows}"
-            if not (shard_dir / "img_emb_0.npy").exists():
-                say(f"synth: {rows:,} rows")
-                synth(shard_dir, [0], rows, seed=3)
+        shard_dir = bench_shard(root, rows, data, corpus=corpus, log=say, name=f"shards-{rows}")
         base = np.load(shard_dir / "img_emb_0.npy").astype(np.float32)
         base /= np.linalg.norm(base, axis=1, keepdims=True)
         texts = np.load(shard_dir / "text_emb_0.npy", mmap_mode="r")

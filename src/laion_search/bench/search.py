@@ -80,25 +80,16 @@ def run(rows: int = 100_000, queries: int = 100, k: int = 10, configs: str = DEF
     setting that makes i8 / b1 indexes usable; on for those always). ``quantization`` may list
     several (``"bf16,i8,b1"``: a sweep). ``peers=False`` skips the usearch / faiss rows."""
     quantizations = [q.strip() for q in quantization.split(",") if q.strip()]
-    from laion_search.bench.common import scratch_dir
+    from laion_search.bench.common import bench_shard, scratch_dir
     from laion_search.index import IndexSpec, create_index, create_scan_copy, drop_index, drop_scan_copy
     from laion_search.ingest import ingest
     from laion_search.search import SearchOptions, search
     from laion_search.store import connect
-    from laion_search.sources.synth import synth
 
     say = log or (lambda m: None)
     results: list[dict[str, Any]] = []
     with scratch_dir(workdir, "laion-bench-search-") as root:
-        if data == "real-text":
-            from laion_search.bench.real_text import build
-
-            shard_dir = build(rows, corpus=corpus, log=say)
-        else:
-            shard_dir = root / f"shards-{data}"
-            if not (shard_dir / "img_emb_0.npy").exists():
-                say(f"synth ({data}): {rows:,} rows")
-                synth(shard_dir, [0], rows, seed=3, geometry="hard" if data == "synth-hard" else "realistic")
+        shard_dir = bench_shard(root, rows, data, corpus=corpus, log=say)
         base = np.load(shard_dir / "img_emb_0.npy").astype(np.float32)
         # unit rows: the dot product is then the cosine, so numpy's ranking is the exact cosine
         # ranking (LAION's float16 vectors are only normalised to ~1e-3, enough to swap near ties)
