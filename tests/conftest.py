@@ -88,8 +88,9 @@ def chdb_http(tmp_path_factory):
     """TEST FIXTURE, not a ClickHouse server: ``laion_search.testing.chdb_http`` serves one chDB
     store over the part of ClickHouse's HTTP interface that clickhouse-connect uses, in its own
     process (chDB hosts one store per process), on 127.0.0.1. Yields ``(base_url, user, password)``."""
-    import select
     import time
+
+    from .crash_harness import readable
 
     path = tmp_path_factory.mktemp("chdb-http") / "db"
     user, password = "laion", "p@ss:w/rd"
@@ -99,8 +100,7 @@ def chdb_http(tmp_path_factory):
     deadline = time.monotonic() + 60
     line = ""
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
-        if ready:
+        if readable(proc.stdout, 0.5):
             line = proc.stdout.readline()
             break
         if proc.poll() is not None:

@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import random
-import select
+import selectors
 import signal
 import subprocess
 import sys
@@ -62,6 +62,15 @@ class CrashLog:
             if p.killed:
                 out[p.last_event] = out.get(p.last_event, 0) + 1
         return out
+
+
+def readable(f: Any, timeout: float) -> bool:
+    """Whether ``f`` has input within ``timeout`` seconds. Through epoll, not ``select()``: a test
+    process that opened many stores (chDB keeps their files open) holds descriptors above 1024,
+    which ``select()`` refuses ("filedescriptor out of range")."""
+    with selectors.DefaultSelector() as sel:
+        sel.register(f, selectors.EVENT_READ)
+        return bool(sel.select(timeout))
 
 
 def laion_cmd(*args: str) -> list[str]:
@@ -150,7 +159,7 @@ def run_and_kill(cmd: Sequence[str], rng: random.Random, *, points: int, env: di
             if jitter and not final:
                 # let it run on, then kill it mid-way (or at the next point, if it gets there first)
                 os.write(ack, b"1")
-                ready, _, _ = select.select([events], [], [], jitter)
+                ready = readable(events, jitter)
                 if ready:
                     nxt = events.readline()
                     if nxt:

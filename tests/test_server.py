@@ -55,7 +55,6 @@ def test_connection_errors_are_one_line(chdb_http):
 @pytest.mark.filterwarnings("ignore:Unverified HTTPS request")  # verify=0 is the point of the first half
 def test_https_url_over_tls(tmp_path):
     """``clickhouses://`` speaks HTTPS: against the fixture serving TLS with a self-signed certificate."""
-    import select
     import shutil
     import subprocess
     import sys
@@ -69,7 +68,9 @@ def test_https_url_over_tls(tmp_path):
                              "--port", "0", "--tls-cert", str(cert), "--tls-key", str(key)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert select.select([proc.stdout], [], [], 60)[0], "TLS fixture did not start"
+        from .crash_harness import readable
+
+        assert readable(proc.stdout, 60), "TLS fixture did not start"
         line = proc.stdout.readline()
         assert line.startswith("LISTENING https://"), line
         port = line.rsplit(":", 1)[1].strip()
