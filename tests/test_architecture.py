@@ -184,3 +184,30 @@ def test_every_public_error_is_exported():
               if inspect.isclass(obj) and issubclass(obj, errors.LaionError) and not n.startswith("_")}
     assert public <= set(laion_search.__all__), sorted(public - set(laion_search.__all__))
     assert all(getattr(laion_search, n) is getattr(errors, n) for n in public)
+
+
+def test_only_the_store_talks_to_the_engine():
+    """No module outside ``store.py`` and ``backends/`` reaches the backend (``x.backend``, a
+    backend class constructed, its private session pool): every statement goes through the Store,
+    which clears its own caches after each change it makes."""
+    offenders = []
+    for path in PKG.rglob("*.py"):
+        rel = path.relative_to(PKG)
+        if rel.parts[0] == "backends" or rel.name == "store.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and node.attr in ("backend", "_acquire", "_release"):
+                offenders.append(f"{rel}:{node.lineno} .{node.attr}")
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in (
+                    "ChdbBackend", "ClickHouseBackend"):
+                offenders.append(f"{rel}:{node.lineno} {node.func.id}(…)")
+    assert offenders == [], offenders
+
+
+def test_the_engine_is_asked_one_way():
+    """Which engine a store runs on is ``store.embedded`` / ``store.engine``, never a name compared
+    or an attribute probed with getattr."""
+    for path in PKG.rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        for needle in ('name == "chdb"', 'name != "chdb"', 'getattr(store.backend', '"embedded", False'):
+            assert needle not in text, f"{path.relative_to(PKG)} asks which engine with {needle!r}"

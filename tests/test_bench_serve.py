@@ -38,7 +38,7 @@ def test_bench_serve_indexed_only_on_an_existing_store(tmp_path):
     assert "indexed queries only" in result["markdown"]
     with pytest.raises(ValueError, match="query kinds"):
         run(kinds=("indexed", "nope"), db=tmp_path / "db")
-    from laion_search.store import connect
+    from laion_search.api import connect
 
     with connect(tmp_path / "bare") as store:
         store.sql("SELECT 1")

@@ -404,7 +404,7 @@ def _fill(store, base: np.ndarray) -> None:
         "image_embedding": pa.array(list(base), type=pa.list_(pa.float32())),
         "shard": pa.array(np.zeros(len(base), dtype=np.uint32)),
         "shard_row": pa.array(np.arange(len(base), dtype=np.uint32))}))
-    store.forget_dim()
+    store.clear_caches()
 
 
 def test_gold_recall_exact_and_indexed(store, tmp_path):

@@ -18,10 +18,10 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from laion_search import index as _index
 from laion_search import ingest as _ingest
 from laion_search import search as _search
 from laion_search.index import ivf as _ivf
+from laion_search.index import kinds as _kinds
 from laion_search.errors import UsageError
 from laion_search.ingest import IngestReport
 from laion_search.search import SearchQuery, SearchResult
@@ -58,36 +58,36 @@ class Database(Store):
         return _search.search(self, query=query) if query is not None else _search.search(self, **fields)
 
     def create_index(self, column: str = "image", *, kind: str = "hnsw", metric: str = "cosine",
-                     quantization: str = "bf16", m: int = _index.DEFAULT_M,
-                     ef_construction: int = _index.DEFAULT_EF_CONSTRUCTION, replace: bool = False,
-                     lists: int | None = None, codes: str = "none",
+                     quantization: str = "bf16", m: int | None = None, ef_construction: int | None = None,
+                     guide: bool = False, replace: bool = False, lists: int | None = None, codes: str = "none",
                      progress: ProgressFn | None = None) -> IndexBuild:
-        """Add and build an HNSW index on ``column`` (image or text); with ``kind="ivf"`` the
-        partitioned index (``lists``, ``codes``: see :mod:`laion_search.index.ivf`); with
-        ``kind="scan"`` the bf16 copy exact searches read. Idempotent: rerun to finish an
-        interrupted build."""
-        if kind == "ivf":
-            out = _ivf.create_ivf(self, [column], lists=lists, codes=codes, replace=replace, progress=progress)[0]
-        elif kind == "scan":
-            out = _index.create_scan_copy(self, column, progress=progress)
-        elif kind == "hnsw":
-            spec = _index.IndexSpec(column=column, metric=metric, quantization=quantization, m=m,
-                                    ef_construction=ef_construction)
-            out = _index.create_index(self, spec, replace=replace, progress=progress)
-        else:
-            raise UsageError(f"kind must be hnsw, ivf or scan, got {kind!r}")
-        return IndexBuild(index=out["index"], type=out["type"], seconds=out["seconds"], rows=out["rows"],
-                          vectors_per_second=out["vectors_per_second"])
+        """Add and build an index on ``column`` (image or text): ``kind="hnsw"`` (the engine's
+        graph; ``m``/``ef_construction`` default to 32/64, or to the guide's 64/256 with
+        ``guide=True``), ``"ivf"`` (the partitioned index: ``lists``, ``codes``; see
+        :mod:`laion_search.index.ivf`) or ``"scan"`` (the bf16 copy exact searches read).
+        Idempotent: rerun to finish an interrupted build. :meth:`create_indexes` builds both columns."""
+        if column == "both":
+            raise UsageError("create_index builds one column (image or text); use create_indexes('both')")
+        return self.create_indexes(column, kind=kind, metric=metric, quantization=quantization, m=m,
+                                   ef_construction=ef_construction, guide=guide, replace=replace, lists=lists,
+                                   codes=codes, progress=progress)[0]
+
+    def create_indexes(self, column: str = "both", *, kind: str = "hnsw", metric: str = "cosine",
+                       quantization: str = "bf16", m: int | None = None, ef_construction: int | None = None,
+                       guide: bool = False, replace: bool = False, lists: int | None = None, codes: str = "none",
+                       progress: ProgressFn | None = None) -> list[IndexBuild]:
+        """:meth:`create_index` for ``column`` image, text or both (both: the HNSW graphs queued
+        together after one compaction, the IVF columns assigned in one pass), one result each."""
+        built = _kinds.build(self, column, kind=kind, guide=guide, metric=metric, quantization=quantization, m=m,
+                             ef_construction=ef_construction, replace=replace, lists=lists, codes=codes,
+                             progress=progress)
+        return [IndexBuild(index=out["index"], type=out["type"], seconds=out["seconds"], rows=out["rows"],
+                           vectors_per_second=out["vectors_per_second"]) for out in built]
 
     def drop_index(self, column: str = "image", *, kind: str = "hnsw") -> bool:
-        """Drop ``column``'s HNSW index (its IVF index, its bf16 scan copy); returns whether it existed."""
-        if kind == "scan":
-            return _index.drop_scan_copy(self, column)
-        if kind == "ivf":
-            return _ivf.drop_ivf(self, column)
-        if kind != "hnsw":
-            raise UsageError(f"kind must be hnsw, ivf or scan, got {kind!r}")
-        return _index.drop_index(self, column)
+        """Drop ``column``'s index of ``kind`` (hnsw, ivf or scan; ``column`` may be both);
+        returns whether one existed."""
+        return any(_kinds.drop(self, column, kind=kind).values())
 
     def ivf_status(self) -> list[dict[str, Any]]:
         """Each IVF generation: lists, codes, rows covered, list balance, size, whether a retrain

@@ -151,9 +151,9 @@ def ingest_readers(store: Store, readers: list[Reader], *, batch_rows: int = DEF
     # Background merges of freshly loaded parts compete with the next shard's insert for the two
     # cores (measured: half the throughput). Pause them while loading; they resume afterwards
     # (and `laion index create` compacts each shard before building its index).
-    pause_merges = store.backend.name == "chdb"
+    pause_merges = store.embedded
     if pause_merges:
-        store.backend.command(f"SYSTEM STOP MERGES {TABLE}")
+        store.run_ddl(f"SYSTEM STOP MERGES {TABLE}")
     try:
         report = _ingest_readers(store, readers, batch_rows, force, emit)
         if index and index_kind == "ivf":
@@ -169,7 +169,7 @@ def ingest_readers(store: Store, readers: list[Reader], *, batch_rows: int = DEF
     finally:
         if pause_merges:
             try:
-                store.backend.command(f"SYSTEM START MERGES {TABLE}")
+                store.run_ddl(f"SYSTEM START MERGES {TABLE}")
             except LaionError:
                 pass
 
@@ -222,7 +222,7 @@ def load_shard(store: Store, reader: Reader, *, batch_rows: int = DEFAULT_BATCH_
     for name in sorted({layout.stage_base(n) for n in list_stage_tables(store)}):
         if name.startswith(stage_table_name(shard, "x")[:-1]):
             for stmt in layout.drop_stage(name):
-                store.backend.command(stmt)
+                store.run_ddl(stmt)
     stage = stage_table_name(shard, uuid.uuid4().hex[:12])
     # With vector indexes declared, the shard lands indexed: its batches go in without graphs
     # (one per 32K-row batch would be thrown away), then one merge of the stage into a single part
@@ -235,7 +235,7 @@ def load_shard(store: Store, reader: Reader, *, batch_rows: int = DEFAULT_BATCH_
     feeder: Feeder | None = None
     try:
         for stmt in layout.create_stage(stage, TABLE):  # CREATE … AS laion; SYSTEM STOP MERGES (it lives for seconds)
-            store.backend.command(stmt)
+            store.run_ddl(stmt)
         if layout.cluster is None:
             # IVF indexes (laion_search.index.ivf): the shard's rows are assigned to their lists as they stream
             feeder = Feeder(store, shard, stage, reader.rows, emit) or None
@@ -247,7 +247,7 @@ def load_shard(store: Store, reader: Reader, *, batch_rows: int = DEFAULT_BATCH_
         if feeder:
             feeder.start()
         for batch in _prefetch(reader.batches(batch_rows, ring=ring), PREFETCH_DEPTH):
-            store.backend.insert_arrow(stage, batch, settings)
+            store.insert(stage, batch, settings)
             if feeder:
                 feeder.put(batch)
             done += batch.num_rows
@@ -266,9 +266,9 @@ def load_shard(store: Store, reader: Reader, *, batch_rows: int = DEFAULT_BATCH_
             # 120 s at most, then it silently does nothing (measured on a 1M-row shard). With no
             # part small enough to pick (max_bytes… = 1) the one merge is ours, and a merge that
             # does not happen is an error, never an unindexed shard swapped in.
-            store.backend.command(f"ALTER TABLE {stage} MODIFY SETTING max_bytes_to_merge_at_max_space_in_pool = 1")
-            store.backend.command(f"SYSTEM START MERGES {stage}")
-            store.backend.command(f"OPTIMIZE TABLE {stage} FINAL SETTINGS {OPTIMIZE_SETTINGS}")
+            store.run_ddl(f"ALTER TABLE {stage} MODIFY SETTING max_bytes_to_merge_at_max_space_in_pool = 1")
+            store.run_ddl(f"SYSTEM START MERGES {stage}")
+            store.run_ddl(f"OPTIMIZE TABLE {stage} FINAL SETTINGS {OPTIMIZE_SETTINGS}")
             merged = store.scalar("SELECT count() FROM system.parts WHERE database = currentDatabase() AND "
                                   "table = {t:String} AND active AND rows > 0", {"t": stage})
             if merged != 1:
@@ -279,10 +279,9 @@ def load_shard(store: Store, reader: Reader, *, batch_rows: int = DEFAULT_BATCH_
         if feeder:
             feeder.finish()
         if reader.rows_loaded:
-            store.backend.command(layout.replace_partition(TABLE, shard, stage))
+            store.run_ddl(layout.replace_partition(TABLE, shard, stage))
         else:
-            store.backend.command(layout.drop_partition(TABLE, shard))
-        store.forget_dim()
+            store.run_ddl(layout.drop_partition(TABLE, shard))
         if feeder:
             # before the shard's record: a crash in between makes the rerun load the shard again, IVF included
             feeder.land(reader.fingerprint(), reader.rows_loaded)
@@ -290,7 +289,7 @@ def load_shard(store: Store, reader: Reader, *, batch_rows: int = DEFAULT_BATCH_
     finally:
         try:
             for stmt in layout.drop_stage(stage):
-                store.backend.command(stmt)
+                store.run_ddl(stmt)
             if feeder:
                 feeder.stop()
                 feeder.drop()
@@ -335,7 +334,7 @@ def record_shard(store: Store, reader: Reader, *, claim: bool = False) -> None:
     source's partition *before* it is loaded: a crash between the swap and the final record then
     leaves the name → partition mapping behind, so the rerun reuses the partition instead of
     taking a new one (and finding its own ids in the old one)."""
-    store.backend.insert_arrow(SHARDS_TABLE, pa.table({
+    store.insert(SHARDS_TABLE, pa.table({
         "shard": pa.array([reader.shard], pa.uint32()),
         "rows": pa.array([0 if claim else reader.rows_loaded], pa.uint64()),
         "dim": pa.array([reader.dim], pa.uint32()),
@@ -388,10 +387,10 @@ def _check_source_ids(store: Store, stage: str, reader: Reader) -> None:
 
 def _drop_orphan_stages(store: Store) -> None:
     """The embedded store is single-process, so any staging table found is from a dead run."""
-    if store.backend.name != "chdb":
+    if not store.embedded:
         return
     for name in list_stage_tables(store):
-        store.backend.command(f"DROP TABLE IF EXISTS {name}")
+        store.run_ddl(f"DROP TABLE IF EXISTS {name}")
 
 
 _DONE = object()

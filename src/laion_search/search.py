@@ -336,7 +336,7 @@ def _search_ivf(store: Store, info: Any, qv: np.ndarray, k: int, func: str, sele
             cand = ivf.candidates(store, info, cents, qv, limit=limit, nprobe=nprobe, func=func,
                                   exclude_ids=filters.exclude_ids, skip_shards=skip)
         except QueryError as exc:
-            store.forget_dim()  # a rebuild may have switched generations since the state was read
+            store.clear_caches()  # a rebuild may have switched generations since the state was read
             if ivf.state(store).served.get(info.column, info).gen != info.gen:
                 return _search_ivf(store, ivf.state(store).served[info.column], qv, k, func, select, cols, where,
                                    params, filters, options)

@@ -1,6 +1,7 @@
 """The store: the ``laion`` table and its bookkeeping, over one :class:`~laion_search.backends.base.Backend`.
 
-Open one with :func:`connect` (a directory → embedded chDB; a ``clickhouse://`` URL → server).
+Open one with :func:`laion_search.connect` (a directory → embedded chDB; a ``clickhouse://`` URL →
+server), which returns a :class:`~laion_search.api.Database`: this Store plus the library's operations.
 
 The table's columns, DDL and layout choices live in :mod:`laion_search.schema`.
 
@@ -36,6 +37,19 @@ UDF_DIR = "udf"  # <store>/udf: executable UDFs the embedded engine loads at ope
 _READ_ONLY_RE = re.compile(r"^\s*(\(\s*)*(SELECT|WITH|EXPLAIN|SHOW|DESC|DESCRIBE|EXISTS)\b", re.I)
 
 
+def init_statements() -> list[str]:
+    """What :meth:`Store.init` runs (and ``laion init --dry-run`` prints): the ``laion`` table, the
+    ``laion_shards`` registry, and the columns registries made before them lacked."""
+    return [TABLE_DDL.format(table=TABLE).strip(), SHARDS_DDL.format(table=SHARDS_TABLE).strip(),
+            # stores made before these columns existed
+            f"ALTER TABLE {SHARDS_TABLE} ADD COLUMN IF NOT EXISTS `dropped` UInt64 DEFAULT 0, "
+            "ADD COLUMN IF NOT EXISTS `text_repaired` UInt64 DEFAULT 0, "
+            "ADD COLUMN IF NOT EXISTS `format` String DEFAULT 'laion', "
+            "ADD COLUMN IF NOT EXISTS `modalities` String DEFAULT 'image,text', "
+            "ADD COLUMN IF NOT EXISTS `model` String DEFAULT '', "
+            "ADD COLUMN IF NOT EXISTS `name` String DEFAULT ''"]
+
+
 def default_db_path() -> Path:
     """``$LAION_DB``, else ``$XDG_DATA_HOME/laion-search/db`` (``~/.local/share/laion-search/db``)."""
     env = os.environ.get("LAION_DB")
@@ -65,11 +79,11 @@ class ShardRecord:
 class Store:
     """A handle on one laion-search store. Thread-safe; close it (or use ``with``) when done."""
 
-    def __init__(self, backend: Backend, *, create: bool = True):
+    def __init__(self, backend: Backend, *, create: bool = True, upgrade: bool = True):
         """``create``: make the tables when they are missing. Without it, a database that has them
         is still brought up to date (:meth:`init` only adds missing bookkeeping columns then), and
         one without them is left untouched (:func:`open_backend` refuses a directory without a
-        store before the engine starts)."""
+        store before the engine starts). ``upgrade=False`` leaves a database's tables as they are."""
         self.backend = backend
         self._dim: int | None = None
         self._modalities: tuple[list[str], float] | None = None
@@ -78,7 +92,7 @@ class Store:
         self._cached: dict[str, tuple[Any, float]] = {}  # see cached()
         #: where rows live: one node (``laion`` is MergeTree) or a cluster (``laion`` is Distributed)
         self.layout: SingleNode | ClusterLayout = detect_layout(backend, TABLE)
-        if self.layout.cluster is None and (create or self.has_table()):
+        if self.layout.cluster is None and (create or (upgrade and self.has_table())):
             self.init()
 
     @property
@@ -91,12 +105,23 @@ class Store:
     def location(self) -> str:
         return self.backend.location
 
+    @property
+    def embedded(self) -> bool:
+        """Whether the engine runs in this process (chDB): one process owns the store, so e.g.
+        any staging table found is a dead run's, and its background merges can be paused."""
+        return self.backend.embedded
+
+    @property
+    def engine(self) -> str:
+        """Which engine this is: ``chdb`` (embedded) or ``clickhouse`` (a server or cluster)."""
+        return self.backend.name
+
     def init_cluster(self, layout: ClusterLayout) -> list[str]:
         """Create ``laion_local`` / ``laion`` (Distributed) and the shard registry ``ON CLUSTER``
         (idempotent); returns the statements run. See :mod:`laion_search.backends.cluster`."""
         statements = layout.init_statements(TABLE_DDL, SHARDS_DDL, TABLE, SHARDS_TABLE)
         for stmt in statements:
-            self.backend.command(stmt)
+            self.run_ddl(stmt)
         self.layout = layout
         return statements
 
@@ -107,16 +132,9 @@ class Store:
             {"t": TABLE}).column(0)[0].as_py())
 
     def init(self) -> None:
-        """Create the tables if they do not exist (idempotent)."""
-        self.backend.command(TABLE_DDL.format(table=TABLE))
-        self.backend.command(SHARDS_DDL.format(table=SHARDS_TABLE))
-        # stores made before these columns existed
-        self.backend.command(f"ALTER TABLE {SHARDS_TABLE} ADD COLUMN IF NOT EXISTS `dropped` UInt64 DEFAULT 0, "
-                             "ADD COLUMN IF NOT EXISTS `text_repaired` UInt64 DEFAULT 0, "
-                             "ADD COLUMN IF NOT EXISTS `format` String DEFAULT 'laion', "
-                             "ADD COLUMN IF NOT EXISTS `modalities` String DEFAULT 'image,text', "
-                             "ADD COLUMN IF NOT EXISTS `model` String DEFAULT '', "
-                             "ADD COLUMN IF NOT EXISTS `name` String DEFAULT ''")
+        """Create the tables if they do not exist (idempotent): :func:`init_statements`."""
+        for stmt in init_statements():
+            self.run_ddl(stmt)
 
     def close(self) -> None:
         self.backend.close()
@@ -133,23 +151,38 @@ class Store:
         if not query or not query.strip():
             raise UsageError("empty SQL statement")
         if not _READ_ONLY_RE.match(query):
-            self.forget_dim()  # a statement that may change the table
+            self.clear_caches()  # a statement that may change the table
         return self.backend.query_arrow(query, params)
 
     def run_ddl(self, statement: str, params: Params | None = None) -> None:
         """Run a statement that changes tables (DDL, INSERT … SELECT, DELETE, OPTIMIZE) and drop
         every cache that depends on them."""
         self.backend.command(statement, params)
-        self.forget_dim()
+        self.clear_caches()
+
+    def set_session(self, name: str, value: str | int | float) -> None:
+        """``SET name = value`` for every later statement of this store (``name`` is ours, never a
+        user's; the value is a literal the engine parses)."""
+        if not re.fullmatch(r"[a-z_]+", name):
+            raise UsageError(f"not a setting name: {name!r}")
+        literal = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'" if isinstance(value, str) else repr(value)
+        self.backend.command(f"SET {name} = {literal}")
+
+    def query_text(self, query: str, params: Params | None = None, fmt: str = "CSV") -> str:
+        """A read-only query's result as the engine formats it (no Arrow decoding): what the
+        benchmarks time as the engine's floor."""
+        if not _READ_ONLY_RE.match(query):
+            raise UsageError("query_text runs read-only queries only")
+        return self.backend.query_text(query, params, fmt)
 
     def insert(self, table: str, data: pa.Table, settings: Mapping[str, Any] | None = None) -> None:
         """Insert an Arrow table into ``table`` (a name from our fixed set, never a user's)."""
         self.backend.insert_arrow(table, data, settings)
-        self.forget_dim()
+        self.clear_caches()
 
     def cached(self, key: str, load: Callable[[], T]) -> T:
         """``load()``, kept for :data:`SCHEMA_TTL` seconds under ``key`` and dropped with the other
-        caches by any change this store makes (:meth:`forget_dim`): modules above the store keep their
+        caches by any change this store makes (:meth:`clear_caches`): modules above the store keep their
         derived state here (e.g. the IVF index's centroids) without the store importing them."""
         hit = self._cached.get(key)
         if hit is None or time.monotonic() - hit[1] > SCHEMA_TTL:
@@ -177,9 +210,11 @@ class Store:
         rows = self.rows(f"SELECT shard, count() AS n FROM {TABLE} GROUP BY shard")
         return {r["shard"]: r["n"] for r in rows}
 
-    def forget_dim(self) -> None:
-        """Re-read the dimension (and the column list) next time: call after anything that
-        changes the table's rows or columns."""
+    def clear_caches(self) -> None:
+        """Drop every cached view of the tables (dimension, columns and indexes, tuning,
+        modalities, :meth:`cached` entries). The store calls it after each statement it runs that
+        may change a table (:meth:`run_ddl`, :meth:`insert`, :meth:`sql`); call it only when
+        another client may have changed the tables (e.g. a rebuild switched generations)."""
         self._dim = None
         self._schema_cache = None
         self._tuning_cache = None
@@ -198,7 +233,7 @@ class Store:
 
     def _schema(self) -> tuple[frozenset[str], frozenset[tuple[str, str]]]:
         """Columns and vector indexes, cached for :data:`SCHEMA_TTL` seconds (another client of
-        a server may change them) and dropped by :meth:`forget_dim`."""
+        a server may change them) and dropped by :meth:`clear_caches`."""
         cached = self._schema_cache
         if cached is None or time.monotonic() - cached[2] > SCHEMA_TTL:
             cols = frozenset(r["name"] for r in self.rows(
@@ -213,7 +248,7 @@ class Store:
         return cached[0], cached[1]
 
     def ensure_tuning_table(self) -> None:
-        self.backend.command(TUNING_DDL.format(table=TUNING_TABLE))
+        self.run_ddl(TUNING_DDL.format(table=TUNING_TABLE))
 
     def tuning_table_exists(self) -> bool:
         return bool(self.scalar("SELECT count() FROM system.tables WHERE database = currentDatabase() "
@@ -355,7 +390,7 @@ class Store:
         also when another client of a server writes."""
         import hashlib
 
-        if getattr(self.backend, "embedded", False) and not Path(self.location).is_dir():
+        if self.embedded and not Path(self.location).is_dir():
             # the engine still lists the parts it had: a cached answer must not outlive the files
             raise QueryError(f"{self.location}: No such file or directory")
         parts = self.rows(
@@ -465,33 +500,27 @@ class StoreStatus:
         return asdict(self)
 
 
-def connect(target: str | os.PathLike[str] | None = None, *, create: bool = True,
-            udf_path: str | None = None) -> Store:
-    """Open a store: a directory (embedded chDB, created if needed) or a ClickHouse server URL
-    (``clickhouse://user:password@host:8123/db``, ``clickhouses://…:8443/db`` for TLS; see
-    :func:`laion_search.backends.server.parse_url`). Both run the same statements and give the same results.
-
-    ``None`` uses ``$LAION_URL``, else :func:`default_db_path` (``$LAION_DB`` or the per-user data directory).
-
-    ``create=False`` creates nothing: a directory that holds no store raises
-    :class:`~laion_search.errors.StoreError` naming the path and how to create one, and leaves no
-    directory behind (the read-only commands open stores this way, so a mistyped ``--db`` is an
-    error, not a new empty store); on a server the tables are then not created (check
-    :meth:`Store.has_table`).
-
-    The library's public entry is :func:`laion_search.connect`, which returns a
-    :class:`~laion_search.api.Database` (this Store plus ingest/search/index methods).
-    """
-    return open_backend(Store, target, create=create, udf_path=udf_path)
-
-
 S = TypeVar("S", bound=Store)
+
+
+def guide_store(path: str | os.PathLike[str]) -> Store:
+    """An embedded store for the guide's own ``laion`` table (the benchmarks replay the guide's
+    statements verbatim): our tables are neither created nor upgraded in it."""
+    backend = ChdbBackend(str(path))
+    try:
+        return Store(backend, create=False, upgrade=False)
+    except Exception:
+        backend.close()
+        raise
 
 
 
 def open_backend(cls: type[S], target: str | os.PathLike[str] | None = None, *, create: bool = True,
                  udf_path: str | None = None) -> S:
-    """``cls`` (a Store or a subclass) over the backend ``target`` names; see :func:`connect`."""
+    """``cls`` (a Store or a subclass) over the backend ``target`` names; see :func:`laion_search.connect`
+    (``None`` uses ``$LAION_URL``, else :func:`default_db_path`; ``create=False`` creates nothing:
+    a directory that holds no store raises :class:`~laion_search.errors.StoreError` naming the path
+    and how to create one, and leaves no directory behind)."""
     default = target is None
     if target is None:
         target = os.environ.get("LAION_URL") or default_db_path()

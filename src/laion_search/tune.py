@@ -248,13 +248,12 @@ def _queries(store: Store, emb: str, sample: int, seed: int,
 
 def save_default(store: Store, result: TuneResult) -> None:
     store.ensure_tuning_table()
-    store.backend.command(
+    store.run_ddl(
         f"INSERT INTO {TUNING_TABLE} (column, index_type, ef_search, recall, target, k, queries, p50_ms, tuned_at) "
         "VALUES ({c:String}, {t:String}, {ef:UInt32}, {r:Float64}, {target:Float64}, {k:UInt32}, {q:UInt32}, "
         "{p:Float64}, now64(3))",
         {"c": result.column, "t": result.index_type, "ef": int(result.ef_search or 0), "r": result.recall,
          "target": result.target, "k": result.k, "q": result.queries, "p": result.p50_ms})
-    store.forget_dim()
 
 
 def tuned_defaults(store: Store) -> dict[str, dict[str, Any]]:

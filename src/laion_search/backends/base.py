@@ -1,7 +1,7 @@
 """The one boundary between laion-search and a ClickHouse engine.
 
-A backend does four things: run a statement with query parameters, fetch a result as an
-Arrow table, insert an Arrow table, and close. Everything above it (store, ingest, search,
+A backend does five things: run a statement with query parameters, fetch a result as an
+Arrow table (or as the engine's own text format), insert an Arrow table, and close. Everything above it (store, ingest, search,
 CLI, HTTP) is written against :class:`Backend` only, so the embedded chDB engine and a
 ClickHouse server run the same SQL.
 
@@ -24,12 +24,17 @@ Params = Mapping[str, Any]
 class Backend(Protocol):
     """What the store needs from an engine."""
 
+    #: ``chdb`` or ``clickhouse``
     name: str
     location: str
+    #: whether the engine runs in this process (one process owns the store)
+    embedded: bool
 
     def command(self, sql: str, params: Params | None = None) -> None: ...
 
     def query_arrow(self, sql: str, params: Params | None = None) -> pa.Table: ...
+
+    def query_text(self, sql: str, params: Params | None = None, fmt: str = "CSV") -> str: ...
 
     def insert_arrow(self, table: str, data: pa.Table, settings: Mapping[str, Any] | None = None) -> None: ...
 

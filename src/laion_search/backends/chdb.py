@@ -97,6 +97,10 @@ class ChdbBackend:
             return result
         return pa.table({})
 
+    def query_text(self, sql: str, params: Params | None = None, fmt: str = "CSV") -> str:
+        result = self._run(sql, params, fmt)
+        return "" if result is None else str(result.data())
+
     def insert_arrow(self, table: str, data: pa.Table, settings: Mapping[str, Any] | None = None) -> None:
         # chDB's Python() table function finds the object by its variable name in this frame.
         laion_insert_batch = data  # noqa: F841  (read by the engine, by name)

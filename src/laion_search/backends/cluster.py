@@ -192,7 +192,7 @@ def parse_distributed(engine_full: str) -> tuple[str, str, str, str | None] | No
 
 def detect_layout(backend, table: str) -> SingleNode | ClusterLayout:
     """A server store is a cluster store when its ``laion`` is a Distributed table."""
-    if getattr(backend, "embedded", False):
+    if backend.embedded:
         return SingleNode()
     t = backend.query_arrow("SELECT engine, engine_full FROM system.tables WHERE database = currentDatabase() "
                             "AND name = {t:String}", {"t": table}).to_pylist()

@@ -138,6 +138,11 @@ class ClickHouseBackend:
             return pa.table({})
         return pa.ipc.open_file(pa.py_buffer(data)).read_all()
 
+    def query_text(self, sql: str, params: Params | None = None, fmt: str = "CSV") -> str:
+        data = self._call(lambda: self._client.raw_query(sql, parameters=self._params(params),
+                                                          settings=self._settings or None, fmt=fmt))
+        return bytes(data or b"").decode("utf-8", "replace")
+
     def insert_arrow(self, table: str, data: pa.Table, settings: Mapping[str, Any] | None = None) -> None:
         merged = {**self._settings, **(settings or {})}
         self._call(lambda: self._client.insert_arrow(table, data, settings=merged or None))

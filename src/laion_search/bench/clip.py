@@ -46,7 +46,7 @@ def run(rows: int = 100_000, model: str | None = None, repeat: int = 30, images:
     from laion_search.index import IndexSpec, create_index
     from laion_search.ingest import ingest
     from laion_search.search import search
-    from laion_search.store import connect
+    from laion_search.api import connect
     from laion_search.sources.synth import synth
     from laion_search.clip.tiny import make_clip_model
     from laion_search.clip.udf import install_udfs

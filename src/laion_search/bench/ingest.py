@@ -69,7 +69,7 @@ def worker(method: str, shard_dir: str, db: str) -> dict[str, Any]:
     if method == "native":
         d = Path(shard_dir)
         with connect(db) as store:
-            store.backend.command(
+            store.run_ddl(
                 "INSERT INTO laion (id, shard, shard_row, url, caption, NSFW, similarity, key, width, height, "
                 "original_width, original_height, LICENSE, image_embedding, text_embedding) "
                 "SELECT toInt64(i._row_number), 0, toUInt32(i._row_number), m.url, ifNull(m.caption, ''), "
@@ -104,17 +104,14 @@ def worker(method: str, shard_dir: str, db: str) -> dict[str, Any]:
         t_process = time.perf_counter() - t0
         csv_bytes = os.path.getsize(str_i + ".csv")
         # --- then the guide's CREATE TABLE and INSERT … FROM INFILE ---
-        from laion_search.backends import ChdbBackend
+        from laion_search.store import guide_store
 
-        backend = ChdbBackend(db)
-        try:
-            backend.command(GUIDE_DDL)
+        with guide_store(db) as guide:  # the guide's own table, not ours
+            guide.run_ddl(GUIDE_DDL)
             t1 = time.perf_counter()
-            backend.command(f"INSERT INTO laion FROM INFILE '{Path(shard_dir) / '0.csv'}' FORMAT CSV")
+            guide.run_ddl(f"INSERT INTO laion FROM INFILE '{Path(shard_dir) / '0.csv'}' FORMAT CSV")
             t_insert = time.perf_counter() - t1
-            loaded = backend.query_arrow("SELECT count() AS n FROM laion").column(0)[0].as_py()
-        finally:
-            backend.close()
+            loaded = guide.scalar("SELECT count() AS n FROM laion")
         return {"method": method, "rows": loaded, "seconds": time.perf_counter() - t0, "peak_rss": _peak_rss_bytes(),
                 "process_seconds": t_process, "insert_seconds": t_insert, "csv_bytes": csv_bytes, "source_rows": rows}
     if method == "source":  # one file of a real-world format (ClickHouse Parquet part, SISAP .h5)

@@ -153,17 +153,11 @@ def _latency(store: Any, queries: np.ndarray, k: int) -> dict[str, float]:
     straight on a session of the store's chDB engine) and :func:`laion_search.search.search`."""
     from laion_search.search import search
 
-    from laion_search.backends.base import format_param
-
     sql = f"SELECT id FROM laion ORDER BY cosineDistance(image_embedding, {{q:Array(Float32)}}) LIMIT {k}"
 
     def floor(q: np.ndarray) -> Any:
         # the vector bound as a query parameter, as the library binds it (a literal parses slower)
-        session = store.backend._acquire()  # a session of the store's own engine, no library code around it
-        try:
-            return session.query(sql, "CSV", params={"q": format_param(q)})
-        finally:
-            store.backend._release(session)
+        return store.query_text(sql, {"q": q})  # the engine's own CSV: no Arrow decoding, no library code
 
     return {"floor_ms": _p50_ms(floor, queries), "library_ms": _p50_ms(lambda q: search(store, q, k=k), queries)}
 
@@ -208,21 +202,18 @@ def _usearch(shard_dir: Path, qs: dict[str, np.ndarray], truth: dict[str, np.nda
 
 
 def _guide(shard_dir: Path, db: str, spec: dict[str, Any]) -> dict[str, Any]:
-    from laion_search.backends import ChdbBackend
     from laion_search.bench.ingest import worker as ingest_worker
+    from laion_search.store import guide_store
 
     r = ingest_worker("guide", str(shard_dir), db)  # process.py → CSV → CREATE TABLE → INSERT FROM INFILE
-    backend = ChdbBackend(db)
-    try:
+    with guide_store(db) as store:
         t = time.perf_counter()
         for column in ("image", "text"):  # the guide's statements, verbatim but for its own names
-            backend.command(f"ALTER TABLE laion ADD INDEX {column}_index {column}_embedding TYPE vector_similarity("
-                            f"'hnsw', 'cosineDistance', 512, 'bf16', {GUIDE_M}, {GUIDE_EF})")
+            store.run_ddl(f"ALTER TABLE laion ADD INDEX {column}_index {column}_embedding TYPE vector_similarity("
+                          f"'hnsw', 'cosineDistance', 512, 'bf16', {GUIDE_M}, {GUIDE_EF})")
         for column in ("image", "text"):
-            backend.command(f"ALTER TABLE laion MATERIALIZE INDEX {column}_index SETTINGS mutations_sync = 2")
+            store.run_ddl(f"ALTER TABLE laion MATERIALIZE INDEX {column}_index SETTINGS mutations_sync = 2")
         index_seconds = time.perf_counter() - t
-    finally:
-        backend.close()
     return {"method": "guide", "rows": r["rows"], "phases": {"ingest": r["seconds"], "index": index_seconds},
             "recall": {}, "peak_rss": _peak_rss_bytes(), "build_threads": spec.get("build_threads")}
 

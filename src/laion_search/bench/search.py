@@ -84,7 +84,7 @@ def run(rows: int = 100_000, queries: int = 100, k: int = 10, configs: str = DEF
     from laion_search.index import IndexSpec, create_index, create_scan_copy, drop_index, drop_scan_copy
     from laion_search.ingest import ingest
     from laion_search.search import SearchOptions, search
-    from laion_search.store import connect
+    from laion_search.api import connect
 
     say = log or (lambda m: None)
     results: list[dict[str, Any]] = []

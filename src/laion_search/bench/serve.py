@@ -45,7 +45,7 @@ def _prepare(root: Path, rows: int, say: Callable[[str], Any]) -> tuple[Path, Pa
     from laion_search.index import IndexSpec, create_index
     from laion_search.ingest import ingest
     from laion_search.sources.synth import synth
-    from laion_search.store import connect
+    from laion_search.api import connect
 
     shards, db = root / "shards", root / "db"
     if not (shards / "metadata_0.parquet").exists() or \
@@ -65,7 +65,7 @@ def _existing(db: Path, say: Callable[[str], Any]) -> tuple[np.ndarray, list[int
     """Query vectors (256 stored rows' caption embeddings, else their image embeddings with a
     little noise, so no query is its own exact match), their ids and the row count of an
     existing store, which must have a vector index on image embeddings."""
-    from laion_search.store import connect
+    from laion_search.api import connect
 
     with connect(db, create=False) as store:  # an existing store: a mistyped path must not become a new one
         rows = int(store.scalar("SELECT count() FROM laion") or 0)

@@ -10,7 +10,7 @@ from laion_search.index import IndexSpec, create_index
 from laion_search.ingest import ingest
 from laion_search.search import Filters, search
 from laion_search.schema import ID_STRIDE
-from laion_search.store import connect
+from laion_search.api import connect
 from laion_search.sources.synth import synth
 
 GUIDE_QUERY = ("SELECT url, caption FROM laion "

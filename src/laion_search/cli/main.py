@@ -62,15 +62,16 @@ def report_error(exc: LaionError) -> int:
     return 1
 
 
-def open_store(db: Optional[str], url: Optional[str] = None, *, create: bool):
+def open_store(db: Optional[str], url: Optional[str] = None, *, create: bool, require_table: bool = True):
     """The store ``--url`` or ``--db`` names. Only the commands that load or build (ingest,
     download, init, index create) pass ``create``: the others on a path without a store fail
     with one line naming it, and leave nothing behind, instead of reading a new empty store."""
     from laion_search.errors import StoreError
-    from laion_search.store import connect, missing_store_message
+    from laion_search.api import connect
+    from laion_search.store import missing_store_message
 
     store = connect(url or db, create=create)
-    if not create and not store.has_table():  # a server database without the tables
+    if not create and require_table and not store.has_table():  # a server database without the tables
         store.close()
         raise StoreError(missing_store_message(store.location))
     return store
@@ -159,6 +160,7 @@ def ingest(
     laion ingest laion2B-en-clip768v2-n=300K.h5 --db ./sisap ·
     laion ingest ./shards --index both --index-kind ivf
     """
+    from laion_search.index.kinds import check_kind
     from laion_search.ingest import ingest_source
     from laion_search.sources.formats import check_format
     from laion_search.sources.naming import parse_shard_spec
@@ -168,7 +170,7 @@ def ingest(
     with open_store(db, url, create=True) as store, output.IngestProgress(output.progress_mode(json_output)) as progress:
         report = ingest_source(store, source, format=fmt, shards=numbers, batch_rows=batch_rows, force=force,
                                progress=progress, skip_bad_rows=skip_bad_rows, model=source_model, index=index,
-                               index_kind=_check_kind(index_kind, ("hnsw", "ivf")))
+                               index_kind=check_kind(index_kind, ("hnsw", "ivf")))
         hint = _unindexed_hint(store) if index and index_kind == "hnsw" else None
     if hint:
         output.err.print(f"hint: {hint}", markup=False, highlight=False)
@@ -266,9 +268,10 @@ def download(
         store = stack.enter_context(open_store(db, url, create=True)) if do_ingest else None
         load: Any = None
         if do_ingest:  # the store is open (chDB loaded): the ingest layer costs nothing more now
+            from laion_search.index.kinds import check_kind
             from laion_search.ingest import ingest_files
 
-            load = (functools.partial(ingest_files, index=index, index_kind=_check_kind(index_kind, ("hnsw", "ivf")))
+            load = (functools.partial(ingest_files, index=index, index_kind=check_kind(index_kind, ("hnsw", "ivf")))
                     if index else ingest_files)
         progress = stack.enter_context(output.DownloadProgress(output.progress_mode(json_output)))
         if source is not None:
@@ -514,33 +517,14 @@ def index_create(
     Examples: laion index create --column both --guide · laion index create --kind ivf --column both ·
     laion index create --kind scan
     """
-    from laion_search.index import (DEFAULT_EF_CONSTRUCTION, DEFAULT_M, GUIDE_EF_CONSTRUCTION, GUIDE_M, IndexSpec, columns_for)
+    from laion_search.index.kinds import build, check_kind
 
-    if _check_kind(kind) == "ivf":
-        from laion_search.index.ivf import create_ivf
-
-        with open_store(db, url, create=True) as store:
-            results = _with_index_progress(json_output, lambda progress: create_ivf(
-                store, columns_for(column), lists=lists, codes=codes, replace=replace, progress=progress))
-        return _print_built(results, json_output)
-    if _check_kind(kind) == "scan":
-        with open_store(db, url, create=True) as store:
-            results = [_with_index_progress(json_output, functools.partial(_scan_copy, store, c))
-                       for c in columns_for(column)]
-        return _print_built(results, json_output)
-
-    m_val = m if m is not None else (GUIDE_M if guide else DEFAULT_M)
-    ef_val = ef_construction if ef_construction is not None else (GUIDE_EF_CONSTRUCTION if guide else DEFAULT_EF_CONSTRUCTION)
-    specs = [IndexSpec(c, metric, quantization, m_val, ef_val).check() for c in columns_for(column)]
+    check_kind(kind)
     with open_store(db, url, create=True) as store:  # both columns: one compaction, the builds queued together
-        results = _with_index_progress(json_output, functools.partial(_hnsw, store, specs, replace))
+        results = _with_index_progress(json_output, lambda progress: build(
+            store, column, kind=kind, guide=guide, metric=metric, quantization=quantization, m=m,
+            ef_construction=ef_construction, replace=replace, lists=lists, codes=codes, progress=progress))
     _print_built(results, json_output)
-
-
-def _check_kind(kind: str, kinds: tuple[str, ...] = ("hnsw", "ivf", "scan")) -> str:
-    if kind not in kinds:
-        raise UsageError(f"--kind must be {', '.join(kinds[:-1])} or {kinds[-1]}, got {kind!r}")
-    return kind
 
 
 def _print_built(results: list[dict], json_output: bool) -> None:
@@ -561,18 +545,6 @@ def _print_built(results: list[dict], json_output: bool) -> None:
             output.out.print(f"{x['index']}: {x['type']}")
         output.out.print(f"{' and '.join(x['index'] for x in group)} built together over {r['rows']:,} rows in "
                          f"{r['seconds']:.1f} s{rate}")
-
-
-def _scan_copy(store: Any, column: str, progress: Callable[[dict], None]) -> Any:
-    from laion_search.index import create_scan_copy
-
-    return create_scan_copy(store, column, progress=progress)
-
-
-def _hnsw(store: Any, specs: list, replace: bool, progress: Callable[[dict], None]) -> Any:
-    from laion_search.index import create_indexes
-
-    return create_indexes(store, specs, replace=replace, progress=progress)
 
 
 def _with_index_progress(json_output: bool, run: Callable[[Callable[[dict], None]], Any]) -> Any:
@@ -687,18 +659,10 @@ def index_drop(column: str = typer.Option("both", "--column", help="image, text 
 
     Example: laion index drop --column text
     """
-    from laion_search.index import columns_for, drop_index, drop_scan_copy
-    from laion_search.schema import INDEX_NAMES, scan_column
+    from laion_search.index.kinds import drop
 
     with open_store(db, url, create=False) as store:
-        if _check_kind(kind) == "ivf":
-            from laion_search.index.ivf import drop_ivf
-
-            dropped = {f"ivf on {INDEX_NAMES[c][1]}": drop_ivf(store, c) for c in columns_for(column)}
-        elif kind == "scan":
-            dropped = {scan_column(c): drop_scan_copy(store, c) for c in columns_for(column)}
-        else:
-            dropped = {INDEX_NAMES[c][0]: drop_index(store, c) for c in columns_for(column)}
+        dropped = drop(store, column, kind=kind)
     if json_output:
         print(output.dumps(dropped))
     else:
@@ -854,7 +818,7 @@ def udf_install(
     files = install_udfs(target, python=python, model=model, pool_size=pool_size)
     loaded: list[str] | None = None
     if server:
-        from laion_search.store import connect
+        from laion_search.api import connect
 
         with connect(server) as store:
             loaded = sorted(r["name"] for r in store.rows(
@@ -903,7 +867,9 @@ def init(
     target = url or db
     if cluster is None:
         if dry_run:
-            statements = [TABLE_DDL.format(table=TABLE).strip(), SHARDS_DDL.format(table=SHARDS_TABLE).strip()]
+            from laion_search.store import init_statements
+
+            statements = init_statements()
         else:
             with open_store(db, url, create=True) as store:
                 statements = [f"(tables exist in {store.location})"]
@@ -914,9 +880,7 @@ def init(
         layout = ClusterLayout(cluster, database, shards_by, replicated)
         statements = layout.init_statements(TABLE_DDL, SHARDS_DDL, TABLE, SHARDS_TABLE)
         if not dry_run:
-            from laion_search.store import connect
-
-            with connect(str(target), create=False) as store:
+            with open_store(None, str(target), create=False, require_table=False) as store:
                 store.init_cluster(layout)
     if json_output:
         print(output.dumps({"cluster": cluster, "dry_run": dry_run, "statements": statements}))

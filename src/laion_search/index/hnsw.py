@@ -117,9 +117,8 @@ def create_indexes(store: Store, specs: list[IndexSpec], *, materialize: bool = 
         compact(store, emit)
     for spec, want in zip(specs, wants):
         if spec.name not in existing:
-            store.backend.command(f"ALTER TABLE {store.data_table}{store.layout.on_cluster} ADD INDEX IF NOT EXISTS "
+            store.run_ddl(f"ALTER TABLE {store.data_table}{store.layout.on_cluster} ADD INDEX IF NOT EXISTS "
                                   f"{spec.name} {spec.embedding_column} TYPE {want} GRANULARITY 100000000")
-    store.forget_dim()  # searches re-read which indexes exist
     if materialize:
         label = ", ".join(s.name for s in specs)
         # A build cut short (crash, kill) left its mutation queued, and the engine resumes it on
@@ -154,7 +153,7 @@ def _run_mutation(store: Store, label: str, action: str, emit: ProgressFn, poll_
     emit({"event": "index_start", "index": label, "parts": total})
     # The engine runs the mutation in the background; mutations_sync = 0 lets us watch it.
     if action:
-        store.backend.command(f"ALTER TABLE {store.data_table}{store.layout.on_cluster} {action} SETTINGS mutations_sync = 0")
+        store.run_ddl(f"ALTER TABLE {store.data_table}{store.layout.on_cluster} {action} SETTINGS mutations_sync = 0")
     last = -1
     while True:
         pending = store.rows(
@@ -186,7 +185,7 @@ def compact(store: Store, progress: ProgressFn | None = None) -> int:
                       {"t": store.data_table})
     for i, r in enumerate(rows):
         emit({"event": "compact", "partition": r["partition_id"], "done": i, "total": len(rows)})
-        store.backend.command(f"OPTIMIZE TABLE {store.data_table}{store.layout.on_cluster} PARTITION ID {{p:String}} FINAL "
+        store.run_ddl(f"OPTIMIZE TABLE {store.data_table}{store.layout.on_cluster} PARTITION ID {{p:String}} FINAL "
                               f"SETTINGS {OPTIMIZE_SETTINGS}", {"p": r["partition_id"]})
     return len(rows)
 
@@ -196,10 +195,9 @@ def drop_index(store: Store, column: str) -> bool:
     if name is None:
         raise UsageError(f"column must be image or text, got {column!r}")
     existed = any(i["name"] == name for i in store.list_indexes())
-    store.backend.command(f"ALTER TABLE {store.data_table}{store.layout.on_cluster} DROP INDEX IF EXISTS {name}")
+    store.run_ddl(f"ALTER TABLE {store.data_table}{store.layout.on_cluster} DROP INDEX IF EXISTS {name}")
     if store.tuning_table_exists():  # a new graph deserves a new measurement (laion index tune)
-        store.backend.command(f"DELETE FROM {TUNING_TABLE} WHERE column = {{c:String}}", {"c": column})
-    store.forget_dim()
+        store.run_ddl(f"DELETE FROM {TUNING_TABLE} WHERE column = {{c:String}}", {"c": column})
     return existed
 
 

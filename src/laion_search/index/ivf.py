@@ -486,7 +486,6 @@ def _complete(store: Store, todo: list[IvfInfo], rows: int, emit: ProgressFn, ba
             for old in generations(store, info.column):
                 if old.gen < info.gen:
                     _drop_generation(store, old)
-        store.forget_dim()
     seconds = time.perf_counter() - t0  # the columns are built together: one time for all
     out = []
     for info in todo:
@@ -595,7 +594,6 @@ def drop_ivf(store: Store, column: str) -> bool:
     gens = generations(store, column)
     for g in gens:
         _drop_generation(store, g)
-    store.forget_dim()
     return bool(gens)
 
 
@@ -616,7 +614,6 @@ def declare_ivf(store: Store, columns: Sequence[str], *, codes: str = "none", li
                        lists=int(lists or (default_lists(rows) if rows else 0)), codes=codes, dim=int(dim))
         _write_meta(store, info)
         out.append(info.table)
-    store.forget_dim()
     return out
 
 
@@ -771,7 +768,6 @@ class Feeder:
             if info.state == "declared":
                 info.state = "ready"
                 _write_meta(self.store, info)
-        self.store.forget_dim()
 
     def drop(self) -> None:
         for stage in self.stages.values():
@@ -815,7 +811,6 @@ def save_tuning(store: Store, info: IvfInfo, result: Any) -> None:
     tuned = IvfInfo(**{**asdict(info), "nprobe": int(result.nprobe), "tuned_recall": float(result.recall),
                        "tuned_k": int(result.k), "tuned_p50_ms": float(result.p50_ms), "tuned_queries": result.mix})
     _write_meta(store, tuned)
-    store.forget_dim()
 
 
 # -- status --------------------------------------------------------------------------------------------

@@ -32,10 +32,9 @@ def create_scan_copy(store: Store, column: str, *, progress: ProgressFn | None =
     emb = INDEX_NAMES[column][1]
     # unit length: the dot product of the copy is then the cosine (bf16 × bf16 dot products are
     # the fastest scan the engine has; cosineDistance costs ~2.5× more per row)
-    store.backend.command(f"ALTER TABLE {store.data_table} ADD COLUMN IF NOT EXISTS `{name}` Array(BFloat16) "
+    store.run_ddl(f"ALTER TABLE {store.data_table} ADD COLUMN IF NOT EXISTS `{name}` Array(BFloat16) "
                           f"MATERIALIZED CAST(arrayMap(x -> x / L2Norm(`{emb}`), `{emb}`), 'Array(BFloat16)') "
                           "CODEC(NONE)")
-    store.forget_dim()
     if store.parts_missing(name):
         _run_mutation(store, name, f"MATERIALIZE COLUMN `{name}`", emit, poll_seconds)
     seconds = time.perf_counter() - t0
@@ -48,6 +47,5 @@ def create_scan_copy(store: Store, column: str, *, progress: ProgressFn | None =
 def drop_scan_copy(store: Store, column: str) -> bool:
     name = scan_column(column)
     existed = name in store.columns()
-    store.backend.command(f"ALTER TABLE {store.data_table}{store.layout.on_cluster} DROP COLUMN IF EXISTS `{name}`")
-    store.forget_dim()
+    store.run_ddl(f"ALTER TABLE {store.data_table}{store.layout.on_cluster} DROP COLUMN IF EXISTS `{name}`")
     return existed

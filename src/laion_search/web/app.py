@@ -364,13 +364,13 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
     encode_gate = AdmissionGate("encoding", 1, encode_queue)
     scan_threads = scan_threads or max(1, cores // 2)
     if query_timeout:
-        store.backend.command(f"SET max_execution_time = {float(query_timeout)!r}")
+        store.set_session("max_execution_time", float(query_timeout))
     # tag this server's queries, so that shutting down cancels them (and only them). Embedded
     # only: on a ClickHouse server the process's exit closes its connections instead
     tag = None
-    if getattr(store.backend, "embedded", False):
+    if store.embedded:
         tag = f"laion-serve-{os.getpid()}-{id(store):x}"
-        store.backend.command(f"SET log_comment = '{tag}'")
+        store.set_session("log_comment", tag)
     app = FastAPI(title="laion-search", version="0.1.0",
                   description="Search LAION image-text embeddings in ClickHouse. Bearer token required when the "
                               "server was started with one (all routes but /health).")
