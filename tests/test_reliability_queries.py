@@ -38,7 +38,8 @@ pytest.importorskip("torch")
 from laion_search import connect  # noqa: E402
 from laion_search.ingest import ingest  # noqa: E402
 from laion_search.errors import EncoderError, LaionError, UsageError  # noqa: E402
-from laion_search.search import WHERE_TYPES, Filters, SearchOptions, build_where, search  # noqa: E402
+from laion_search.schema import WHERE_TYPES  # noqa: E402
+from laion_search.search import Filters, SearchOptions, build_where, search  # noqa: E402
 from laion_search.sources.synth import synth  # noqa: E402
 from laion_search.clip.tiny import make_clip_model  # noqa: E402
 from laion_search.web.app import create_app  # noqa: E402

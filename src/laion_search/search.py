@@ -18,51 +18,19 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 
 from laion_search.backends import settings_sql
 from laion_search.errors import QueryError, UsageError
 from laion_search.index import ivf
-from laion_search.schema import (COLUMNS, DEFAULT_COLUMNS, FILTER_STRATEGIES, MAX_K, METRICS, MODALITIES, NSFW_MODES,
-                                 SCAN_SUFFIX, TABLE, WHERE_TYPES, model_for_dim)
+from laion_search.schema import (MAX_K, MODALITIES, SCAN_SUFFIX, TABLE, model_for_dim)
 from laion_search.store import Store
+# the query model lives in laion_search.query (light, for the CLI's start-up); its names are re-exported here
+from laion_search.query import (INT64, MAX_NPROBE, Filters, Knob, SearchOptions, SearchPlan, SearchQuery,  # noqa: F401
+                                 _column, _columns, _metric, build_where, check_k, describe_query, knob, query_fields)
 from laion_search.vectors import as_vector
-
-_WHERE_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(==|=|!=|<>|<=|>=|<|>|~)\s*(.*?)\s*$", re.S)
-_OPS = {"=": "=", "==": "=", "!=": "!=", "<>": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
-
-
-@dataclass
-class Filters:
-    """Row filters, combined with AND."""
-
-    nsfw: str = "any"                    # any | exclude (drop NSFW and UNSURE) | only (NSFW only)
-    min_similarity: float | None = None  # LAION's image-text CLIP similarity
-    caption_contains: str | None = None  # case-insensitive substring
-    where: Sequence[str] = ()            # "width>=512", "LICENSE=?", "caption~lego" (allow-listed columns)
-    exclude_ids: Sequence[int] = ()
-
-    def is_empty(self) -> bool:
-        return (self.nsfw == "any" and self.min_similarity is None and not self.caption_contains
-                and not self.where and not self.exclude_ids)
-
-
-@dataclass
-class SearchOptions:
-    """Query-time knobs; defaults suit most searches."""
-
-    ef_search: int | None = None          # HNSW candidate list at query time (default: the value
-                                          # `laion index tune` stored for the index, else the engine's 256)
-    rescoring: bool = False               # re-rank index candidates with exact distances
-    filter_strategy: str = "auto"         # auto: post-filter, then pre-filter if short of k
-    fetch_multiplier: float = 4.0         # candidates per wanted row when post-filtering
-    verify_checksums: bool = False        # exact scans: check each block's checksum as it is read
-    nprobe: int | None = None             # IVF lists probed (default: the value `laion index tune` stored, else 32)
-    scan_threads: int | None = None       # exact scans: cap the engine's threads (max_threads)
-    scan_nice: int | None = None          # exact scans: Linux nice of the engine's threads (0-19)
-
 
 @dataclass
 class SearchResult:
@@ -101,18 +69,6 @@ class SearchResult:
                 "strategy": self.strategy, "seconds": round(self.seconds, 6), "results": self.rows}
 
 
-def check_k(k: Any) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        try:
-            k = int(str(k))
-        except ValueError:
-            raise UsageError(f"k must be an integer, got {k!r}") from None
-    k = int(k)
-    if not 1 <= k <= MAX_K:
-        raise UsageError(f"k must be between 1 and {MAX_K}, got {k}")
-    return k
-
-
 def encoder_for(store: Store, model: str | None = None) -> Any:
     """The CLIP encoder for searches of this table: ``model`` if given, else
     ``$LAION_CLIP_MODEL``, else the model its shards record. A model whose vectors have another
@@ -148,88 +104,8 @@ def row_vector(store: Store, row_id: Any, modality: str = "image") -> np.ndarray
     return np.asarray(t.column(0)[0].as_py(), dtype=np.float32)
 
 
-def will_scan(store: Store, modality: str = "image", metric: str = "cosine", exact: bool = False) -> bool:
-    """Whether such a search reads every row (exact, or no vector index serves its column and
-    metric) rather than walking an index: servers class and admit queries by it."""
-    if exact:
-        return True
-    return (_column(modality), _metric(metric)) not in store.vector_indexes() and modality not in ivf.state(store).served
-
-
-@dataclass
-class SearchQuery:
-    """One search: the model the library, the CLI (``laion search``) and the HTTP API (``/api/search``
-    as a JSON body, a query string or an upload form) all take, so a knob exists in all or in none.
-
-    The query is exactly one of ``text``, ``image`` (a path, bytes or PIL image; base64 over HTTP),
-    ``vector`` or ``like`` (a row id: its stored embedding). ``model`` picks the CLIP encoder for
-    text and images (over HTTP the server's ``--model`` does)."""
-
-    text: str | None = None
-    image: Any = None
-    vector: Any = None
-    like: int | None = None
-    k: int = 10
-    modality: str = "image"           # which embeddings to search: image | text
-    exact: bool = False               # brute force, ignoring vector indexes
-    metric: str = "cosine"            # cosine | l2
-    model: str | None = None
-    columns: Sequence[str] = ()       # result columns besides id, caption, url
-    # filters (see Filters)
-    nsfw: str = "any"
-    min_similarity: float | None = None
-    caption_contains: str | None = None
-    where: Sequence[str] = ()
-    exclude_ids: Sequence[int] = ()
-    # index and scan knobs (see SearchOptions)
-    ef_search: int | None = None
-    rescoring: bool = False
-    filter_strategy: str = "auto"
-    fetch_multiplier: float = 4.0
-    verify_checksums: bool = False
-    nprobe: int | None = None         # IVF: lists probed (given: search through the IVF index)
-    scan_threads: int | None = None   # exact scans: cap the engine's threads (a server sets it)
-    scan_nice: int | None = None      # exact scans: run the engine's threads at this nice (a server sets it)
-
-    @classmethod
-    def build(cls, vector: Any = None, *, filters: Filters | None = None, options: SearchOptions | None = None,
-              **fields: Any) -> "SearchQuery":
-        """From keyword arguments, with filters and options given field by field or as
-        :class:`Filters` / :class:`SearchOptions`."""
-        parts = {**(filters.__dict__ if filters else {}), **(options.__dict__ if options else {})}
-        return cls(vector=vector, **{**parts, **fields})
-
-    @property
-    def filters(self) -> Filters:
-        return Filters(nsfw=self.nsfw, min_similarity=self.min_similarity, caption_contains=self.caption_contains,
-                       where=tuple(self.where or ()), exclude_ids=tuple(self.exclude_ids or ()))
-
-    @property
-    def options(self) -> SearchOptions:
-        return SearchOptions(ef_search=self.ef_search, rescoring=self.rescoring, filter_strategy=self.filter_strategy,
-                             fetch_multiplier=self.fetch_multiplier, verify_checksums=self.verify_checksums,
-                             nprobe=self.nprobe, scan_threads=self.scan_threads, scan_nice=self.scan_nice)
-
-    def check(self) -> "SearchQuery":
-        """Everything that can be checked without the store, with a one-line reason; returns self."""
-        given = [x is not None for x in (self.vector, self.like, self.text, self.image)]
-        if sum(given) != 1:
-            raise UsageError("give exactly one query: a text, an image, a vector or like=<row id>")
-        if self.vector is not None:
-            as_vector(self.vector, source="query vector")  # finite, fits float32 (its length needs the store)
-        check_k(self.k)
-        _column(self.modality)
-        _metric(self.metric)
-        _columns(self.columns)
-        if self.filter_strategy not in FILTER_STRATEGIES:
-            raise UsageError(f"filter strategy must be one of {', '.join(FILTER_STRATEGIES)}")
-        _index_settings(self.options, filtered=True)
-        build_where(self.filters)
-        return self
-
-
-def search(store: Store, vector: Any = None, *, query: SearchQuery | None = None, filters: Filters | None = None,
-           options: SearchOptions | None = None, **fields: Any) -> SearchResult:
+def search(store: Store, vector: Any = None, *, query: SearchQuery | None = None, plan: SearchPlan | None = None,
+           filters: Any = None, options: Any = None, **fields: Any) -> SearchResult:
     """Find the k rows nearest to one query in one modality's embeddings: a :class:`SearchQuery`,
     or its fields as keyword arguments (``search(store, text="a dog", k=5, nsfw="exclude")``).
 
@@ -237,59 +113,51 @@ def search(store: Store, vector: Any = None, *, query: SearchQuery | None = None
     ``modality="text"`` searches caption embeddings. Text and images are encoded with the CLIP
     ``model`` (default: ``$LAION_CLIP_MODEL``, else the model the table's shards record — ViT-B/32
     for LAION-400M, ViT-L/14 for LAION-5B, ClickHouse's subset and SISAP).
+
+    A :class:`SearchPlan` (:meth:`SearchQuery.plan`) runs as resolved: a server decides how to
+    admit a query from its plan, then runs that plan.
     """
-    if query is None:
-        query = SearchQuery.build(vector, filters=filters, options=options, **fields)
-    elif vector is not None or filters is not None or options is not None or fields:
-        raise UsageError("give a SearchQuery or keyword arguments, not both")
-    q = query.check()
-    k = check_k(q.k)
-    column = _column(q.modality)
-    func = _metric(q.metric)
-    filters = q.filters
+    if plan is None:
+        if query is None:
+            query = SearchQuery.build(vector, filters=filters, options=options, **fields)
+        elif vector is not None or filters is not None or options is not None or fields:
+            raise UsageError("give a SearchQuery or keyword arguments, not both")
+        plan = query.plan(store)  # checks the query (once) and decides how it is answered
+    elif query is not None or vector is not None or filters is not None or options is not None or fields:
+        raise UsageError("give a SearchPlan, a SearchQuery or keyword arguments, not several")
+    q = plan.query
+    k, column, func, filters, where = int(q.k), plan.column, plan.func, plan.filters, plan.where
     options = q.options
     vector = q.vector
-    if q.modality != "image":
-        store.require_modality(q.modality)  # e.g. text on an image-only table (ClickHouse LAION-5B, SISAP)
     if q.text is not None or q.image is not None:
         enc = encoder_for(store, q.model)
         vector = enc.encode_text([q.text])[0] if q.text is not None else enc.encode_image([q.image])[0]
     if q.like is not None:
         vector = row_vector(store, q.like, q.modality)
-        filters = Filters(**{**filters.__dict__, "exclude_ids": [*filters.exclude_ids, int(q.like)]})
-    modality, metric, exact, columns = q.modality, q.metric, q.exact, q.columns
+    modality, metric, exact = q.modality, q.metric, q.exact
     dim = store.dim()
     if dim is None:
         return SearchResult([], k, modality, metric, exact, "empty", 0.0)
     qv = as_vector(vector, dim=dim, source="query vector")
-    cols = _columns(columns)
-    where, params = build_where(filters)
-    params["q"] = qv
+    cols = _columns(q.columns)
+    params = {**plan.params, "q": qv}
+    settings = dict(plan.settings)
     select = ", ".join(f"`{c}`" for c in cols)
     sql = (f"SELECT {select}, {func}({column}, {{q:Array(Float32)}}) AS distance FROM {TABLE}"
            f"{' WHERE ' + where if where else ''} ORDER BY distance ASC LIMIT {k}")
     t0 = time.perf_counter()
     strategy = "exact" if exact else "index"
-    # without a vector index for this column and metric the engine would scan anyway: take
-    # the exact path, which scans faster (dot product or the bf16 copy, then re-ranking)
-    settings = _index_settings(options, filtered=bool(where))  # validates the knobs on every path
-    hnsw = (column, func) in store.vector_indexes()
-    served = None if exact else ivf.state(store).served.get(modality)
-    if options.nprobe is not None and served is None and not exact:
-        raise UsageError(f"nprobe is for an IVF index, and {column} has none: laion index create --kind ivf "
-                         f"--column {modality}")
-    unindexed = not exact and not hnsw and served is None
-    if served is not None and (options.nprobe is not None or not hnsw):
-        # the IVF index: chosen by --nprobe, or because it is the only index of the column
-        rows, sql, strategy = _search_ivf(store, served, qv, k, func, select, cols, where, params, filters, options)
-        params = {**params, "q": qv}
-    elif exact or unindexed:
+    if plan.route == "ivf":
+        rows, sql, strategy = _search_ivf(store, plan.ivf, qv, k, func, select, cols, where, params, filters, options)
+    elif plan.route == "exact":
+        # also without a vector index for this column and metric (the engine would scan anyway):
+        # the exact path scans faster (dot product or the bf16 copy, then re-ranking)
         copy = column + SCAN_SUFFIX
         scan = copy if (func == "cosineDistance" and store.layout.cluster is None and copy in store.columns()) else None
         sql = _exact_sql(select, column, func, where, k, scan, verify_checksums=options.verify_checksums,
                          cluster=store.layout.cluster is not None, max_threads=options.scan_threads,
                          nice=options.scan_nice)
-        strategy = ("exact-bf16" if scan else "exact") + (" (no index)" if unindexed else "")
+        strategy = ("exact-bf16" if scan else "exact") + (" (no index)" if plan.unindexed else "")
         rows = store.rows(sql, params)
     else:
         if options.filter_strategy == "prefilter" and where:
@@ -317,7 +185,7 @@ def search(store: Store, vector: Any = None, *, query: SearchQuery | None = None
 
 
 def _search_ivf(store: Store, info: Any, qv: np.ndarray, k: int, func: str, select: str, cols: list[str], where: str,
-                params: dict[str, Any], filters: Filters, options: SearchOptions) -> tuple[list[dict[str, Any]], str, str]:
+                params: dict[str, Any], filters: Any, options: Any) -> tuple[list[dict[str, Any]], str, str]:
     """Through the IVF index (:mod:`laion_search.index.ivf`): candidates with their exact distances
     from the probed lists, the rows themselves from ``laion`` by id (filters there), the shards the
     index does not cover searched exactly. Filtered searches fetch more candidates until k rows
@@ -360,7 +228,6 @@ def _search_ivf(store: Store, info: Any, qv: np.ndarray, k: int, func: str, sele
     return rows[:k], sql, strategy
 
 
-MAX_NPROBE = 1_048_576
 #: Candidates a filtered IVF search reads at most before it evaluates the filter first instead.
 MAX_IVF_CANDIDATES = 100_000
 
@@ -449,101 +316,3 @@ def explain(store: Store, result: SearchResult) -> str:
     return "\n".join(str(v) for row in t.to_pylist() for v in row.values())
 
 
-def build_where(filters: Filters) -> tuple[str, dict[str, Any]]:
-    """Filters → a WHERE expression over fixed column names, with every value a parameter."""
-    clauses: list[str] = []
-    params: dict[str, Any] = {}
-    if filters.nsfw not in NSFW_MODES:
-        raise UsageError(f"nsfw must be one of {', '.join(NSFW_MODES)}")
-    if filters.nsfw == "exclude":
-        clauses.append("NSFW NOT IN ('NSFW', 'UNSURE')")
-    elif filters.nsfw == "only":
-        clauses.append("NSFW = 'NSFW'")
-    if filters.min_similarity is not None:
-        v = float(filters.min_similarity)
-        if not np.isfinite(v):
-            raise UsageError("min_similarity must be a finite number")
-        clauses.append("similarity >= {min_similarity:Float32}")
-        params["min_similarity"] = v
-    if filters.caption_contains:
-        clauses.append("positionCaseInsensitiveUTF8(caption, {caption_contains:String}) > 0")
-        params["caption_contains"] = str(filters.caption_contains)
-    for i, expr in enumerate(filters.where):
-        clause, value = _where_clause(expr, f"w{i}")
-        clauses.append(clause)
-        params[f"w{i}"] = value
-    if filters.exclude_ids:
-        clauses.append("id NOT IN {exclude_ids:Array(Int64)}")
-        params["exclude_ids"] = [int(x) for x in filters.exclude_ids]
-    return " AND ".join(clauses), params
-
-
-def _where_clause(expr: str, name: str) -> tuple[str, Any]:
-    m = _WHERE_RE.match(expr or "")
-    if not m:
-        raise UsageError(f"--where {expr!r}: expected COLUMN OP VALUE, e.g. width>=512 or caption~lego")
-    col, op, raw = m.group(1), m.group(2), m.group(3)
-    if col not in WHERE_TYPES:
-        raise UsageError(f"--where {expr!r}: column {col!r} is not filterable; use one of {', '.join(WHERE_TYPES)}")
-    ctype = WHERE_TYPES[col]
-    if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
-        raw = raw[1:-1]
-    if op == "~":
-        if ctype != "String":
-            raise UsageError(f"--where {expr!r}: ~ (contains) works on text columns only")
-        return f"positionCaseInsensitiveUTF8(`{col}`, {{{name}:String}}) > 0", raw
-    value: Any = raw
-    if ctype != "String":
-        try:
-            value = float(raw) if ctype.startswith("Float") else int(raw)
-        except ValueError:
-            raise UsageError(f"--where {expr!r}: {col} is a number, got {raw!r}") from None
-        if ctype.startswith("Float") and not np.isfinite(value):
-            raise UsageError(f"--where {expr!r}: value must be finite")
-        if not ctype.startswith("Float"):
-            bits = 64 if ctype.endswith("64") else 32
-            lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if ctype.startswith("Int") else (0, 2**bits - 1)
-            if not lo <= value <= hi:
-                raise UsageError(f"--where {expr!r}: {value} is out of range for {col}")
-    return f"`{col}` {_OPS[op]} {{{name}:{ctype}}}", value
-
-
-def _column(modality: str) -> str:
-    if modality not in MODALITIES:
-        raise UsageError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
-    return MODALITIES[modality]
-
-
-def _metric(metric: str) -> str:
-    if metric not in METRICS:
-        raise UsageError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    return METRICS[metric]
-
-
-def _columns(columns: Sequence[str] | None) -> list[str]:
-    cols = list(DEFAULT_COLUMNS)
-    for c in columns or ():
-        if c not in COLUMNS:
-            raise UsageError(f"unknown column {c!r}; choose from {', '.join(COLUMNS)}")
-        if c not in cols:
-            cols.append(c)
-    return cols
-
-
-def _index_settings(options: SearchOptions, filtered: bool) -> dict[str, Any]:
-    settings: dict[str, Any] = {}
-    if options.ef_search is not None:
-        ef = int(options.ef_search)
-        if not 1 <= ef <= 100_000:
-            raise UsageError("ef_search must be between 1 and 100000")
-        settings["hnsw_candidate_list_size_for_search"] = ef
-    if options.nprobe is not None and (isinstance(options.nprobe, bool) or not 1 <= int(options.nprobe) <= MAX_NPROBE):
-        raise UsageError(f"nprobe must be between 1 and {MAX_NPROBE}")
-    if options.rescoring:
-        settings["vector_search_with_rescoring"] = 1
-    if filtered or options.rescoring:
-        mult = float(options.fetch_multiplier)
-        if not 1.0 <= mult <= 1000.0:
-            raise UsageError("fetch_multiplier must be between 1 and 1000")
-        settings["vector_search_index_fetch_multiplier"] = mult
-    return settings

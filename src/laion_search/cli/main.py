@@ -3,9 +3,11 @@ turn library errors into a one-line message and a non-zero exit."""
 
 from __future__ import annotations
 
+import collections.abc
 import functools
 import os
 import sys
+import types
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
@@ -414,63 +416,85 @@ def sql(
 
 
 # -- search ---------------------------------------------------------------------------------------
-@app.command()
-@handle_errors
-def search(
-    vector: Optional[Path] = typer.Option(None, "--vector", help="Query vector file: .npy or .json (a list of numbers)."),
-    like: Optional[int] = typer.Option(None, "--like", help="Use the stored embedding of this row id (\"more like this\")."),
-    text: Optional[str] = typer.Option(None, "--text", "-t", help="Text query, encoded with CLIP (text→image by default)."),
-    image: Optional[Path] = typer.Option(None, "--image", "-i", help="Image file query, encoded with CLIP."),
-    model: Optional[str] = ModelOption,
-    modality: str = typer.Option("image", "--modality", "-m", help="Which embedding column to search: image or text."),
-    k: int = typer.Option(10, "--k", "-k", help="Number of results (1-1000)."),
-    exact: bool = typer.Option(False, "--exact", help="Brute force: ignore vector indexes."),
-    metric: str = typer.Option("cosine", "--metric", help="cosine or l2 (an index serves the metric it was built for)."),
-    nsfw: str = typer.Option("any", "--nsfw", help="any, exclude (drop NSFW and UNSURE) or only."),
-    min_similarity: Optional[float] = typer.Option(None, "--min-similarity", help="Minimum LAION image-text similarity."),
-    caption_contains: Optional[str] = typer.Option(None, "--caption-contains", help="Case-insensitive caption substring."),
-    where: List[str] = typer.Option([], "--where", help="COLUMN OP VALUE on an allowed column, e.g. width>=512, "
-                                                        "LICENSE!=?, url~flickr (repeatable, ANDed)."),
-    columns: List[str] = typer.Option([], "--column", "-c", help="Extra result columns (e.g. NSFW, similarity, width)."),
-    exclude_ids: List[int] = typer.Option([], "--exclude-id", help="Leave this row id out of the results (repeatable)."),
-    nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1,
-                                         help="IVF lists to probe (searches through the IVF index; default: the "
-                                              "value `laion index tune` stored, else 32)."),
-    ef_search: Optional[int] = typer.Option(None, "--ef-search", help="HNSW candidate list size at query time."),
-    rescoring: bool = typer.Option(False, "--rescoring", help="Re-rank index candidates with exact distances."),
-    filter_strategy: str = typer.Option("auto", "--filter-strategy", help="auto, postfilter or prefilter."),
-    fetch_multiplier: float = typer.Option(4.0, "--fetch-multiplier",
-                                           help="Index candidates fetched per wanted row when filtering or rescoring."),
-    verify_checksums: bool = typer.Option(False, "--verify-checksums",
-                                          help="Exact scans: verify each data block's checksum as it is read "
-                                               "(off by default: ~20% slower; parts are checked when written "
-                                               "and merged)."),
-    scan_threads: Optional[int] = typer.Option(None, "--scan-threads", min=1,
-                                               help="Exact scans: use at most this many engine threads."),
-    scan_nice: Optional[int] = typer.Option(None, "--scan-nice", min=0, max=19,
-                                            help="Exact scans: run the engine's threads at this Linux nice "
-                                                 "(os_thread_priority; needs CAP_SYS_NICE, else ignored)."),
-    db: Optional[str] = DbOption,
-    url: Optional[str] = UrlOption,
-    json_output: bool = JsonOption,
-) -> None:
-    """Nearest neighbours by text, image, vector or an existing row, exact or through the HNSW index.
+#: How the CLI carries the query fields whose Python form it cannot: an image and a vector as files.
+_CLI_FORMS = {"image": Path, "vector": Path}
+
+
+def _search_options() -> list:
+    """``laion search``'s options, one per :class:`~laion_search.query.SearchQuery` field: its
+    flags, default, help (with its choices and bounds) and type come from the query model, so a
+    field added there is an option here. ``--model`` is the option every CLIP command shares."""
+    import inspect
+    import typing
+
+    from laion_search.query import SearchQuery, query_fields
+
+    hints = typing.get_type_hints(SearchQuery)
+    params = []
+    for f in query_fields():
+        kb = f.metadata["knob"]
+        kind: Any = _CLI_FORMS.get(f.name) or hints[f.name]
+        if typing.get_origin(kind) is collections.abc.Sequence:
+            kind = List[typing.get_args(kind)[0]]  # type: ignore[misc]
+        elif typing.get_origin(kind) in (typing.Union, types.UnionType) and f.name not in _CLI_FORMS:
+            kind = Optional[next(a for a in typing.get_args(kind) if a is not type(None))]
+        if f.name in _CLI_FORMS:
+            kind = Optional[kind]
+        help_text = kb.help
+        if kb.choices is not None and f.name != "columns":
+            help_text += f" One of: {', '.join(kb.choices)}."
+        elif kb.choices is not None:
+            help_text += f" Of: {', '.join(kb.choices)}."
+        default = list(f.default) if isinstance(f.default, tuple) else f.default
+        if f.name == "model":
+            option = ModelOption
+        else:
+            flags = kb.flags or ("--" + f.name.replace("_", "-"),)
+            help_text = _with_bounds(help_text, kb.ge, kb.le)
+            # the bounds are checked by the library (one message for every face): the CLI shows them
+            option = typer.Option(default, *flags, help=help_text)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
+    for name, option, kind in (("db", DbOption, Optional[str]), ("url", UrlOption, Optional[str]),
+                               ("json_output", JsonOption, bool)):
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
+    return params
+
+
+def _with_bounds(text: str, ge: float | None, le: float | None) -> str:
+    """``Number of results.`` → ``Number of results (1-1000).`` (ids' full Int64 range is not shown)."""
+    if (ge is None and le is None) or (le is not None and le > 2**40):
+        return text
+    span = f"{ge:g}-{le:g}" if ge is not None and le is not None else f"≥ {ge:g}" if ge is not None else f"≤ {le:g}"
+    return f"{text[:-1]} ({span})." if text.endswith(".") else f"{text} ({span})"
+
+
+def _search_command(**fields: Any) -> None:
+    """Nearest neighbours by text, image, vector or an existing row, exact or through an index
+    (HNSW, IVF).
 
     Example: laion search --text "a dog and a cat" --k 5 --nsfw exclude --where "width>=400"
     """
-    from laion_search.search import SearchQuery
+    from laion_search.query import SearchQuery
     from laion_search.search import search as do_search
     from laion_search.vectors import load_vector_file
 
-    query = SearchQuery(
-        text=text, image=image, vector=load_vector_file(vector) if vector is not None else None, like=like, k=k,
-        modality=modality, exact=exact, metric=metric, model=model, columns=columns, nsfw=nsfw,
-        min_similarity=min_similarity, caption_contains=caption_contains, where=where, exclude_ids=exclude_ids,
-        ef_search=ef_search, rescoring=rescoring, filter_strategy=filter_strategy, fetch_multiplier=fetch_multiplier,
-        verify_checksums=verify_checksums, nprobe=nprobe, scan_threads=scan_threads, scan_nice=scan_nice).check()
+    db, url, json_output = fields.pop("db"), fields.pop("url"), fields.pop("json_output")
+    if fields["vector"] is not None:
+        fields["vector"] = load_vector_file(fields["vector"])
+    query = SearchQuery(**fields).check()  # before the engine starts: a bad option fails at once
     with open_store(db, url, create=False) as store:
         result = do_search(store, query=query)
     print_search(result, json_output)
+
+
+def _with_signature(fn: Callable[..., Any], params: list) -> Callable[..., Any]:
+    import inspect
+
+    fn.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    return fn
+
+
+search = app.command("search")(handle_errors(_with_signature(_search_command, _search_options())))
 
 
 def print_search(result, json_output: bool) -> None:

@@ -23,6 +23,7 @@ message, never a traceback. The page at ``/`` is one static HTML file, no build 
 
 import base64
 import binascii
+import collections.abc
 import dataclasses
 import hmac
 import json
@@ -49,8 +50,9 @@ from laion_search.web.admission import AdmissionGate
 from laion_search.web.cache import LRUCache, request_key
 from laion_search.errors import (EncoderError, EncoderUnavailable, LaionError, Overloaded, QueryError, ServeError,
                                  ShuttingDown, UsageError)
-from laion_search.schema import COLUMNS, FILTER_STRATEGIES, MAX_K, METRICS, MODALITIES, NSFW_MODES, TABLE
-from laion_search.search import MAX_NPROBE, SearchQuery, search, will_scan
+from laion_search.schema import COLUMNS, MAX_K, MODALITIES, TABLE
+from laion_search.query import SearchQuery, describe_query, query_fields
+from laion_search.search import search
 from laion_search.store import Store
 
 log = logging.getLogger("laion_search.web")
@@ -85,7 +87,7 @@ _FORBIDDEN_SQL = re.compile(
 
 #: SearchQuery fields the HTTP API does not take from clients: the server's --model encodes, and
 #: its --scan-threads and --scan-nice hold exact scans back.
-SERVER_SIDE = frozenset({"model", "scan_threads", "scan_nice"})
+SERVER_SIDE = frozenset(f.name for f in dataclasses.fields(SearchQuery) if f.metadata["knob"].server_side)
 
 
 #: JSON Schema bounds of the engine's Int64 and Float32 (ids; vector values); bounds exact as doubles,
@@ -104,62 +106,63 @@ ONE_QUERY: JsonDict = {"anyOf": [
     for name, kind in _QUERIES.items()]}
 
 
-class SearchBody(BaseModel):
-    """:class:`~laion_search.search.SearchQuery` over HTTP (JSON body, query string or form);
-    a field added there must be added here (checked when this module loads, and by a test).
-
-    The schema's constraints beyond the Python types (bounds, choices, one query) document what
-    :meth:`SearchQuery.check` enforces, so that the OpenAPI schema says which requests succeed;
-    the library still refuses the others with a 400 and its reason."""
-
-    model_config = ConfigDict(json_schema_extra=ONE_QUERY)
-
-    text: Optional[str] = Field(None, max_length=MAX_TEXT_CHARS, description="Text query (CLIP-encoded).",
-                                json_schema_extra=NOT_BLANK)
-    image: Optional[str] = Field(None, description="Base64 image (optionally a data: URL).",
-                                 json_schema_extra={"contentEncoding": "base64", "contentMediaType": "image/*"})
-    vector: Optional[list[float]] = Field(None, max_length=4096, description=(
-        "Query embedding: as many values as the table's dimension (`/api/status`'s `dim`), not all zero."),
-        json_schema_extra={"minItems": 1, "items": {"type": "number", **FLOAT32}})
-    like: Optional[int] = Field(None, description="Row id: search with its stored embedding.", json_schema_extra=INT64)
-    k: int = Field(10, description=f"Results, 1-{MAX_K}.", json_schema_extra={"minimum": 1, "maximum": MAX_K})
-    modality: str = Field("image", description="image or text embeddings.",
-                          json_schema_extra={"enum": list(MODALITIES)})
-    exact: bool = Field(False, description="Brute force, ignoring vector indexes.")
-    metric: str = Field("cosine", description="cosine or l2.", json_schema_extra={"enum": list(METRICS)})
-    columns: list[str] = Field(default_factory=list, max_length=len(COLUMNS), description="Extra result columns.",
-                               json_schema_extra={"items": {"type": "string", "enum": list(COLUMNS)}})
-    nsfw: str = Field("any", description="any, exclude or only.", json_schema_extra={"enum": list(NSFW_MODES)})
-    min_similarity: Optional[float] = None
-    caption_contains: Optional[str] = Field(None, max_length=1000)
-    where: list[str] = Field(default_factory=list, max_length=16, description=(
-        "COLUMN OP VALUE filters, ANDed: a column of " + ", ".join(COLUMNS) + ", an operator of = == != <> < <= > >= "
-        "(~, contains, on text columns) and a value of the column's type (optionally quoted)."))
-    # checked here: the engine would wrap an id outside Int64 silently (2**64 + 5 would exclude row 5)
-    exclude_ids: list[Annotated[int, Field(ge=INT64_MIN, lt=INT64_END)]] = Field(
-        default_factory=list, max_length=MAX_K)
-    ef_search: Optional[int] = Field(None, json_schema_extra={"minimum": 1, "maximum": 100_000})
-    rescoring: bool = False
-    filter_strategy: str = Field("auto", json_schema_extra={"enum": list(FILTER_STRATEGIES)})
-    fetch_multiplier: float = Field(4.0, json_schema_extra={"minimum": 1, "maximum": 1000})
-    verify_checksums: bool = False
-    nprobe: Optional[int] = Field(None, description=(
-        "IVF lists probed (searches through the IVF index): for a column with an IVF index, or with exact."),
-        json_schema_extra={"minimum": 1, "maximum": MAX_NPROBE})
-
-    def query(self, *, model: str | None, image: bytes | None = None) -> SearchQuery:
-        fields = self.model_dump()
-        fields["image"] = image if image is not None else (decode_base64_image(self.image) if self.image else None)
-        return SearchQuery(**fields, model=model)
+#: How HTTP carries the query fields whose Python form it cannot: an image as base64 text, a
+#: vector as a JSON array (its values within float32), ids within Int64, a text not blank.
+_HTTP_FORMS: dict[str, tuple[Any, JsonDict]] = {
+    "text": (Optional[str], NOT_BLANK),
+    "image": (Optional[str], {"contentEncoding": "base64", "contentMediaType": "image/*"}),
+    "vector": (Optional[list[float]], {"minItems": 1, "items": {"type": "number", **FLOAT32}}),
+    "like": (Optional[int], INT64),
+    "exclude_ids": (list[Annotated[int, Field(ge=INT64_MIN, lt=INT64_END)]], {}),
+}
 
 
-_QUERY_FIELDS = {f.name for f in dataclasses.fields(SearchQuery)}
-if set(SearchBody.model_fields) != _QUERY_FIELDS - SERVER_SIDE:  # pragma: no cover - a programming error
-    raise RuntimeError(f"SearchBody and SearchQuery differ: {set(SearchBody.model_fields) ^ (_QUERY_FIELDS - SERVER_SIDE)}")
+def _search_body() -> type[BaseModel]:
+    """:class:`~laion_search.search.SearchQuery` over HTTP (JSON body, query string or form), made
+    from the query model: each field's default, help, choices and bounds (the choices and bounds
+    as JSON Schema, so the OpenAPI document says which requests succeed; the library still
+    refuses the others with a 400 and its reason). The server-side fields (its --model and scan
+    limits) are left out."""
+    import typing
+
+    hints = typing.get_type_hints(SearchQuery)
+    fields: dict[str, Any] = {}
+    for f in query_fields(http=True):
+        kb = f.metadata["knob"]
+        kind, extra = _HTTP_FORMS.get(f.name, (None, {}))
+        if kind is None:
+            kind = hints[f.name]
+            if typing.get_origin(kind) in (collections.abc.Sequence, list, tuple):
+                kind = list[typing.get_args(kind)[0]]  # type: ignore[misc]
+        extra = dict(extra)
+        if kb.choices is not None:
+            choices = {"enum": list(kb.choices)}
+            extra.update({"items": {"type": "string", **choices}} if f.name == "columns" else choices)
+        if kb.ge is not None and f.name not in ("like", "exclude_ids"):
+            extra["minimum"] = kb.ge
+        if kb.le is not None and f.name not in ("like", "exclude_ids"):
+            extra["maximum"] = kb.le
+        default = list(f.default) if isinstance(f.default, tuple) else f.default
+        spec: dict[str, Any] = {"description": kb.help, "json_schema_extra": extra or None}
+        if kb.max_length is not None:
+            spec["max_length"] = kb.max_length
+        if f.name == "vector":
+            spec["max_length"] = 4096
+        fields[f.name] = (kind, Field(default_factory=list, **spec) if isinstance(default, list)
+                          else Field(default, **spec))
+    from pydantic import create_model
+
+    return create_model("SearchBody", __config__=ConfigDict(json_schema_extra=ONE_QUERY),
+                        __doc__=_search_body.__doc__, **fields)
+
+
+SearchBody: Any = _search_body()
+
+
 _LIST_FIELDS = {"columns", "where", "exclude_ids"}
 
 
-def search_body_from_params(items: list[tuple[str, str]]) -> SearchBody:
+def search_body_from_params(items: list[tuple[str, str]]) -> Any:
     """A query string or form (``?text=dog&k=5&where=width>=512&where=height>=512``) as a SearchBody."""
     data: dict[str, Any] = {}
     for key, value in items:
@@ -197,8 +200,10 @@ class KnnBody(BaseModel):
         "Query embedding: as many values as the table's dimension, not all zero."),
         json_schema_extra={"minItems": 1, "items": {"type": "number", **FLOAT32}})
     modality: str = Field("image", json_schema_extra={"enum": list(MODALITIES)})
-    num_images: int = 40
-    num_result_ids: Optional[int] = None  # clip-back: num_images when absent
+    # any integer is accepted and clamped to 1-MAX_K, as clip-back does; the schema states the
+    # range a JSON integer can carry here
+    num_images: int = Field(40, ge=INT64_MIN, lt=INT64_END)
+    num_result_ids: Optional[int] = Field(None, ge=INT64_MIN, lt=INT64_END)  # clip-back: num_images when absent
     indice_name: Optional[str] = Field(None, json_schema_extra={"enum": [TABLE, "", None]})
     deduplicate: bool = False
     use_safety_model: bool = False
@@ -451,12 +456,12 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
         log.exception("unhandled error")
         return _error(500, "internal error")
 
-    def run_search(body: SearchBody, image_bytes: bytes | None = None) -> dict[str, Any]:
+    def run_search(body: Any, image_bytes: bytes | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         if body.image is not None and image_bytes is None:
             image_bytes = decode_base64_image(body.image)
-        # one query and valid knobs, checked before any work (encoding, cache)
-        query = SearchQuery(**{**body.model_dump(), "image": image_bytes, "model": model}).check()
+        # one query and valid knobs, checked and resolved (index or scan) before any work (encoding, cache)
+        plan = SearchQuery(**{**body.model_dump(), "image": image_bytes, "model": model}).plan(store)
         enc = None
         if body.text is not None or image_bytes is not None:
             enc = encoder.require("text" if body.text is not None else "image")  # 503 at once without one
@@ -485,15 +490,15 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
             assert enc is not None
             with encode_gate.admit():
                 vector = enc.encode_image([image_bytes])[0]
-        scan = will_scan(store, body.modality, body.metric, body.exact)
-        log.debug("search started: %s", "exact scan" if scan else "indexed")
+        scan = plan.scans
+        log.debug("search started: %s", "exact scan" if scan else plan.route)
 
         def go() -> Any:
             if app.state.shutting_down:  # admitted as the signal came: the cancel would miss it
                 raise ShuttingDown("the server is shutting down; the query was not started")
-            return search(store, query=dataclasses.replace(
-                query, text=None, image=None, vector=vector, scan_threads=scan_threads if scan else None,
-                scan_nice=scan_nice if scan else None))
+            return search(store, plan=plan.replace(text=None, image=None, vector=vector,
+                                                   scan_threads=scan_threads if scan else None,
+                                                   scan_nice=scan_nice if scan else None))
 
         if scan:
             with scan_gate.admit():  # bounded: shed with 429 when full
@@ -509,6 +514,12 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
     @app.get("/health", tags=["service"], responses=answers())
     def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/api/search/fields", tags=["search"], responses=answers())
+    def search_fields() -> list[dict[str, Any]]:
+        """The search request's fields as data — name, default, help, group, choices, bounds — from
+        the one query model the library, the CLI and this API share (the page reads its defaults here)."""
+        return describe_query()
 
     @app.get("/api/status", tags=["service"], response_model=None, responses=answers(StatusAnswer))
     def status() -> dict[str, Any]:
