@@ -89,10 +89,11 @@ def test_one_query_model_everywhere():
     import typer.main
 
     from laion_search.cli.main import app
-    from laion_search.web.app import SERVER_SIDE, SearchBody
+    from laion_search.web.app import HTTP_ONLY, SERVER_SIDE, SearchBody
 
     fields = {f.name for f in dataclasses.fields(SearchQuery)}
     command = typer.main.get_command(app).commands["search"]  # type: ignore[attr-defined]
     cli = {p.name for p in command.params} - {"db", "url", "json_output"}
     assert cli == fields
-    assert set(SearchBody.model_fields) == fields - SERVER_SIDE and SERVER_SIDE == {"model", "scan_threads", "scan_nice"}
+    assert set(SearchBody.model_fields) - HTTP_ONLY == fields - SERVER_SIDE
+    assert SERVER_SIDE == {"model", "scan_threads", "scan_nice"} and HTTP_ONLY == {"image_url"}  # the server fetches

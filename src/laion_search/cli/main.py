@@ -429,6 +429,8 @@ def search(
     where: List[str] = typer.Option([], "--where", help="COLUMN OP VALUE on an allowed column, e.g. width>=512, "
                                                         "LICENSE!=?, url~flickr (repeatable, ANDed)."),
     columns: List[str] = typer.Option([], "--column", "-c", help="Extra result columns (e.g. NSFW, similarity, width)."),
+    deduplicate: bool = typer.Option(False, "--deduplicate", help="Drop near-duplicates of better-ranked results "
+                                                                  "(as clip-retrieval: fewer than k may remain)."),
     exclude_ids: List[int] = typer.Option([], "--exclude-id", help="Leave this row id out of the results (repeatable)."),
     nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1,
                                          help="IVF lists to probe (searches through the IVF index; default: the "
@@ -461,7 +463,7 @@ def search(
 
     query = SearchQuery(
         text=text, image=image, vector=load_vector_file(vector) if vector is not None else None, like=like, k=k,
-        modality=modality, exact=exact, metric=metric, model=model, columns=columns, nsfw=nsfw,
+        modality=modality, exact=exact, metric=metric, model=model, columns=columns, deduplicate=deduplicate, nsfw=nsfw,
         min_similarity=min_similarity, caption_contains=caption_contains, where=where, exclude_ids=exclude_ids,
         ef_search=ef_search, rescoring=rescoring, filter_strategy=filter_strategy, fetch_multiplier=fetch_multiplier,
         verify_checksums=verify_checksums, nprobe=nprobe, scan_threads=scan_threads, scan_nice=scan_nice).check()
@@ -1345,7 +1347,8 @@ def bench_serve(
     server_arg: List[str] = typer.Option([], "--server-arg", help="--mixed: pass to `laion serve` (repeatable), "
                                                                   "e.g. --server-arg=--max-scans=2."),
     kinds: str = typer.Option("indexed,exact,filtered,like", "--kinds", help="Query kinds the clients pick from at random; "
-                                                              "`indexed` alone is the indexed-only load."),
+                                                              "`indexed` alone is the indexed-only load; `knn` is "
+                                                              "an indexed search through /knn-service."),
     db: Optional[Path] = typer.Option(None, "--db", help="Load an existing store (it needs an index on image "
                                                          "embeddings) instead of a synth one; --rows is then ignored."),
     json_output: bool = JsonOption,
@@ -1355,6 +1358,7 @@ def bench_serve(
 
     Examples: laion bench serve --rows 1000000 --clients 16 --seconds 30 ·
     laion bench serve --db ./laion-db --kinds indexed --clients 16 ·
+    laion bench serve --db ./laion-db --kinds indexed,knn --clients 1 ·
     laion bench serve --mixed --rows 200000 --scan-clients 4 --rate 20
     """
     from laion_search.bench.serve import KINDS, run_mixed
