@@ -85,6 +85,10 @@ def _pictures_loaded(page) -> None:
                            "[...document.querySelectorAll('#grid .card img')].every(i => i.complete && i.naturalWidth > 0)")
 
 
+def _ready(page) -> None:
+    page.wait_for_selector("body[data-status=ready]")
+
+
 def _cards(page):
     return page.locator("#grid .card")
 
@@ -189,6 +193,7 @@ def test_upload_image_and_phone_width(server, page, tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(img)
     page.set_viewport_size({"width": 375, "height": 740})
     page.goto(base + "/")
+    _ready(page)  # the file input is disabled until the server's status is known
     page.set_input_files("#file", str(img))
     page.wait_for_function("document.getElementById('status').textContent.includes('results for image')")
     assert _cards(page).count() == 20
