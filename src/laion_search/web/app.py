@@ -160,7 +160,7 @@ class SearchBody(BaseModel):
         return [name for name in _QUERIES if getattr(self, name) is not None]
 
     def query(self, *, model: str | None, image: bytes | None = None) -> SearchQuery:
-        fields = self.model_dump(exclude=HTTP_ONLY)
+        fields = self.model_dump(exclude=set(HTTP_ONLY))
         fields["image"] = image if image is not None else (decode_base64_image(self.image) if self.image else None)
         return SearchQuery(**fields, model=model)
 
@@ -483,7 +483,7 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
                 image_bytes = image_url_bytes(body.image_url)
         # one query and valid knobs, checked before any work (encoding, cache)
         columns = list(dict.fromkeys([*body.columns, *extra]))
-        query = SearchQuery(**{**body.model_dump(exclude=HTTP_ONLY), "columns": columns, "image": image_bytes,
+        query = SearchQuery(**{**body.model_dump(exclude=set(HTTP_ONLY)), "columns": columns, "image": image_bytes,
                                "model": model}).check()
         enc = None
         if body.text is not None or image_bytes is not None:
