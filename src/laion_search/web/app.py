@@ -886,7 +886,7 @@ UPLOAD_FORM: dict[str, Any] = {
     "type": "object", "required": ["file"], "additionalProperties": False,
     "properties": {"file": {"type": "string", "format": "binary", "description": "The query image."},
                    **{name: _form_field(prop) for name, prop in SearchBody.model_json_schema()["properties"].items()
-                      if name not in ("text", "image", "vector", "like")}}}
+                      if name not in _QUERIES}}}
 
 
 def _json_default(obj: Any) -> Any:
