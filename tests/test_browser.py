@@ -290,7 +290,7 @@ def test_search_by_image_url(server, plain, page, blocked):
     picture = base + "/local/images/0/3.jpg"
     page.goto(base + "/?k=6&safe=0")
     _ready(page)
-    assert "image URL" in page.get_attribute("#q", "placeholder")
+    assert "paste its URL" in page.get_attribute("#q", "placeholder")
     page.fill("#q", picture)
     body = _posted(page, lambda: page.keyboard.press("Enter"))
     assert body["image_url"] == picture and "text" not in body
@@ -310,7 +310,7 @@ def test_search_by_image_url(server, plain, page, blocked):
     _ready(page)
     note = page.inner_text("#linknote")
     assert "does not fetch image URLs" in note and "--" not in note and sent == []
-    assert "image_url" not in page.url and "image URL" not in page.get_attribute("#q", "placeholder")
+    assert "image_url" not in page.url and "URL" not in page.get_attribute("#q", "placeholder")
     page.fill("#q", picture)  # typed there, a URL is only words
     assert "text" in _posted(page, lambda: page.keyboard.press("Enter"))
     assert blocked == []
