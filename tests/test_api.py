@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -89,10 +90,71 @@ def test_one_query_model_everywhere():
     import typer.main
 
     from laion_search.cli.main import app
-    from laion_search.web.app import SERVER_SIDE, SearchBody
+    from laion_search.web.app import HTTP_ONLY, SERVER_SIDE, SearchBody
 
     fields = {f.name for f in dataclasses.fields(SearchQuery)}
     command = typer.main.get_command(app).commands["search"]  # type: ignore[attr-defined]
     cli = {p.name for p in command.params} - {"db", "url", "json_output"}
     assert cli == fields
-    assert set(SearchBody.model_fields) == fields - SERVER_SIDE and SERVER_SIDE == {"model", "scan_threads", "scan_nice"}
+    assert set(SearchBody.model_fields) - HTTP_ONLY == fields - SERVER_SIDE
+    assert SERVER_SIDE == {"model", "scan_threads", "scan_nice"} and HTTP_ONLY == {"image_url"}  # the server fetches
+
+
+def test_faces_take_defaults_bounds_and_choices_from_the_model():
+    """Not only the names: each `laion search` option and each /api/search field has the model's
+    default, its bounds and its choices (a default changed in the model changes every face), and
+    GET /api/search/fields (the page's source) says the same."""
+    import typer.main
+
+    from laion_search.cli.main import app
+    from laion_search.query import describe_query, query_fields
+    from laion_search.web.app import SearchBody
+
+    command = typer.main.get_command(app).commands["search"]  # type: ignore[attr-defined]
+    cli = {p.name: p for p in command.params}
+    schema = SearchBody.model_json_schema()["properties"]
+    described = {d["name"]: d for d in describe_query()}
+    for f in query_fields():
+        kb = f.metadata["knob"]
+        default = list(f.default) if isinstance(f.default, tuple) else f.default
+        if f.name != "model":  # --model is the option every CLIP command shares ($LAION_CLIP_MODEL)
+            assert (cli[f.name].default or None) == (default or None), f.name
+            assert kb.help.split(".")[0] in (cli[f.name].help or ""), f.name
+            if kb.choices and f.name != "columns":
+                assert ", ".join(kb.choices) in cli[f.name].help, f.name
+        if kb.server_side:
+            assert f.name not in schema and f.name not in described
+            continue
+        prop = schema[f.name]
+        assert prop.get("default", None if not isinstance(default, list) else []) == default, f.name
+        assert prop["description"] == kb.help == described[f.name]["help"]
+        assert described[f.name]["default"] == default
+        if kb.choices:
+            enum = prop.get("enum") or prop.get("items", {}).get("enum")
+            assert enum == list(kb.choices) == described[f.name]["choices"], f.name
+        if kb.ge is not None and f.name not in ("like", "exclude_ids"):
+            assert prop["minimum"] == kb.ge == described[f.name]["minimum"], f.name
+        if kb.le is not None and f.name not in ("like", "exclude_ids"):
+            assert prop["maximum"] == kb.le == described[f.name]["maximum"], f.name
+
+
+def test_check_enforces_the_models_bounds_and_choices():
+    """check() reads the bounds and choices from the fields' metadata: every bounded field refuses
+    one past each bound with its own name in the message, every choice field an unknown value."""
+    from laion_search.query import query_fields
+
+    for f in query_fields():
+        kb = f.metadata["knob"]
+        base = {"like": 1} if f.name != "like" else {}
+        if kb.choices and f.name != "columns":
+            with pytest.raises(UsageError, match=f"{kb.label or f.name} must be one of"):
+                SearchQuery(**base, **{f.name: "sideways"}).check()
+        for bound, step in ((kb.ge, -1), (kb.le, 1)):
+            if bound is None:
+                continue
+            value = bound + step
+            value = [int(value)] if f.name == "exclude_ids" else (int(value) if isinstance(bound, int) else value)
+            with pytest.raises(UsageError, match=re.escape(kb.label or f.name)):
+                SearchQuery(**base, **{f.name: value}).check()
+            ok = [int(bound)] if f.name == "exclude_ids" else bound
+            SearchQuery(**base, **{f.name: ok}).check()  # the bound itself is allowed

@@ -32,6 +32,10 @@ def test_bench_serve_indexed_only_on_an_existing_store(tmp_path):
     from laion_search.bench.serve import run
 
     run(rows=400, clients=1, seconds=1, workdir=tmp_path)  # leaves tmp_path/db with an image index
+    both = run(clients=1, seconds=2, kinds=("indexed", "knn"), db=tmp_path / "db", workdir=tmp_path / "w")
+    assert set(both["per_kind"]) == {"indexed", "knn"} and both["errors"] == 0
+    assert both["per_kind"]["knn"]["requests"] > 0 and both["knn_vs_indexed_p50"] > 0
+    assert "/knn-service p50 is" in both["markdown"]
     result = run(clients=2, seconds=2, kinds=("indexed",), db=tmp_path / "db", workdir=tmp_path / "w")
     assert set(result["per_kind"]) == {"indexed"} and result["kinds"] == ["indexed"]
     assert result["rows"] == 400 and result["requests"] > 0 and result["errors"] == 0

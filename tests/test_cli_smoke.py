@@ -415,6 +415,9 @@ CASES: list[Case] = [
          check=_all(_results(5, IDS_0, like=5), _json(lambda j: j["strategy"] == "prefilter"))),
     Case("search --like 5 --k 3 --exact --verify-checksums --scan-threads 1 --scan-nice 5 --db {db} --json",
          check=_all(_results(3, like=5, exact=True), _json(lambda j: j["exact"] is True))),
+    Case("search --like 5 --k 20 --exact --deduplicate --db {db} --json",
+         check=_json(lambda a: a["k"] == 20 and len(a["results"]) + a["duplicates"] == 20 and
+                     [r["rank"] for r in a["results"]] == list(range(1, len(a["results"]) + 1)))),
     Case("search --text 'a photo of a dog' --model {model} --k 3 --db {db} --json", check=_results(3)),
     Case("search --image {tmp}/img.png --model {model} --k 2 --exact --db {db}",
          check=lambda o, e, t: o.startswith("2 results · image embeddings · exact")

@@ -666,7 +666,7 @@ def _steer(label: str, case, data, ids: list[int], table_rows: list[dict]) -> No
     existing row id (``like``), a decodable image, a vector of the table's dimension that is not all
     zeros, where-expressions over the table's values, exactly one query among GET's ``text`` / ``like``
     (OpenAPI has no "one of these parameters"), no ``image_url`` (this server runs without
-    --allow-image-url) and no ``nprobe`` (the table has no IVF index). Everything else is as
+    --allow-image-url: a vector instead) and no ``nprobe`` (the table has no IVF index). Everything else is as
     schemathesis generated it."""
     def vector():
         v = data.draw(st.lists(st.floats(-1, 1, width=32), min_size=DIM, max_size=DIM))
@@ -680,6 +680,8 @@ def _steer(label: str, case, data, ids: list[int], table_rows: list[dict]) -> No
     if label in ("POST /api/search", "POST /api/search/upload") and body is not None:
         body.pop("nprobe", None)  # this table has no IVF index (an nprobe then needs exact)
     if label == "POST /api/search" and body is not None:
+        if body.pop("image_url", None) is not None:
+            body["vector"] = vector()  # the query it was, as a vector
         if body.get("like") is not None:
             body["like"] = data.draw(st.sampled_from(ids))
         if body.get("image") is not None:
@@ -782,7 +784,10 @@ def _check_answer(label: str, case, resp, by_id: dict[int, dict]) -> None:
     assert len(got) == len(set(got)), f"an id twice: {got}"
     with np.errstate(over="ignore"):  # min_similarity beyond float32 is ±inf, as for the engine
         matches = sum(1 for i, row in by_id.items() if i != like and _python_match(row, f))
-    if label == "POST /knn-service" and body.get("deduplicate"):
+    dedup = body.get("deduplicate")
+    if isinstance(dedup, str):  # a form's text
+        dedup = _FORM_BOOLS.get(dedup.lower(), False)
+    if dedup:
         assert len(got) <= min(k, matches), (len(got), k, matches)
     else:
         assert len(got) == min(k, matches), (len(got), k, matches, f)

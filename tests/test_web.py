@@ -138,6 +138,11 @@ def test_clip_retrieval_knn_service(web_store):
     assert {0, 1, 2} <= {x["id"] for x in rows[:3]} and rows[0]["similarity"] == pytest.approx(1.0, abs=1e-3)
     deduped = call(app, "POST", "/knn-service", json={**body, "deduplicate": True}).json()
     assert len(deduped) == 5 and len({0, 1, 2} & {x["id"] for x in deduped}) == 1
+    api = call(app, "POST", "/api/search", json={"vector": vec, "k": 10, "deduplicate": True}).json()
+    assert api["duplicates"] == 2 and len(api["results"]) == 8 and api["results"][0]["id"] in (0, 1, 2)
+    assert len({0, 1, 2} & {x["id"] for x in api["results"]}) == 1
+    assert [x["rank"] for x in api["results"]] == list(range(1, 9))
+    assert "duplicates" not in call(app, "POST", "/api/search", json={"vector": vec, "k": 10}).json()
     safe = call(app, "POST", "/knn-service", json={**body, "num_images": 40, "use_safety_model": True}).json()
     meta = call(app, "POST", "/metadata", json={"indice_name": "laion", "ids": [x["id"] for x in safe]}).json()
     assert len(meta) == len(safe) and all(m["metadata"]["NSFW"] == "UNLIKELY" for m in meta)
@@ -171,6 +176,21 @@ def test_image_url_when_enabled(web_store, tmp_path):
         assert r.status_code == 400 and "HTTP 404" in r.json()["error"]
         r = call(app, "POST", "/knn-service", json={"image_url": "file:///etc/passwd"})
         assert r.status_code == 400 and "http(s)" in r.json()["error"]
+        # /api/search takes image_url too (the page's search by image URL): the same answer as the upload
+        assert call(app, "GET", "/api/status").json()["capabilities"]["image_url"]["ok"] is True
+        by_url = call(app, "POST", "/api/search", json={"image_url": base + "/cat.png", "k": 4})
+        assert by_url.status_code == 200, by_url.text
+        upload = call(app, "POST", "/api/search/upload", data={"k": "4"},
+                      files={"file": ("cat.png", png_bytes((10, 200, 10)), "image/png")}).json()
+        assert [x["id"] for x in by_url.json()["results"]] == [x["id"] for x in upload["results"]]
+        r = call(app, "GET", "/api/search", params={"image_url": base + "/cat.png", "k": 2})
+        assert r.status_code == 200 and len(r.json()["results"]) == 2
+        r = call(app, "POST", "/api/search", json={"image_url": base + "/cat.png", "text": "a cat"})
+        assert r.status_code == 400 and "exactly one query" in r.json()["error"]
+        off = create_app(store, model=model)  # the default: no fetching, and /api/status says so
+        assert call(off, "GET", "/api/status").json()["capabilities"]["image_url"]["ok"] is False
+        r = call(off, "POST", "/api/search", json={"image_url": base + "/cat.png"})
+        assert r.status_code == 400 and "disabled" in r.json()["error"]
     finally:
         httpd.shutdown()
 
@@ -225,3 +245,31 @@ def test_engine_failure_is_a_clean_500(web_store, monkeypatch):
     assert "secret" not in r.text
 
 
+
+
+def test_knn_service_is_one_statement_like_api_search(web_store, monkeypatch):
+    """/knn-service reads clip-back's metadata (and, to deduplicate, the embeddings) in the search's
+    own statement: it runs as many engine statements as /api/search for the same query."""
+    store, model, root = web_store
+    app = create_app(store, model=model, cache_size=0)
+    vec = np.load(root / "shards" / "img_emb_0.npy")[0].astype(float).tolist()
+    statements: list[str] = []
+    real = store.backend.query_arrow
+
+    def counting(sql, *args, **kw):
+        statements.append(sql)
+        return real(sql, *args, **kw)
+
+    call(app, "POST", "/api/search", json={"vector": vec, "k": 5})  # caches of the store's shape, warm
+    monkeypatch.setattr(store.backend, "query_arrow", counting)
+    for route, body in (("/api/search", {"vector": vec, "k": 20, "nsfw": "exclude"}),
+                        ("/knn-service", {"embedding_input": vec, "num_images": 20, "use_safety_model": True}),
+                        ("/knn-service", {"embedding_input": vec, "num_images": 20, "deduplicate": True})):
+        statements.clear()
+        r = call(app, "POST", route, json=body)
+        assert r.status_code == 200, r.text
+        assert len(statements) == 1, (route, body, statements)
+    rows = r.json()
+    assert {"url", "caption", "NSFW", "id", "similarity"} <= set(rows[0]) and len({x["id"] for x in rows}) == len(rows)
+    meta = {m["id"]: m["metadata"] for m in call(app, "POST", "/metadata", json={"ids": [x["id"] for x in rows]}).json()}
+    assert all({c: x[c] for c in ("url", "caption", "NSFW")} == meta[x["id"]] for x in rows)

@@ -64,6 +64,9 @@ def knob(default: Any, help: str, **spec: Any) -> Any:
 
 
 INT64 = (-(2**63), 2**63 - 1)
+#: clip-back's deduplication: results whose embeddings have an inner product ≥ this (after
+#: L2 normalisation) are one connected component, of which only the best-ranked result is kept
+DEDUP_THRESHOLD = 0.94
 #: nprobe's bound (an IVF index has at most 65,536 lists; more probes than lists probe them all)
 MAX_NPROBE = 1_048_576
 
@@ -97,6 +100,9 @@ class SearchQuery:
                                    "model the table records).", group="query", server_side=True)
     columns: Sequence[str] = knob((), "Extra result columns.", group="output", flags=("--column", "-c"),
                                   choices=COLUMNS, max_length=len(COLUMNS))
+    deduplicate: bool = knob(False, "Drop near-duplicates of better-ranked results, as clip-retrieval does "
+                                    f"(embeddings with a cosine ≥ {DEDUP_THRESHOLD} are one; fewer than k may "
+                                    "remain; `duplicates` counts those dropped).", group="output")
     nsfw: str = knob("any", "exclude drops NSFW and UNSURE rows; only keeps NSFW ones.", group="filter",
                      choices=NSFW_MODES)
     min_similarity: float | None = knob(None, "Minimum LAION image-text similarity.", group="filter")

@@ -18,7 +18,7 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -28,7 +28,7 @@ from laion_search.index import ivf
 from laion_search.schema import (MAX_K, MODALITIES, SCAN_SUFFIX, TABLE, model_for_dim)
 from laion_search.store import Store
 # the query model lives in laion_search.query (light, for the CLI's start-up); its names are re-exported here
-from laion_search.query import (INT64, MAX_NPROBE, Filters, Knob, SearchOptions, SearchPlan, SearchQuery,  # noqa: F401
+from laion_search.query import (DEDUP_THRESHOLD, INT64, MAX_NPROBE, Filters, Knob, SearchOptions, SearchPlan, SearchQuery,  # noqa: F401
                                  _column, _columns, _metric, build_where, check_k, describe_query, knob, query_fields)
 from laion_search.vectors import as_vector
 
@@ -46,6 +46,8 @@ class SearchResult:
     seconds: float
     sql: str = field(repr=False, default="")
     params: dict[str, Any] = field(repr=False, default_factory=dict)
+    #: results dropped as near-duplicates (``deduplicate``); None when not asked
+    duplicates: int | None = None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return iter(self.rows)
@@ -65,8 +67,11 @@ class SearchResult:
         return pd.DataFrame(self.rows)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"k": self.k, "modality": self.modality, "metric": self.metric, "exact": self.exact,
-                "strategy": self.strategy, "seconds": round(self.seconds, 6), "results": self.rows}
+        out = {"k": self.k, "modality": self.modality, "metric": self.metric, "exact": self.exact,
+               "strategy": self.strategy, "seconds": round(self.seconds, 6), "results": self.rows}
+        if self.duplicates is not None:
+            out["duplicates"] = self.duplicates
+        return out
 
 
 def encoder_for(store: Store, model: str | None = None) -> Any:
@@ -143,6 +148,8 @@ def search(store: Store, vector: Any = None, *, query: SearchQuery | None = None
     params = {**plan.params, "q": qv}
     settings = dict(plan.settings)
     select = ", ".join(f"`{c}`" for c in cols)
+    if q.deduplicate:  # the embeddings come along in the same statement (only the k rows read them)
+        select += f", {column} AS {_DEDUP_VECTOR}"
     sql = (f"SELECT {select}, {func}({column}, {{q:Array(Float32)}}) AS distance FROM {TABLE}"
            f"{' WHERE ' + where if where else ''} ORDER BY distance ASC LIMIT {k}")
     t0 = time.perf_counter()
@@ -178,10 +185,42 @@ def search(store: Store, vector: Any = None, *, query: SearchQuery | None = None
             rows = store.rows(sql, params)
             strategy = "postfilter→prefilter"
     seconds = time.perf_counter() - t0
+    duplicates = None
+    if q.deduplicate:
+        kept = deduplicate([r[_DEDUP_VECTOR] for r in rows])
+        duplicates = len(rows) - len(kept)
+        rows = [rows[i] for i in kept]
     for rank, r in enumerate(rows, 1):
         r["rank"] = rank
     ordered = [{"rank": r["rank"], "distance": r["distance"], **{c: r[c] for c in cols}} for r in rows]
-    return SearchResult(ordered, k, modality, metric, exact, strategy, seconds, sql, params)
+    return SearchResult(ordered, k, modality, metric, exact, strategy, seconds, sql, params, duplicates)
+
+
+_DEDUP_VECTOR = "_dedup_vector"
+
+
+def deduplicate(vectors: Sequence[Any], threshold: float = DEDUP_THRESHOLD) -> list[int]:
+    """clip-back's deduplication over ranked results' embeddings: the positions kept, in order.
+    Results whose L2-normalised embeddings have an inner product ≥ ``threshold`` are linked; of
+    each connected component only the best-ranked (first) stays."""
+    if not len(vectors):
+        return []
+    raw = np.asarray(np.stack([np.asarray(v, np.float32) for v in vectors]), np.float32)
+    m = raw / np.where((n := np.linalg.norm(raw, axis=1, keepdims=True)) == 0, 1, n)
+    linked = (m @ m.T) >= threshold
+    parent = list(range(len(vectors)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in zip(*np.nonzero(np.triu(linked, 1))):
+        a, b = find(int(i)), find(int(j))
+        if a != b:
+            parent[max(a, b)] = min(a, b)  # the best-ranked member is the component's root
+    return [i for i in range(len(vectors)) if find(i) == i]
 
 
 def _search_ivf(store: Store, info: Any, qv: np.ndarray, k: int, func: str, select: str, cols: list[str], where: str,

@@ -134,12 +134,15 @@ def _pct(values: list[float], p: float) -> float:
 
 
 #: The query kinds of ``laion bench serve``; ``--kinds`` picks some (``indexed`` alone: the
-#: indexed-only load).
-KINDS = ("indexed", "exact", "filtered", "like")
+#: indexed-only load). ``knn`` is the indexed search through clip-retrieval's route
+#: (``/knn-service``, ``embedding_input``, ``num_images`` 10; not in the default mix):
+#: ``--kinds indexed,knn --clients 1`` compares the two routes on the same queries.
+KINDS = ("indexed", "exact", "filtered", "like", "knn")
+DEFAULT_KINDS = ("indexed", "exact", "filtered", "like")
 
 
 def run(rows: int = 100_000, clients: int = 16, seconds: float = 30.0, workdir: Path | None = None,
-        log: Callable[[str], Any] | None = None, kinds: tuple[str, ...] = KINDS,
+        log: Callable[[str], Any] | None = None, kinds: tuple[str, ...] = DEFAULT_KINDS,
         db: Path | None = None) -> dict[str, Any]:
     import httpx
     import psutil
@@ -181,10 +184,12 @@ def run(rows: int = 100_000, clients: int = 16, seconds: float = 30.0, workdir: 
                             body.update(nsfw="exclude", where=["width>=400"])
                         elif kind == "like":
                             body = {"like": rnd.choice(like_ids), "k": 10}
+                        elif kind == "knn":
+                            body = {"embedding_input": q, "num_images": 10}
                         t = time.perf_counter()
                         retry_after = None
                         try:
-                            r = c.post("/api/search", json=body)
+                            r = c.post("/knn-service" if kind == "knn" else "/api/search", json=body)
                             code = r.status_code
                             if code == 429:
                                 retry_after = float(r.headers.get("Retry-After", "1"))
@@ -204,7 +209,11 @@ def run(rows: int = 100_000, clients: int = 16, seconds: float = 30.0, workdir: 
             with _client(base, timeout=120) as c:  # warm-up, untimed: the graphs load on first use
                 for kind in mix:
                     for _ in range(3):
-                        c.post("/api/search", json={"vector": queries[0].tolist(), "k": 10, "exact": kind == "exact"})
+                        if kind == "knn":
+                            c.post("/knn-service", json={"embedding_input": queries[0].tolist(), "num_images": 10})
+                        else:
+                            c.post("/api/search", json={"vector": queries[0].tolist(), "k": 10,
+                                                        "exact": kind == "exact"})
             threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
             stop_at = time.time() + seconds
             t0 = time.perf_counter()
@@ -240,6 +249,9 @@ def run(rows: int = 100_000, clients: int = 16, seconds: float = 30.0, workdir: 
         lines.append(f"| {k} | {v['requests']:,} | {v['p50_ms']:.1f} | {v['p99_ms']:.1f} | {v['shed']:,} |")
     lines += ["", f"total **{result['qps']:.1f} QPS**, p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, "
                   f"**{errors[0]} errors**, {result['shed']:,} shed with 429 + Retry-After, server RSS {rss_before / 2**20:,.0f} MB → {rss_after / 2**20:,.0f} MB"]
+    if per_kind.get("knn", {}).get("requests") and per_kind.get("indexed", {}).get("requests"):
+        result["knn_vs_indexed_p50"] = per_kind["knn"]["p50_ms"] / per_kind["indexed"]["p50_ms"]
+        lines += ["", f"/knn-service p50 is **{result['knn_vs_indexed_p50']:.2f}×** /api/search's on the same queries"]
     result["markdown"] = "\n".join(lines)
     return result
 

@@ -1333,7 +1333,8 @@ def bench_serve(
     server_arg: List[str] = typer.Option([], "--server-arg", help="--mixed: pass to `laion serve` (repeatable), "
                                                                   "e.g. --server-arg=--max-scans=2."),
     kinds: str = typer.Option("indexed,exact,filtered,like", "--kinds", help="Query kinds the clients pick from at random; "
-                                                              "`indexed` alone is the indexed-only load."),
+                                                              "`indexed` alone is the indexed-only load; `knn` is "
+                                                              "an indexed search through /knn-service."),
     db: Optional[Path] = typer.Option(None, "--db", help="Load an existing store (it needs an index on image "
                                                          "embeddings) instead of a synth one; --rows is then ignored."),
     json_output: bool = JsonOption,
@@ -1343,6 +1344,7 @@ def bench_serve(
 
     Examples: laion bench serve --rows 1000000 --clients 16 --seconds 30 ·
     laion bench serve --db ./laion-db --kinds indexed --clients 16 ·
+    laion bench serve --db ./laion-db --kinds indexed,knn --clients 1 ·
     laion bench serve --mixed --rows 200000 --scan-clients 4 --rate 20
     """
     from laion_search.bench.serve import KINDS, run_mixed

@@ -50,9 +50,9 @@ from laion_search.web.admission import AdmissionGate
 from laion_search.web.cache import LRUCache, request_key
 from laion_search.errors import (EncoderError, EncoderUnavailable, LaionError, Overloaded, QueryError, ServeError,
                                  ShuttingDown, UsageError)
-from laion_search.schema import COLUMNS, MAX_K, MODALITIES, TABLE
+from laion_search.schema import COLUMNS, DEFAULT_COLUMNS, MAX_K, MODALITIES, TABLE
 from laion_search.query import SearchQuery, describe_query, query_fields
-from laion_search.search import search
+from laion_search.search import DEDUP_THRESHOLD, search  # noqa: F401  (DEDUP_THRESHOLD: importable from here too)
 from laion_search.store import Store
 
 log = logging.getLogger("laion_search.web")
@@ -63,12 +63,11 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 SCAN_NICE = 19
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
 MAX_TEXT_CHARS = 10_000
-#: clip-back's deduplication: results whose embeddings have an inner product ≥ 0.94 are one
-#: connected component, of which only the best-ranked result is kept
-DEDUP_THRESHOLD = 0.94
 #: clip-back's default ``columns_to_return`` (url, image_path, caption, NSFW) that our table has
 CLIP_BACK_COLUMNS = [c for c in ("url", "image_path", "caption", "NSFW") if c in COLUMNS]
 METADATA_COLUMNS = CLIP_BACK_COLUMNS
+#: what /knn-service's search reads beyond /api/search's own columns (id, caption, url)
+KNN_EXTRA = tuple(c for c in METADATA_COLUMNS if c not in DEFAULT_COLUMNS)
 #: seconds a text/image request waits for a start-up encoder check still running
 ENCODER_WAIT = 10.0
 #: picture files ``/local/...`` serves from the image root
@@ -88,6 +87,9 @@ _FORBIDDEN_SQL = re.compile(
 #: SearchQuery fields the HTTP API does not take from clients: the server's --model encodes, and
 #: its --scan-threads and --scan-nice hold exact scans back.
 SERVER_SIDE = frozenset(f.name for f in dataclasses.fields(SearchQuery) if f.metadata["knob"].server_side)
+#: SearchBody fields the library does not take: the server fetches ``image_url`` (only when started
+#: with --allow-image-url) and searches with the picture as ``image``.
+HTTP_ONLY = frozenset({"image_url"})
 
 
 #: JSON Schema bounds of the engine's Int64 and Float32 (ids; vector values); bounds exact as doubles,
@@ -100,7 +102,7 @@ FLOAT32: JsonDict = {"minimum": -3.4028234663852886e38, "maximum": 3.40282346638
 NOT_BLANK: JsonDict = {"not": {"pattern": r"^\s*$"}}
 #: "Exactly one query", as JSON Schema: a branch per query field, that one given and the others null
 #: or left out (the branches exclude each other: anyOf says oneOf, and fuzzers draw it without filtering)
-_QUERIES = {"text": "string", "image": "string", "vector": "array", "like": "integer"}
+_QUERIES = {"text": "string", "image": "string", "image_url": "string", "vector": "array", "like": "integer"}
 ONE_QUERY: JsonDict = {"anyOf": [
     {"required": [name], "properties": {name: {"type": kind}, **{o: {"type": "null"} for o in _QUERIES if o != name}}}
     for name, kind in _QUERIES.items()]}
@@ -117,12 +119,20 @@ _HTTP_FORMS: dict[str, tuple[Any, JsonDict]] = {
 }
 
 
+class _SearchBodyBase(BaseModel):
+    model_config = ConfigDict(json_schema_extra=ONE_QUERY)
+
+    def queries(self) -> list[str]:
+        """The query fields given (exactly one is valid)."""
+        return [name for name in _QUERIES if getattr(self, name) is not None]
+
+
 def _search_body() -> type[BaseModel]:
     """:class:`~laion_search.search.SearchQuery` over HTTP (JSON body, query string or form), made
     from the query model: each field's default, help, choices and bounds (the choices and bounds
     as JSON Schema, so the OpenAPI document says which requests succeed; the library still
     refuses the others with a 400 and its reason). The server-side fields (its --model and scan
-    limits) are left out."""
+    limits) are left out; ``image_url`` (:data:`HTTP_ONLY`) is added: the server fetches it."""
     import typing
 
     hints = typing.get_type_hints(SearchQuery)
@@ -150,10 +160,13 @@ def _search_body() -> type[BaseModel]:
             spec["max_length"] = 4096
         fields[f.name] = (kind, Field(default_factory=list, **spec) if isinstance(default, list)
                           else Field(default, **spec))
+        if f.name == "like":  # the HTTP-only query beside the model's four
+            fields["image_url"] = (Optional[str], Field(None, max_length=2048, description=(
+                "An http(s) image URL the server fetches (10 MB, its --image-url-timeout): only where `/api/status`'s "
+                "`capabilities.image_url.ok` is true (the server was started with --allow-image-url); else a 400.")))
     from pydantic import create_model
 
-    return create_model("SearchBody", __config__=ConfigDict(json_schema_extra=ONE_QUERY),
-                        __doc__=_search_body.__doc__, **fields)
+    return create_model("SearchBody", __base__=_SearchBodyBase, __doc__=_search_body.__doc__, **fields)
 
 
 SearchBody: Any = _search_body()
@@ -456,18 +469,33 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
         log.exception("unhandled error")
         return _error(500, "internal error")
 
-    def run_search(body: Any, image_bytes: bytes | None = None) -> dict[str, Any]:
+    def image_url_bytes(url: str) -> bytes:
+        if not allow_image_url:
+            raise UsageError("image_url fetching is disabled on this server (its operator can allow it: "
+                             "laion serve --allow-image-url)")
+        return fetch_image_url(url, timeout=image_url_timeout)
+
+    def run_search(body: Any, image_bytes: bytes | None = None, *,
+                   extra: tuple[str, ...] = ()) -> dict[str, Any]:
+        """``extra``: columns the caller needs beyond the body's own, read in the same statement."""
         t0 = time.perf_counter()
-        if body.image is not None and image_bytes is None:
-            image_bytes = decode_base64_image(body.image)
+        if len(body.queries()) + (image_bytes is not None) != 1:
+            raise UsageError("give exactly one query: a text, an image, an image_url, a vector or like=<row id>")
+        if image_bytes is None:
+            if body.image is not None:
+                image_bytes = decode_base64_image(body.image)
+            elif body.image_url is not None:
+                image_bytes = image_url_bytes(body.image_url)
         # one query and valid knobs, checked and resolved (index or scan) before any work (encoding, cache)
-        plan = SearchQuery(**{**body.model_dump(), "image": image_bytes, "model": model}).plan(store)
+        columns = list(dict.fromkeys([*body.columns, *extra]))
+        plan = SearchQuery(**{**body.model_dump(exclude=set(HTTP_ONLY)), "columns": columns, "image": image_bytes,
+                              "model": model}).plan(store)
         enc = None
         if body.text is not None or image_bytes is not None:
             enc = encoder.require("text" if body.text is not None else "image")  # 503 at once without one
         text = " ".join(body.text.split()) if body.text is not None else None
-        fields = body.model_dump(exclude={"image", "vector", "text"})
-        fields["text"] = text
+        fields = body.model_dump(exclude={"image", "image_url", "vector", "text"})
+        fields["text"], fields["columns"] = text, columns
         blob = image_bytes if image_bytes is not None else (
             np.asarray(body.vector, np.float32).tobytes() if body.vector is not None else None)
         key = None
@@ -538,7 +566,10 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
         out.update(
             version=version,
             capabilities={"text": text_cap, "image": image_cap, "vector": {"ok": True} if info["rows"] else empty,
-                          "like": {"ok": True} if info["rows"] else empty},
+                          "like": {"ok": True} if info["rows"] else empty,
+                          "image_url": image_cap if allow_image_url else {
+                              "ok": False, "reason": "this server does not fetch image URLs",
+                              "fix": "start it with --allow-image-url"}},
             encoder=enc,
             index_preload=dict(preload),
             local_images=root is not None,
@@ -558,12 +589,11 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
         return json_response(await run_in_threadpool(run_search, body))
 
     @app.get("/api/search", tags=["search"], response_model=None, responses=answers(SearchAnswer))
-    def api_search_get(request: Request,
-                       text: Optional[str] = Query(None, max_length=MAX_TEXT_CHARS, json_schema_extra=NOT_BLANK),
-                       like: Optional[int] = Query(None, json_schema_extra=INT64),
-                       k: int = Query(10, json_schema_extra={"minimum": 1, "maximum": MAX_K})) -> dict[str, Any]:
+    def api_search_get(request: Request, text: Optional[str] = Query(None), like: Optional[int] = Query(None),
+                       k: int = Query(10)) -> dict[str, Any]:
         """Every /api/search field as a query parameter (lists repeated: ``&where=a&where=b``);
-        the common ones are listed here. Give exactly one query (``text`` or ``like`` here)."""
+        the common ones are listed here (their schemas are SearchBody's: one model). Give exactly one
+        query (``text`` or ``like`` here)."""
         return run_search(search_body_from_params(list(request.query_params.multi_items())))
 
     @app.post("/api/search/upload", tags=["search"], response_model=None, responses=answers(SearchAnswer))
@@ -575,7 +605,7 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
             raise RequestValidationError([{"type": "missing", "loc": ("body", "file"), "input": None,
                                            "msg": "Field required" if file is None else "expected an uploaded file"}])
         body = search_body_from_params([(k, v) for k, v in form.multi_items() if k != "file" and isinstance(v, str)])
-        if body.text is not None or body.vector is not None or body.like is not None or body.image is not None:
+        if body.queries():
             raise UsageError("give exactly one query: the uploaded file is the query here")
         data = await file.read(MAX_IMAGE_BYTES + 1)
         if len(data) > MAX_IMAGE_BYTES:
@@ -630,9 +660,7 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
         if text is None and body.image is not None:
             image_bytes = decode_base64_image(body.image)
         elif text is None and body.image_url is not None:
-            if not allow_image_url:
-                raise UsageError("image_url fetching is disabled on this server (start it with --allow-image-url)")
-            image_bytes = fetch_image_url(body.image_url, timeout=image_url_timeout)
+            image_bytes = image_url_bytes(body.image_url)
         elif text is None:
             vector = body.embedding_input
         if text is None and image_bytes is None and vector is None:
@@ -640,23 +668,23 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
         k = max(1, min(int(body.num_images), MAX_K))
         fetch = body.num_result_ids if body.num_result_ids is not None else body.num_images
         fetch = max(1, min(int(fetch), MAX_K))
+        # one statement: the search reads clip-back's metadata columns (and, to deduplicate, the
+        # embeddings) along with the nearest rows; deduplication runs over num_result_ids results
         sb = SearchBody(text=text, vector=vector, k=fetch, modality=body.modality,
-                        nsfw="exclude" if body.use_safety_model else "any")
-        rows = run_search(sb, image_bytes)["results"]
-        if body.deduplicate and rows:
-            rows = deduplicate(store, rows, body.modality)
-        meta = _metadata(store, [r["id"] for r in rows[:k]])
-        return [{**meta.get(r["id"], {}), "id": r["id"], "similarity": 1.0 - float(r["distance"])} for r in rows[:k]]
+                        nsfw="exclude" if body.use_safety_model else "any", deduplicate=body.deduplicate)
+        rows = run_search(sb, image_bytes, extra=KNN_EXTRA)["results"][:k]
+        return [{**{c: _jsonable(r[c]) for c in METADATA_COLUMNS}, "id": r["id"], "similarity": 1.0 - float(r["distance"])}
+                for r in rows]
 
     @app.post("/knn-service", tags=["clip-retrieval"], response_model=None, responses=answers(list[KnnRow]))
-    async def knn_service(request: Request) -> list[dict[str, Any]]:
+    async def knn_service(request: Request) -> Response:
         data = await json_body(request)
         if not isinstance(data, dict):
             raise UsageError("the request body must be a JSON object")
         body = KnnBody.model_validate(data)
         from starlette.concurrency import run_in_threadpool
 
-        return await run_in_threadpool(knn, body)
+        return json_response(await run_in_threadpool(knn, body))  # encoded once, as /api/search
 
     @app.post("/metadata", tags=["clip-retrieval"], response_model=None, responses=answers(list[MetadataRow]))
     async def metadata(request: Request) -> list[dict[str, Any]]:
@@ -684,6 +712,12 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
             for (path, method), (schema, media_type) in hand_read_bodies().items():
                 doc["paths"][path][method]["requestBody"] = {"required": True,
                                                              "content": {media_type: {"schema": schema}}}
+            props = SearchBody.model_json_schema()["properties"]
+            for param in doc["paths"]["/api/search"]["get"].get("parameters", []):
+                if param["name"] in props:  # the query model's schema, not a second declaration
+                    prop = props[param["name"]]
+                    param["schema"] = {k: v for k, v in prop.items() if k != "description"}
+                    param["description"] = prop.get("description", "")
             app.openapi_schema = doc
         return app.openapi_schema
 
@@ -868,7 +902,7 @@ UPLOAD_FORM: dict[str, Any] = {
     "type": "object", "required": ["file"], "additionalProperties": False,
     "properties": {"file": {"type": "string", "format": "binary", "description": "The query image."},
                    **{name: _form_field(prop) for name, prop in SearchBody.model_json_schema()["properties"].items()
-                      if name not in ("text", "image", "vector", "like")}}}
+                      if name not in _QUERIES}}}
 
 
 def _json_default(obj: Any) -> Any:
@@ -941,35 +975,6 @@ def fetch_image_url(url: str, *, timeout: float = 5.0, max_bytes: int = MAX_IMAG
             return bytes(buf)
     except httpx.HTTPError as exc:
         raise UsageError(f"cannot fetch image_url ({type(exc).__name__})") from None
-
-
-def deduplicate(store: Store, rows: list[dict[str, Any]], modality: str,
-                threshold: float = DEDUP_THRESHOLD) -> list[dict[str, Any]]:
-    """clip-back's deduplication: results whose L2-normalised embeddings have an inner product
-    ≥ ``threshold`` (0.94) are linked; of each connected component only the best-ranked stays."""
-    column = "image_embedding" if modality != "text" else "text_embedding"
-    ids = [r["id"] for r in rows]
-    vecs = {r["id"]: np.asarray(r[column], np.float32)
-            for r in store.rows(f"SELECT id, {column} FROM {TABLE} WHERE id IN {{ids:Array(Int64)}}", {"ids": ids})}
-    rows = [r for r in rows if r["id"] in vecs]
-    if not rows:
-        return []
-    raw = np.stack([vecs[r["id"]] for r in rows])
-    m = raw / np.where((n := np.linalg.norm(raw, axis=1, keepdims=True)) == 0, 1, n)
-    linked = (m @ m.T) >= threshold
-    parent = list(range(len(rows)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i, j in zip(*np.nonzero(np.triu(linked, 1))):
-        a, b = find(int(i)), find(int(j))
-        if a != b:
-            parent[max(a, b)] = min(a, b)  # the best-ranked member is the component's root
-    return [r for i, r in enumerate(rows) if find(i) == i]
 
 
 GRACEFUL_SECONDS = 3.0
