@@ -25,13 +25,19 @@ import numpy as np
 from laion_search.backends import settings_sql
 from laion_search.errors import QueryError, UsageError
 from laion_search.index import ivf
-from laion_search.schema import (COLUMNS, DEFAULT_COLUMNS, FILTER_STRATEGIES, MAX_K, METRICS, MODALITIES, NSFW_MODES,
-                                 SCAN_SUFFIX, TABLE, WHERE_TYPES, model_for_dim)
+from laion_search.index import text as words_index
+from laion_search.schema import (COLUMNS, DEFAULT_COLUMNS, FILTER_STRATEGIES, INDEX_NAMES, MAX_K, METRICS, MODALITIES,
+                                 NSFW_MODES, SCAN_SUFFIX, TABLE, WHERE_TYPES, model_for_dim)
 from laion_search.store import Store
 from laion_search.vectors import as_vector
 
 _WHERE_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(==|=|!=|<>|<=|>=|<|>|~)\s*(.*?)\s*$", re.S)
 _OPS = {"=": "=", "==": "=", "!=": "!=", "<>": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
+#: Reciprocal rank fusion's rank constant: Cormack et al.'s 60, the default of Elasticsearch's
+#: ``rrf`` retriever, Qdrant's ``rrf`` and LanceDB's RRF reranker.
+RRF_RANK_CONSTANT = 60
+#: Hybrid search fuses each side's top ``max(k, HYBRID_WINDOW)`` (at most MAX_K) rows.
+HYBRID_WINDOW = 100
 
 
 @dataclass
@@ -43,10 +49,12 @@ class Filters:
     caption_contains: str | None = None  # case-insensitive substring
     where: Sequence[str] = ()            # "width>=512", "LICENSE=?", "caption~lego" (allow-listed columns)
     exclude_ids: Sequence[int] = ()
+    words: str | None = None             # caption words (the text index's tokens), see index/text.py
+    words_mode: str = "any"              # any | all | phrase
 
     def is_empty(self) -> bool:
         return (self.nsfw == "any" and self.min_similarity is None and not self.caption_contains
-                and not self.where and not self.exclude_ids)
+                and not self.where and not self.exclude_ids and self.words is None)
 
 
 @dataclass
@@ -181,6 +189,14 @@ class SearchQuery:
     caption_contains: str | None = None
     where: Sequence[str] = ()
     exclude_ids: Sequence[int] = ()
+    # keywords (the caption text index): with a vector query a filter, alone a keyword ranking,
+    # with hybrid the two rankings fused (reciprocal rank fusion)
+    words: str | None = None
+    words_mode: str = "any"           # any | all | phrase
+    hybrid: bool = False              # fuse the keyword and the vector rankings (needs both queries)
+    rank_constant: int = RRF_RANK_CONSTANT  # RRF: 1 / (rank_constant + rank)
+    vector_weight: float = 1.0        # RRF weight of the vector ranking
+    words_weight: float = 1.0         # RRF weight of the keyword ranking
     # index and scan knobs (see SearchOptions)
     ef_search: int | None = None
     rescoring: bool = False
@@ -202,7 +218,8 @@ class SearchQuery:
     @property
     def filters(self) -> Filters:
         return Filters(nsfw=self.nsfw, min_similarity=self.min_similarity, caption_contains=self.caption_contains,
-                       where=tuple(self.where or ()), exclude_ids=tuple(self.exclude_ids or ()))
+                       where=tuple(self.where or ()), exclude_ids=tuple(self.exclude_ids or ()), words=self.words,
+                       words_mode=self.words_mode)
 
     @property
     def options(self) -> SearchOptions:
@@ -213,8 +230,17 @@ class SearchQuery:
     def check(self) -> "SearchQuery":
         """Everything that can be checked without the store, with a one-line reason; returns self."""
         given = [x is not None for x in (self.vector, self.like, self.text, self.image)]
-        if sum(given) != 1:
-            raise UsageError("give exactly one query: a text, an image, a vector or like=<row id>")
+        if sum(given) > 1 or (sum(given) == 0 and self.words is None):
+            raise UsageError("give exactly one query: a text, an image, a vector or like=<row id> (or words alone)")
+        if self.hybrid and (self.words is None or not any(given)):
+            raise UsageError("hybrid fuses a keyword ranking with a vector ranking: give words and a text, image, "
+                             "vector or like query")
+        if isinstance(self.rank_constant, bool) or not 0 <= int(self.rank_constant) <= 10_000:
+            raise UsageError(f"rank_constant must be between 0 and 10000, got {self.rank_constant!r}")
+        for name in ("vector_weight", "words_weight"):
+            w = float(getattr(self, name))
+            if not (np.isfinite(w) and 0 <= w <= 1000):
+                raise UsageError(f"{name} must be between 0 and 1000, got {getattr(self, name)!r}")
         if self.vector is not None:
             as_vector(self.vector, source="query vector")  # finite, fits float32 (its length needs the store)
         check_k(self.k)
@@ -246,6 +272,10 @@ def search(store: Store, vector: Any = None, *, query: SearchQuery | None = None
     k = check_k(q.k)
     column = _column(q.modality)
     func = _metric(q.metric)
+    if q.hybrid:
+        return _search_hybrid(store, q)
+    if q.words is not None and q.vector is None and q.like is None and q.text is None and q.image is None:
+        return _search_words(store, q)
     filters = q.filters
     options = q.options
     vector = q.vector
@@ -288,7 +318,7 @@ def search(store: Store, vector: Any = None, *, query: SearchQuery | None = None
         scan = copy if (func == "cosineDistance" and store.layout.cluster is None and copy in store.columns()) else None
         sql = _exact_sql(select, column, func, where, k, scan, verify_checksums=options.verify_checksums,
                          cluster=store.layout.cluster is not None, max_threads=options.scan_threads,
-                         nice=options.scan_nice)
+                         nice=options.scan_nice, words=filters.words is not None)
         strategy = ("exact-bf16" if scan else "exact") + (" (no index)" if unindexed else "")
         rows = store.rows(sql, params)
     else:
@@ -314,6 +344,69 @@ def search(store: Store, vector: Any = None, *, query: SearchQuery | None = None
         r["rank"] = rank
     ordered = [{"rank": r["rank"], "distance": r["distance"], **{c: r[c] for c in cols}} for r in rows]
     return SearchResult(ordered, k, modality, metric, exact, strategy, seconds, sql, params)
+
+
+def _search_words(store: Store, q: SearchQuery) -> SearchResult:
+    """Keyword search alone: the rows matching the words (and the other filters), ranked by
+    :func:`laion_search.index.text.score_sql` (distinct query words held, then shorter captions),
+    ties by id."""
+    k = check_k(q.k)
+    cols = _columns(q.columns)
+    where, params = build_where(q.filters)
+    select = ", ".join(f"`{c}`" for c in cols)
+    sql = (f"SELECT {select}, {words_index.score_sql()} AS words_score FROM {TABLE} WHERE {where} "
+           f"ORDER BY words_score DESC, id ASC LIMIT {k}")
+    indexed = words_index.has_text_index(store)
+    t0 = time.perf_counter()
+    rows = store.rows(sql, params)
+    seconds = time.perf_counter() - t0
+    ordered = [{"rank": i, "words_score": r["words_score"], **{c: r[c] for c in cols}} for i, r in enumerate(rows, 1)]
+    strategy = f"words ({q.words_mode}, {'text index' if indexed else 'scan: no text index'})"
+    return SearchResult(ordered, k, q.modality, "words", False, strategy, seconds, sql, params)
+
+
+def rrf(rankings: Sequence[tuple[Sequence[Any], float]], rank_constant: int = RRF_RANK_CONSTANT) -> list[tuple[Any, float]]:
+    """Reciprocal rank fusion: each key's score is the sum, over the rankings that hold it, of
+    ``weight / (rank_constant + rank)`` (ranks from 1). Highest score first; ties by key."""
+    scores: dict[Any, float] = {}
+    for keys, weight in rankings:
+        for rank, key in enumerate(keys, 1):
+            scores[key] = scores.get(key, 0.0) + float(weight) / (rank_constant + rank)
+    return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def _search_hybrid(store: Store, q: SearchQuery) -> SearchResult:
+    """The keyword ranking and the vector ranking (each over its top ``max(k, HYBRID_WINDOW)``, the
+    other filters applied to both) fused by :func:`rrf`. Each row says which side found it
+    (``found_by``: words, vector or both), its rank there, and its distance / keyword score."""
+    import dataclasses
+
+    k = check_k(q.k)
+    window = min(MAX_K, max(k, HYBRID_WINDOW))
+    t0 = time.perf_counter()
+    vec = search(store, query=dataclasses.replace(q, words=None, hybrid=False, k=window))
+    excl = [*q.exclude_ids, *([int(q.like)] if q.like is not None else [])]
+    kw = _search_words(store, dataclasses.replace(q, text=None, image=None, vector=None, like=None, hybrid=False,
+                                                  k=window, exclude_ids=excl))
+    by_vec = {r["id"]: r for r in vec.rows}
+    by_kw = {r["id"]: r for r in kw.rows}
+    fused = rrf([(list(by_vec), q.vector_weight), (list(by_kw), q.words_weight)], int(q.rank_constant))[:k]
+    cols = _columns(q.columns)
+    rows = []
+    for rank, (rid, score) in enumerate(fused, 1):
+        v, w = by_vec.get(rid), by_kw.get(rid)
+        src = v if v is not None else w
+        assert src is not None
+        rows.append({"rank": rank, "rrf_score": score,
+                     "found_by": "both" if v is not None and w is not None else ("vector" if v is not None else "words"),
+                     "distance": v["distance"] if v is not None else None,
+                     "words_score": w["words_score"] if w is not None else None,
+                     "vector_rank": v["rank"] if v is not None else None,
+                     "words_rank": w["rank"] if w is not None else None, **{c: src[c] for c in cols}})
+    seconds = time.perf_counter() - t0
+    sql = f"-- vector ranking ({vec.strategy})\n{vec.sql}\n-- keyword ranking\n{kw.sql}"
+    return SearchResult(rows, k, q.modality, q.metric, q.exact, f"hybrid rrf({vec.strategy}; {kw.strategy})", seconds,
+                        sql, {**vec.params, **kw.params})
 
 
 def _search_ivf(store: Store, info: Any, qv: np.ndarray, k: int, func: str, select: str, cols: list[str], where: str,
@@ -409,9 +502,13 @@ SCAN_READ_SETTINGS = {"local_filesystem_read_method": "mmap", "min_bytes_to_use_
 
 def _exact_sql(select: str, column: str, func: str, where: str, k: int, scan: str | None = None,
                verify_checksums: bool = False, cluster: bool = False, max_threads: int | None = None,
-               nice: int | None = None) -> str:
+               nice: int | None = None, words: bool = False) -> str:
     where_sql = f" WHERE {where}" if where else ""
-    settings = {"use_skip_indexes": 0, **SCAN_READ_SETTINGS, **({} if verify_checksums else {"checksum_on_read": 0})}
+    # an exact scan never walks a vector index; a keyword filter does use the text index (it
+    # prunes the granules the scan reads: the keyword prefilter)
+    skip: dict[str, Any] = ({"ignore_data_skipping_indices": ",".join(n for n, _ in INDEX_NAMES.values())} if words
+                            else {"use_skip_indexes": 0})
+    settings = {**skip, **SCAN_READ_SETTINGS, **({} if verify_checksums else {"checksum_on_read": 0})}
     if max_threads is not None:
         settings["max_threads"] = max(1, int(max_threads))
     if nice:
@@ -475,6 +572,10 @@ def build_where(filters: Filters) -> tuple[str, dict[str, Any]]:
     if filters.exclude_ids:
         clauses.append("id NOT IN {exclude_ids:Array(Int64)}")
         params["exclude_ids"] = [int(x) for x in filters.exclude_ids]
+    if filters.words is not None:
+        words = words_index.query_words(filters.words, filters.words_mode)
+        clauses.append(words_index.words_clause(filters.words_mode))
+        params.update(words_index.words_params(words, filters.words_mode))
     return " AND ".join(clauses), params
 
 
