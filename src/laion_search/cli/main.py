@@ -148,6 +148,8 @@ def ingest(
                                                     "openai/clip-vit-base-patch32, 768: openai/clip-vit-large-patch14)."),
     index: Optional[str] = IndexOnIngestOption,
     index_kind: str = IndexKindOnIngestOption,
+    text_index: bool = typer.Option(False, "--text-index", help="Declare the caption text index first (keyword "
+                                                                "search: laion search --words), so each shard lands indexed."),
     db: Optional[str] = DbOption,
     url: Optional[str] = UrlOption,
     json_output: bool = JsonOption,
@@ -168,7 +170,7 @@ def ingest(
     with open_store(db, url, create=True) as store, output.IngestProgress(output.progress_mode(json_output)) as progress:
         report = ingest_source(store, source, format=fmt, shards=numbers, batch_rows=batch_rows, force=force,
                                progress=progress, skip_bad_rows=skip_bad_rows, model=source_model, index=index,
-                               index_kind=_check_kind(index_kind, ("hnsw", "ivf")))
+                               index_kind=_check_kind(index_kind, ("hnsw", "ivf")), text_index=text_index)
         hint = _unindexed_hint(store) if index and index_kind == "hnsw" else None
     if hint:
         output.err.print(f"hint: {hint}", markup=False, highlight=False)
@@ -430,6 +432,18 @@ def search(
                                                         "LICENSE!=?, url~flickr (repeatable, ANDed)."),
     columns: List[str] = typer.Option([], "--column", "-c", help="Extra result columns (e.g. NSFW, similarity, width)."),
     exclude_ids: List[int] = typer.Option([], "--exclude-id", help="Leave this row id out of the results (repeatable)."),
+    words: Optional[str] = typer.Option(None, "--words", "-w",
+                                        help="Caption words (the text index's tokens: lower-cased, split on ASCII "
+                                             "non-alphanumerics). With a vector query: a filter; alone: a keyword "
+                                             "ranking; with --hybrid: fused with the vector ranking."),
+    words_mode: str = typer.Option("any", "--words-mode", help="any (a caption with one of the words), all (every "
+                                                                "word) or phrase (the words in order, adjacent)."),
+    hybrid: bool = typer.Option(False, "--hybrid", help="Fuse the keyword ranking (--words) and the vector ranking "
+                                                        "by reciprocal rank fusion."),
+    rank_constant: int = typer.Option(60, "--rank-constant", min=0, max=10_000,
+                                      help="--hybrid: RRF's rank constant c in weight / (c + rank)."),
+    vector_weight: float = typer.Option(1.0, "--vector-weight", min=0, max=1000, help="--hybrid: weight of the vector ranking."),
+    words_weight: float = typer.Option(1.0, "--words-weight", min=0, max=1000, help="--hybrid: weight of the keyword ranking."),
     nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1,
                                          help="IVF lists to probe (searches through the IVF index; default: the "
                                               "value `laion index tune` stored, else 32)."),
@@ -451,9 +465,11 @@ def search(
     url: Optional[str] = UrlOption,
     json_output: bool = JsonOption,
 ) -> None:
-    """Nearest neighbours by text, image, vector or an existing row, exact or through the HNSW index.
+    """Nearest neighbours by text, image, vector or an existing row, exact or through the HNSW index;
+    caption keywords (--words) as a filter, a ranking of their own, or fused with it (--hybrid).
 
-    Example: laion search --text "a dog and a cat" --k 5 --nsfw exclude --where "width>=400"
+    Examples: laion search --text "a dog and a cat" --k 5 --nsfw exclude --where "width>=400" ·
+    laion search --words "red vintage car" --words-mode all · laion search --text "a red car" --words vintage --hybrid
     """
     from laion_search.search import SearchQuery
     from laion_search.search import search as do_search
@@ -463,7 +479,8 @@ def search(
         text=text, image=image, vector=load_vector_file(vector) if vector is not None else None, like=like, k=k,
         modality=modality, exact=exact, metric=metric, model=model, columns=columns, nsfw=nsfw,
         min_similarity=min_similarity, caption_contains=caption_contains, where=where, exclude_ids=exclude_ids,
-        ef_search=ef_search, rescoring=rescoring, filter_strategy=filter_strategy, fetch_multiplier=fetch_multiplier,
+        words=words, words_mode=words_mode, hybrid=hybrid, rank_constant=rank_constant, vector_weight=vector_weight,
+        words_weight=words_weight, ef_search=ef_search, rescoring=rescoring, filter_strategy=filter_strategy, fetch_multiplier=fetch_multiplier,
         verify_checksums=verify_checksums, nprobe=nprobe, scan_threads=scan_threads, scan_nice=scan_nice).check()
     with open_store(db, url, create=False) as store:
         result = do_search(store, query=query)
@@ -474,7 +491,8 @@ def print_search(result, json_output: bool) -> None:
     if json_output:
         print(output.dumps(result.as_dict()))
         return
-    output.print_records(result.rows, title=f"{len(result.rows)} results · {result.modality} embeddings · "
+    what = "caption words" if result.metric == "words" else f"{result.modality} embeddings"
+    output.print_records(result.rows, title=f"{len(result.rows)} results · {what} · "
                                             f"{result.strategy} · {result.seconds * 1000:.1f} ms", width=70)
 
 
@@ -484,7 +502,8 @@ index_app = typer.Typer(help="HNSW vector_similarity indexes (and bf16 scan copi
 KindOption = typer.Option("hnsw", "--kind", help="hnsw: the engine's vector_similarity graph (lowest latency, in RAM); "
                                                  "ivf: partitioned lists on disk (builds in seconds, a few bytes of RAM "
                                                  "per vector); scan: a bf16 copy of the column that halves what an "
-                                                 "exact search reads.")
+                                                 "exact search reads; text: the caption text index for --words "
+                                                 "(--column does not apply).")
 app.add_typer(index_app, name="index")
 
 
@@ -512,18 +531,24 @@ def index_create(
     """Add and build (materialise) vector indexes, with progress; rerun to resume.
 
     Examples: laion index create --column both --guide · laion index create --kind ivf --column both ·
-    laion index create --kind scan
+    laion index create --kind scan · laion index create --kind text
     """
     from laion_search.index import (DEFAULT_EF_CONSTRUCTION, DEFAULT_M, GUIDE_EF_CONSTRUCTION, GUIDE_M, IndexSpec, columns_for)
 
-    if _check_kind(kind) == "ivf":
+    if _check_kind(kind, KINDS) == "text":
+        from laion_search.index.text import create_text_index
+
+        with open_store(db, url, create=True) as store:
+            results = [_with_index_progress(json_output, lambda progress: create_text_index(store, progress=progress))]
+        return _print_built(results, json_output)
+    if _check_kind(kind, KINDS) == "ivf":
         from laion_search.index.ivf import create_ivf
 
         with open_store(db, url, create=True) as store:
             results = _with_index_progress(json_output, lambda progress: create_ivf(
                 store, columns_for(column), lists=lists, codes=codes, replace=replace, progress=progress))
         return _print_built(results, json_output)
-    if _check_kind(kind) == "scan":
+    if kind == "scan":
         with open_store(db, url, create=True) as store:
             results = [_with_index_progress(json_output, functools.partial(_scan_copy, store, c))
                        for c in columns_for(column)]
@@ -535,6 +560,9 @@ def index_create(
     with open_store(db, url, create=True) as store:  # both columns: one compaction, the builds queued together
         results = _with_index_progress(json_output, functools.partial(_hnsw, store, specs, replace))
     _print_built(results, json_output)
+
+
+KINDS = ("hnsw", "ivf", "scan", "text")
 
 
 def _check_kind(kind: str, kinds: tuple[str, ...] = ("hnsw", "ivf", "scan")) -> str:
@@ -554,6 +582,8 @@ def _print_built(results: list[dict], json_output: bool) -> None:
     for group in groups.values():
         r = group[0]
         rate = f", {r['vectors_per_second']:,.0f} vectors/s" if r["vectors_per_second"] else ""
+        if r.get("bytes_per_row") is not None:
+            rate += f", {output.human_bytes(r['bytes_on_disk'])} ({r['bytes_per_row']:.1f} B/row)"
         if len(group) == 1:
             output.out.print(f"{r['index']}: {r['type']} built over {r['rows']:,} rows in {r['seconds']:.1f} s{rate}")
             continue
@@ -590,14 +620,16 @@ def index_status_cmd(db: Optional[str] = DbOption, url: Optional[str] = UrlOptio
     """
 
     from laion_search.index.ivf import status as ivf_status
+    from laion_search.index.text import text_index_status
 
     with open_store(db, url, create=False) as store:
         info = store.index_status()
         ivfs = ivf_status(store)
+        texts = text_index_status(store)
     if json_output:
-        print(output.dumps(info + ivfs))
+        print(output.dumps(info + ivfs + texts))
         return
-    if not info and not ivfs:
+    if not info and not ivfs and not texts:
         output.out.print("no vector indexes (create one: laion index create)")
         return
     rows = [{**i, "bytes_on_disk": output.human_bytes(i["bytes_on_disk"]),
@@ -614,6 +646,12 @@ def index_status_cmd(db: Optional[str] = DbOption, url: Optional[str] = UrlOptio
                      "memory": output.human_bytes(i["memory_bytes_estimate"]),
                      "tuned": (f"nprobe {i['nprobe']} (recall@{i['tuned_k']} {i['tuned_recall']:.3f}, "
                                f"p50 {i['tuned_p50_ms']:.1f} ms)") if i.get("nprobe") else ""})
+    for t in texts:
+        rows.append({"name": t["name"], "column": t["column"], "distance": "words", "quantization": t["tokenizer"],
+                     "m": "", "ef_construction": "", "covered": f"{t['parts_covered']}/{t['parts']} parts",
+                     "bytes_on_disk": output.human_bytes(t["bytes_on_disk"]) + (
+                         f" ({t['bytes_per_row']:.1f} B/row)" if t["bytes_per_row"] is not None else ""),
+                     "memory": output.human_bytes(0), "tuned": ""})
     output.print_records(rows, ["name", "column", "distance", "quantization", "m", "ef_construction", "covered",
                                 "bytes_on_disk", "memory", "tuned"])
     for i in ivfs:
@@ -683,15 +721,19 @@ def index_drop(column: str = typer.Option("both", "--column", help="image, text 
                kind: str = KindOption,
                db: Optional[str] = DbOption, url: Optional[str] = UrlOption,
                json_output: bool = JsonOption) -> None:
-    """Drop vector indexes (or, with --kind scan, the bf16 scan copies).
+    """Drop vector indexes (or, with --kind scan, the bf16 scan copies; with --kind text, the caption text index).
 
-    Example: laion index drop --column text
+    Examples: laion index drop --column text · laion index drop --kind text
     """
     from laion_search.index import columns_for, drop_index, drop_scan_copy
     from laion_search.schema import INDEX_NAMES, scan_column
 
     with open_store(db, url, create=False) as store:
-        if _check_kind(kind) == "ivf":
+        if _check_kind(kind, KINDS) == "text":
+            from laion_search.index.text import TEXT_INDEX, drop_text_index
+
+            dropped = {TEXT_INDEX: drop_text_index(store)}
+        elif kind == "ivf":
             from laion_search.index.ivf import drop_ivf
 
             dropped = {f"ivf on {INDEX_NAMES[c][1]}": drop_ivf(store, c) for c in columns_for(column)}
