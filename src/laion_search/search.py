@@ -14,6 +14,7 @@ more candidates (``fetch_multiplier``) and, if still short, re-run the query pre
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import time
@@ -309,10 +310,19 @@ def search(store: Store, vector: Any = None, *, query: SearchQuery | None = None
         raise UsageError(f"nprobe is for an IVF index, and {column} has none: laion index create --kind ivf "
                          f"--column {modality}")
     unindexed = not exact and not hnsw and served is None
+    words_prefilter = False
+    if filters.words is not None and options.filter_strategy == "auto" and not exact and not unindexed:
+        # a selective keyword filter: the text index counts its rows from the posting lists (no
+        # rows read); few enough, and an exact search over them beats walking the vector index
+        # for candidates that mostly fail the filter (bench words: 150 → 9 ms at 20K rows)
+        words_prefilter = _words_rows(store, filters) <= WORDS_PREFILTER_ROWS
+        if words_prefilter:
+            options = dataclasses.replace(options, filter_strategy="prefilter")
     if served is not None and (options.nprobe is not None or not hnsw):
         # the IVF index: chosen by --nprobe, or because it is the only index of the column
         rows, sql, strategy = _search_ivf(store, served, qv, k, func, select, cols, where, params, filters, options)
         params = {**params, "q": qv}
+        strategy = "words→prefilter" if words_prefilter else strategy
     elif exact or unindexed:
         copy = column + SCAN_SUFFIX
         scan = copy if (func == "cosineDistance" and store.layout.cluster is None and copy in store.columns()) else None
@@ -324,7 +334,7 @@ def search(store: Store, vector: Any = None, *, query: SearchQuery | None = None
     else:
         if options.filter_strategy == "prefilter" and where:
             settings["vector_search_filter_strategy"] = "prefilter"
-            strategy = "prefilter"
+            strategy = "words→prefilter" if words_prefilter else "prefilter"
         if options.ef_search is None:
             # the ef_search that `laion index tune` measured for this index, if any
             tuned = store.tuning().get(modality)
@@ -344,6 +354,18 @@ def search(store: Store, vector: Any = None, *, query: SearchQuery | None = None
         r["rank"] = rank
     ordered = [{"rank": r["rank"], "distance": r["distance"], **{c: r[c] for c in cols}} for r in rows]
     return SearchResult(ordered, k, modality, metric, exact, strategy, seconds, sql, params)
+
+
+#: A vector search filtered by words goes straight to the prefilter (exact over the matching rows,
+#: which the text index finds) when at most this many rows match (``filter_strategy="auto"``).
+WORDS_PREFILTER_ROWS = 100_000
+
+
+def _words_rows(store: Store, filters: Filters) -> int:
+    """Rows holding the words: the engine answers from the text index alone (a trivial count)."""
+    words = words_index.query_words(filters.words, filters.words_mode)
+    sql = f"SELECT count() FROM {TABLE} WHERE {words_index.words_clause(filters.words_mode)}"
+    return int(store.scalar(sql, words_index.words_params(words, filters.words_mode)) or 0)
 
 
 def _search_words(store: Store, q: SearchQuery) -> SearchResult:
@@ -379,8 +401,6 @@ def _search_hybrid(store: Store, q: SearchQuery) -> SearchResult:
     """The keyword ranking and the vector ranking (each over its top ``max(k, HYBRID_WINDOW)``, the
     other filters applied to both) fused by :func:`rrf`. Each row says which side found it
     (``found_by``: words, vector or both), its rank there, and its distance / keyword score."""
-    import dataclasses
-
     k = check_k(q.k)
     window = min(MAX_K, max(k, HYBRID_WINDOW))
     t0 = time.perf_counter()

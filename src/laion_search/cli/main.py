@@ -1217,6 +1217,36 @@ def bench_search(
 
 
 data_app = typer.Typer(help="Datasets for benchmarks, built offline and cached.", no_args_is_help=True)
+@bench_app.command("words")
+@handle_errors
+def bench_words(
+    rows: int = typer.Option(1_000_000, "--rows", min=1000, help="Rows (captions drawn from the corpus)."),
+    shards: int = typer.Option(1, "--shards", min=1, max=1000, help="Shards the rows are split into."),
+    dim: int = typer.Option(16, "--dim", min=2, max=4096, help="Vector dimension (tiny: the keyword part reads none)."),
+    corpus: Optional[Path] = typer.Option(None, "--corpus", help="Captions: a package list (.tsv with a summary "
+                                                                 "column) or text, one per line (default: $LAION_TEXT_CORPUS, "
+                                                                 "else the installed packages' summaries)."),
+    reps: int = typer.Option(5, "--reps", min=1, max=1000, help="Queries per case (p50 over them)."),
+    ivf: bool = typer.Option(True, "--ivf/--no-ivf", help="Also build the IVF index: the filter strategies and hybrid."),
+    workdir: Optional[Path] = typer.Option(None, "--dir", help="Scratch directory, reused between runs (default: temp)."),
+    out: Optional[Path] = typer.Option(Path("bench-out"), "--out", help="Where bench-words.md goes."),
+    json_output: bool = JsonOption,
+) -> None:
+    """Keyword search at scale: the caption text index's build time and bytes per row; keyword filter
+    through it vs the substring scan (p50, rows read); keyword ranking; prefilter vs postfilter; hybrid
+    vs vector alone.
+
+    Example: laion bench words --rows 10000000 --shards 10 --corpus pypi.tsv --dir ./bench-words
+    """
+    from laion_search.bench.words import run as run_words
+
+    result = run_words(rows=rows, shards=shards, dim=dim, corpus=corpus, reps=reps, workdir=workdir, out=out, ivf=ivf,
+                       log=None if json_output else output.err.print)
+    _print_bench(result, json_output, None)
+    if out and not json_output:
+        output.out.print(f"wrote {out / 'bench-words.md'}")
+
+
 @bench_app.command("ivf")
 @handle_errors
 def bench_ivf(
