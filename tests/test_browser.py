@@ -160,7 +160,8 @@ def test_missing_model_disables_text_and_image_with_the_fix(server, page, blocke
     page.wait_for_selector("#notice:not([hidden])")
     notice = page.inner_text("#notice")
     assert "text and image search are off" in notice and "no-clip-model" in notice and "--model ./clip-b32" in notice
-    assert page.is_disabled("#q") and page.is_disabled("#file") and page.is_disabled("button[type=submit]")
+    assert page.is_disabled("#q") and page.is_disabled("#file")
+    assert page.is_enabled("button[type=submit]")  # caption words need no CLIP model
     page.goto(nomodel + "/?q=a+cat")  # a shared text link answers at once with the reason, never hangs
     page.wait_for_function("document.getElementById('status').className === 'error'")
     assert "text search is unavailable" in page.inner_text("#status")
@@ -199,3 +200,31 @@ def test_upload_image_and_phone_width(server, page, tmp_path):
     page.set_input_files("#file", str(tmp_path / "bad.png"))
     page.wait_for_function("document.getElementById('status').className === 'error'")
     assert "not a readable image" in page.inner_text("#status")
+
+
+def test_keyword_box_alone_and_hybrid(server, page, blocked):
+    """Caption words alone rank captions holding them; with a text query and hybrid, results say
+    which side found them; a word no caption holds gives none; no CLIP model is needed for words."""
+    from laion_search.index.text import tokenize
+
+    base, _, store, nomodel = server
+    word = store.rows("SELECT caption FROM laion ORDER BY id LIMIT 1")[0]["caption"].split()[0]
+    page.goto(base + "/")
+    page.fill("#words", word)
+    page.press("#words", "Enter")
+    page.wait_for_function("document.getElementById('status').textContent.includes('words: ')")
+    caps = page.eval_on_selector_all("#grid .card .caption", "els => els.map(e => e.textContent)")
+    assert caps and all(tokenize(word)[0] in tokenize(c) for c in caps)
+    assert "words" in page.inner_text("#status")
+    page.fill("#q", "a dog")
+    page.check("#hybrid")
+    with page.expect_request("**/api/search") as req:
+        page.press("#q", "Enter")
+    assert '"hybrid":true' in req.value.post_data and f'"words":"{word}"' in req.value.post_data
+    page.wait_for_function("document.querySelector('#grid .card .dist') && "
+                           "document.querySelector('#grid .card .dist').textContent.includes('found by')")
+    page.goto(nomodel + "/")
+    page.fill("#words", "zzzqqqnotaword")
+    page.press("#words", "Enter")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('0 results')")
+    assert blocked == []

@@ -22,6 +22,7 @@ from laion_search import index as _index
 from laion_search import ingest as _ingest
 from laion_search import search as _search
 from laion_search.index import ivf as _ivf
+from laion_search.index import text as _text
 from laion_search.errors import UsageError
 from laion_search.ingest import IngestReport
 from laion_search.search import SearchQuery, SearchResult
@@ -64,9 +65,12 @@ class Database(Store):
                      progress: ProgressFn | None = None) -> IndexBuild:
         """Add and build an HNSW index on ``column`` (image or text); with ``kind="ivf"`` the
         partitioned index (``lists``, ``codes``: see :mod:`laion_search.index.ivf`); with
-        ``kind="scan"`` the bf16 copy exact searches read. Idempotent: rerun to finish an
-        interrupted build."""
-        if kind == "ivf":
+        ``kind="scan"`` the bf16 copy exact searches read; with ``kind="text"`` the caption text
+        index keyword searches use (``column`` does not apply; :mod:`laion_search.index.text`).
+        Idempotent: rerun to finish an interrupted build."""
+        if kind == "text":
+            out = _text.create_text_index(self, progress=progress)
+        elif kind == "ivf":
             out = _ivf.create_ivf(self, [column], lists=lists, codes=codes, replace=replace, progress=progress)[0]
         elif kind == "scan":
             out = _index.create_scan_copy(self, column, progress=progress)
@@ -75,19 +79,26 @@ class Database(Store):
                                     ef_construction=ef_construction)
             out = _index.create_index(self, spec, replace=replace, progress=progress)
         else:
-            raise UsageError(f"kind must be hnsw, ivf or scan, got {kind!r}")
+            raise UsageError(f"kind must be hnsw, ivf, scan or text, got {kind!r}")
         return IndexBuild(index=out["index"], type=out["type"], seconds=out["seconds"], rows=out["rows"],
                           vectors_per_second=out["vectors_per_second"])
 
     def drop_index(self, column: str = "image", *, kind: str = "hnsw") -> bool:
-        """Drop ``column``'s HNSW index (its IVF index, its bf16 scan copy); returns whether it existed."""
+        """Drop ``column``'s HNSW index (its IVF index, its bf16 scan copy; ``kind="text"``: the caption
+        text index); returns whether it existed."""
+        if kind == "text":
+            return _text.drop_text_index(self)
         if kind == "scan":
             return _index.drop_scan_copy(self, column)
         if kind == "ivf":
             return _ivf.drop_ivf(self, column)
         if kind != "hnsw":
-            raise UsageError(f"kind must be hnsw, ivf or scan, got {kind!r}")
+            raise UsageError(f"kind must be hnsw, ivf, scan or text, got {kind!r}")
         return _index.drop_index(self, column)
+
+    def text_index_status(self) -> list[dict[str, Any]]:
+        """The caption text index: parts covered, bytes on disk and per row (empty without one)."""
+        return _text.text_index_status(self)
 
     def ivf_status(self) -> list[dict[str, Any]]:
         """Each IVF generation: lists, codes, rows covered, list balance, size, whether a retrain

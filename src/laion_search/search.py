@@ -524,6 +524,7 @@ def _exact_sql(select: str, column: str, func: str, where: str, k: int, scan: st
                verify_checksums: bool = False, cluster: bool = False, max_threads: int | None = None,
                nice: int | None = None, words: bool = False) -> str:
     where_sql = f" WHERE {where}" if where else ""
+    words = words or words_index.TEXT_INDEX_EXPR in where
     # an exact scan never walks a vector index; a keyword filter does use the text index (it
     # prunes the granules the scan reads: the keyword prefilter)
     skip: dict[str, Any] = ({"ignore_data_skipping_indices": ",".join(n for n, _ in INDEX_NAMES.values())} if words

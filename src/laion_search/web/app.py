@@ -50,7 +50,8 @@ from laion_search.web.cache import LRUCache, request_key
 from laion_search.errors import (EncoderError, EncoderUnavailable, LaionError, Overloaded, QueryError, ServeError,
                                  ShuttingDown, UsageError)
 from laion_search.schema import COLUMNS, FILTER_STRATEGIES, MAX_K, METRICS, MODALITIES, NSFW_MODES, TABLE
-from laion_search.search import MAX_NPROBE, SearchQuery, search, will_scan
+from laion_search.index.text import MAX_WORDS_CHARS, WORDS_MODES
+from laion_search.search import MAX_NPROBE, RRF_RANK_CONSTANT, SearchQuery, search, will_scan
 from laion_search.store import Store
 
 log = logging.getLogger("laion_search.web")
@@ -101,7 +102,10 @@ NOT_BLANK: JsonDict = {"not": {"pattern": r"^\s*$"}}
 _QUERIES = {"text": "string", "image": "string", "vector": "array", "like": "integer"}
 ONE_QUERY: JsonDict = {"anyOf": [
     {"required": [name], "properties": {name: {"type": kind}, **{o: {"type": "null"} for o in _QUERIES if o != name}}}
-    for name, kind in _QUERIES.items()]}
+    for name, kind in _QUERIES.items()] + [
+    # words alone: a keyword search (no vector query, so no hybrid)
+    {"required": ["words"], "properties": {"words": {"type": "string"}, "hybrid": {"const": False},
+                                           **{o: {"type": "null"} for o in _QUERIES}}}]}
 
 
 class SearchBody(BaseModel):
@@ -146,6 +150,17 @@ class SearchBody(BaseModel):
     nprobe: Optional[int] = Field(None, description=(
         "IVF lists probed (searches through the IVF index): for a column with an IVF index, or with exact."),
         json_schema_extra={"minimum": 1, "maximum": MAX_NPROBE})
+    words: Optional[str] = Field(None, max_length=MAX_WORDS_CHARS, description=(
+        "Caption words (lower-cased, split on ASCII non-alphanumerics, as the text index splits captions): "
+        "with a query a filter, alone a keyword ranking, with hybrid fused with the vector ranking."),
+        json_schema_extra={"pattern": r"[^\x00-\x2f\x3a-\x40\x5b-\x60\x7b-\x7f]"})
+    words_mode: str = Field("any", description="any, all or phrase.", json_schema_extra={"enum": list(WORDS_MODES)})
+    hybrid: bool = Field(False, description="Reciprocal rank fusion of the keyword and the vector rankings "
+                                            "(needs words and a query).")
+    rank_constant: int = Field(RRF_RANK_CONSTANT, description="hybrid: RRF's c in weight / (c + rank).",
+                               json_schema_extra={"minimum": 0, "maximum": 10_000})
+    vector_weight: float = Field(1.0, json_schema_extra={"minimum": 0, "maximum": 1000})
+    words_weight: float = Field(1.0, json_schema_extra={"minimum": 0, "maximum": 1000})
 
     def query(self, *, model: str | None, image: bytes | None = None) -> SearchQuery:
         fields = self.model_dump()
@@ -485,7 +500,9 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
             assert enc is not None
             with encode_gate.admit():
                 vector = enc.encode_image([image_bytes])[0]
-        scan = will_scan(store, body.modality, body.metric, body.exact)
+        # a keyword search alone reads posting lists, not vectors
+        scan = will_scan(store, body.modality, body.metric, body.exact) if vector is not None or body.like is not None \
+            else False
         log.debug("search started: %s", "exact scan" if scan else "indexed")
 
         def go() -> Any:
