@@ -80,7 +80,7 @@ def pick_words(captions: list[str], rows: int, seed: int = 0) -> dict[str, list[
     out: dict[str, list[str]] = {}
     for band, (lo, hi) in bands.items():
         words = sorted(w for w, f in df.items() if lo <= f / n <= hi and w.isalpha() and len(w) > 2)
-        rng.shuffle(words)  # type: ignore[arg-type]
+        rng.shuffle(words)
         out[band] = words[:10]
     out["watercolor"] = ["watercolor"]
     return out
@@ -133,14 +133,17 @@ def run(*, rows: int = 1_000_000, shards: int = 1, dim: int = 16, corpus: Any = 
             qv = [rng.standard_normal(dim).astype(np.float32) for _ in range(reps)]
 
             def measure(label: str, band: str, fn: Callable[[int], Any]) -> dict[str, Any]:
-                times, read = [], []
+                times: list[float] = []
+                read: list[int] = []
                 for i in range(reps):
                     t0 = time.perf_counter()
                     res = fn(i)
                     times.append(time.perf_counter() - t0)
-                    read.append(_rows_read(db, res))
+                    n = _rows_read(db, res)
+                    if n is not None:
+                        read.append(n)
                 row = {"case": label, "band": band, "p50_ms": _p50(times),
-                       "rows_read": int(statistics.median(read)) if read and read[0] is not None else None,
+                       "rows_read": int(statistics.median(read)) if read else None,
                        "results": len(res)}
                 say(f"{label} [{band}]: p50 {row['p50_ms']:.1f} ms, rows read {row['rows_read']}")
                 return row
