@@ -41,7 +41,7 @@ from fastapi import Body, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic.config import JsonDict
+from pydantic.config import JsonDict, JsonValue
 from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -100,12 +100,13 @@ NOT_BLANK: JsonDict = {"not": {"pattern": r"^\s*$"}}
 #: "Exactly one query", as JSON Schema: a branch per query field, that one given and the others null
 #: or left out (the branches exclude each other: anyOf says oneOf, and fuzzers draw it without filtering)
 _QUERIES = {"text": "string", "image": "string", "vector": "array", "like": "integer"}
-ONE_QUERY: JsonDict = {"anyOf": [
+_ONE: list[JsonValue] = [
     {"required": [name], "properties": {name: {"type": kind}, **{o: {"type": "null"} for o in _QUERIES if o != name}}}
-    for name, kind in _QUERIES.items()] + [
-    # words alone: a keyword search (no vector query, so no hybrid)
-    {"required": ["words"], "properties": {"words": {"type": "string"}, "hybrid": {"const": False},
-                                           **{o: {"type": "null"} for o in _QUERIES}}}]}
+    for name, kind in _QUERIES.items()]
+# words alone: a keyword search (no vector query, so no hybrid)
+_ONE.append({"required": ["words"], "properties": {"words": {"type": "string"}, "hybrid": {"const": False},
+                                                   **{o: {"type": "null"} for o in _QUERIES}}})
+ONE_QUERY: JsonDict = {"anyOf": _ONE}
 
 
 class SearchBody(BaseModel):
