@@ -98,25 +98,27 @@ def _cards(page):
 def test_type_query_see_grid_toggle_safe_mode_and_more_like_this(server, page, blocked):
     base, *_ = server
     page.goto(base + "/")
+    _ready(page)
+    assert page.input_value("#k") == "10"  # the query model's default k (GET /api/search/fields), as the CLI's and the API's
     page.fill("#q", "a dog and a cat")
     page.keyboard.press("Enter")
-    page.wait_for_function("document.querySelectorAll('#grid .card').length === 20")
+    page.wait_for_function("document.querySelectorAll('#grid .card').length === 10")
     status = page.inner_text("#status")
-    assert "20 results" in status and "ms" in status
+    assert "10 results" in status and "ms" in status
     assert "q=a+dog+and+a+cat" in page.url and "safe=1" in page.url  # shareable URL
     _pictures_loaded(page)  # the demo's own pictures, from this server
     srcs = page.eval_on_selector_all("#grid .card img", "els => els.map(e => e.src)")
-    assert len(srcs) == 20 and all(s.startswith(base + "/local/images/") for s in srcs)
+    assert len(srcs) == 10 and all(s.startswith(base + "/local/images/") for s in srcs)
     assert page.locator("#grid .card .placeholder").count() == 0
     assert page.is_hidden("#notice") and page.is_enabled("#q")
     safe_ids = [int(i) for i in page.eval_on_selector_all("#grid .card", "els => els.map(e => e.dataset.id)")]
     meta = page.request.post(base + "/metadata", data={"ids": safe_ids}).json()
-    assert len(meta) == 20 and all(m["metadata"]["NSFW"] == "UNLIKELY" for m in meta)  # safe mode held
+    assert len(meta) == 10 and all(m["metadata"]["NSFW"] == "UNLIKELY" for m in meta)  # safe mode held
     with page.expect_request("**/api/search") as req:
         page.uncheck("#safe")  # safe mode off: the search reruns without the NSFW filter
     assert '"nsfw":"any"' in req.value.post_data
     page.wait_for_function("new URLSearchParams(location.search).get('safe') === '0'")
-    page.wait_for_function("document.querySelectorAll('#grid .card').length === 20")
+    page.wait_for_function("document.querySelectorAll('#grid .card').length === 10")
     first = _cards(page).first
     clicked = first.get_attribute("data-id")
     first.click()
@@ -166,7 +168,8 @@ def test_missing_model_disables_text_and_image_with_the_fix(server, page, blocke
     page.wait_for_selector("#notice:not([hidden])")
     notice = page.inner_text("#notice")
     assert "text and image search are off" in notice and "no-clip-model" in notice and "--model ./clip-b32" in notice
-    assert page.is_disabled("#q") and page.is_disabled("#file") and page.is_disabled("button[type=submit]")
+    assert page.is_disabled("#q") and page.is_disabled("#file")
+    assert page.is_enabled("button[type=submit]")  # caption words need no CLIP model
     page.goto(nomodel + "/?q=a+cat")  # a shared text link answers at once with the reason, never hangs
     page.wait_for_function("document.getElementById('status').className === 'error'")
     assert "text search is unavailable" in page.inner_text("#status")
@@ -198,7 +201,7 @@ def test_upload_image_and_phone_width(server, page, tmp_path):
     _ready(page)  # the file input is disabled until the server's status is known
     page.set_input_files("#file", str(img))
     page.wait_for_function("document.getElementById('status').textContent.includes('results for image')")
-    assert _cards(page).count() == 20
+    assert _cards(page).count() == 10  # the default k
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= 380  # no horizontal scrolling on a phone
     page.set_input_files("#file", str(tmp_path / "query.png"))
@@ -261,7 +264,7 @@ def test_search_box_waits_for_the_status(server, page, blocked):
     """Nothing can be typed or searched before /api/status has answered; a link's query runs after it."""
     base, *_ = server
     held, searches = [], []
-    page.on("request", lambda r: searches.append(r.url) if "/api/search" in r.url else None)
+    page.on("request", lambda r: searches.append(r.url) if "/api/search" in r.url and "/fields" not in r.url else None)
     page.route("**/api/status", lambda route: held.append(route))
     page.goto(base + "/?q=a+dog&k=4")
     page.wait_for_function("document.readyState === 'complete'")
@@ -305,7 +308,7 @@ def test_search_by_image_url(server, plain, page, blocked):
     assert _ids(page) == [r["id"] for r in upload["results"]] and page.input_value("#q") == picture
     # a server that does not fetch URLs: the link's URL is not searched, and the page says so once
     sent = []
-    page.on("request", lambda r: sent.append(r.post_data or "") if "/api/search" in r.url else None)
+    page.on("request", lambda r: sent.append(r.post_data or "") if "/api/search" in r.url and "/fields" not in r.url else None)
     page.goto(plain + "/?image_url=" + picture + "&k=3")
     _ready(page)
     note = page.inner_text("#linknote")
@@ -434,3 +437,33 @@ def test_image_only_store_shows_ids_and_normalises_a_text_link(sisap_server, pag
     page.click("#grid .card >> nth=0")  # the next search: the note has been said
     page.wait_for_function("document.getElementById('status').textContent.includes('more like')")
     assert page.is_hidden("#linknote") and blocked == []
+
+
+def test_keyword_box_alone_and_hybrid(server, page, blocked):
+    """Caption words alone rank captions holding them; with a text query and hybrid, results say
+    which side found them; a word no caption holds gives none; no CLIP model is needed for words."""
+    from laion_search.index.text import tokenize
+
+    base, _, store, nomodel = server
+    word = store.rows("SELECT caption FROM laion ORDER BY id LIMIT 1")[0]["caption"].split()[0]
+    page.goto(base + "/")
+    _ready(page)
+    page.fill("#words", word)
+    page.press("#words", "Enter")
+    page.wait_for_function("document.getElementById('status').textContent.includes('words: ')")
+    caps = page.eval_on_selector_all("#grid .card .caption", "els => els.map(e => e.textContent)")
+    assert caps and all(tokenize(word)[0] in tokenize(c) for c in caps)
+    assert "words" in page.inner_text("#status")
+    page.fill("#q", "a dog")
+    page.check("#hybrid")
+    with page.expect_request("**/api/search") as req:
+        page.press("#q", "Enter")
+    assert '"hybrid":true' in req.value.post_data and f'"words":"{word}"' in req.value.post_data
+    page.wait_for_function("document.querySelector('#grid .card .dist') && "
+                           "document.querySelector('#grid .card .dist').textContent.includes('found by')")
+    page.goto(nomodel + "/")
+    _ready(page)
+    page.fill("#words", "zzzqqqnotaword")
+    page.press("#words", "Enter")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('0 results')")
+    assert blocked == []

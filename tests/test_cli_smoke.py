@@ -440,6 +440,26 @@ CASES: list[Case] = [
          check=_json(lambda j: j == {"ivf on image_embedding": True, "ivf on text_embedding": True})),
     Case("ingest {shards} --index both --index-kind ivf --db {tmp}/ivfdb --json",
          check=lambda o, e, t: _ivf_served(t / "ivfdb", {"image", "text"}, 600)),
+    # -- the caption text index and keyword search
+    Case("index create --kind text --db {db} --json",
+         check=_json(lambda j: j[0]["index"] == "caption_index" and j[0]["rows"] > 0 and j[0]["bytes_per_row"] > 0)),
+    Case("search --words 'Photo, CAR' --words-mode all --k 3 --db {db} --json",
+         check=_json(lambda j: j["metric"] == "words" and len(j["results"]) == 3
+                     and all({"photo", "car"} <= set(r["caption"].lower().split()) for r in j["results"]))),
+    Case("search --like 5 -w photo --hybrid --rank-constant 10 --vector-weight 2 --words-weight 0.5 --k 4 --db {db} "
+         "--json", check=_json(lambda j: len(j["results"]) == 4
+                                and {r["found_by"] for r in j["results"]} <= {"words", "vector", "both"})),
+    Case("search --words '?!' --db {db}", code=2, check=_has("--words")),
+    Case("index drop --kind text --db {db} --json", check=_json(lambda j: j == {"caption_index": True})),
+    Case("ingest {shards} --text-index --db {tmp}/textdb --json",
+         check=lambda o, e, t: "caption_index" in subprocess.run(
+             [sys.executable, "-m", "laion_search.cli", "index", "status", "--db", str(t / "textdb"), "--json"],
+             capture_output=True, text=True).stdout),
+    Case("bench words --rows 2000 --shards 2 --dim 8 --reps 2 --corpus {tmp}/corpus.tsv --no-ivf --dir {tmp}/bw "
+         "--out {tmp}/bw-out --json",
+         check=_json(lambda j: j["rows"] == 2000 and j["index_bytes_per_row"] > 0 and len(j["table"]) >= 3)),
+    Case("bench words --rows 1000 --reps 1 --corpus {tmp}/corpus.tsv --ivf --dir {tmp}/bw2 --out {tmp}/bw2-out",
+         check=_has("hybrid rrf")),
     Case("plan --kind ivf --rows 400M --codes int8 --lists 65536 --nprobe 64 --ram-gib 64 --json",
          check=_json(lambda j: j["lists"] == 65536 and j["fits_ram"] and j["ram_bytes"] < 64 * 2**30
                      and j["query_rows_scanned"] > 64 * 6000)),

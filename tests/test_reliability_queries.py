@@ -561,6 +561,12 @@ def _python_match(row: dict, f: Filters) -> bool:
         return False
     if f.caption_contains and f.caption_contains.lower() not in row["caption"].lower():
         return False
+    if getattr(f, "words", None) is not None:  # the reference tokenizer (checked against the engine's in test_words)
+        from laion_search.index.text import matches, tokenize
+
+        want = tokenize(f.words)
+        if not matches(row["caption"], want if f.words_mode == "phrase" else list(dict.fromkeys(want)), f.words_mode):
+            return False
     if row["id"] in f.exclude_ids:
         return False
     for expr in f.where:
@@ -774,10 +780,22 @@ def _check_answer(label: str, case, resp, by_id: dict[int, dict]) -> None:
         assert answer["k"] == k, (answer["k"], k)
         f = Filters(nsfw=body.get("nsfw", "any"), min_similarity=body.get("min_similarity"),
                     caption_contains=body.get("caption_contains"), where=list(body.get("where", [])),
-                    exclude_ids=list(body.get("exclude_ids", [])))
+                    exclude_ids=list(body.get("exclude_ids", [])), words=body.get("words"),
+                    words_mode=body.get("words_mode", "any"))
         like = body.get("like")
         like = int(like) if like is not None else None
-        scores = [r["distance"] for r in rows]
+        hybrid = body.get("hybrid")
+        if (_FORM_BOOLS.get(hybrid.lower(), False) if isinstance(hybrid, str) else hybrid):
+            # fused rankings: rows of the table, none twice, at most k (each side has its own matches)
+            got = [r["id"] for r in rows]
+            assert set(got) <= set(by_id) and len(got) == len(set(got)) and len(got) <= k, got
+            assert all(r["found_by"] in ("words", "vector", "both") for r in rows), rows
+            SCHEMA_STATS["answers_checked"] += 1
+            return
+        words_alone = f.words is not None and all(body.get(q) is None for q in ("text", "image", "image_url",
+                                                                                 "vector", "like"))
+        # a keyword ranking: best words score first (negated, to read as a distance)
+        scores = [-r["words_score"] for r in rows] if words_alone else [r["distance"] for r in rows]
         assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1)), rows
     got = [r["id"] for r in rows]
     assert set(got) <= set(by_id), f"ids not in the table: {set(got) - set(by_id)}"

@@ -22,6 +22,7 @@ from laion_search import ingest as _ingest
 from laion_search import search as _search
 from laion_search.index import ivf as _ivf
 from laion_search.index import kinds as _kinds
+from laion_search.index import text as _text
 from laion_search.errors import UsageError
 from laion_search.ingest import IngestReport
 from laion_search.search import SearchQuery, SearchResult
@@ -64,9 +65,10 @@ class Database(Store):
         """Add and build an index on ``column`` (image or text): ``kind="hnsw"`` (the engine's
         graph; ``m``/``ef_construction`` default to 32/64, or to the guide's 64/256 with
         ``guide=True``), ``"ivf"`` (the partitioned index: ``lists``, ``codes``; see
-        :mod:`laion_search.index.ivf`) or ``"scan"`` (the bf16 copy exact searches read).
+        :mod:`laion_search.index.ivf`), ``"scan"`` (the bf16 copy exact searches read) or ``"text"``
+        (the caption text index keyword searches use; ``column`` does not apply: :mod:`laion_search.index.text`).
         Idempotent: rerun to finish an interrupted build. :meth:`create_indexes` builds both columns."""
-        if column == "both":
+        if column == "both" and kind != "text":
             raise UsageError("create_index builds one column (image or text); use create_indexes('both')")
         return self.create_indexes(column, kind=kind, metric=metric, quantization=quantization, m=m,
                                    ef_construction=ef_construction, guide=guide, replace=replace, lists=lists,
@@ -88,6 +90,10 @@ class Database(Store):
         """Drop ``column``'s index of ``kind`` (hnsw, ivf or scan; ``column`` may be both);
         returns whether one existed."""
         return any(_kinds.drop(self, column, kind=kind).values())
+
+    def text_index_status(self) -> list[dict[str, Any]]:
+        """The caption text index: parts covered, bytes on disk and per row (empty without one)."""
+        return _text.text_index_status(self)
 
     def ivf_status(self) -> list[dict[str, Any]]:
         """Each IVF generation: lists, codes, rows covered, list balance, size, whether a retrain

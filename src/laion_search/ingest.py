@@ -33,6 +33,7 @@ from laion_search.errors import LaionError, QueryError, ShardValidationError, St
 from laion_search.index.hnsw import IndexSpec, columns_for, create_indexes
 from laion_search.index.ivf import FEED_DEPTH, Feeder, cover, declare_ivf
 from laion_search.index.ivf import state as ivf_state
+from laion_search.index.text import declare_text_index
 from laion_search.schema import OPTIMIZE_SETTINGS, SHARDS_TABLE, TABLE
 from laion_search.sources.formats import Reader, assign_partitions, open_readers
 from laion_search.sources.shards import ShardFiles, open_shard
@@ -72,7 +73,8 @@ class IngestReport:
 def ingest(store: Store, directory: str | os.PathLike[str] | Any, shards: list[int] | None = None, *,
            batch_rows: int = DEFAULT_BATCH_ROWS, force: bool = False,
            progress: ProgressFn | None = None, skip_bad_rows: bool = False, format: str = "auto",
-           model: str | None = None, index: str | None = None, index_kind: str = "hnsw") -> IngestReport:
+           model: str | None = None, index: str | None = None, index_kind: str = "hnsw",
+           text_index: bool = False) -> IngestReport:
     """Load the shards found in ``directory`` (all, or those listed) into ``store`` — or any
     other source :func:`ingest_source` takes (a ClickHouse LAION-5B Parquet part, a SISAP
     ``.h5`` file, a folder of those, a URL).
@@ -86,16 +88,18 @@ def ingest(store: Store, directory: str | os.PathLike[str] | Any, shards: list[i
 
     ``index`` (``image``, ``text`` or ``both``) declares those indexes first (``index_kind``: ``hnsw``
     or ``ivf``; default parameters; an index that exists keeps its own), so every shard lands indexed.
+    ``text_index`` declares the caption text index (:mod:`laion_search.index.text`) the same way.
     """
     return ingest_source(store, directory, format=format, shards=shards, batch_rows=batch_rows, force=force,
                          progress=progress, skip_bad_rows=skip_bad_rows, model=model, index=index,
-                         index_kind=index_kind)
+                         index_kind=index_kind, text_index=text_index)
 
 
 def ingest_source(store: Store, source: str | os.PathLike[str] | Any, *, format: str = "auto",
                   shards: list[int] | None = None, batch_rows: int = DEFAULT_BATCH_ROWS, force: bool = False,
                   progress: ProgressFn | None = None, skip_bad_rows: bool = False,
-                  model: str | None = None, index: str | None = None, index_kind: str = "hnsw") -> IngestReport:
+                  model: str | None = None, index: str | None = None, index_kind: str = "hnsw",
+                  text_index: bool = False) -> IngestReport:
     """Load any source :mod:`laion_search.sources.formats` reads: a folder of LAION shards
     (``shards`` picks some), a ClickHouse LAION-5B Parquet part, a SISAP ``.h5`` file, a folder
     of such files, a URL, or an open seekable binary file. ``format`` is ``auto`` (detected from
@@ -119,7 +123,7 @@ def ingest_source(store: Store, source: str | os.PathLike[str] | Any, *, format:
             if r.ids_from_source and r.shard not in records:
                 record_shard(store, r, claim=True)
         return ingest_readers(store, readers, batch_rows=batch_rows, force=force, progress=progress, index=index,
-                              index_kind=index_kind)
+                              index_kind=index_kind, text_index=text_index)
     finally:
         for r in readers:
             r.close()
@@ -127,7 +131,8 @@ def ingest_source(store: Store, source: str | os.PathLike[str] | Any, *, format:
 
 def ingest_files(store: Store, files: Iterable[ShardFiles], *, batch_rows: int = DEFAULT_BATCH_ROWS,
                  force: bool = False, progress: ProgressFn | None = None,
-                 skip_bad_rows: bool = False, index: str | None = None, index_kind: str = "hnsw") -> IngestReport:
+                 skip_bad_rows: bool = False, index: str | None = None, index_kind: str = "hnsw",
+                 text_index: bool = False) -> IngestReport:
     files = list(files)
     dim = store.dim()
     readers: list[Reader] = []
@@ -137,17 +142,20 @@ def ingest_files(store: Store, files: Iterable[ShardFiles], *, batch_rows: int =
             dim = reader.dim
         readers.append(reader)  # type: ignore[arg-type]  # its shard number is read-only
     return ingest_readers(store, readers, batch_rows=batch_rows, force=force, progress=progress, index=index,
-                          index_kind=index_kind)
+                          index_kind=index_kind, text_index=text_index)
 
 
 def ingest_readers(store: Store, readers: list[Reader], *, batch_rows: int = DEFAULT_BATCH_ROWS,
                    force: bool = False, progress: ProgressFn | None = None, index: str | None = None,
-                   index_kind: str = "hnsw") -> IngestReport:
+                   index_kind: str = "hnsw", text_index: bool = False) -> IngestReport:
     """Load checked readers (shards, parts, files), each atomically; see the module docstring."""
     emit = progress or (lambda event: None)
     _drop_orphan_stages(store)
     if index:
         declare_indexes(store, index, readers, kind=index_kind)
+    if text_index:
+        # each shard's staging table is made AS laion, so it inherits the index: parts land indexed
+        declare_text_index(store)
     # Background merges of freshly loaded parts compete with the next shard's insert for the two
     # cores (measured: half the throughput). Pause them while loading; they resume afterwards
     # (and `laion index create` compacts each shard before building its index).

@@ -42,6 +42,11 @@ from laion_search.errors import UsageError
 
 #: Bytes per 512-d vector on disk, measured (see the module docstring).
 VECTOR_BYTES_512 = {"f32-none": 2056.0, "f32-lz4": 1210.0, "bf16": 1032.0}
+#: The caption text index (``laion index create --kind text``), measured by ``laion bench words`` at 1M
+#: rows of real package-summary captions (~60 characters): 20.6 B/row on disk, built in 10.7 s on
+#: 2 busy cores (~47K rows/s per core). Longer LAION captions hold more words: it scales with them.
+TEXT_INDEX_BYTES_PER_ROW = 20.6
+TEXT_INDEX_ROWS_PER_CORE_S = 47_000.0
 META_BYTES = 120.0            # per row, assumption for real LAION metadata (26 B measured on synth)
 META_BYTES_MEASURED_SYNTH = 26.0
 QUANT_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "i8": 1.0, "b1": 0.125}
@@ -187,7 +192,9 @@ def plan(inputs: PlanInputs) -> dict[str, Any]:
         "totals": {"table_bytes": table_bytes, "index_ram_bytes": index_ram, "index_disk_bytes": index_disk,
                    "disk_bytes": disk_total, "index_build_core_hours": build_core_seconds / 3600,
                    "build_vectors_per_core_s": build_rate_per_core(p.m, p.ef_construction, dim),
-                   "ingest_rows_per_s_per_process": ingest_rate_1},
+                   "ingest_rows_per_s_per_process": ingest_rate_1,
+                   "text_index_bytes": rows * TEXT_INDEX_BYTES_PER_ROW,
+                   "text_index_build_core_hours": rows / TEXT_INDEX_ROWS_PER_CORE_S / 3600},
         "embedded": embedded,
         "cluster": cluster,
         "assumptions": {
@@ -233,6 +240,9 @@ def markdown(result: dict[str, Any]) -> str:
              f"{human(c['disk_bytes_total'])} in all |",
              f"| index build | {hours(e['index_build_hours'])} | {hours(c['index_build_hours'])} |",
              f"| ingest | {hours(e['ingest_hours'])} | {hours(c['ingest_hours'])} |",
+             f"| caption text index (optional) | {human(t['text_index_bytes'])} on disk, built in "
+             f"{hours(t['text_index_build_core_hours'] / i['cores'])} | {human(t['text_index_bytes'] / c['shards'])} "
+             f"per node, {hours(t['text_index_build_core_hours'] / i['cores'] / c['shards'])} |",
              f"| verdict | {e['verdict']} | vector_similarity_index_cache_size ≥ "
              f"{human(c['vector_similarity_index_cache_size'])} per node |"]
     return "\n".join(lines)

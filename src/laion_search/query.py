@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
 from laion_search.errors import UsageError
-from laion_search.schema import COLUMNS, DEFAULT_COLUMNS, FILTER_STRATEGIES, MAX_K, METRICS, MODALITIES, NSFW_MODES, WHERE_TYPES
+from laion_search.schema import (COLUMNS, DEFAULT_COLUMNS, FILTER_STRATEGIES, MAX_K, MAX_WORDS_CHARS, METRICS, MODALITIES,
+                                 NSFW_MODES, WHERE_TYPES, WORDS_MODES)
 
 if TYPE_CHECKING:
     from laion_search.store import Store
@@ -55,6 +56,7 @@ class Knob:
                                            # transport limit; the library takes any (a long text is cut
                                            # to the model's context)
     label: str | None = None               # the name errors use (default: the field's)
+    pattern: str | None = None             # a string's JSON Schema pattern over HTTP (the library says why)
     server_side: bool = False              # set by the server's own flags, not by an HTTP client
 
 
@@ -67,6 +69,9 @@ INT64 = (-(2**63), 2**63 - 1)
 #: clip-back's deduplication: results whose embeddings have an inner product ≥ this (after
 #: L2 normalisation) are one connected component, of which only the best-ranked result is kept
 DEDUP_THRESHOLD = 0.94
+#: Reciprocal rank fusion's rank constant: Cormack et al.'s 60, the default of Elasticsearch's
+#: ``rrf`` retriever, Qdrant's ``rrf`` and LanceDB's RRF reranker.
+RRF_RANK_CONSTANT = 60
 #: nprobe's bound (an IVF index has at most 65,536 lists; more probes than lists probe them all)
 MAX_NPROBE = 1_048_576
 
@@ -113,6 +118,18 @@ class SearchQuery:
     exclude_ids: Sequence[int] = knob((), "Leave this row id out of the results (repeatable).", group="filter",
                                       flags=("--exclude-id",), ge=INT64[0], le=INT64[1], max_length=MAX_K,
                                       label="exclude_ids: each row id")
+    words: str | None = knob(None, "Caption words (lower-cased, split on ASCII non-alphanumerics, as the text index "
+                                   "splits captions): with a vector query a filter, alone a keyword ranking, with "
+                                   "hybrid fused with the vector ranking.", group="filter", flags=("--words", "-w"),
+                             max_length=MAX_WORDS_CHARS, pattern=r"[^\x00-\x2f\x3a-\x40\x5b-\x60\x7b-\x7f]")
+    words_mode: str = knob("any", "any: a caption with one of the words; all: with every word; phrase: the words "
+                                  "in order, adjacent.", group="filter", choices=WORDS_MODES)
+    hybrid: bool = knob(False, "Fuse the keyword ranking (words) and the vector ranking by reciprocal rank fusion "
+                               "(needs words and a query).", group="fusion")
+    rank_constant: int = knob(RRF_RANK_CONSTANT, "hybrid: RRF's rank constant c in weight / (c + rank).",
+                              group="fusion", ge=0, le=10_000)
+    vector_weight: float = knob(1.0, "hybrid: weight of the vector ranking.", group="fusion", ge=0.0, le=1000.0)
+    words_weight: float = knob(1.0, "hybrid: weight of the keyword ranking.", group="fusion", ge=0.0, le=1000.0)
     ef_search: int | None = knob(None, "HNSW candidate list size at query time (default: the value `laion "
                                        "index tune` stored, else the engine's 256).", ge=1, le=100_000)
     rescoring: bool = knob(False, "Re-rank index candidates with exact distances.")
@@ -155,8 +172,11 @@ class SearchQuery:
         if self.__dict__.get("_checked"):
             return self
         given = [x is not None for x in (self.vector, self.like, self.text, self.image)]
-        if sum(given) != 1:
-            raise UsageError("give exactly one query: a text, an image, a vector or like=<row id>")
+        if sum(given) > 1 or (sum(given) == 0 and self.words is None):
+            raise UsageError("give exactly one query: a text, an image, a vector or like=<row id> (or words alone)")
+        if self.hybrid and (self.words is None or not any(given)):
+            raise UsageError("hybrid fuses a keyword ranking with a vector ranking: give words and a text, image, "
+                             "vector or like query")
         if self.vector is not None:
             from laion_search.vectors import as_vector
 
@@ -190,6 +210,12 @@ class SearchQuery:
         if self.nprobe is not None and served is None and not self.exact:
             raise UsageError(f"nprobe is for an IVF index, and {column} has none: laion index create --kind ivf "
                              f"--column {self.modality}")
+        vector_query = any(x is not None for x in (self.vector, self.like, self.text, self.image))
+        if not vector_query:  # words alone: a keyword ranking, answered from the text index
+            from laion_search.index import text
+
+            return SearchPlan(self, column, func, "words", filters, where, params, settings,
+                              scan=not text.has_text_index(store))
         if self.exact:
             route = "exact"
         elif served is not None and (self.nprobe is not None or not hnsw):
@@ -198,8 +224,8 @@ class SearchQuery:
             route = "hnsw"
         else:
             route = "exact"  # no index serves this column and metric: the engine would scan anyway
-        return SearchPlan(self, column, func, route, filters, where, params, settings, served,
-                          unindexed=route == "exact" and not self.exact)
+        return SearchPlan(self, column, func, "hybrid" if self.hybrid else route, filters, where, params, settings,
+                          served, unindexed=route == "exact" and not self.exact, scan=route == "exact")
 
 
 @dataclass
@@ -209,18 +235,19 @@ class SearchPlan:
     query: SearchQuery
     column: str                 # image_embedding | text_embedding
     func: str                   # cosineDistance | L2Distance
-    route: str                  # hnsw | ivf | exact
+    route: str                  # hnsw | ivf | exact | words (keywords alone) | hybrid (fused with a vector route)
     filters: Any                # Filters, with a like query's own row excluded
     where: str                  # the filters as a WHERE expression over fixed names
     params: dict[str, Any]      # its values
     settings: dict[str, Any]    # the index knobs as engine settings
     ivf: Any = None             # the IVF generation that serves the column (route ivf)
     unindexed: bool = False     # exact because no index serves the column, not because asked
+    scan: bool = False          # it reads every row: a vector scan, or keywords without a text index
 
     @property
     def scans(self) -> bool:
         """Whether it reads every row (a server queues such queries behind a gate)."""
-        return self.route == "exact"
+        return self.scan
 
     def replace(self, **fields: Any) -> "SearchPlan":
         """The same plan for the query with ``fields`` changed (e.g. the vector a server encoded,
@@ -327,6 +354,13 @@ def build_where(filters: Any) -> tuple[str, dict[str, Any]]:
     if filters.exclude_ids:
         clauses.append("id NOT IN {exclude_ids:Array(Int64)}")
         params["exclude_ids"] = [int(x) for x in filters.exclude_ids]
+    words = getattr(filters, "words", None)
+    if words is not None:
+        from laion_search.index import text  # the tokenizer the index uses
+
+        tokens = text.query_words(words, filters.words_mode)
+        clauses.append(text.words_clause(filters.words_mode))
+        params.update(text.words_params(tokens, filters.words_mode))
     return " AND ".join(clauses), params
 
 

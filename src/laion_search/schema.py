@@ -110,6 +110,11 @@ METRICS = {"cosine": "cosineDistance", "l2": "L2Distance"}
 NSFW_MODES = ("any", "exclude", "only")
 FILTER_STRATEGIES = ("auto", "postfilter", "prefilter")
 DEFAULT_COLUMNS = ("id", "caption", "url")
+#: caption keyword queries (laion_search.index.text): any: a caption with at least one of the
+#: words; all: with every word (any order); phrase: the words next to each other, in order
+WORDS_MODES = ("any", "all", "phrase")
+#: characters of a keyword query
+MAX_WORDS_CHARS = 2000
 MAX_K = 1000  # ClickHouse's max_limit_for_vector_search_queries default
 
 #: Column types for ``--where`` values (the allow-list).

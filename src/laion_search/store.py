@@ -175,6 +175,12 @@ class Store:
             raise UsageError("query_text runs read-only queries only")
         return self.backend.query_text(query, params, fmt)
 
+    def rows_read(self, query: str, params: Params | None = None) -> int | None:
+        """Run a read-only query for its cost: the rows the engine read (None where it does not say)."""
+        if not _READ_ONLY_RE.match(query):
+            raise UsageError("rows_read runs read-only queries only")
+        return self.backend.rows_read(query, params)
+
     def insert(self, table: str, data: pa.Table, settings: Mapping[str, Any] | None = None) -> None:
         """Insert an Arrow table into ``table`` (a name from our fixed set, never a user's)."""
         self.backend.insert_arrow(table, data, settings)

@@ -101,6 +101,10 @@ class ChdbBackend:
         result = self._run(sql, params, fmt)
         return "" if result is None else str(result.data())
 
+    def rows_read(self, sql: str, params: Params | None = None) -> int | None:
+        result = self._run(sql, params, "CSV")
+        return int(result.storage_rows_read()) if hasattr(result, "storage_rows_read") else None
+
     def insert_arrow(self, table: str, data: pa.Table, settings: Mapping[str, Any] | None = None) -> None:
         # chDB's Python() table function finds the object by its variable name in this frame.
         laion_insert_batch = data  # noqa: F841  (read by the engine, by name)

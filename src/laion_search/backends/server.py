@@ -143,6 +143,12 @@ class ClickHouseBackend:
                                                           settings=self._settings or None, fmt=fmt))
         return bytes(data or b"").decode("utf-8", "replace")
 
+    def rows_read(self, sql: str, params: Params | None = None) -> int | None:
+        result = self._call(lambda: self._client.query(sql, parameters=self._params(params),
+                                                        settings=self._settings or None))
+        read = (getattr(result, "summary", None) or {}).get("read_rows")
+        return int(read) if read is not None else None
+
     def insert_arrow(self, table: str, data: pa.Table, settings: Mapping[str, Any] | None = None) -> None:
         merged = {**self._settings, **(settings or {})}
         self._call(lambda: self._client.insert_arrow(table, data, settings=merged or None))

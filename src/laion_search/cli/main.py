@@ -151,6 +151,8 @@ def ingest(
                                                     "openai/clip-vit-base-patch32, 768: openai/clip-vit-large-patch14)."),
     index: Optional[str] = IndexOnIngestOption,
     index_kind: str = IndexKindOnIngestOption,
+    text_index: bool = typer.Option(False, "--text-index", help="Declare the caption text index first (keyword "
+                                                                "search: laion search --words), so each shard lands indexed."),
     db: Optional[str] = DbOption,
     url: Optional[str] = UrlOption,
     json_output: bool = JsonOption,
@@ -172,7 +174,7 @@ def ingest(
     with open_store(db, url, create=True) as store, output.IngestProgress(output.progress_mode(json_output)) as progress:
         report = ingest_source(store, source, format=fmt, shards=numbers, batch_rows=batch_rows, force=force,
                                progress=progress, skip_bad_rows=skip_bad_rows, model=source_model, index=index,
-                               index_kind=check_kind(index_kind, ("hnsw", "ivf")))
+                               index_kind=check_kind(index_kind, ("hnsw", "ivf")), text_index=text_index)
         hint = _unindexed_hint(store) if index and index_kind == "hnsw" else None
     if hint:
         output.err.print(f"hint: {hint}", markup=False, highlight=False)
@@ -470,9 +472,11 @@ def _with_bounds(text: str, ge: float | None, le: float | None) -> str:
 
 def _search_command(**fields: Any) -> None:
     """Nearest neighbours by text, image, vector or an existing row, exact or through an index
-    (HNSW, IVF).
+    (HNSW, IVF); caption keywords (--words) as a filter, a ranking of their own, or fused with the
+    vector ranking (--hybrid).
 
-    Example: laion search --text "a dog and a cat" --k 5 --nsfw exclude --where "width>=400"
+    Examples: laion search --text "a dog and a cat" --k 5 --nsfw exclude --where "width>=400" ·
+    laion search --words "red vintage car" --words-mode all · laion search --text "a red car" --words vintage --hybrid
     """
     from laion_search.query import SearchQuery
     from laion_search.search import search as do_search
@@ -501,7 +505,8 @@ def print_search(result, json_output: bool) -> None:
     if json_output:
         print(output.dumps(result.as_dict()))
         return
-    output.print_records(result.rows, title=f"{len(result.rows)} results · {result.modality} embeddings · "
+    what = "caption words" if result.metric == "words" else f"{result.modality} embeddings"
+    output.print_records(result.rows, title=f"{len(result.rows)} results · {what} · "
                                             f"{result.strategy} · {result.seconds * 1000:.1f} ms", width=70)
 
 
@@ -511,7 +516,8 @@ index_app = typer.Typer(help="HNSW vector_similarity indexes (and bf16 scan copi
 KindOption = typer.Option("hnsw", "--kind", help="hnsw: the engine's vector_similarity graph (lowest latency, in RAM); "
                                                  "ivf: partitioned lists on disk (builds in seconds, a few bytes of RAM "
                                                  "per vector); scan: a bf16 copy of the column that halves what an "
-                                                 "exact search reads.")
+                                                 "exact search reads; text: the caption text index for --words "
+                                                 "(--column does not apply).")
 app.add_typer(index_app, name="index")
 
 
@@ -539,7 +545,7 @@ def index_create(
     """Add and build (materialise) vector indexes, with progress; rerun to resume.
 
     Examples: laion index create --column both --guide · laion index create --kind ivf --column both ·
-    laion index create --kind scan
+    laion index create --kind scan · laion index create --kind text
     """
     from laion_search.index.kinds import build, check_kind
 
@@ -562,6 +568,8 @@ def _print_built(results: list[dict], json_output: bool) -> None:
     for group in groups.values():
         r = group[0]
         rate = f", {r['vectors_per_second']:,.0f} vectors/s" if r["vectors_per_second"] else ""
+        if r.get("bytes_per_row") is not None:
+            rate += f", {output.human_bytes(r['bytes_on_disk'])} ({r['bytes_per_row']:.1f} B/row)"
         if len(group) == 1:
             output.out.print(f"{r['index']}: {r['type']} built over {r['rows']:,} rows in {r['seconds']:.1f} s{rate}")
             continue
@@ -586,14 +594,16 @@ def index_status_cmd(db: Optional[str] = DbOption, url: Optional[str] = UrlOptio
     """
 
     from laion_search.index.ivf import status as ivf_status
+    from laion_search.index.text import text_index_status
 
     with open_store(db, url, create=False) as store:
         info = store.index_status()
         ivfs = ivf_status(store)
+        texts = text_index_status(store)
     if json_output:
-        print(output.dumps(info + ivfs))
+        print(output.dumps(info + ivfs + texts))
         return
-    if not info and not ivfs:
+    if not info and not ivfs and not texts:
         output.out.print("no vector indexes (create one: laion index create)")
         return
     rows = [{**i, "bytes_on_disk": output.human_bytes(i["bytes_on_disk"]),
@@ -610,6 +620,12 @@ def index_status_cmd(db: Optional[str] = DbOption, url: Optional[str] = UrlOptio
                      "memory": output.human_bytes(i["memory_bytes_estimate"]),
                      "tuned": (f"nprobe {i['nprobe']} (recall@{i['tuned_k']} {i['tuned_recall']:.3f}, "
                                f"p50 {i['tuned_p50_ms']:.1f} ms)") if i.get("nprobe") else ""})
+    for t in texts:
+        rows.append({"name": t["name"], "column": t["column"], "distance": "words", "quantization": t["tokenizer"],
+                     "m": "", "ef_construction": "", "covered": f"{t['parts_covered']}/{t['parts']} parts",
+                     "bytes_on_disk": output.human_bytes(t["bytes_on_disk"]) + (
+                         f" ({t['bytes_per_row']:.1f} B/row)" if t["bytes_per_row"] is not None else ""),
+                     "memory": output.human_bytes(0), "tuned": ""})
     output.print_records(rows, ["name", "column", "distance", "quantization", "m", "ef_construction", "covered",
                                 "bytes_on_disk", "memory", "tuned"])
     for i in ivfs:
@@ -679,9 +695,9 @@ def index_drop(column: str = typer.Option("both", "--column", help="image, text 
                kind: str = KindOption,
                db: Optional[str] = DbOption, url: Optional[str] = UrlOption,
                json_output: bool = JsonOption) -> None:
-    """Drop vector indexes (or, with --kind scan, the bf16 scan copies).
+    """Drop vector indexes (or, with --kind scan, the bf16 scan copies; with --kind text, the caption text index).
 
-    Example: laion index drop --column text
+    Examples: laion index drop --column text · laion index drop --kind text
     """
     from laion_search.index.kinds import drop
 
@@ -1163,6 +1179,36 @@ def bench_search(
 
 
 data_app = typer.Typer(help="Datasets for benchmarks, built offline and cached.", no_args_is_help=True)
+@bench_app.command("words")
+@handle_errors
+def bench_words(
+    rows: int = typer.Option(1_000_000, "--rows", min=1000, help="Rows (captions drawn from the corpus)."),
+    shards: int = typer.Option(1, "--shards", min=1, max=1000, help="Shards the rows are split into."),
+    dim: int = typer.Option(16, "--dim", min=2, max=4096, help="Vector dimension (tiny: the keyword part reads none)."),
+    corpus: Optional[Path] = typer.Option(None, "--corpus", help="Captions: a package list (.tsv with a summary "
+                                                                 "column) or text, one per line (default: $LAION_TEXT_CORPUS, "
+                                                                 "else the installed packages' summaries)."),
+    reps: int = typer.Option(5, "--reps", min=1, max=1000, help="Queries per case (p50 over them)."),
+    ivf: bool = typer.Option(True, "--ivf/--no-ivf", help="Also build the IVF index: the filter strategies and hybrid."),
+    workdir: Optional[Path] = typer.Option(None, "--dir", help="Scratch directory, reused between runs (default: temp)."),
+    out: Optional[Path] = typer.Option(Path("bench-out"), "--out", help="Where bench-words.md goes."),
+    json_output: bool = JsonOption,
+) -> None:
+    """Keyword search at scale: the caption text index's build time and bytes per row; keyword filter
+    through it vs the substring scan (p50, rows read); keyword ranking; prefilter vs postfilter; hybrid
+    vs vector alone.
+
+    Example: laion bench words --rows 10000000 --shards 10 --corpus pypi.tsv --dir ./bench-words
+    """
+    from laion_search.bench.words import run as run_words
+
+    result = run_words(rows=rows, shards=shards, dim=dim, corpus=corpus, reps=reps, workdir=workdir, out=out, ivf=ivf,
+                       log=None if json_output else output.err.print)
+    _print_bench(result, json_output, None)
+    if out and not json_output:
+        output.out.print(f"wrote {out / 'bench-words.md'}")
+
+
 @bench_app.command("ivf")
 @handle_errors
 def bench_ivf(

@@ -1,4 +1,4 @@
-"""One entry for every index kind: which module builds or drops an index of a given ``kind``,
+"""One entry for every index kind (``hnsw``, ``ivf``, ``scan``, ``text``): which module builds or drops an index of a given ``kind``,
 and the defaults each kind takes (the guide's HNSW parameters included). The CLI, the Python API
 and the web app call these, so the dispatch and the defaults live in one place."""
 
@@ -7,10 +7,10 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from laion_search.errors import UsageError
-from laion_search.index import hnsw, ivf, scan
+from laion_search.index import hnsw, ivf, scan, text
 from laion_search.schema import INDEX_NAMES, scan_column
 
-KINDS = ("hnsw", "ivf", "scan")
+KINDS = ("hnsw", "ivf", "scan", "text")
 ProgressFn = Callable[[dict[str, Any]], None]
 
 
@@ -37,8 +37,10 @@ def build(store: Any, column: str = "image", *, kind: str = "hnsw", guide: bool 
     ``type``, ``seconds``, ``rows``, ``vectors_per_second``). Idempotent: rerun to resume.
     With both columns, the HNSW graphs are queued together after one compaction and the IVF
     columns are trained and assigned in one pass over the table."""
+    if check_kind(kind) == "text":  # over the captions: --column does not apply
+        return [text.create_text_index(store, progress=progress)]
     columns = hnsw.columns_for(column)
-    if check_kind(kind) == "ivf":
+    if kind == "ivf":
         return ivf.create_ivf(store, columns, lists=lists, codes=codes, replace=replace, progress=progress)
     if kind == "scan":
         return [scan.create_scan_copy(store, c, progress=progress) for c in columns]
@@ -49,7 +51,8 @@ def build(store: Any, column: str = "image", *, kind: str = "hnsw", guide: bool 
 
 def drop(store: Any, column: str = "image", *, kind: str = "hnsw") -> dict[str, bool]:
     """Drop ``kind`` on ``column`` (image, text or both): each index's name → whether it existed."""
-    check_kind(kind)
+    if check_kind(kind) == "text":
+        return {text.TEXT_INDEX: text.drop_text_index(store)}
     out = {}
     for c in hnsw.columns_for(column):
         if kind == "ivf":

@@ -35,14 +35,14 @@ import threading
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import numpy as np
 from fastapi import Body, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic.config import JsonDict
+from pydantic.config import JsonDict, JsonValue
 from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -103,9 +103,16 @@ NOT_BLANK: JsonDict = {"not": {"pattern": r"^\s*$"}}
 #: "Exactly one query", as JSON Schema: a branch per query field, that one given and the others null
 #: or left out (the branches exclude each other: anyOf says oneOf, and fuzzers draw it without filtering)
 _QUERIES = {"text": "string", "image": "string", "image_url": "string", "vector": "array", "like": "integer"}
-ONE_QUERY: JsonDict = {"anyOf": [
+_ONE: list[JsonValue] = [
     {"required": [name], "properties": {name: {"type": kind}, **{o: {"type": "null"} for o in _QUERIES if o != name}}}
-    for name, kind in _QUERIES.items()]}
+    for name, kind in _QUERIES.items()]
+# words alone: a keyword search (no vector query, so no hybrid)
+_ONE.append({"required": ["words"], "properties": {"words": {"type": "string"}, "hybrid": {"const": False},
+                                                   **{o: {"type": "null"} for o in _QUERIES}}})
+# hybrid fuses the words' ranking with the query's: it needs words
+_HYBRID_NEEDS_WORDS: JsonValue = {"if": {"required": ["hybrid"], "properties": {"hybrid": {"const": True}}},
+                                  "then": {"required": ["words"], "properties": {"words": {"type": "string"}}}}
+ONE_QUERY: JsonDict = {"anyOf": _ONE, "allOf": [_HYBRID_NEEDS_WORDS]}
 
 
 #: How HTTP carries the query fields whose Python form it cannot: an image as base64 text, a
@@ -148,6 +155,8 @@ def _search_body() -> type[BaseModel]:
         if kb.choices is not None:
             choices = {"enum": list(kb.choices)}
             extra.update({"items": {"type": "string", **choices}} if f.name == "columns" else choices)
+        if kb.pattern is not None:
+            extra["pattern"] = kb.pattern
         if kb.ge is not None and f.name not in ("like", "exclude_ids"):
             extra["minimum"] = kb.ge
         if kb.le is not None and f.name not in ("like", "exclude_ids"):
@@ -248,10 +257,17 @@ class SearchRow(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     rank: int = Field(ge=1)
-    distance: float
+    distance: Optional[float] = Field(None, description=(
+        "The vector distance (absent for a keyword search alone; null in a hybrid row the words found alone)."))
     id: int
     caption: str
     url: str
+    words_score: Optional[float] = Field(None, description="Keyword searches: distinct query words the caption "
+                                                           "holds, plus 1 / (1 + its word count).")
+    rrf_score: Optional[float] = Field(None, description="hybrid: the row's reciprocal rank fusion score.")
+    found_by: Optional[Literal["words", "vector", "both"]] = Field(None, description="hybrid: which ranking held it.")
+    vector_rank: Optional[int] = Field(None, ge=1, description="hybrid: its rank in the vector ranking.")
+    words_rank: Optional[int] = Field(None, ge=1, description="hybrid: its rank in the keyword ranking.")
 
 
 class SearchAnswer(BaseModel):
@@ -479,8 +495,10 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
                    extra: tuple[str, ...] = ()) -> dict[str, Any]:
         """``extra``: columns the caller needs beyond the body's own, read in the same statement."""
         t0 = time.perf_counter()
-        if len(body.queries()) + (image_bytes is not None) != 1:
-            raise UsageError("give exactly one query: a text, an image, an image_url, a vector or like=<row id>")
+        given = len(body.queries()) + (image_bytes is not None)
+        if given > 1 or (given == 0 and body.words is None):  # the model checks the rest; image_url is ours
+            raise UsageError("give exactly one query: a text, an image, an image_url, a vector or like=<row id> "
+                             "(or words alone)")
         if image_bytes is None:
             if body.image is not None:
                 image_bytes = decode_base64_image(body.image)
