@@ -386,8 +386,9 @@ def test_admission_gate_queues_then_sheds():
     assert inside.wait(60)
     b = threading.Thread(target=queued)
     b.start()
+    deadline = time.monotonic() + 120  # a failure deadline: we wait for b to queue
     while gate.stats()["waiting"] != 1:  # b is queued behind a
-        assert b.is_alive()
+        assert b.is_alive() and time.monotonic() < deadline, f"b never queued: {gate.stats()}"
         time.sleep(0.01)
     with pytest.raises(Overloaded) as err:  # running 1 + queue 1 full: shed at once
         with gate.admit():
