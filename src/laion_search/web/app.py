@@ -659,6 +659,8 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
             raise UsageError(f"ids must be a list of at most {MAX_K} integers")
         if any(not -(2**63) <= i < 2**63 for i in ids):
             raise UsageError("ids out of range")
+        if "indice_name" in body and not isinstance(body["indice_name"], str):  # as the schema says
+            raise UsageError("indice_name must be a string")
         from starlette.concurrency import run_in_threadpool
 
         found = await run_in_threadpool(_metadata, store, ids)
