@@ -187,7 +187,8 @@ class KnnBody(BaseModel):
     """clip-back's ``/knn-service`` request (its defaults where it has them). The query is the
     first of text (non-empty), image, image_url and embedding_input that is given."""
 
-    model_config = ConfigDict(json_schema_extra=KNN_QUERY)
+    # strict: JSON's types as the schema says them (lax mode took false for num_images, 0.0 for use_mclip)
+    model_config = ConfigDict(json_schema_extra=KNN_QUERY, strict=True)
 
     text: Optional[str] = Field(None, max_length=MAX_TEXT_CHARS)
     image: Optional[str] = Field(None, json_schema_extra={"contentEncoding": "base64", "contentMediaType": "image/*"})
