@@ -146,17 +146,6 @@ def _fixture_sql(chdb_http, sql: str) -> bytes:
         return r.read()
 
 
-def pytest_collection_modifyitems(config, items):
-    """Tests marked ``slow`` run only with LAION_SLOW_TESTS=1 (the long reliability variants also
-    scale their kill points and fuzz cases with it)."""
-    if os.environ.get("LAION_SLOW_TESTS", "") not in ("", "0"):
-        return
-    skip = pytest.mark.skip(reason="long variant: set LAION_SLOW_TESTS=1")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
-
-
 @pytest.fixture(autouse=True)
 def _await_the_clip_model(monkeypatch):
     """A served text/image request waits for the server's background CLIP load (an event) for

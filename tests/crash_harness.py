@@ -12,6 +12,7 @@ Checks (:func:`verify_store`):
 * no duplicate ids, and ``id = shard × 10⁹ + shard_row``;
 * embeddings bit-identical to the source files: a SHA-256 per shard over the float32 image and
   text vectors in id order, computed from the ``.npy`` files and from the table;
+* url and caption of every row equal to the source Parquet's (a SHA-256 per shard, in id order);
 * after the final rerun: every shard present, exact total row count, no staging table left.
 """
 
@@ -31,16 +32,19 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from laion_search import connect
+from laion_search import connect, killpoints
+
+#: The most statement steps a mid-way kill lets a process run past its kill point.
+MAX_STEPS = 5
 
 
 @dataclass
 class KillPoint:
-    """One SIGKILL: the kill point it landed at (or after), and how long the process was let run
-    past that point first."""
+    """One SIGKILL: the kill point it landed at (or after), and how many statement steps the
+    process was let run past that point first (0: killed while it waited at the point)."""
 
     command: str
-    delay: float
+    steps: int
     last_event: str
     killed: bool
 
@@ -139,13 +143,15 @@ def run_and_kill(cmd: Sequence[str], rng: random.Random, *, points: int, env: di
                  label: str = "", last: Sequence[str] = ()) -> KillPoint:
     """Start ``cmd`` and SIGKILL it at a kill point drawn at random from its first ``points``
     (about as many as a whole run reaches, see :func:`count_points`): at that point, either while
-    it waits there, or after letting it go on for a random moment — it cannot finish meanwhile,
-    since it must stop at the next point first. A process that reaches one of the events named in
+    it waits there, or mid-way to the next one — at its n-th statement step from there (n drawn
+    from the seed too; see laion_search.killpoints.step), where it kills itself, or at the next
+    point if it gets there first. Nothing depends on the clock: a seed replays the same kills.
+    A process that reaches one of the events named in
     ``last`` (its final ones: event names, or descriptions such as ``"index_done index text_index"``) before the drawn point is killed there, so every attempt kills a
     running process; one that exits before (a failure) is reported with ``killed=False``."""
     proc, events, ack = _start_gated(cmd, env)
     target = rng.randint(1, max(1, points))
-    jitter = rng.choice([0.0, rng.uniform(0.0, 0.3)])
+    jitter = rng.choice([0, rng.randint(1, MAX_STEPS)])
     n, desc, killed = 0, "(none)", False
     try:
         for line in events:
@@ -157,17 +163,17 @@ def run_and_kill(cmd: Sequence[str], rng: random.Random, *, points: int, env: di
                 os.write(ack, b"1")
                 continue
             if jitter and not final:
-                # let it run on, then kill it mid-way (or at the next point, if it gets there first)
-                os.write(ack, b"1")
-                ready = readable(events, jitter)
-                if ready:
-                    nxt = events.readline()
-                    if nxt:
-                        desc = _describe(json.loads(nxt)) + " (after " + desc + ")"
-                    else:  # it exited: the drawn point was its last
-                        break
+                # let it run on to its jitter-th statement step, where it kills itself (or to the
+                # next point, if it gets there first: killed there)
+                os.write(ack, bytes([killpoints.STEP_BASE + jitter]))
+                nxt = events.readline()  # the next point, or EOF: it is gone
+                if nxt:
+                    desc = _describe(json.loads(nxt)) + " (after " + desc + ")"
                 else:
-                    desc = "after " + desc
+                    proc.wait(timeout=60)
+                    killed = proc.returncode == -signal.SIGKILL  # else it exited: that point was its last
+                    desc = f"step {jitter} after {desc}"
+                    break
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGKILL)
                 killed = True
@@ -178,7 +184,7 @@ def run_and_kill(cmd: Sequence[str], rng: random.Random, *, points: int, env: di
     proc.wait(timeout=60)
     if killed:
         assert proc.returncode == -signal.SIGKILL
-    return KillPoint(label or Path(cmd[3] if len(cmd) > 3 else cmd[0]).name, round(jitter, 3), desc, killed)
+    return KillPoint(label or Path(cmd[3] if len(cmd) > 3 else cmd[0]).name, jitter, desc, killed)
 
 
 def run_to_completion(cmd: Sequence[str], *, env: dict[str, str] | None = None,
@@ -191,8 +197,11 @@ def run_to_completion(cmd: Sequence[str], *, env: dict[str, str] | None = None,
 
 
 # -- verification ------------------------------------------------------------------------------------
-def source_checksums(shards_dir: Path, shards: Sequence[int], pad: int = 0) -> dict[int, tuple[int, str]]:
-    """Per shard: (rows, SHA-256 of the float32 image + text vectors), from the .npy files."""
+def source_checksums(shards_dir: Path, shards: Sequence[int], pad: int = 0) -> dict[int, tuple[int, str, str]]:
+    """Per shard: (rows, SHA-256 of the float32 image + text vectors from the .npy files, SHA-256
+    of every row's url and caption from the metadata Parquet, in row order)."""
+    import pyarrow.parquet as pq
+
     out = {}
     for n in shards:
         name = f"{n:0{pad}d}" if pad else str(n)
@@ -203,8 +212,21 @@ def source_checksums(shards_dir: Path, shards: Sequence[int], pad: int = 0) -> d
         h = hashlib.sha256()
         h.update(np.ascontiguousarray(a).tobytes())
         h.update(np.ascontiguousarray(b).tobytes())
-        out[n] = (a.shape[0], h.hexdigest())
+        meta = pq.read_table(_find(shards_dir, f"metadata_{name}.parquet"), columns=["url", "caption"])
+        out[n] = (a.shape[0], h.hexdigest(), _text_digest(meta.column("url").to_pylist(),
+                                                          meta.column("caption").to_pylist()))
     return out
+
+
+def _text_digest(urls: Sequence[str | None], captions: Sequence[str | None]) -> str:
+    """SHA-256 over (url, caption) pairs, each length-prefixed (a missing value reads as "", as
+    LAION's loaders and ours store it)."""
+    h = hashlib.sha256()
+    for u, c in zip(urls, captions):
+        for v in (u or "", c or ""):
+            b = v.encode("utf-8", "surrogatepass")
+            h.update(len(b).to_bytes(8, "little") + b)
+    return h.hexdigest()
 
 
 def _find(root: Path, name: str) -> Path:
@@ -214,9 +236,9 @@ def _find(root: Path, name: str) -> Path:
     raise FileNotFoundError(root / name)
 
 
-def table_checksum(store: Any, shard: int) -> tuple[int, str]:
-    t = store.sql("SELECT image_embedding, text_embedding FROM laion WHERE shard = {s:UInt32} ORDER BY id",
-                  {"s": shard})
+def table_checksum(store: Any, shard: int) -> tuple[int, str, str]:
+    t = store.sql("SELECT image_embedding, text_embedding, url, caption FROM laion WHERE shard = {s:UInt32} "
+                  "ORDER BY id", {"s": shard})
     h = hashlib.sha256()
     img = t.column("image_embedding").combine_chunks()
     txt = t.column("text_embedding").combine_chunks()
@@ -224,10 +246,10 @@ def table_checksum(store: Any, shard: int) -> tuple[int, str]:
     if rows:
         h.update(np.asarray(img.flatten(), dtype=np.float32).tobytes())
         h.update(np.asarray(txt.flatten(), dtype=np.float32).tobytes())
-    return rows, h.hexdigest()
+    return rows, h.hexdigest(), _text_digest(t.column("url").to_pylist(), t.column("caption").to_pylist())
 
 
-def verify_store(db: Path, expected: dict[int, tuple[int, str]], *, complete: bool,
+def verify_store(db: Path, expected: dict[int, tuple[int, str, str]], *, complete: bool,
                  extra: Callable[[Any], None] | None = None) -> int:
     """Check the invariants above; ``complete`` also requires every expected shard. Returns the
     number of checks made."""
@@ -237,8 +259,10 @@ def verify_store(db: Path, expected: dict[int, tuple[int, str]], *, complete: bo
         for shard, n in counts.items():
             assert shard in expected, f"unexpected shard {shard} in the table"
             assert n == expected[shard][0], f"shard {shard} is partial: {n} of {expected[shard][0]} rows"
-            assert table_checksum(store, shard) == expected[shard], f"shard {shard}: embeddings differ from source"
-            checks += 2
+            rows, vectors, text = table_checksum(store, shard)
+            assert vectors == expected[shard][1], f"shard {shard}: embeddings differ from source"
+            assert text == expected[shard][2], f"shard {shard}: url or caption differs from the source Parquet"
+            checks += 3
         dup = store.scalar("SELECT count() - uniqExact(id) FROM laion")
         assert dup == 0, f"{dup} duplicate ids"
         bad_ids = store.scalar("SELECT countIf(id != toInt64(shard) * 1000000000 + shard_row) FROM laion")
@@ -246,11 +270,11 @@ def verify_store(db: Path, expected: dict[int, tuple[int, str]], *, complete: bo
         checks += 2
         if complete:
             assert set(counts) == set(expected), f"shards {sorted(set(expected) - set(counts))} missing"
-            assert store.scalar("SELECT count() FROM laion") == sum(r for r, _ in expected.values())
+            assert store.scalar("SELECT count() FROM laion") == sum(e[0] for e in expected.values())
             assert store.rows("SELECT name FROM system.tables WHERE database = currentDatabase() "
                               "AND startsWith(name, 'laion_stage_')") == []
             recs = store.shard_records()
-            assert {s: r.rows for s, r in recs.items() if s in expected} == {s: r for s, (r, _) in expected.items()}
+            assert {s: r.rows for s, r in recs.items() if s in expected} == {s: e[0] for s, e in expected.items()}
             checks += 4
         if extra is not None:
             extra(store)

@@ -13,6 +13,7 @@ from laion_search.index import IndexSpec, create_index, drop_index
 from laion_search.search import Filters, SearchOptions, explain, search
 
 from .conftest import run_cli
+from .oracle import Source, recall
 
 
 @pytest.fixture(scope="module")
@@ -20,12 +21,15 @@ def loaded(tmp_path_factory, shards_flat):
     db = tmp_path_factory.mktemp("search") / "db"
     store = connect(db)
     ingest(store, shards_flat)
-    data = store.sql("SELECT id, image_embedding, text_embedding, NSFW, similarity, caption, width FROM laion ORDER BY id")
+    # the ground truth comes from the source files, never from the table (tests/oracle.py)
+    src = Source.load(shards_flat, [0, 1, 2])
     truth = {
-        "ids": np.array(data.column("id").to_pylist()),
-        "image": np.array(data.column("image_embedding").to_pylist(), np.float32),
-        "text": np.array(data.column("text_embedding").to_pylist(), np.float32),
-        "rows": data.drop(["image_embedding", "text_embedding"]).to_pylist(),
+        "ids": src.ids,
+        "image": src.image,
+        "text": src.text,
+        "rows": [{"id": int(i), **{c: src.meta[c][n] for c in ("NSFW", "similarity", "caption", "width")}}
+                 for n, i in enumerate(src.ids)],
+        "source": src,
     }
     yield store, truth, db
     store.close()
@@ -125,7 +129,20 @@ def test_filtered_indexed_search_returns_k(loaded):
         nsfw_ids = {r["id"] for r in truth["rows"] if r["NSFW"] == "NSFW"}
         assert all(r["id"] in nsfw_ids for r in res.rows)
         forced = search(store, q, k=20, filters=Filters(nsfw="only"), options=SearchOptions(filter_strategy="prefilter"))
-        assert [r["id"] for r in forced.rows] == [r["id"] for r in res.rows]
+        # against numpy over the source vectors and metadata, not the product's other path
+        src = truth["source"]
+        want, dist = src.topk(q, 20, mask=src.mask(nsfw="only"))
+        assert [r["id"] for r in forced.rows] == want  # prefilter: an exact scan of the allowed rows
+        assert np.allclose([r["distance"] for r in forced.rows], dist, atol=1e-5)
+        rec = [recall([r["id"] for r in res.rows], want)]
+        for rid in (5, 1_000_000_300, 2_000_000_123):  # more queries, other filters: recall of the graph path
+            for f in (Filters(nsfw="exclude"), Filters(where=["width>=600"]), Filters(min_similarity=0.33)):
+                got = search(store, like=rid, k=10, filters=f)
+                want, _ = src.like(rid, 10, mask=src.filters_mask(f))
+                assert len(got.rows) == len(want) == 10
+                assert all(src.filters_mask(f)[src.row(r["id"])] for r in got.rows), f
+                rec.append(recall([r["id"] for r in got.rows], want))
+        assert np.mean(rec) >= 0.9, rec
     finally:
         drop_index(store, "image")
 

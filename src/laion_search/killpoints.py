@@ -7,20 +7,31 @@ exactly where it is: it can acknowledge and let it run on, or SIGKILL it while i
 acknowledge and kill it a moment later, mid-way to the next point. Every progress event is a
 kill point (see :class:`laion_search.cli.output.Progress`), and so is opening the store.
 
-Unset (always, outside tests), :func:`reached` costs one dictionary lookup. When the harness
-closes its end, the process runs on without waiting.
+A kill mid-way between two points is measured in events too, so a seed replays: the harness may
+answer a point with ``STEP_BASE + n`` instead of ``1``, and the process then SIGKILLs itself at
+its ``n``-th :func:`step` from there, unless it reaches the next point first (then it waits there
+as usual). The embedded backend calls :func:`step` before and after every statement, so such a
+kill lands between two statements of the work between two points (after an insert batch, after
+``REPLACE PARTITION`` and before the shard's record, ...), at the same statement on every run.
+
+Unset (always, outside tests), :func:`reached` costs one dictionary lookup and :func:`step` one
+global read. When the harness closes its end, the process runs on without waiting.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
 from typing import Any
 
 _ENV = "LAION_KILLPOINT_FDS"
 _lock = threading.Lock()
 _fds: tuple[int, int] | None | bool = False  # False: not read yet; None: off
+#: An acknowledgement byte of ``STEP_BASE + n`` (n in 1..127) arms a self-SIGKILL at the n-th step.
+STEP_BASE = 0x80
+_steps_left = 0  # 0: no self-kill armed
 
 
 def _channel() -> tuple[int, int] | None:
@@ -40,12 +51,28 @@ def reached(event: str, **info: Any) -> None:
     fds = _channel()
     if fds is None:
         return
-    global _fds
+    global _fds, _steps_left
     line = (json.dumps({"event": event, **info}, default=str) + "\n").encode()
     with _lock:  # one point at a time, whatever thread reaches it
         try:
             os.write(fds[0], line)
-            if os.read(fds[1], 1) == b"":  # harness gone: stop waiting
+            ack = os.read(fds[1], 1)
+            if ack == b"":  # harness gone: stop waiting
                 _fds = None
+            elif ack[0] > STEP_BASE:
+                _steps_left = ack[0] - STEP_BASE
         except OSError:
             _fds = None
+
+
+def step() -> None:
+    """A moment between two kill points (a statement's start or end): the harness may have asked
+    for a SIGKILL at the n-th one after a point (see the module docstring)."""
+    global _steps_left
+    if not _steps_left:
+        return
+    with _lock:
+        if _steps_left:
+            _steps_left -= 1
+            if not _steps_left:
+                os.kill(os.getpid(), signal.SIGKILL)

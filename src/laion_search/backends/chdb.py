@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 import pyarrow as pa
 
+from laion_search import killpoints
 from laion_search.backends.base import _SET_RE, Params, clean_engine_message, format_param, settings_sql
 from laion_search.errors import QueryError, StoreBusyError, StoreError
 
@@ -116,6 +117,7 @@ class ChdbBackend:
         text_params = {k: format_param(v) for k, v in (params or {}).items()}
         is_set = not params and _SET_RE.match(sql) is not None
         session = self._acquire()
+        killpoints.step()  # crash tests may kill here: before this statement, ...
         try:
             if is_set:
                 session.query(sql, "CSV")  # raises on a bad setting before it is recorded
@@ -130,6 +132,7 @@ class ChdbBackend:
             raise QueryError(clean_engine_message(str(exc))) from exc
         finally:
             self._release(session)
+            killpoints.step()  # ... or after it
 
     def _acquire(self) -> Any:
         with self._cond:

@@ -143,7 +143,9 @@ DEFAULT_KINDS = ("indexed", "exact", "filtered", "like")
 
 def run(rows: int = 100_000, clients: int = 16, seconds: float = 30.0, workdir: Path | None = None,
         log: Callable[[str], Any] | None = None, kinds: tuple[str, ...] = DEFAULT_KINDS,
-        db: Path | None = None) -> dict[str, Any]:
+        db: Path | None = None, requests: int | None = None) -> dict[str, Any]:
+    """The load for ``seconds``, or, with ``requests``, until each client has sent that many
+    (a run bounded by count, not by the clock: what the tests use)."""
     import httpx
     import psutil
 
@@ -173,8 +175,10 @@ def run(rows: int = 100_000, clients: int = 16, seconds: float = 30.0, workdir: 
 
             def client(seed: int) -> None:
                 rnd = random.Random(seed)
+                sent = 0
                 with _client(base, timeout=30) as c:
-                    while time.time() < stop_at:
+                    while (sent < requests) if requests is not None else time.time() < stop_at:
+                        sent += 1
                         kind = rnd.choice(mix)
                         q = queries[rnd.randrange(len(queries))].tolist()
                         body: dict[str, Any] = {"vector": q, "k": 10}
@@ -204,7 +208,8 @@ def run(rows: int = 100_000, clients: int = 16, seconds: float = 30.0, workdir: 
                             else:
                                 errors[0] += 1
                         if retry_after is not None:  # a documented shed: back off as told
-                            time.sleep(max(0.0, min(retry_after, stop_at - time.time())))
+                            time.sleep(max(0.0, min(retry_after, stop_at - time.time())) if requests is None
+                                       else retry_after)
 
             with _client(base, timeout=120) as c:  # warm-up, untimed: the graphs load on first use
                 for kind in mix:
@@ -238,6 +243,7 @@ def run(rows: int = 100_000, clients: int = 16, seconds: float = 30.0, workdir: 
     per_kind = {k: {"requests": len(v), "p50_ms": statistics.median(v) * 1000 if v else float("nan"),
                     "p99_ms": pct(sorted(v), 0.99), "shed": shed.get(k, 0)} for k, v in lat.items()}
     result = {"rows": rows, "clients": clients, "seconds": elapsed, "requests": len(all_lat), "errors": errors[0],
+              "sent": clients * requests if requests is not None else None,
               "shed": sum(shed.values()),
               "qps": len(all_lat) / elapsed, "p50_ms": pct(all_lat, 0.5), "p99_ms": pct(all_lat, 0.99),
               "rss_before": rss_before, "rss_after": rss_after, "per_kind": per_kind}
@@ -300,7 +306,9 @@ def run_mixed(rows: int = 200_000, scan_clients: int = 4, rate: float = 20.0, se
                 indexed_errors: list[str] = []
                 stop = threading.Event()
 
-                def scanner() -> None:
+                answered = [threading.Event() for _ in range(scan_clients)]
+
+                def scanner(i: int) -> None:
                     while not stop.is_set():
                         try:
                             r = c.post("/api/search", json=body(exact=True))
@@ -310,6 +318,7 @@ def run_mixed(rows: int = 200_000, scan_clients: int = 4, rate: float = 20.0, se
                         with lock:
                             key = "done" if code == 200 else "shed" if code == 429 else "errors"
                             scans[key] += 1
+                        answered[i].set()
                         if code == 429:  # a documented shed: back off as told
                             stop.wait(float(r.headers.get("Retry-After", "1")))
 
@@ -327,7 +336,7 @@ def run_mixed(rows: int = 200_000, scan_clients: int = 4, rate: float = 20.0, se
                         else:
                             indexed_errors.append(why)
 
-                threads = [threading.Thread(target=scanner) for _ in range(scan_clients)]
+                threads = [threading.Thread(target=scanner, args=(i,)) for i in range(scan_clients)]
                 for th in threads:
                     th.start()
                 total = int(rate * seconds)
@@ -339,6 +348,12 @@ def run_mixed(rows: int = 200_000, scan_clients: int = 4, rate: float = 20.0, se
                         if delay > 0:
                             time.sleep(delay)
                         pool.submit(one, due, body())
+                # the load lasts until every scan client has had an answer too, however slow the
+                # scans: "under scans" then means under at least one scan per client (an event)
+                for ev in answered:
+                    if not ev.wait(600):  # a failure deadline only
+                        stop.set()
+                        raise RuntimeError("a scan client got no answer in 600 s")
                 stop.set()
                 for th in threads:
                     th.join()

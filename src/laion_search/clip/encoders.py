@@ -183,7 +183,10 @@ class HFClipEncoder:
             new = (int(size * w / h), size)
         img = img.resize(new, Image.Resampling.BICUBIC)
         w, h = img.size
-        left, top = (w - size) // 2, (h - size) // 2
+        # the centre crop as OpenAI CLIP's (torchvision's CenterCrop) computes it, which made
+        # LAION's vectors: offsets rounded, not floored (transformers floors: one pixel apart
+        # when the overhang is 3, 7, 11, ... pixels)
+        left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
         img = img.crop((left, top, left + size, top + size))
         arr = np.asarray(img, dtype=np.float32) / 255.0
         arr = (arr - self.mean) / self.std

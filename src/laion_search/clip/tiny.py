@@ -36,8 +36,10 @@ def _vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return vocab, merges
 
 
-def make_clip_model(out: str | Path, size: str = "tiny", seed: int = 0) -> Path:
-    """Save a random CLIP model + tokenizer to ``out``; returns the directory."""
+def make_clip_model(out: str | Path, size: str = "tiny", seed: int = 0, image_size: int | None = None) -> Path:
+    """Save a random CLIP model + tokenizer to ``out``; returns the directory. ``image_size``
+    (a multiple of 32) overrides the model's input size, e.g. a tiny model at the published
+    models' 224 px, for preprocessing tests."""
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
@@ -58,6 +60,10 @@ def make_clip_model(out: str | Path, size: str = "tiny", seed: int = 0) -> Path:
         projection = 512
     else:
         raise ValueError("size must be 'tiny' or 'vit-b-32'")
+    if image_size is not None:
+        if image_size <= 0 or image_size % 32:
+            raise ValueError("image_size must be a positive multiple of 32")
+        vision.update(image_size=image_size, patch_size=32 if image_size > 32 else vision["patch_size"])
     torch.manual_seed(seed)
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection))
     model.save_pretrained(out)

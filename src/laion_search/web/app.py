@@ -41,7 +41,7 @@ import numpy as np
 from fastapi import Body, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic.config import JsonDict, JsonValue
 from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -99,7 +99,10 @@ INT64: JsonDict = {"minimum": INT64_MIN, "exclusiveMaximum": INT64_END}
 FLOAT32: JsonDict = {"minimum": -3.4028234663852886e38, "maximum": 3.4028234663852886e38}
 #: a text query is not all whitespace (said as "not blank" rather than "has a non-space", which a
 #: fuzzer can only negate by filtering)
-NOT_BLANK: JsonDict = {"not": {"pattern": r"^\s*$"}}
+#: (Python's whitespace, which the server strips: str.split's set, not JSON Schema's \s, which
+#: lacks \x1c-\x1f and \x85 and has \ufeff)
+NOT_BLANK: JsonDict = {"not": {"pattern": "^[\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029"
+                                          "\u202f\u205f\u3000]*$"}}
 #: "Exactly one query", as JSON Schema: a branch per query field, that one given and the others null
 #: or left out (the branches exclude each other: anyOf says oneOf, and fuzzers draw it without filtering)
 _QUERIES = {"text": "string", "image": "string", "image_url": "string", "vector": "array", "like": "integer"}
@@ -201,31 +204,45 @@ def search_body_from_params(items: list[tuple[str, str]]) -> Any:
 
 
 #: clip-back's query, as JSON Schema: a non-empty text, an image, an image_url or an embedding_input
-KNN_QUERY: JsonDict = {"anyOf": [{"required": ["text"], "properties": {"text": {"type": "string", "minLength": 1}}},
+KNN_QUERY: JsonDict = {"anyOf": [{"required": ["text"], "properties": {"text": {"type": "string", "minLength": 1,
+                                                                                **NOT_BLANK}}},
                                  {"required": ["image"], "properties": {"image": {"type": "string"}}},
                                  {"required": ["image_url"], "properties": {"image_url": {"type": "string"}}},
                                  {"required": ["embedding_input"],
                                   "properties": {"embedding_input": {"type": "array"}}}]}
 
 
+def _json_int(value: Any) -> Any:
+    """JSON's integers, 3.0 included (JSON Schema's "integer"); never a bool or a string."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+#: an integer as JSON Schema has it, in a strict model: 711.0 is 711; false and "7" are refused
+_JsonInt = Annotated[int, Field(ge=INT64_MIN, lt=INT64_END), BeforeValidator(_json_int)]
+
+
 class KnnBody(BaseModel):
     """clip-back's ``/knn-service`` request (its defaults where it has them). The query is the
     first of text (non-empty), image, image_url and embedding_input that is given."""
 
-    model_config = ConfigDict(json_schema_extra=KNN_QUERY)
+    # strict: JSON's types as the schema says them (lax mode took false for num_images, 0.0 for use_mclip)
+    model_config = ConfigDict(json_schema_extra=KNN_QUERY, strict=True)
 
     text: Optional[str] = Field(None, max_length=MAX_TEXT_CHARS)
     image: Optional[str] = Field(None, json_schema_extra={"contentEncoding": "base64", "contentMediaType": "image/*"})
     image_url: Optional[str] = Field(None, max_length=2048, description=(
         "An http(s) URL the server fetches: only on servers started with --allow-image-url."))
-    embedding_input: Optional[list[float]] = Field(None, max_length=4096, description=(
-        "Query embedding: as many values as the table's dimension, not all zero."),
-        json_schema_extra={"minItems": 1, "items": {"type": "number", **FLOAT32}})
+    # the bounds are checked even when an earlier query wins (text), as the schema states them
+    embedding_input: Optional[list[Annotated[float, Field(ge=FLOAT32["minimum"], le=FLOAT32["maximum"])]]] = Field(
+        None, min_length=1, max_length=4096, description=(
+            "Query embedding: as many values as the table's dimension, not all zero."))
     modality: str = Field("image", json_schema_extra={"enum": list(MODALITIES)})
     # any integer is accepted and clamped to 1-MAX_K, as clip-back does; the schema states the
     # range a JSON integer can carry here
-    num_images: int = Field(40, ge=INT64_MIN, lt=INT64_END)
-    num_result_ids: Optional[int] = Field(None, ge=INT64_MIN, lt=INT64_END)  # clip-back: num_images when absent
+    num_images: _JsonInt = 40
+    num_result_ids: Optional[_JsonInt] = None  # clip-back: num_images when absent
     indice_name: Optional[str] = Field(None, json_schema_extra={"enum": [TABLE, "", None]})
     deduplicate: bool = False
     use_safety_model: bool = False
@@ -673,7 +690,7 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
         if body.indice_name not in (None, "", TABLE):
             raise UsageError(f"unknown indice_name {body.indice_name!r}; this server has {TABLE!r}")
         # clip-back's precedence: text, then image, then image_url, then embedding_input
-        text = body.text if body.text not in (None, "") else None
+        text = body.text if body.text is not None and body.text.split() else None  # blank: no text query
         image_bytes = vector = None
         if text is None and body.image is not None:
             image_bytes = decode_base64_image(body.image)
@@ -716,6 +733,8 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
             raise UsageError(f"ids must be a list of at most {MAX_K} integers")
         if any(not -(2**63) <= i < 2**63 for i in ids):
             raise UsageError("ids out of range")
+        if "indice_name" in body and not isinstance(body["indice_name"], str):  # as the schema says
+            raise UsageError("indice_name must be a string")
         from starlette.concurrency import run_in_threadpool
 
         found = await run_in_threadpool(_metadata, store, ids)
@@ -917,7 +936,7 @@ def _form_field(prop: dict[str, Any]) -> dict[str, Any]:
 
 #: ``/api/search/upload``'s form: the file, and SearchBody's fields but the other queries (lists repeated)
 UPLOAD_FORM: dict[str, Any] = {
-    "type": "object", "required": ["file"], "additionalProperties": False,
+    "type": "object", "required": ["file"], "additionalProperties": False, "allOf": [_HYBRID_NEEDS_WORDS],
     "properties": {"file": {"type": "string", "format": "binary", "description": "The query image."},
                    **{name: _form_field(prop) for name, prop in SearchBody.model_json_schema()["properties"].items()
                       if name not in _QUERIES}}}
