@@ -60,6 +60,42 @@ def test_exact_l2_equals_numpy(loaded):
     assert np.allclose([r["distance"] for r in res.rows], d[order], atol=1e-5)
 
 
+def test_exact_dot_equals_numpy_and_hnsw_refuses_dot(loaded):
+    """--metric dot ranks by inner product, largest first (distance = -dot); the query is not unit
+    length, so cosine would rank differently. HNSW has no dot: building one is refused, and a dot
+    search on a table with a cosine index scans exactly."""
+    store, truth, _ = loaded
+    q = truth["image"][9] * 3.0 + 0.05
+    dots = truth["image"] @ q
+    order = np.argsort(-dots, kind="stable")[:12]
+    res = search(store, q, k=12, exact=True, metric="dot")
+    assert [r["id"] for r in res.rows] == truth["ids"][order].tolist() and res.metric == "dot"
+    assert np.allclose([r["distance"] for r in res.rows], -dots[order], atol=1e-4)
+    with pytest.raises(UsageError, match="HNSW index .* ranks by cosine or l2 only"):
+        create_index(store, IndexSpec(column="image", metric="dot"))
+    create_index(store, IndexSpec(column="image", m=8, ef_construction=32))
+    try:
+        unindexed = search(store, q, k=12, metric="dot")
+        assert unindexed.strategy == "exact (no index)"
+        assert [r["id"] for r in unindexed.rows] == truth["ids"][order].tolist()
+    finally:
+        drop_index(store, "image")
+
+
+def test_exclude_ids_out_of_int64_is_refused(loaded):
+    """The engine would wrap 2**63 to -2**63 (excluding another row); refused with the field named."""
+    store, truth, _ = loaded
+    q = truth["image"][0]
+    for bad in (2**63, -(2**63) - 1, 10**30):
+        with pytest.raises(UsageError, match="exclude_ids: .* out of range"):
+            search(store, q, k=3, exact=True, filters=Filters(exclude_ids=[bad]))
+    with pytest.raises(UsageError, match="exclude_ids: .* not a row id"):
+        search(store, q, k=3, exact=True, filters=Filters(exclude_ids=["seven"]))
+    top = search(store, q, k=1, exact=True).rows[0]["id"]
+    edge = search(store, q, k=1, exact=True, filters=Filters(exclude_ids=[2**63 - 1, -(2**63), top]))
+    assert edge.rows[0]["id"] != top
+
+
 def test_like_uses_stored_embedding_and_skips_itself(loaded):
     store, truth, _ = loaded
     rid = int(truth["ids"][700])

@@ -26,7 +26,7 @@ from laion_search.backends import settings_sql
 from laion_search.errors import QueryError, UsageError
 from laion_search.index import ivf
 from laion_search.schema import (COLUMNS, DEFAULT_COLUMNS, FILTER_STRATEGIES, MAX_K, METRICS, MODALITIES, NSFW_MODES,
-                                 SCAN_SUFFIX, TABLE, WHERE_TYPES, model_for_dim)
+                                 SCAN_SUFFIX, TABLE, WHERE_TYPES, distance_sql, model_for_dim)
 from laion_search.store import Store
 from laion_search.vectors import as_vector
 
@@ -172,7 +172,7 @@ class SearchQuery:
     k: int = 10
     modality: str = "image"           # which embeddings to search: image | text
     exact: bool = False               # brute force, ignoring vector indexes
-    metric: str = "cosine"            # cosine | l2
+    metric: str = "cosine"            # cosine | l2 | dot (inner product, largest first; exact or IVF)
     model: str | None = None
     columns: Sequence[str] = ()       # result columns besides id, caption, url
     # filters (see Filters)
@@ -266,7 +266,7 @@ def search(store: Store, vector: Any = None, *, query: SearchQuery | None = None
     where, params = build_where(filters)
     params["q"] = qv
     select = ", ".join(f"`{c}`" for c in cols)
-    sql = (f"SELECT {select}, {func}({column}, {{q:Array(Float32)}}) AS distance FROM {TABLE}"
+    sql = (f"SELECT {select}, {distance_sql(func, column, '{q:Array(Float32)}')} AS distance FROM {TABLE}"
            f"{' WHERE ' + where if where else ''} ORDER BY distance ASC LIMIT {k}")
     t0 = time.perf_counter()
     strategy = "exact" if exact else "index"
@@ -355,7 +355,7 @@ def _search_ivf(store: Store, info: Any, qv: np.ndarray, k: int, func: str, sele
         # the probed lists hold fewer than k matching rows: evaluate the filter first, exactly
         rows = store.rows(_exact_sql(select, MODALITIES[info.column], func, where, k), {**params, "q": qv})
         strategy = "ivf→prefilter"
-    sql = (f"-- candidates (lists probed: {nprobe})\nSELECT id, shard, {func}(vec, {{q:Array(Float32)}}) AS distance "
+    sql = (f"-- candidates (lists probed: {nprobe})\nSELECT id, shard, {distance_sql(func, 'vec', '{q:Array(Float32)}')} AS distance "
            f"FROM {info.table} WHERE list IN {{lists:Array(UInt32)}} ORDER BY distance ASC LIMIT {limit}")
     return rows[:k], sql, strategy
 
@@ -425,7 +425,7 @@ def _exact_sql(select: str, column: str, func: str, where: str, k: int, scan: st
         candidates = min(MAX_K * EXACT_MARGIN, k * EXACT_MARGIN + 16)
         first = f"dotProduct({column}, {{q:Array(Float32)}}) DESC"
     else:
-        return (f"SELECT {select}, {func}({column}, {{q:Array(Float32)}}) AS distance FROM {TABLE}{where_sql} "
+        return (f"SELECT {select}, {distance_sql(func, column, '{q:Array(Float32)}')} AS distance FROM {TABLE}{where_sql} "
                 f"ORDER BY distance ASC LIMIT {k}{settings_sql(settings)}")
     # the candidates are ranked by the true distance and the best k kept by id; only those k rows
     # are then read whole (caption, url, …): reading them for every candidate costs more than
@@ -474,7 +474,7 @@ def build_where(filters: Filters) -> tuple[str, dict[str, Any]]:
         params[f"w{i}"] = value
     if filters.exclude_ids:
         clauses.append("id NOT IN {exclude_ids:Array(Int64)}")
-        params["exclude_ids"] = [int(x) for x in filters.exclude_ids]
+        params["exclude_ids"] = [_row_id(x, "exclude_ids") for x in filters.exclude_ids]
     return " AND ".join(clauses), params
 
 
@@ -506,6 +506,20 @@ def _where_clause(expr: str, name: str) -> tuple[str, Any]:
             if not lo <= value <= hi:
                 raise UsageError(f"--where {expr!r}: {value} is out of range for {col}")
     return f"`{col}` {_OPS[op]} {{{name}:{ctype}}}", value
+
+
+def _row_id(value: Any, field: str) -> int:
+    """A row id as the engine's Int64 holds it: outside that range the engine would wrap it
+    (2**63 → -2**63) and exclude some other row, so it is refused."""
+    if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+        raise UsageError(f"{field}: {value!r} is not a row id (an integer)")
+    try:
+        rid = int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise UsageError(f"{field}: {value!r} is not a row id (an integer)") from None
+    if not -(2**63) <= rid < 2**63:
+        raise UsageError(f"{field}: {rid} is out of range (row ids are 64-bit signed integers)")
+    return rid
 
 
 def _column(modality: str) -> str:

@@ -422,7 +422,7 @@ def search(
     modality: str = typer.Option("image", "--modality", "-m", help="Which embedding column to search: image or text."),
     k: int = typer.Option(10, "--k", "-k", help="Number of results (1-1000)."),
     exact: bool = typer.Option(False, "--exact", help="Brute force: ignore vector indexes."),
-    metric: str = typer.Option("cosine", "--metric", help="cosine or l2 (an index serves the metric it was built for)."),
+    metric: str = typer.Option("cosine", "--metric", help="cosine, l2 or dot (inner product, largest first; its distance is the negative inner product). An HNSW index serves the metric it was built for (cosine or l2); dot scans exactly or goes through an IVF index."),
     nsfw: str = typer.Option("any", "--nsfw", help="any, exclude (drop NSFW and UNSURE) or only."),
     min_similarity: Optional[float] = typer.Option(None, "--min-similarity", help="Minimum LAION image-text similarity."),
     caption_contains: Optional[str] = typer.Option(None, "--caption-contains", help="Case-insensitive caption substring."),
@@ -492,7 +492,8 @@ app.add_typer(index_app, name="index")
 @handle_errors
 def index_create(
     column: str = typer.Option("image", "--column", help="image, text or both."),
-    metric: str = typer.Option("cosine", "--metric", help="cosine or l2."),
+    metric: str = typer.Option("cosine", "--metric", help="cosine or l2 (ClickHouse's HNSW index has no dot product: "
+                                                          "search --metric dot scans or uses an IVF index)."),
     quantization: str = typer.Option("bf16", "--quantization", help="bf16, f16, f32, i8 or b1."),
     m: Optional[int] = typer.Option(None, "--m", help="HNSW links per node (default 32; the guide uses 64)."),
     ef_construction: Optional[int] = typer.Option(None, "--ef-construction",
@@ -1108,7 +1109,7 @@ def bench_search(
                                                                   "with --gold: the table's own index, if any."),
     quantization: str = typer.Option("bf16", "--quantization", help="bf16, f16, f32, i8 or b1; a list (bf16,i8,b1) "
                                                                   "sweeps them (i8 / b1 always with rescoring)."),
-    metric: str = typer.Option("cosine", "--metric", help="With --gold: cosine (= dot product on unit vectors) or l2."),
+    metric: str = typer.Option("cosine", "--metric", help="With --gold: cosine, l2 or dot (SISAP's gold standard ranks by dot product; dot scores exact search only, HNSW has no dot)."),
     threads: int = typer.Option(2, "--threads", min=1, max=64, help="Client threads for the QPS column."),
     peers: bool = typer.Option(True, "--peers/--no-peers", help="Also run usearch and faiss on the same vectors."),
     workdir: Optional[Path] = typer.Option(None, "--dir", help="Scratch directory, reused between runs (default: temp)."),

@@ -126,7 +126,7 @@ class SearchBody(BaseModel):
     modality: str = Field("image", description="image or text embeddings.",
                           json_schema_extra={"enum": list(MODALITIES)})
     exact: bool = Field(False, description="Brute force, ignoring vector indexes.")
-    metric: str = Field("cosine", description="cosine or l2.", json_schema_extra={"enum": list(METRICS)})
+    metric: str = Field("cosine", description="cosine, l2 or dot (inner product, largest first: exact or through an IVF index; HNSW ranks by cosine or l2 only).", json_schema_extra={"enum": list(METRICS)})
     columns: list[str] = Field(default_factory=list, max_length=len(COLUMNS), description="Extra result columns.",
                                json_schema_extra={"items": {"type": "string", "enum": list(COLUMNS)}})
     nsfw: str = Field("any", description="any, exclude or only.", json_schema_extra={"enum": list(NSFW_MODES)})
