@@ -113,23 +113,43 @@ def check_k(k: Any) -> int:
     return k
 
 
-def encoder_for(store: Store, model: str | None = None) -> Any:
-    """The CLIP encoder for searches of this table: ``model`` if given, else
-    ``$LAION_CLIP_MODEL``, else the model its shards record. A model whose vectors have another
-    dimension than the table's is a :class:`UsageError` naming the model that fits."""
+def fitting_model(store: Store) -> str | None:
+    """The CLIP model that made the table's vectors: as its shards record it, else the model LAION
+    used for the table's dimension (ViT-B/32 for 512-d, ViT-L/14 for 768-d); None when unknown."""
+    return store.model() or model_for_dim(store.dim()) or None
+
+
+def table_model(store: Store, model: str | None = None) -> str:
+    """The one model resolution of the CLI, the server, the UDFs and the page: ``model`` if given,
+    else ``$LAION_CLIP_MODEL``, else :func:`fitting_model`, else the default (ViT-B/32)."""
     import os
 
-    from laion_search.clip.encoders import ENV_MODEL, get_encoder
+    from laion_search.clip.encoders import DEFAULT_MODEL, ENV_MODEL
 
-    recorded = store.model()
-    chosen = model or os.environ.get(ENV_MODEL) or recorded
-    enc = get_encoder(chosen)
-    dim = store.dim()
-    if dim is not None and int(enc.dim) != dim:
-        right = recorded or model_for_dim(dim)
-        hint = f"use --model {right}" if right else "use a CLIP model with that dimension"
-        raise UsageError(f"CLIP model {enc.name!r} makes {enc.dim}-d vectors but the table holds {dim}-d embeddings"
-                         f"{f' (made with {right})' if right else ''}: {hint}")
+    return str(model) if model else os.environ.get(ENV_MODEL) or fitting_model(store) or DEFAULT_MODEL
+
+
+def model_mismatch(store: Store, name: str, dim: int) -> str | None:
+    """Why model ``name`` (making ``dim``-d vectors) cannot search this table, naming the model
+    that fits; None when it can."""
+    have = store.dim()
+    if have is None or int(dim) == have:
+        return None
+    right = fitting_model(store)
+    hint = f"use --model {right}" if right else "use a CLIP model with that dimension"
+    return (f"CLIP model {name!r} makes {dim}-d vectors but the table holds {have}-d embeddings"
+            f"{f' (made with {right})' if right else ''}: {hint}")
+
+
+def encoder_for(store: Store, model: str | None = None) -> Any:
+    """The CLIP encoder for searches of this table (:func:`table_model`). A model whose vectors
+    have another dimension than the table's is a :class:`UsageError` naming the model that fits."""
+    from laion_search.clip.encoders import get_encoder
+
+    enc = get_encoder(table_model(store, model))
+    wrong = model_mismatch(store, enc.name, int(enc.dim))
+    if wrong:
+        raise UsageError(wrong)
     return enc
 
 

@@ -852,8 +852,21 @@ def udf_install(
         raise UsageError("on a ClickHouse server the UDF files must be copied into the server's config: "
                          "write them with --dir DIR, then follow the printed steps")
     target = directory or (Path(db) if db else default_db_path()) / UDF_DIR
-    files = install_udfs(target, python=python, model=model, pool_size=pool_size)
     loaded: list[str] | None = None
+    chosen, why = model, "--model"
+    if not model:
+        # the model that fits the table, resolved as searches resolve it (the store's shards)
+        from laion_search.search import table_model
+        from laion_search.store import connect
+
+        try:
+            with connect(server or db or default_db_path(), create=False) as store:
+                chosen, why = table_model(store), "the table"
+        except LaionError as exc:
+            if server:
+                raise
+            chosen, why = None, f"default: the store could not be read ({exc})"
+    files = install_udfs(target, python=python, model=chosen, pool_size=pool_size)
     if server:
         from laion_search.store import connect
 
@@ -861,13 +874,15 @@ def udf_install(
             loaded = sorted(r["name"] for r in store.rows(
                 "SELECT name FROM system.functions WHERE name IN ('encode_text', 'encode_image')"))
     if json_output:
-        info: dict[str, Any] = {"dir": str(target), "files": [str(f) for f in files]}
+        info: dict[str, Any] = {"dir": str(target), "files": [str(f) for f in files], "model": chosen,
+                                "model_from": why}
         if server:
             info.update(server_loaded=loaded, instructions=server_instructions(target))
         print(output.dumps(info))
         return
     for f in files:
         output.out.print(f"wrote {f}")
+    output.out.print(f"model: {chosen or 'the default'} ({why})", markup=False, highlight=False)
     if server:
         output.out.print(server_instructions(target), markup=False, highlight=False)
         output.out.print(f"functions loaded on the server now: {', '.join(loaded) if loaded else 'none yet'}")

@@ -50,7 +50,8 @@ from laion_search.web.cache import LRUCache, request_key
 from laion_search.errors import (EncoderError, EncoderUnavailable, LaionError, Overloaded, QueryError, ServeError,
                                  ShuttingDown, UsageError)
 from laion_search.schema import COLUMNS, FILTER_STRATEGIES, MAX_K, METRICS, MODALITIES, NSFW_MODES, TABLE
-from laion_search.search import MAX_NPROBE, SearchQuery, search, will_scan
+from laion_search.search import (MAX_NPROBE, SearchQuery, fitting_model, model_mismatch, search, table_model,
+                                 will_scan)
 from laion_search.store import Store
 
 log = logging.getLogger("laion_search.web")
@@ -288,8 +289,11 @@ class EncoderState:
     background thread so the server answers at once; text and image requests wait for it a
     little, then get a 503 that says why and how to fix it — never a model-hub retry."""
 
-    def __init__(self, model: str | None):
-        self.model = model
+    def __init__(self, store: Store, model: str | None):
+        self.store = store
+        self.given = model
+        #: the model this server encodes with: resolved once, as the CLI resolves it (:func:`table_model`)
+        self.model = table_model(store, model)
         self.result: Any = None
         self._done = threading.Event()
         self._lock = threading.Lock()
@@ -303,13 +307,19 @@ class EncoderState:
         threading.Thread(target=self._run, name="laion-encoder-check", daemon=True).start()
 
     def _run(self) -> None:
-        from laion_search.clip.encoders import EncoderCheck, check_encoder, resolve_model
+        from laion_search.clip.encoders import EncoderCheck, check_encoder
 
         try:
-            self.result = check_encoder(self.model)
+            fits = fitting_model(self.store)
+            self.result = check_encoder(self.model, fits=fits)
+            wrong = model_mismatch(self.store, self.result.model, self.result.dim) if self.result.ok else None
+            if wrong:  # it loads, but its vectors cannot be compared with the table's
+                reason, _, fix = wrong.rpartition(": ")
+                self.result = EncoderCheck(self.result.model, False, self.result.dim, reason=reason,
+                                           fix=f"restart with --model {fits}" if fits else fix)
         except Exception as exc:  # noqa: BLE001 - anything unexpected still ends the check
             log.exception("encoder check failed")
-            self.result = EncoderCheck(resolve_model(self.model), False, reason=f"cannot load the CLIP model ({exc})",
+            self.result = EncoderCheck(self.model, False, reason=f"cannot load the CLIP model ({exc})",
                                        fix="see the server log")
         if self.result.ok:
             log.info("CLIP model %s loaded (dim %s): text and image search on", self.result.model, self.result.dim)
@@ -335,7 +345,7 @@ class EncoderState:
 
     def as_dict(self) -> dict[str, Any]:
         if self.result is None:
-            return {"state": "checking", "ok": False}
+            return {"state": "checking", "ok": False, "model": self.model}
         return {"state": "ready" if self.result.ok else "failed", **self.result.as_dict()}
 
 
@@ -377,7 +387,7 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
     app.state.store = store
     app.state.query_tag = tag
     app.state.shutting_down = False
-    encoder = app.state.encoder = EncoderState(model)
+    encoder = app.state.encoder = EncoderState(store, model)
     encoder.start()  # the one check, at start-up
     preload: dict[str, Any] = {"state": "loading" if preload_indexes else "off"}
     if preload_indexes:
@@ -456,7 +466,7 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
         if body.image is not None and image_bytes is None:
             image_bytes = decode_base64_image(body.image)
         # one query and valid knobs, checked before any work (encoding, cache)
-        query = SearchQuery(**{**body.model_dump(), "image": image_bytes, "model": model}).check()
+        query = SearchQuery(**{**body.model_dump(), "image": image_bytes, "model": encoder.model}).check()
         enc = None
         if body.text is not None or image_bytes is not None:
             enc = encoder.require("text" if body.text is not None else "image")  # 503 at once without one
