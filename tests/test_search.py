@@ -330,6 +330,17 @@ def test_cli_search_and_guide_sql(loaded, tmp_path):
     assert bad.returncode == 2 and "k must be between 1 and 1000" in bad.stderr
     bad = run_cli("sql", "SELECT * FROM nope", "--db", str(db))
     assert bad.returncode == 1 and "UNKNOWN_TABLE" in bad.stderr and "Traceback" not in bad.stderr
+    # a FORMAT clause is honoured (the engine writes it), as clickhouse-client does; with --format it is refused
+    out = run_cli("sql", "SELECT id, NSFW FROM laion ORDER BY id LIMIT 2 FORMAT Vertical", "--db", str(db), check=True)
+    first = truth["rows"][0]
+    assert out.stdout.startswith("Row 1:\n──────\nid:   " + str(first["id"])) and f"NSFW: {first['NSFW']}" in out.stdout
+    out = run_cli("sql", "SELECT count() AS n FROM laion FORMAT JSONEachRow;", "--db", str(db), check=True)
+    assert json.loads(out.stdout) == {"n": len(truth["rows"])}
+    bad = run_cli("sql", "SELECT 1 FORMAT CSV", "--format", "json", "--db", str(db))
+    assert bad.returncode == 2 and "FORMAT CSV and --format/--json both choose the output" in bad.stderr
+    # system tables print as a table, their paths in brackets included (not rich markup)
+    out = run_cli("sql", "SELECT name, data_paths FROM system.tables WHERE name = 'laion'", "--db", str(db), check=True)
+    assert "laion" in out.stdout and str(db.resolve()) in out.stdout.replace("\n", "").replace("│", "").replace(" ", "")
 
 
 def test_exact_sql_reads_whole_rows_for_the_k_best_only():

@@ -400,12 +400,21 @@ def sql(
     Example: laion sql "SELECT url, caption FROM laion ORDER BY cosineDistance(image_embedding,
     {target:Array(Float32)}) LIMIT 10" --param target=@vector.json
     """
+    from laion_search.sql import format_clause
     from laion_search.vectors import parse_params
 
     if fmt not in ("table", "json", "jsonl", "csv", "tsv"):
         raise UsageError("--format must be table, json, jsonl, csv or tsv")
     params = parse_params(param)
+    clause = format_clause(query)
+    if clause and (fmt != "table" or json_output):
+        raise UsageError(f"the query's FORMAT {clause[1]} and --format/--json both choose the output: use one")
     with open_store(db, url, create=False) as store:
+        if clause:  # the engine writes its own format (Vertical, JSON, CSVWithNames, Parquet…), as in clickhouse-client
+            sys.stdout.flush()
+            sys.stdout.buffer.write(store.backend.query_raw(clause[0], params, fmt=clause[1]))
+            sys.stdout.buffer.flush()
+            return
         result = store.sql(query, params)
     output.print_arrow(result, "json" if json_output else fmt)
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import numpy as np
-from fastapi import Body, FastAPI, Query, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -52,6 +52,7 @@ from laion_search.errors import (EncoderError, EncoderUnavailable, LaionError, O
 from laion_search.schema import COLUMNS, FILTER_STRATEGIES, MAX_K, METRICS, MODALITIES, NSFW_MODES, TABLE
 from laion_search.search import (MAX_NPROBE, SearchQuery, fitting_model, model_mismatch, search, table_model,
                                  will_scan)
+from laion_search.sql import SQL_MAX_CHARS, SqlLimits, check_read_only_sql, run_read_only_sql
 from laion_search.store import Store
 
 log = logging.getLogger("laion_search.web")
@@ -73,15 +74,6 @@ ENCODER_WAIT = 10.0
 #: picture files ``/local/...`` serves from the image root
 IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
                ".gif": "image/gif"}
-_READ_ONLY_SQL = re.compile(r"^\s*(SELECT|WITH)\b", re.I)
-# table functions that reach outside the store (by their call: `url(`, not the url column),
-# writing to files, and the system tables that hold credentials
-_FORBIDDEN_SQL = re.compile(
-    r"\bINTO\s+OUTFILE\b|\bsystem\s*\.\s*(users|grants|settings_profiles|quotas)\b|"
-    r"\b(file|url|urlCluster|s3|s3Cluster|hdfs|remote|remoteSecure|mysql|postgresql|jdbc|odbc|executable|input|"
-    r"cluster|clusterAllReplicas|azureBlobStorage|gcs|iceberg\w*|deltaLake\w*|hudi\w*|sqlite|mongodb|redis|python|"
-    r"dictionary)(?:\s|/\*.*?\*/|--[^\n]*\n|#[^\n]*\n)*\(",
-    re.I | re.S)
 
 
 #: SearchQuery fields the HTTP API does not take from clients: the server's --model encodes, and
@@ -263,6 +255,24 @@ class KnnRow(BaseModel):
 class MetadataRow(BaseModel):
     id: int
     metadata: dict[str, Any]
+
+
+class SqlBody(BaseModel):
+    """``POST /api/sql``'s body: one read-only statement (:mod:`laion_search.sql`)."""
+
+    query: str = Field(..., max_length=SQL_MAX_CHARS, description="One SELECT (or WITH … SELECT) statement, "
+                       "without SETTINGS or FORMAT clauses; answered as JSON.",
+                       examples=["SELECT count() AS n FROM laion"])
+
+
+class SqlAnswer(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    columns: list[str]
+    types: list[str]
+    rows: list[dict[str, Any]]
+    rows_read: int
+    truncated: bool
 
 
 class StatusAnswer(BaseModel):
@@ -586,14 +596,20 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
         return await run_in_threadpool(run_search, body, data)
 
     if allow_sql:
-        @app.post("/api/sql", tags=["sql"], responses=answers())
-        def api_sql(query: str = Body(..., embed=True, max_length=20_000)) -> dict[str, Any]:
-            text = query.strip().rstrip(";")
-            if ";" in text or not _READ_ONLY_SQL.match(text) or _FORBIDDEN_SQL.search(text):
-                raise UsageError("only single read-only SELECT statements over the store's tables are allowed")
-            log.debug("sql query started")
-            result = store.sql(text)
-            return {"columns": result.column_names, "rows": _jsonable(result.to_pylist()[:10_000])}
+        sql_limits = SqlLimits(seconds=float(query_timeout or 0), threads=scan_threads, nice=scan_nice)
+
+        @app.post("/api/sql", tags=["sql"], response_model=None, responses=answers(SqlAnswer))
+        def api_sql(body: SqlBody) -> dict[str, Any]:
+            """One read-only statement, answered as JSON: refused with its reason when it is not
+            a single SELECT, sets SETTINGS or FORMAT, or reaches outside the store; run in a
+            read-only session with the limits of :class:`~laion_search.sql.SqlLimits` (time, rows
+            read, memory, result size), queued and niced as exact scans are."""
+            text = check_read_only_sql(body.query)  # 400 with the reason, before any queueing
+            with scan_gate.admit():  # a heavy query: bounded with the exact scans, 429 when full
+                if app.state.shutting_down:
+                    raise ShuttingDown("the server is shutting down; the query was not started")
+                log.debug("sql query started")
+                return run_read_only_sql(store, text, sql_limits)
 
     @app.get("/local/{path:path}", tags=["service"], include_in_schema=False)
     def local_image(path: str) -> FileResponse:
