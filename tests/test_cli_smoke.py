@@ -525,6 +525,10 @@ CASES: list[Case] = [
          check=_json(lambda j: (j["rows"], j["scan_clients"], j["rate"], j["server_args"])
                      == (500, 1, 5.0, ["--max-scans=2"]) and j["indexed_errors"] == 0 and j["scan_errors"] == 0
                      and j["indexed_answered"] <= j["indexed_sent"])),
+    Case("bench serve --mixed --load sql --rows 500 --scan-clients 1 --rate 5 --seconds 1 --dir {tmp}/b8 --json",
+         check=_json(lambda j: j["load"] == "sql" and j["indexed_errors"] == 0 and j["scan_errors"] == 0
+                     and j["scans_done"] > 0)),
+    Case("bench serve --mixed --load nope --seconds 1", code=2, check=_has("--load must be scan or sql")),
     Case("bench pipeline --rows 1000 --modes on-ingest --build-threads 1 --m 8 --ef-construction 32 --quantization bf16 "
          "--queries 5 --guide-rows 300 --dir {tmp}/b10 --out {tmp}/b10.md --json",
          check=lambda o, e, t: {r["method"] for r in json.loads(o)["results"]} == {"on-ingest", "usearch", "guide"}

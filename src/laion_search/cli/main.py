@@ -1365,6 +1365,8 @@ def bench_serve(
     mixed: bool = typer.Option(False, "--mixed", help="Isolation: indexed latency idle, then under clients "
                                                       "sending exact scans back to back."),
     scan_clients: int = typer.Option(4, "--scan-clients", min=1, max=256, help="--mixed: exact-scan clients."),
+    load: str = typer.Option("scan", "--load", help="--mixed: what the --scan-clients send back to back: scan (exact "
+                                                    "searches) or sql (a statement reading every vector, /api/sql)."),
     rate: float = typer.Option(20.0, "--rate", min=0.1, max=10_000, help="--mixed: indexed searches per second "
                                                                          "(open loop)."),
     server_arg: List[str] = typer.Option([], "--server-arg", help="--mixed: pass to `laion serve` (repeatable), "
@@ -1390,9 +1392,11 @@ def bench_serve(
         raise UsageError(f"--kinds: choose from {', '.join(KINDS)} (got {kinds!r})")
     if db is not None and not db.is_dir():
         raise UsageError(f"--db {db}: no such store")
+    if load not in ("scan", "sql"):
+        raise UsageError(f"--load must be scan or sql, got {load!r}")
     if mixed:
         result = run_mixed(rows=rows, scan_clients=scan_clients, rate=rate, seconds=seconds, workdir=workdir,
-                           server_args=tuple(server_arg), log=None if json_output else output.err.print)
+                           server_args=tuple(server_arg), log=None if json_output else output.err.print, load=load)
     else:
         result = run_bench(rows=rows, clients=clients, seconds=seconds, workdir=workdir, kinds=picked, db=db,
                            log=None if json_output else output.err.print)

@@ -29,6 +29,10 @@ from laion_search.store import Store
 #: at half the build rate (--ef-construction 128); the guide's graph is --guide.
 DEFAULT_M = 32
 DEFAULT_EF_CONSTRUCTION = 64
+DEFAULT_QUANTIZATION = "bf16"
+#: ClickHouse's own ef_search (``hnsw_candidate_list_size_for_search``): what a search uses unless
+#: it asks for another, or `laion index tune` stored one for the index.
+ENGINE_EF_SEARCH = 256
 GUIDE_M = 64
 GUIDE_EF_CONSTRUCTION = 256
 
@@ -39,7 +43,7 @@ ProgressFn = Callable[[dict[str, Any]], None]
 class IndexSpec:
     column: str = "image"            # image | text
     metric: str = "cosine"           # cosine | l2
-    quantization: str = "bf16"
+    quantization: str = DEFAULT_QUANTIZATION
     m: int = DEFAULT_M
     ef_construction: int = DEFAULT_EF_CONSTRUCTION
 

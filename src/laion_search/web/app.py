@@ -9,13 +9,14 @@ Our API (JSON, OpenAPI docs at ``/docs``):
   nsfw, min_similarity, caption_contains, where, columns, ef_search, …}``;
 * ``POST /api/search/upload`` — multipart image upload plus the same fields as form fields;
 * ``GET /api/search`` — every field as a query parameter (lists repeated), for links;
-* ``POST /api/sql`` — only with ``--allow-sql``, and then only single read-only SELECTs.
+* ``POST /api/sql`` — only with ``--allow-sql``: ``{"query": "SELECT …"}``, one read-only SELECT
+  within the limits of :mod:`laion_search.sql`, answered as JSON.
 
 clip-retrieval's back end, so its ``ClipClient`` and front end work: ``POST /knn-service``,
 ``GET /indices-list``, ``POST /metadata``. Fields we cannot honour (``use_violence_detector``,
 ``aesthetic_score``, ``aesthetic_weight``, ``use_mclip``) are accepted and ignored;
 ``use_safety_model`` maps to the NSFW filter and ``deduplicate`` drops near-identical results
-(embedding cosine similarity ≥ 0.98). ``image_url`` fetching is off unless enabled.
+(embedding inner product ≥ 0.94, :data:`DEDUP_THRESHOLD`). ``image_url`` fetching is off unless enabled.
 
 Every bad input is a 4xx JSON ``{"error": "…"}``; unexpected failures are a 500 with a generic
 message, never a traceback. The page at ``/`` is one static HTML file, no build step.
