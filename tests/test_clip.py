@@ -192,3 +192,18 @@ def test_bench_clip_end_to_end(tmp_path, tiny_model):
     assert result["udf_first_call_ms"] > 0
     assert result["embed_images_per_second"] > 0
     assert "text search / encode" in result["markdown"]
+
+
+def test_udf_install_takes_the_model_that_fits_the_table(tmp_path):
+    """Without --model, `laion udf install` writes the model the table records (ViT-L/14 for a
+    768-d store), as searches and the server resolve it; --model still wins."""
+    run_cli("synth", str(tmp_path / "shards"), "--rows", "30", "--dim", "768", check=True)
+    run_cli("ingest", str(tmp_path / "shards"), "--db", str(tmp_path / "db"), check=True)
+    env = {"LAION_CLIP_MODEL": ""}
+    out = json.loads(run_cli("udf", "install", "--db", str(tmp_path / "db"), "--json", env=env, check=True).stdout)
+    assert out["model"] == "openai/clip-vit-large-patch14" and out["model_from"] == "the table"
+    script = (tmp_path / "db" / "udf" / "encode_text.py").read_text()
+    assert "serve('text', 'openai/clip-vit-large-patch14')" in script
+    out = json.loads(run_cli("udf", "install", "--db", str(tmp_path / "db"), "--model", "./elsewhere", "--json",
+                             env=env, check=True).stdout)
+    assert out["model"] == "./elsewhere" and out["model_from"] == "--model"

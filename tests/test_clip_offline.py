@@ -109,7 +109,8 @@ def test_the_server_check_fails_at_once_and_switches_the_hub_off(silent_hub, net
     assert not check.ok and check.model == NOT_CACHED
     assert check.reason == (f"cannot load CLIP model {NOT_CACHED!r}: the model hub (http://127.0.0.1:{silent_hub[1]}) "
                             "is unreachable and the model is not in the local cache")
-    assert "--model ./clip-b32" in check.fix and "hf download" in check.fix
+    # the fix names the model asked for (a hub id), not the default
+    assert f"hf download {NOT_CACHED} --local-dir ./clip-model" in check.fix and "--model ./clip-model" in check.fix
     assert [t for kind, t in network if kind == "connect"] == [silent_hub]
     assert encoders.offline_mode()  # nothing later in this process asks the hub again
     network.clear()

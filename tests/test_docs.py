@@ -367,3 +367,112 @@ def test_mkdocs_build_strict(tmp_path):
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (tmp_path / "site" / "index.html").is_file()
+
+
+# --------------------------------------------------------------------------- numbers the docs print
+
+def _n(text: str) -> float:
+    return float(text.replace(",", ""))
+
+
+def constant_facts() -> list[tuple[str, str, tuple[float, ...]]]:
+    """(what, regex whose groups are numbers, the code's values): every match in README.md and
+    docs/*.md must print the code's numbers, and each fact must be printed at least once. The
+    regexes match statements of the present ("the default (32, 64)"), not history ("the former
+    default (16, 64)", "(16, 64) was the default then")."""
+    import inspect
+
+    from laion_search.index.hnsw import DEFAULT_EF_CONSTRUCTION, DEFAULT_M, ENGINE_EF_SEARCH
+    from laion_search.index.ivf import DEFAULT_NPROBE, ROWS_PER_LIST, default_lists
+    from laion_search.schema import MAX_K
+    from laion_search.sql import SQL_MAX_MEMORY, SQL_MAX_RESULT_ROWS, SQL_MAX_ROWS_TO_READ
+    from laion_search.web.app import DEDUP_THRESHOLD, MAX_BODY_BYTES, MAX_IMAGE_BYTES, MAX_TEXT_CHARS, create_app
+
+    timeout = inspect.signature(create_app).parameters["query_timeout"].default
+    hnsw = (DEFAULT_M, DEFAULT_EF_CONSTRUCTION)
+    return [
+        ("dedup threshold", r"(?i)(?:deduplicat\w*|dedup\w*)`?[^|]{0,160}?(?:≥|>=)\s*(\d\.\d+)", (DEDUP_THRESHOLD,)),
+        ("HNSW default (M, ef_construction)", r"(?<!former )(?<!first )(?<!then-)\bdefault \((\d+), (\d+)\)", hnsw),
+        ("HNSW default (M, ef_construction)", r"\((\d+), (\d+)\)(?: bf16)? \(default\)", hnsw),
+        ("HNSW default (M, ef_construction)", r"\((\d+), (\d+)\)(?: bf16)?(?:,| —) the default\b", hnsw),
+        ("HNSW default (M, ef_construction)", r"\bthe \((\d+), (\d+)\) default\b", hnsw),
+        ("HNSW default (M, ef_construction)", r"\(M, ef_construction\) = \((\d+), (\d+)\)", hnsw),
+        ("HNSW default (M, ef_construction)", r"(?i)default[^.|]{0,60}?\bM\s*=\s*(\d+), ef_construction\s*=\s*(\d+)", hnsw),
+        ("HNSW default (M, ef_construction)", r"(?i)default index,? `vector_similarity\('hnsw', '\w+', \w+, '\w+', (\d+), (\d+)\)",
+         hnsw),
+        ("engine ef_search", r"engine's (?:default )?ef_search,? \(?(\d+)\)?", (ENGINE_EF_SEARCH,)),
+        ("max k", r"\bk (?:≤|<=) ([\d,]+)", (MAX_K,)),
+        ("IVF default lists", r"defaults to ~rows/([\d,]+) rounded to a power of two \(([\d,]+) at 1M",
+         (ROWS_PER_LIST, default_lists(1_000_000))),
+        ("IVF default nprobe", r"(?i)--nprobe\b[^.]{0,120}?\belse (\d+)\b", (DEFAULT_NPROBE,)),
+        ("body limit", r"bodies (?:≤|<=) (\d+) MB", (MAX_BODY_BYTES / 2**20,)),
+        ("image limit", r"images (?:≤|<=) (\d+) MB", (MAX_IMAGE_BYTES / 2**20,)),
+        ("text limit", r"text (?:≤|<=) ([\d,]+) characters", (MAX_TEXT_CHARS,)),
+        ("query timeout", r"every query (?:≤|<=) (\d+) s\b", (timeout,)),
+        ("SQL rows read", r"([\d,]+) rows read \(`max_rows_to_read`\)", (SQL_MAX_ROWS_TO_READ,)),
+        ("SQL memory", r"(\d+) GiB of memory \(`max_memory_usage`\)", (SQL_MAX_MEMORY / 2**30,)),
+        ("SQL answer rows", r"([\d,]+) rows per answer", (SQL_MAX_RESULT_ROWS,)),
+    ]
+
+
+def check_constants(texts: dict[str, str]) -> list[str]:
+    """Every printed number that :func:`constant_facts` finds and that differs from the code."""
+    problems, seen = [], set()
+    for what, pattern, want in constant_facts():
+        for name, text in texts.items():
+            flat = text.replace("\n", " ")
+            for m in re.finditer(pattern, flat):
+                seen.add(what)
+                got = tuple(_n(g) for g in m.groups())
+                if got != tuple(float(w) for w in want):
+                    line = text.count("\n", 0, len(flat[:m.start()])) + 1
+                    problems.append(f"{name}:{line}: {what} printed as {m.group(0)!r}, the code says "
+                                    f"{', '.join(f'{w:g}' for w in want)}")
+    problems += [f"no page prints the {what}" for what in sorted({w for w, _, _ in constant_facts()} - seen)]
+    return problems
+
+
+def transcript_index_defaults(texts: dict[str, str]) -> list[str]:
+    """A transcript's ``$ laion index create`` without --m / --ef-construction / --quantization /
+    --guide must show the index the code builds by default."""
+    from laion_search.index.hnsw import DEFAULT_EF_CONSTRUCTION, DEFAULT_M, DEFAULT_QUANTIZATION
+
+    want = (DEFAULT_QUANTIZATION, DEFAULT_M, DEFAULT_EF_CONSTRUCTION)
+    problems = []
+    for name, text in texts.items():
+        default_create = False
+        for no, line in enumerate(text.splitlines(), 1):
+            if line.startswith("$ "):
+                default_create = bool(re.match(r"\$ laion index create\b", line)) and not re.search(
+                    r"--m\b|--ef-construction|--quantization|--guide|--kind", line)
+                continue
+            m = re.search(r"vector_similarity\('hnsw', '\w+', \d+, '(\w+)', (\d+), (\d+)\)", line)
+            if default_create and m and (m.group(1), int(m.group(2)), int(m.group(3))) != want:
+                problems.append(f"{name}:{no}: `laion index create` with defaults shows {m.group(0)}, the code builds "
+                                f"{want}")
+    return problems
+
+
+def test_docs_print_the_codes_constants():
+    """The dedup threshold, index defaults (M, ef_construction, quantization, the engine's ef_search,
+    IVF lists and nprobe), k, the server's and the SQL endpoint's limits: as the code has them."""
+    import laion_search.web.app as web_app
+
+    texts = {rel(p): p.read_text(encoding="utf-8") for p in doc_files()}
+    texts["laion_search/web/app.py (docstring)"] = web_app.__doc__ or ""
+    problems = check_constants(texts) + transcript_index_defaults(texts)
+    assert problems == [], "\n".join(problems)
+
+
+def test_constant_checks_catch_planted_mistakes():
+    planted = {"page.md": "`deduplicate` drops results with cosine ≥ 0.98; the default (16, 64) index; k ≤ 100.\n"
+                          "$ laion index create --db ./x\nimage_index: vector_similarity('hnsw', 'cosineDistance', "
+                          "768, 'bf16', 16, 64) built\n$ laion index create --m 16 --ef-construction 64\n"
+                          "image_index: vector_similarity('hnsw', 'cosineDistance', 768, 'bf16', 16, 64) built\n"}
+    found = "\n".join(check_constants(planted))
+    assert "dedup threshold printed as" in found and "HNSW default (M, ef_construction) printed as" in found
+    assert "max k printed as 'k ≤ 100'" in found
+    assert "page.md:3: `laion index create` with defaults shows" in "\n".join(transcript_index_defaults(planted))
+    assert len(transcript_index_defaults(planted)) == 1
+    history = {"page.md": "the former default (16, 64); (16, 64) was the default then; the then-default (16, 64)"}
+    assert not [p for p in check_constants(history) if "printed as" in p]

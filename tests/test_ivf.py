@@ -85,6 +85,19 @@ def test_all_lists_probed_is_exact_against_numpy(ivf_db):
                     assert abs(1.0 - float(base[j] @ (q / np.linalg.norm(q))) - r["distance"]) < 2e-5
 
 
+def test_dot_metric_all_lists_probed_is_numpys_inner_product(ivf_db):
+    """--metric dot through the IVF index: every list probed gives numpy's inner-product top k
+    (a query of norm 3, so cosine would rank otherwise in its distances), distance = -dot."""
+    db, (ids, img, _, _) = ivf_db
+    q = img[5] * 3.0 + 0.01
+    res = search(db, vector=q, k=10, metric="dot", nprobe=24)
+    assert res.strategy.startswith("ivf") and "negate(dotProduct(" in res.sql
+    dots = img @ q
+    order = np.argsort(-dots, kind="stable")[:10]
+    assert [r["id"] for r in res.rows] == ids[order].tolist()
+    np.testing.assert_allclose([r["distance"] for r in res.rows], -dots[order], rtol=1e-3)
+
+
 def test_recall_at_default_probes_both_columns_and_query_kinds(ivf_db):
     db, (ids, img, txt, _) = ivf_db
     rng = np.random.default_rng(2)

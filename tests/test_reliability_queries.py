@@ -1022,10 +1022,10 @@ def test_model_still_loading_is_a_503_with_retry_after(env, monkeypatch):
     release, entered = threading.Event(), threading.Event()
     real = encoders.check_encoder
 
-    def held_check(name):
+    def held_check(name, **kw):
         entered.set()
         assert release.wait(300), "never released"
-        return real(name)
+        return real(name, **kw)
 
     monkeypatch.setattr(encoders, "check_encoder", held_check)
     monkeypatch.setattr(web_app, "ENCODER_WAIT", 0.05)  # how long a request waits for a load that is held

@@ -64,6 +64,42 @@ def test_exact_l2_equals_numpy(loaded):
     assert np.allclose([r["distance"] for r in res.rows], d[order], atol=1e-5)
 
 
+def test_exact_dot_equals_numpy_and_hnsw_refuses_dot(loaded):
+    """--metric dot ranks by inner product, largest first (distance = -dot); the query is not unit
+    length, so cosine would rank differently. HNSW has no dot: building one is refused, and a dot
+    search on a table with a cosine index scans exactly."""
+    store, truth, _ = loaded
+    q = truth["image"][9] * 3.0 + 0.05
+    dots = truth["image"] @ q
+    order = np.argsort(-dots, kind="stable")[:12]
+    res = search(store, q, k=12, exact=True, metric="dot")
+    assert [r["id"] for r in res.rows] == truth["ids"][order].tolist() and res.metric == "dot"
+    assert np.allclose([r["distance"] for r in res.rows], -dots[order], atol=1e-4)
+    with pytest.raises(UsageError, match="HNSW index .* ranks by cosine or l2 only"):
+        create_index(store, IndexSpec(column="image", metric="dot"))
+    create_index(store, IndexSpec(column="image", m=8, ef_construction=32))
+    try:
+        unindexed = search(store, q, k=12, metric="dot")
+        assert unindexed.strategy == "exact (no index)"
+        assert [r["id"] for r in unindexed.rows] == truth["ids"][order].tolist()
+    finally:
+        drop_index(store, "image")
+
+
+def test_exclude_ids_out_of_int64_is_refused(loaded):
+    """The engine would wrap 2**63 to -2**63 (excluding another row); refused with the field named."""
+    store, truth, _ = loaded
+    q = truth["image"][0]
+    for bad in (2**63, -(2**63) - 1, 10**30):
+        with pytest.raises(UsageError, match="exclude_ids: .* out of range"):
+            search(store, q, k=3, exact=True, filters=Filters(exclude_ids=[bad]))
+    with pytest.raises(UsageError, match="exclude_ids: .* not a row id"):
+        search(store, q, k=3, exact=True, filters=Filters(exclude_ids=["seven"]))
+    top = search(store, q, k=1, exact=True).rows[0]["id"]
+    edge = search(store, q, k=1, exact=True, filters=Filters(exclude_ids=[2**63 - 1, -(2**63), top]))
+    assert edge.rows[0]["id"] != top
+
+
 def test_like_uses_stored_embedding_and_skips_itself(loaded):
     store, truth, _ = loaded
     rid = int(truth["ids"][700])
@@ -311,6 +347,17 @@ def test_cli_search_and_guide_sql(loaded, tmp_path):
     assert bad.returncode == 2 and "k must be between 1 and 1000" in bad.stderr
     bad = run_cli("sql", "SELECT * FROM nope", "--db", str(db))
     assert bad.returncode == 1 and "UNKNOWN_TABLE" in bad.stderr and "Traceback" not in bad.stderr
+    # a FORMAT clause is honoured (the engine writes it), as clickhouse-client does; with --format it is refused
+    out = run_cli("sql", "SELECT id, NSFW FROM laion ORDER BY id LIMIT 2 FORMAT Vertical", "--db", str(db), check=True)
+    first = truth["rows"][0]
+    assert out.stdout.startswith("Row 1:\n──────\nid:   " + str(first["id"])) and f"NSFW: {first['NSFW']}" in out.stdout
+    out = run_cli("sql", "SELECT count() AS n FROM laion FORMAT JSONEachRow;", "--db", str(db), check=True)
+    assert json.loads(out.stdout) == {"n": len(truth["rows"])}
+    bad = run_cli("sql", "SELECT 1 FORMAT CSV", "--format", "json", "--db", str(db))
+    assert bad.returncode == 2 and "FORMAT CSV and --format/--json both choose the output" in bad.stderr
+    # system tables print as a table, their paths in brackets included (not rich markup)
+    out = run_cli("sql", "SELECT name, data_paths FROM system.tables WHERE name = 'laion'", "--db", str(db), check=True)
+    assert "laion" in out.stdout and str(db.resolve()) in out.stdout.replace("\n", "").replace("│", "").replace(" ", "")
 
 
 def test_exact_sql_reads_whole_rows_for_the_k_best_only():

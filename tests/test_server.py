@@ -233,9 +233,12 @@ def test_http_api_over_a_server_store(server_url, shards_flat):
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
                 return (await c.get("/api/status"),
                         await c.post("/api/search", json={"like": 1_000_000_010, "k": 4, "exact": True}),
-                        await c.post("/api/sql", json={"query": "SELECT count() AS n FROM laion"}))
+                        await c.post("/api/sql", json={"query": "SELECT count() AS n FROM laion"}),
+                        await c.post("/api/sql", json={"query": "SELECT count() FROM zeros(10)"}))
 
-        status, found, sql = asyncio.run(go())
+        status, found, sql, zeros = asyncio.run(go())
+        # the server runs the endpoint's statements read-only too (readonly = 1 with the statement)
+        assert zeros.status_code == 400 and "the SQL endpoint is read-only" in zeros.json()["error"]
         assert status.json()["rows"] == 600 and status.json()["backend"] == "clickhouse"
         assert len(found.json()["results"]) == 4
         assert sql.status_code == 200 and sql.json()["rows"] == [{"n": 600}]

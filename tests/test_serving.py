@@ -3,6 +3,7 @@ pictures served safely, and SIGTERM while a query is in flight."""
 
 from __future__ import annotations
 
+import os
 import asyncio
 import queue
 import signal
@@ -206,9 +207,10 @@ def test_sigterm_with_a_query_in_flight(tmp_path):
         log.wait_for("Uvicorn running on")
         answer: dict[str, object] = {}
 
-        def slow() -> None:  # a scan that would run for minutes
+        def slow() -> None:  # a scan that runs for many seconds, within the SQL endpoint's 1e9 rows
             try:
-                r = httpx.post(base + "/api/sql", json={"query": "SELECT sum(number) FROM numbers(1000000000000)"},
+                r = httpx.post(base + "/api/sql", json={"query": "SELECT sum(cityHash64(number, 'x', number)) FROM "
+                                                                 "numbers(900000000)"},
                                timeout=120)
                 answer["status"], answer["body"] = r.status_code, r.json()
             except httpx.HTTPError as exc:  # a clean close also counts as an answer
@@ -485,3 +487,57 @@ def test_preload_loads_every_vector_index_before_reporting_ready(served_store):
         assert time.monotonic() < deadline, state
         time.sleep(0.05)
     assert state["state"] == "ready" and "image_embedding" in state["indexes"] and state["seconds"] >= 0
+
+
+_MODEL_768 = r'''
+import asyncio, json, sys
+import httpx
+from laion_search import connect
+from laion_search.ingest import ingest
+from laion_search.sources.synth import synth
+from laion_search.web.app import create_app
+
+root, tiny = sys.argv[1], sys.argv[2]
+synth(root + "/shards", [0], 60, dim=768, seed=5)
+store = connect(root + "/db")
+ingest(store, root + "/shards")
+out = {}
+for name, model in (("default", None), ("tiny", tiny)):
+    app = create_app(store, model=model)
+    assert app.state.encoder.wait(300) is not None, "the start-up check did not finish"
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return ((await c.get("/api/status")).json(), await c.post("/api/search", json={"text": "a dog"}))
+
+    status, answer = asyncio.run(go())
+    out[name] = {"status": status, "code": answer.status_code, "error": answer.json().get("error")}
+print(json.dumps(out))
+'''
+
+
+def test_a_768_d_store_names_the_model_that_fits_it(tmp_path):
+    """One model resolution: a 768-d store (LAION-5B / SISAP) needs ViT-L/14, and the server's encoder
+    state, /api/status, the 503 body and its fix name it — not the 512-d default. A model that loads
+    but makes other vectors (the tiny 16-d CLIP) is refused at start-up, naming the one that fits."""
+    import json
+    import subprocess
+    import sys
+
+    tiny = str(make_clip_model(tmp_path / "tiny", "tiny"))
+    proc = subprocess.run([sys.executable, "-c", _MODEL_768, str(tmp_path), tiny], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", "LAION_CLIP_MODEL": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    large = "openai/clip-vit-large-patch14"
+    st = out["default"]["status"]
+    assert st["dim"] == 768 and st["model"] == large
+    assert st["encoder"]["model"] == large and st["encoder"]["state"] == "failed"
+    assert f"hf download {large} --local-dir ./clip-l14" in st["capabilities"]["text"]["fix"]
+    assert out["default"]["code"] == 503 and large in out["default"]["error"]
+    assert "base-patch32" not in json.dumps(out["default"])
+    st = out["tiny"]["status"]
+    assert st["encoder"]["state"] == "failed" and st["encoder"]["dim"] == 16
+    assert "makes 16-d vectors but the table holds 768-d embeddings" in st["capabilities"]["text"]["reason"]
+    assert st["capabilities"]["text"]["fix"] == f"restart with --model {large}"
+    assert out["tiny"]["code"] == 503 and f"--model {large}" in out["tiny"]["error"]

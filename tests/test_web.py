@@ -218,18 +218,79 @@ def test_token_cors_and_sql_switches(web_store):
     sql_app = create_app(store, model=model, allow_sql=True)
     ok = call(sql_app, "POST", "/api/sql", json={"query": "SELECT count() AS n FROM laion"})
     assert ok.status_code == 200 and ok.json()["rows"] == [{"n": 300}]
-    for bad in ("DROP TABLE laion", "INSERT INTO laion (id) VALUES (1)", "SELECT 1; DROP TABLE laion",
-                "SELECT * FROM file('/etc/passwd', LineAsString)", "SELECT * FROM url('http://127.0.0.1:9/')",
-                "SELECT * FROM url/**/('http://127.0.0.1:9/')", "SELECT name FROM system.users"):
-        r = call(sql_app, "POST", "/api/sql", json={"query": bad})
-        assert r.status_code == 400, bad
-    assert store.scalar("SELECT count() FROM laion") == 300
     # the url column is not the url() table function
     r = call(sql_app, "POST", "/api/sql", json={"query": "SELECT count() AS n FROM laion WHERE url != ''"})
     assert r.status_code == 200 and r.json()["rows"] == [{"n": 300}]
     cors = create_app(store, model=model, cors_origins=["https://ok.example"])
     r = call(cors, "GET", "/health", headers={"Origin": "https://ok.example"})
     assert r.headers.get("access-control-allow-origin") == "https://ok.example"
+
+
+TABLE_CHECKSUM = ("SELECT count(), groupBitXor(cityHash64(id, url, caption, NSFW, similarity, image_embedding, "
+                  "text_embedding)) FROM laion")
+
+#: hostile statements and the reason each gets (all 400, the table unchanged)
+HOSTILE_SQL = [
+    ("SELECT count() FROM numbers(1e12) SETTINGS max_execution_time=0", "a SETTINGS clause is not allowed"),
+    ("SELECT * FROM (SELECT count() FROM system.numbers SETTINGS max_rows_to_read=0)", "a SETTINGS clause is not allowed"),
+    ("SELECT count() FROM numbers(1e12)", "would read more than 1,000,000,000 rows"),
+    ("SELECT count() FROM system.numbers", "would read more than 1,000,000,000 rows"),
+    ("SELECT count() FROM generateRandom('a Int8')", "would read more than 1,000,000,000 rows"),
+    ("SELECT count() FROM zeros(10)", "the SQL endpoint is read-only"),
+    ("SELECT 1 FORMAT JSON", "a FORMAT clause is not allowed (FORMAT JSON)"),
+    ("SELECT id FROM laion LIMIT 1 FORMAT CSV;", "a FORMAT clause is not allowed (FORMAT CSV)"),
+    ("SELECT 1; DROP TABLE laion", "one statement at a time"),
+    ("SELECT 1; SELECT 2;", "one statement at a time"),
+    ("INSERT INTO laion (id) VALUES (1)", "only SELECT statements (or WITH … SELECT) are allowed, not INSERT"),
+    ("DROP TABLE laion", "not DROP"),
+    ("ALTER TABLE laion DELETE WHERE 1", "not ALTER"),
+    ("SELECT * FROM file('/etc/passwd', LineAsString)", "the table function file() is not allowed"),
+    ("SELECT * FROM url/**/('http://127.0.0.1:9/', CSV)", "the table function url() is not allowed"),
+    ("SELECT name FROM system.users", "system.users is not readable"),
+    ("SELECT 1 INTO/* x */OUTFILE 'sql-out.csv'", "INTO OUTFILE is not allowed"),
+    ("SELECT $$'$$ AS x SETTINGS readonly=0 -- '", "a SETTINGS clause is not allowed"),  # a heredoc is no string start
+    ("SELECT 'unterminated", "unterminated quote"),
+]
+
+
+def test_sql_endpoint_keeps_its_limits(web_store, tmp_path, monkeypatch):
+    """/api/sql: each hostile statement gets its own reason (400) and the table does not change;
+    system tables and odd types answer JSON; the engine's read-only session holds the limits even
+    for a statement that got past the token checks; the time limit is the server's."""
+    store, model, _ = web_store
+    monkeypatch.chdir(tmp_path)
+    before = store.rows(TABLE_CHECKSUM)
+    app = create_app(store, model=model, allow_sql=True, query_timeout=1)
+    for query, reason in HOSTILE_SQL:
+        r = call(app, "POST", "/api/sql", json={"query": query})
+        assert r.status_code == 400 and reason in r.json()["error"], (query, r.text)
+    assert not (tmp_path / "sql-out.csv").exists()
+    assert store.rows(TABLE_CHECKSUM) == before
+    r = call(app, "POST", "/api/sql", json={"query": "SELECT name FROM system.tables WHERE database = currentDatabase()"})
+    assert r.status_code == 200 and {"laion", "laion_shards"} <= {x["name"] for x in r.json()["rows"]}
+    r = call(app, "POST", "/api/sql", json={"query": "SELECT toInt64(9223372036854775807) AS big, [1.5, nan] AS a, "
+                                                     "'a\\xff' AS s, getSetting('readonly') AS ro"})
+    assert r.status_code == 200, r.text
+    assert r.json()["rows"] == [{"big": 2**63 - 1, "a": [1.5, None], "s": "a\ufffd", "ro": 1}]
+    assert r.json()["types"] == ["Int64", "Array(Float64)", "String", "UInt8"]
+    r = call(app, "POST", "/api/sql", json={"query": "SELECT number FROM numbers(20000)"})
+    assert r.status_code == 200 and len(r.json()["rows"]) == 10_000 and r.json()["truncated"] is True
+    r = call(app, "POST", "/api/sql", json={"query": "SELECT sleepEachRow(0.5) FROM numbers(5)"})
+    assert r.status_code == 400 and "time limit (1 s)" in r.json()["error"]
+    r = call(app, "POST", "/api/sql", json={"sql": "SELECT 1"})
+    assert r.status_code == 422 and "query" in r.json()["error"]
+    spec = call(app, "GET", "/openapi.json").json()
+    body = spec["components"]["schemas"]["SqlBody"]
+    assert body["required"] == ["query"] and body["properties"]["query"]["maxLength"] == 20_000
+    # past the token checks, the engine's read-only session still refuses a settings change
+    from laion_search.errors import QueryError
+    from laion_search.sql import SqlLimits
+
+    with pytest.raises(QueryError, match="Cannot modify 'max_execution_time' setting in readonly mode"):
+        store.backend.query_raw("SELECT count() FROM laion SETTINGS max_execution_time = 0",
+                                settings=SqlLimits(seconds=1).settings(), readonly=True)
+    assert store.scalar("SELECT getSetting('readonly')") == 0  # the pool's sessions are not read-only
+    assert store.rows(TABLE_CHECKSUM) == before
 
 
 def test_engine_failure_is_a_clean_500(web_store, monkeypatch):

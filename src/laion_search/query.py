@@ -94,12 +94,13 @@ class SearchQuery:
     vector: Any = knob(None, "Query vector: .npy or .json file (CLI), list of numbers (HTTP, Python); as many "
                              "values as the table's dimension.", group="query")
     like: int | None = knob(None, "Search with the stored embedding of this row id (\"more like this\").",
-                            group="query", ge=INT64[0], le=INT64[1], label="like: the row id")
+                            group="query", ge=INT64[0], le=INT64[1])
     k: int = knob(10, "Number of results.", group="output", flags=("--k", "-k"), ge=1, le=MAX_K)
     modality: str = knob("image", "Which embeddings to search.", group="query", flags=("--modality", "-m"),
                          choices=tuple(MODALITIES))
     exact: bool = knob(False, "Brute force: ignore vector indexes.", group="query")
-    metric: str = knob("cosine", "Distance (an index serves the metric it was built for).", group="query",
+    metric: str = knob("cosine", "Distance: dot is the negative inner product (exact or through an IVF index; "
+                                 "an HNSW index serves the cosine or l2 it was built for).", group="query",
                        choices=tuple(METRICS))
     model: str | None = knob(None, "CLIP model for text and image queries (default: $LAION_CLIP_MODEL, else the "
                                    "model the table records).", group="query", server_side=True)
@@ -116,8 +117,7 @@ class SearchQuery:
     where: Sequence[str] = knob((), "COLUMN OP VALUE on an allowed column, e.g. width>=512, LICENSE!=?, "
                                     "url~flickr (repeatable, ANDed).", group="filter", max_length=16)
     exclude_ids: Sequence[int] = knob((), "Leave this row id out of the results (repeatable).", group="filter",
-                                      flags=("--exclude-id",), ge=INT64[0], le=INT64[1], max_length=MAX_K,
-                                      label="exclude_ids: each row id")
+                                      flags=("--exclude-id",), ge=INT64[0], le=INT64[1], max_length=MAX_K)
     words: str | None = knob(None, "Caption words (lower-cased, split on ASCII non-alphanumerics, as the text index "
                                    "splits captions): with a vector query a filter, alone a keyword ranking, with "
                                    "hybrid fused with the vector ranking.", group="filter", flags=("--words", "-w"),
@@ -269,15 +269,21 @@ def _check_knob(name: str, spec: Knob, value: Any) -> None:
             raise UsageError(f"{label} must be one of {', '.join(spec.choices)}, got {value!r}")
     if spec.ge is None and spec.le is None:
         return
+    ids = (spec.ge, spec.le) == INT64  # row ids: the engine would wrap one outside Int64 (2**63 → -2**63)
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float, int, float)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (ids and isinstance(v, float)
+                                                                      and not v.is_integer()):
             try:
+                if isinstance(v, bool) or (ids and isinstance(v, float)):
+                    raise ValueError
                 v = float(v) if isinstance(spec.ge, float) else int(str(v))
-            except ValueError:
+            except (TypeError, ValueError):
+                if ids:
+                    raise UsageError(f"{label}: {v!r} is not a row id: an id must be an integer") from None
                 kind = "a number" if isinstance(spec.ge, float) else "an integer"
                 raise UsageError(f"{label} must be {kind}, got {v!r}") from None
-        if (spec.ge, spec.le) == INT64 and not INT64[0] <= v <= INT64[1]:
-            raise UsageError(f"{label}: {v} is out of range for a row id (a 64-bit signed integer)")
+        if ids and not INT64[0] <= v <= INT64[1]:
+            raise UsageError(f"{label}: {v} is out of range (row ids are 64-bit signed integers)")
         if (spec.ge is not None and not v >= spec.ge) or (spec.le is not None and not v <= spec.le):
             lo = "" if spec.ge is None else f"{spec.ge:g}" if isinstance(spec.ge, float) else str(spec.ge)
             hi = "" if spec.le is None else f"{spec.le:g}" if isinstance(spec.le, float) else str(spec.le)

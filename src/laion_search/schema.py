@@ -105,8 +105,18 @@ COLUMNS = ("id", "url", "caption", "NSFW", "similarity", "shard", "shard_row", "
 
 #: Searchable embedding columns, by modality (``--modality``).
 MODALITIES = {"image": "image_embedding", "text": "text_embedding"}
-#: Distance functions, by the name users give (``--metric``).
-METRICS = {"cosine": "cosineDistance", "l2": "L2Distance"}
+#: Distance functions, by the name users give (``--metric``). ``dot`` ranks by inner product, largest
+#: first (SISAP's gold standard ranks so); its distance is the negative inner product (as pgvector's
+#: ``<#>``), so that every metric sorts ascending. :func:`distance_sql` writes the expression.
+METRICS = {"cosine": "cosineDistance", "l2": "L2Distance", "dot": "dotProduct"}
+#: The metrics ClickHouse's ``vector_similarity`` (HNSW) index can rank by: L2Distance and
+#: cosineDistance only. A ``dot`` search scans exactly, or goes through an IVF index.
+INDEX_METRICS = ("cosine", "l2")
+
+
+def distance_sql(func: str, a: str, b: str) -> str:
+    """The SQL distance between ``a`` and ``b`` for a :data:`METRICS` function: smaller is nearer."""
+    return f"negate(dotProduct({a}, {b}))" if func == "dotProduct" else f"{func}({a}, {b})"
 NSFW_MODES = ("any", "exclude", "only")
 FILTER_STRATEGIES = ("auto", "postfilter", "prefilter")
 DEFAULT_COLUMNS = ("id", "caption", "url")

@@ -27,7 +27,7 @@ from laion_search.backends import settings_sql
 from laion_search.errors import QueryError, UsageError
 from laion_search.index import ivf
 from laion_search.index import text as words_index
-from laion_search.schema import INDEX_NAMES, MAX_K, MODALITIES, SCAN_SUFFIX, TABLE, model_for_dim
+from laion_search.schema import INDEX_NAMES, MAX_K, MODALITIES, SCAN_SUFFIX, TABLE, distance_sql, model_for_dim
 from laion_search.store import Store
 # the query model lives in laion_search.query (light, for the CLI's start-up); its names are re-exported here
 from laion_search.query import (DEDUP_THRESHOLD, INT64, MAX_NPROBE, RRF_RANK_CONSTANT, Filters, Knob, SearchOptions, SearchPlan, SearchQuery,  # noqa: F401
@@ -78,23 +78,43 @@ class SearchResult:
         return out
 
 
-def encoder_for(store: Store, model: str | None = None) -> Any:
-    """The CLIP encoder for searches of this table: ``model`` if given, else
-    ``$LAION_CLIP_MODEL``, else the model its shards record. A model whose vectors have another
-    dimension than the table's is a :class:`UsageError` naming the model that fits."""
+def fitting_model(store: Store) -> str | None:
+    """The CLIP model that made the table's vectors: as its shards record it, else the model LAION
+    used for the table's dimension (ViT-B/32 for 512-d, ViT-L/14 for 768-d); None when unknown."""
+    return store.model() or model_for_dim(store.dim()) or None
+
+
+def table_model(store: Store, model: str | None = None) -> str:
+    """The one model resolution of the CLI, the server, the UDFs and the page: ``model`` if given,
+    else ``$LAION_CLIP_MODEL``, else :func:`fitting_model`, else the default (ViT-B/32)."""
     import os
 
-    from laion_search.clip.encoders import ENV_MODEL, get_encoder
+    from laion_search.clip.encoders import DEFAULT_MODEL, ENV_MODEL
 
-    recorded = store.model()
-    chosen = model or os.environ.get(ENV_MODEL) or recorded
-    enc = get_encoder(chosen)
-    dim = store.dim()
-    if dim is not None and int(enc.dim) != dim:
-        right = recorded or model_for_dim(dim)
-        hint = f"use --model {right}" if right else "use a CLIP model with that dimension"
-        raise UsageError(f"CLIP model {enc.name!r} makes {enc.dim}-d vectors but the table holds {dim}-d embeddings"
-                         f"{f' (made with {right})' if right else ''}: {hint}")
+    return str(model) if model else os.environ.get(ENV_MODEL) or fitting_model(store) or DEFAULT_MODEL
+
+
+def model_mismatch(store: Store, name: str, dim: int) -> str | None:
+    """Why model ``name`` (making ``dim``-d vectors) cannot search this table, naming the model
+    that fits; None when it can."""
+    have = store.dim()
+    if have is None or int(dim) == have:
+        return None
+    right = fitting_model(store)
+    hint = f"use --model {right}" if right else "use a CLIP model with that dimension"
+    return (f"CLIP model {name!r} makes {dim}-d vectors but the table holds {have}-d embeddings"
+            f"{f' (made with {right})' if right else ''}: {hint}")
+
+
+def encoder_for(store: Store, model: str | None = None) -> Any:
+    """The CLIP encoder for searches of this table (:func:`table_model`). A model whose vectors
+    have another dimension than the table's is a :class:`UsageError` naming the model that fits."""
+    from laion_search.clip.encoders import get_encoder
+
+    enc = get_encoder(table_model(store, model))
+    wrong = model_mismatch(store, enc.name, int(enc.dim))
+    if wrong:
+        raise UsageError(wrong)
     return enc
 
 
@@ -158,7 +178,7 @@ def search(store: Store, vector: Any = None, *, query: SearchQuery | None = None
     select = ", ".join(f"`{c}`" for c in cols)
     if q.deduplicate:  # the embeddings come along in the same statement (only the k rows read them)
         select += f", {column} AS {_DEDUP_VECTOR}"
-    sql = (f"SELECT {select}, {func}({column}, {{q:Array(Float32)}}) AS distance FROM {TABLE}"
+    sql = (f"SELECT {select}, {distance_sql(func, column, '{q:Array(Float32)}')} AS distance FROM {TABLE}"
            f"{' WHERE ' + where if where else ''} ORDER BY distance ASC LIMIT {k}")
     t0 = time.perf_counter()
     strategy = "exact" if exact else "index"
@@ -352,7 +372,7 @@ def _search_ivf(store: Store, info: Any, qv: np.ndarray, k: int, func: str, sele
         # the probed lists hold fewer than k matching rows: evaluate the filter first, exactly
         rows = store.rows(_exact_sql(select, MODALITIES[info.column], func, where, k), {**params, "q": qv})
         strategy = "ivf→prefilter"
-    sql = (f"-- candidates (lists probed: {nprobe})\nSELECT id, shard, {func}(vec, {{q:Array(Float32)}}) AS distance "
+    sql = (f"-- candidates (lists probed: {nprobe})\nSELECT id, shard, {distance_sql(func, 'vec', '{q:Array(Float32)}')} AS distance "
            f"FROM {info.table} WHERE list IN {{lists:Array(UInt32)}} ORDER BY distance ASC LIMIT {limit}")
     return rows[:k], sql, strategy
 
@@ -426,7 +446,7 @@ def _exact_sql(select: str, column: str, func: str, where: str, k: int, scan: st
         candidates = min(MAX_K * EXACT_MARGIN, k * EXACT_MARGIN + 16)
         first = f"dotProduct({column}, {{q:Array(Float32)}}) DESC"
     else:
-        return (f"SELECT {select}, {func}({column}, {{q:Array(Float32)}}) AS distance FROM {TABLE}{where_sql} "
+        return (f"SELECT {select}, {distance_sql(func, column, '{q:Array(Float32)}')} AS distance FROM {TABLE}{where_sql} "
                 f"ORDER BY distance ASC LIMIT {k}{settings_sql(settings)}")
     # the candidates are ranked by the true distance and the best k kept by id; only those k rows
     # are then read whole (caption, url, …): reading them for every candidate costs more than

@@ -175,6 +175,15 @@ class Store:
             raise UsageError("query_text runs read-only queries only")
         return self.backend.query_text(query, params, fmt)
 
+    def query_raw(self, query: str, params: Params | None = None, *, fmt: str = "JSONCompact",
+                  settings: Mapping[str, Any] | None = None, readonly: bool = False) -> bytes:
+        """A statement's result as the engine writes it in output format ``fmt`` (``laion sql``'s
+        FORMAT clause, the SQL endpoint's JSON), with ``settings`` for it; ``readonly``: in a
+        read-only session, so that it can neither write nor change a setting (:mod:`laion_search.sql`)."""
+        if not readonly:
+            self.clear_caches()  # it may change a table
+        return self.backend.query_raw(query, params, fmt=fmt, settings=settings, readonly=readonly)
+
     def rows_read(self, query: str, params: Params | None = None) -> int | None:
         """Run a read-only query for its cost: the rows the engine read (None where it does not say)."""
         if not _READ_ONLY_RE.match(query):

@@ -40,6 +40,13 @@ class Backend(Protocol):
         """Run a query; the rows the engine read for it (its progress counters), None if unknown."""
         ...
 
+    def query_raw(self, sql: str, params: Params | None = None, *, fmt: str = "JSONCompact",
+                  settings: Mapping[str, Any] | None = None, readonly: bool = False) -> bytes:
+        """The result as the engine writes it in output format ``fmt``, with ``settings`` for this
+        statement; ``readonly``: in a read-only session (``readonly = 1``), so that the statement
+        can neither write nor change a setting, its own ``SETTINGS`` clause included."""
+        ...
+
     def insert_arrow(self, table: str, data: pa.Table, settings: Mapping[str, Any] | None = None) -> None: ...
 
     def close(self) -> None: ...
@@ -80,12 +87,17 @@ def _literal(value: Any) -> str:
     raise TypeError(f"unsupported query parameter type: {type(value).__name__}")
 
 
+def format_setting(value: Any) -> str:
+    """A setting's value as SQL text (settings our code chooses, never users')."""
+    return f"'{value}'" if isinstance(value, str) else format_param(value)
+
+
 def settings_sql(settings: Mapping[str, Any]) -> str:
     """`` SETTINGS a = 1, b = 'x'`` for settings our code chooses (names and values never come
     from users); empty when there are none."""
     if not settings:
         return ""
-    parts = [f"{k} = '{v}'" if isinstance(v, str) else f"{k} = {format_param(v)}" for k, v in settings.items()]
+    parts = [f"{k} = {format_setting(v)}" for k, v in settings.items()]
     return " SETTINGS " + ", ".join(parts)
 
 

@@ -149,6 +149,12 @@ class ClickHouseBackend:
         read = (getattr(result, "summary", None) or {}).get("read_rows")
         return int(read) if read is not None else None
 
+    def query_raw(self, sql: str, params: Params | None = None, *, fmt: str = "JSONCompact",
+                  settings: Mapping[str, Any] | None = None, readonly: bool = False) -> bytes:
+        merged = {**self._settings, **(settings or {}), **({"readonly": 1} if readonly else {})}
+        return bytes(self._call(lambda: self._client.raw_query(sql, parameters=self._params(params),
+                                                               settings=merged or None, fmt=fmt)))
+
     def insert_arrow(self, table: str, data: pa.Table, settings: Mapping[str, Any] | None = None) -> None:
         merged = {**self._settings, **(settings or {})}
         self._call(lambda: self._client.insert_arrow(table, data, settings=merged or None))

@@ -407,8 +407,15 @@ def run_gold(store: Any, queries: str | os.PathLike[str], gold: str | os.PathLik
     def indexed(q: np.ndarray) -> list[int]:
         return [r["id"] for r in search(store, q, k=kmax, metric=metric, columns=["id"]).rows]
 
+    from laion_search.schema import INDEX_METRICS, METRICS
+
+    if metric not in METRICS:
+        raise UsageError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
     measure("laion exact (chDB)", exact)
-    if configs:
+    if metric not in INDEX_METRICS:
+        say(f"--metric {metric}: ClickHouse's HNSW index ranks by {' or '.join(INDEX_METRICS)} only, so only exact "
+            "search is measured")
+    elif configs:
         for m, ef in parse_configs(configs):
             drop_index(store, "image")
             say(f"build hnsw M={m} ef_construction={ef}")

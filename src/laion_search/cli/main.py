@@ -407,12 +407,21 @@ def sql(
     Example: laion sql "SELECT url, caption FROM laion ORDER BY cosineDistance(image_embedding,
     {target:Array(Float32)}) LIMIT 10" --param target=@vector.json
     """
+    from laion_search.sql import format_clause
     from laion_search.vectors import parse_params
 
     if fmt not in ("table", "json", "jsonl", "csv", "tsv"):
         raise UsageError("--format must be table, json, jsonl, csv or tsv")
     params = parse_params(param)
+    clause = format_clause(query)
+    if clause and (fmt != "table" or json_output):
+        raise UsageError(f"the query's FORMAT {clause[1]} and --format/--json both choose the output: use one")
     with open_store(db, url, create=False) as store:
+        if clause:  # the engine writes its own format (Vertical, JSON, CSVWithNames, Parquet…), as in clickhouse-client
+            sys.stdout.flush()
+            sys.stdout.buffer.write(store.query_raw(clause[0], params, fmt=clause[1]))
+            sys.stdout.buffer.flush()
+            return
         result = store.sql(query, params)
     output.print_arrow(result, "json" if json_output else fmt)
 
@@ -525,7 +534,8 @@ app.add_typer(index_app, name="index")
 @handle_errors
 def index_create(
     column: str = typer.Option("image", "--column", help="image, text or both."),
-    metric: str = typer.Option("cosine", "--metric", help="cosine or l2."),
+    metric: str = typer.Option("cosine", "--metric", help="cosine or l2 (ClickHouse's HNSW index has no dot product: "
+                                                          "search --metric dot scans or uses an IVF index)."),
     quantization: str = typer.Option("bf16", "--quantization", help="bf16, f16, f32, i8 or b1."),
     m: Optional[int] = typer.Option(None, "--m", help="HNSW links per node (default 32; the guide uses 64)."),
     ef_construction: Optional[int] = typer.Option(None, "--ef-construction",
@@ -855,8 +865,21 @@ def udf_install(
         raise UsageError("on a ClickHouse server the UDF files must be copied into the server's config: "
                          "write them with --dir DIR, then follow the printed steps")
     target = directory or (Path(db) if db else default_db_path()) / UDF_DIR
-    files = install_udfs(target, python=python, model=model, pool_size=pool_size)
     loaded: list[str] | None = None
+    chosen, why = model, "--model"
+    if not model:
+        # the model that fits the table, resolved as searches resolve it (the store's shards)
+        from laion_search.api import connect
+        from laion_search.search import table_model
+
+        try:
+            with connect(server or db or default_db_path(), create=False) as store:
+                chosen, why = table_model(store), "the table"
+        except LaionError as exc:
+            if server:
+                raise
+            chosen, why = None, f"default: the store could not be read ({exc})"
+    files = install_udfs(target, python=python, model=chosen, pool_size=pool_size)
     if server:
         from laion_search.api import connect
 
@@ -864,13 +887,15 @@ def udf_install(
             loaded = sorted(r["name"] for r in store.rows(
                 "SELECT name FROM system.functions WHERE name IN ('encode_text', 'encode_image')"))
     if json_output:
-        info: dict[str, Any] = {"dir": str(target), "files": [str(f) for f in files]}
+        info: dict[str, Any] = {"dir": str(target), "files": [str(f) for f in files], "model": chosen,
+                                "model_from": why}
         if server:
             info.update(server_loaded=loaded, instructions=server_instructions(target))
         print(output.dumps(info))
         return
     for f in files:
         output.out.print(f"wrote {f}")
+    output.out.print(f"model: {chosen or 'the default'} ({why})", markup=False, highlight=False)
     if server:
         output.out.print(server_instructions(target), markup=False, highlight=False)
         output.out.print(f"functions loaded on the server now: {', '.join(loaded) if loaded else 'none yet'}")
@@ -1112,7 +1137,7 @@ def bench_search(
                                                                   "with --gold: the table's own index, if any."),
     quantization: str = typer.Option("bf16", "--quantization", help="bf16, f16, f32, i8 or b1; a list (bf16,i8,b1) "
                                                                   "sweeps them (i8 / b1 always with rescoring)."),
-    metric: str = typer.Option("cosine", "--metric", help="With --gold: cosine (= dot product on unit vectors) or l2."),
+    metric: str = typer.Option("cosine", "--metric", help="With --gold: cosine, l2 or dot (SISAP's gold standard ranks by dot product; dot scores exact search only, HNSW has no dot)."),
     threads: int = typer.Option(2, "--threads", min=1, max=64, help="Client threads for the QPS column."),
     peers: bool = typer.Option(True, "--peers/--no-peers", help="Also run usearch and faiss on the same vectors."),
     workdir: Optional[Path] = typer.Option(None, "--dir", help="Scratch directory, reused between runs (default: temp)."),
@@ -1374,6 +1399,8 @@ def bench_serve(
     mixed: bool = typer.Option(False, "--mixed", help="Isolation: indexed latency idle, then under clients "
                                                       "sending exact scans back to back."),
     scan_clients: int = typer.Option(4, "--scan-clients", min=1, max=256, help="--mixed: exact-scan clients."),
+    load: str = typer.Option("scan", "--load", help="--mixed: what the --scan-clients send back to back: scan (exact "
+                                                    "searches) or sql (a statement reading every vector, /api/sql)."),
     rate: float = typer.Option(20.0, "--rate", min=0.1, max=10_000, help="--mixed: indexed searches per second "
                                                                          "(open loop)."),
     server_arg: List[str] = typer.Option([], "--server-arg", help="--mixed: pass to `laion serve` (repeatable), "
@@ -1401,9 +1428,11 @@ def bench_serve(
         raise UsageError(f"--kinds: choose from {', '.join(KINDS)} (got {kinds!r})")
     if db is not None and not db.is_dir():
         raise UsageError(f"--db {db}: no such store")
+    if load not in ("scan", "sql"):
+        raise UsageError(f"--load must be scan or sql, got {load!r}")
     if mixed:
         result = run_mixed(rows=rows, scan_clients=scan_clients, rate=rate, seconds=seconds, workdir=workdir,
-                           server_args=tuple(server_arg), log=None if json_output else output.err.print)
+                           server_args=tuple(server_arg), log=None if json_output else output.err.print, load=load)
     else:
         result = run_bench(rows=rows, clients=clients, seconds=seconds, workdir=workdir, kinds=picked, db=db,
                            log=None if json_output else output.err.print)

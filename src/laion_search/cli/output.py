@@ -97,12 +97,15 @@ def print_records(records: Sequence[dict[str, Any]], columns: Sequence[str] | No
         return
     cols = list(columns or records[0].keys())
     from rich.table import Table
+    from rich.text import Text
 
+    # values and names as plain text: a value such as "[/tmp/x/]" (system.tables' data_paths) is
+    # not rich markup
     table = Table(title=title, show_lines=False, header_style="bold")
     for c in cols:
-        table.add_column(c, overflow="fold")
+        table.add_column(Text(str(c)), overflow="fold")
     for r in records:
-        table.add_row(*(short(r.get(c), width) for c in cols))
+        table.add_row(*(Text(short(r.get(c), width)) for c in cols))
     _console("out").print(table)
 
 

@@ -193,10 +193,22 @@ class HFClipEncoder:
         return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
-def _hub_id(model: str) -> str:
-    """The hub id to download for a failed load: the model itself when it looks like one."""
+def _hub_id(model: str, fallback: str | None = None) -> str:
+    """The hub id to download for a failed load: the model itself when it looks like one, else
+    ``fallback`` (the model that fits the table), else the default."""
     return model if model.count("/") == 1 and not Path(model).exists() and not model.startswith((".", "/")) \
-        else DEFAULT_MODEL
+        else fallback or DEFAULT_MODEL
+
+
+#: The folder the fix sentences name for a local copy of LAION's models.
+LOCAL_DIRS = {"openai/clip-vit-base-patch32": "./clip-b32", "openai/clip-vit-large-patch14": "./clip-l14"}
+
+
+def download_fix(hub_id: str) -> str:
+    """The one sentence a server says for a model it cannot load: fetch ``hub_id`` elsewhere, restart with it."""
+    folder = LOCAL_DIRS.get(hub_id, "./clip-model")
+    return (f"on a machine with internet run `hf download {hub_id} --local-dir {folder}`, "
+            f"copy {folder} here and restart with `--model {folder}` (or set LAION_CLIP_MODEL)")
 
 
 def local_copy_fix(model: str) -> str:
@@ -348,8 +360,7 @@ class OpenClipEncoder:
 
 
 # -- start-up check (servers) ---------------------------------------------------------------------
-DOWNLOAD_FIX = (f"on a machine with internet run `hf download {DEFAULT_MODEL} --local-dir ./clip-b32`, "
-                "copy ./clip-b32 here and restart with `--model ./clip-b32` (or set LAION_CLIP_MODEL)")
+DOWNLOAD_FIX = download_fix(DEFAULT_MODEL)
 
 
 @dataclass
@@ -367,12 +378,13 @@ class EncoderCheck:
         return {"model": self.model, "ok": self.ok, "dim": self.dim, "reason": self.reason, "fix": self.fix}
 
 
-def check_encoder(model: str | os.PathLike[str] | None = None) -> EncoderCheck:
+def check_encoder(model: str | os.PathLike[str] | None = None, *, fits: str | None = None) -> EncoderCheck:
     """Load the encoder once (a long-running process calls this at start-up). Where it loads
     from is decided as for every load (:func:`hub_access`: no retries against a silent hub); when
     it cannot load, the model hub is switched off for the rest of the process
     (``HF_HUB_OFFLINE``), so nothing later asks the network again, and the reason and the fix are
-    returned, not raised."""
+    returned, not raised. ``fits``: the hub id of the model that fits the table, which the fix
+    names when ``model`` is not a hub id itself (a missing directory)."""
     name = resolve_model(model)
     try:
         enc = get_encoder(name)
@@ -381,7 +393,7 @@ def check_encoder(model: str | os.PathLike[str] | None = None) -> EncoderCheck:
         if "need torch" in exc.reason or "open_clip_torch" in exc.reason:
             text = str(exc)
             return EncoderCheck(name, False, reason=text.split(":")[0], fix=text.rsplit(": ", 1)[-1])
-        return EncoderCheck(name, False, reason=exc.reason, fix=DOWNLOAD_FIX)
+        return EncoderCheck(name, False, reason=exc.reason, fix=download_fix(_hub_id(name, fits)))
     return EncoderCheck(name, True, dim=int(enc.dim))
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from laion_search.errors import UsageError
-from laion_search.schema import INDEX_NAMES, METRICS, OPTIMIZE_SETTINGS, QUANTIZATIONS, TABLE, TUNING_TABLE
+from laion_search.schema import INDEX_METRICS, INDEX_NAMES, METRICS, OPTIMIZE_SETTINGS, QUANTIZATIONS, TABLE, TUNING_TABLE
 from laion_search.store import Store
 #: Chosen at 1M rows on realistic vectors and on real embeddings (docs/realistic-vectors.md §5–7):
 #: (32, 64) reaches recall@10 ≥ 0.95 on both columns of 1M realistic rows at the engine's
@@ -29,6 +29,10 @@ from laion_search.store import Store
 #: at half the build rate (--ef-construction 128); the guide's graph is --guide.
 DEFAULT_M = 32
 DEFAULT_EF_CONSTRUCTION = 64
+DEFAULT_QUANTIZATION = "bf16"
+#: ClickHouse's own ef_search (``hnsw_candidate_list_size_for_search``): what a search uses unless
+#: it asks for another, or `laion index tune` stored one for the index.
+ENGINE_EF_SEARCH = 256
 GUIDE_M = 64
 GUIDE_EF_CONSTRUCTION = 256
 
@@ -39,7 +43,7 @@ ProgressFn = Callable[[dict[str, Any]], None]
 class IndexSpec:
     column: str = "image"            # image | text
     metric: str = "cosine"           # cosine | l2
-    quantization: str = "bf16"
+    quantization: str = DEFAULT_QUANTIZATION
     m: int = DEFAULT_M
     ef_construction: int = DEFAULT_EF_CONSTRUCTION
 
@@ -48,6 +52,10 @@ class IndexSpec:
             raise UsageError(f"column must be image or text, got {self.column!r}")
         if self.metric not in METRICS:
             raise UsageError(f"metric must be one of {', '.join(METRICS)}")
+        if self.metric not in INDEX_METRICS:
+            raise UsageError(f"metric {self.metric}: ClickHouse's HNSW index (vector_similarity) ranks by "
+                             f"{' or '.join(INDEX_METRICS)} only; search with --metric {self.metric} exactly "
+                             "(--exact) or through an IVF index (laion index create --kind ivf)")
         if self.quantization not in QUANTIZATIONS:
             raise UsageError(f"quantization must be one of {', '.join(QUANTIZATIONS)}")
         if not 2 <= int(self.m) <= 512:

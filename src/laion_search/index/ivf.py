@@ -45,7 +45,7 @@ from laion_search.backends import settings_sql
 from laion_search.errors import QueryError, StoreError, UsageError
 from laion_search.schema import (INDEX_NAMES, IVF_CENTROIDS_DDL, IVF_CENTROIDS_TABLE, IVF_CODES, IVF_META_DDL,
                                  IVF_META_TABLE, IVF_SHARDS_DDL, IVF_SHARDS_TABLE, OPTIMIZE_SETTINGS, TABLE,
-                                 ivf_table, ivf_table_ddl)
+                                 distance_sql, ivf_table, ivf_table_ddl)
 from laion_search.store import Store
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -801,7 +801,7 @@ def candidates(store: Store, info: IvfInfo, centroids: np.ndarray, query: np.nda
     if info.codes != "none":
         settings.update(vector_search_use_quantized_codes=1,
                         vector_search_index_fetch_multiplier=float(fetch_multiplier or info.fetch_multiplier or 4.0))
-    sql = (f"SELECT id, shard, {func}(vec, {{q:Array(Float32)}}) AS distance FROM {info.table} "
+    sql = (f"SELECT id, shard, {distance_sql(func, 'vec', '{q:Array(Float32)}')} AS distance FROM {info.table} "
            f"WHERE {' AND '.join(where)} ORDER BY distance ASC LIMIT {int(limit)}{settings_sql(settings)}")
     return store.rows(sql, params)
 

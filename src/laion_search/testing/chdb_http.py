@@ -79,6 +79,7 @@ class Engine:
     def __init__(self, path: str):
         from chdb import session as chdb_session
 
+        self.path = path
         self.session = chdb_session.Session(path)
         self.lock = threading.Lock()
         self.database = "default"
@@ -90,6 +91,8 @@ class Engine:
 
     def run(self, sql: str, fmt: str, params: dict[str, str], settings: dict[str, str], database: str | None,
             data: bytes | None = None, data_format: str | None = None) -> tuple[bytes, dict[str, int]]:
+        if settings.get("readonly", "0") not in ("", "0"):
+            return self._run_read_only(sql, fmt, params, settings, database)
         with self.lock:
             if database and database != self.database:
                 self.session.query(f"USE `{database.replace('`', '')}`", "TabSeparated")
@@ -120,6 +123,26 @@ class Engine:
                         self.session.query(stmt, "TabSeparated")
                     except Exception:  # noqa: BLE001
                         pass
+
+    def _run_read_only(self, sql: str, fmt: str, params: dict[str, str], settings: dict[str, str],
+                       database: str | None) -> tuple[bytes, dict[str, int]]:
+        """A statement with ``readonly`` set, as a server runs it: in a session of its own (a
+        read-only session cannot be put back, so it is not the shared one), ``readonly`` last."""
+        from chdb import session as chdb_session
+
+        session = chdb_session.Session(self.path)
+        try:
+            session.query(f"USE `{(database or self.database).replace('`', '')}`", "TabSeparated")
+            for name, value in sorted(settings.items(), key=lambda kv: kv[0] == "readonly"):
+                if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                    raise EngineError(115, f"Unknown setting '{name}'")
+                quoted = value.replace("\\", "\\\\").replace("'", "\\'")
+                session.query(f"SET {name} = '{quoted}'", "TabSeparated")
+            result = session.query(sql, fmt, params=params) if params else session.query(sql, fmt)
+            body = result.bytes() if hasattr(result, "bytes") else (result or b"")
+            return body or b"", {"rows_read": 0, "bytes_read": 0}
+        finally:
+            session.close()
 
     def _apply(self, settings: dict[str, str]) -> list[str]:
         """SET each setting for one statement; return the statements that put them back."""

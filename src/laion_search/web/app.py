@@ -9,13 +9,14 @@ Our API (JSON, OpenAPI docs at ``/docs``):
   nsfw, min_similarity, caption_contains, where, columns, ef_search, …}``;
 * ``POST /api/search/upload`` — multipart image upload plus the same fields as form fields;
 * ``GET /api/search`` — every field as a query parameter (lists repeated), for links;
-* ``POST /api/sql`` — only with ``--allow-sql``, and then only single read-only SELECTs.
+* ``POST /api/sql`` — only with ``--allow-sql``: ``{"query": "SELECT …"}``, one read-only SELECT
+  within the limits of :mod:`laion_search.sql`, answered as JSON.
 
 clip-retrieval's back end, so its ``ClipClient`` and front end work: ``POST /knn-service``,
 ``GET /indices-list``, ``POST /metadata``. Fields we cannot honour (``use_violence_detector``,
 ``aesthetic_score``, ``aesthetic_weight``, ``use_mclip``) are accepted and ignored;
 ``use_safety_model`` maps to the NSFW filter and ``deduplicate`` drops near-identical results
-(embedding cosine similarity ≥ 0.98). ``image_url`` fetching is off unless enabled.
+(embedding inner product ≥ 0.94, :data:`DEDUP_THRESHOLD`). ``image_url`` fetching is off unless enabled.
 
 Every bad input is a 4xx JSON ``{"error": "…"}``; unexpected failures are a 500 with a generic
 message, never a traceback. The page at ``/`` is one static HTML file, no build step.
@@ -38,7 +39,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import numpy as np
-from fastapi import Body, FastAPI, Query, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
@@ -52,7 +53,8 @@ from laion_search.errors import (EncoderError, EncoderUnavailable, LaionError, O
                                  ShuttingDown, UsageError)
 from laion_search.schema import COLUMNS, DEFAULT_COLUMNS, MAX_K, MODALITIES, TABLE
 from laion_search.query import SearchQuery, describe_query, query_fields
-from laion_search.search import DEDUP_THRESHOLD, search  # noqa: F401  (DEDUP_THRESHOLD: importable from here too)
+from laion_search.search import DEDUP_THRESHOLD, fitting_model, model_mismatch, search, table_model  # noqa: F401
+from laion_search.sql import SQL_MAX_CHARS, SqlLimits, check_read_only_sql, run_read_only_sql
 from laion_search.store import Store
 
 log = logging.getLogger("laion_search.web")
@@ -73,15 +75,6 @@ ENCODER_WAIT = 10.0
 #: picture files ``/local/...`` serves from the image root
 IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
                ".gif": "image/gif"}
-_READ_ONLY_SQL = re.compile(r"^\s*(SELECT|WITH)\b", re.I)
-# table functions that reach outside the store (by their call: `url(`, not the url column),
-# writing to files, and the system tables that hold credentials
-_FORBIDDEN_SQL = re.compile(
-    r"\bINTO\s+OUTFILE\b|\bsystem\s*\.\s*(users|grants|settings_profiles|quotas)\b|"
-    r"\b(file|url|urlCluster|s3|s3Cluster|hdfs|remote|remoteSecure|mysql|postgresql|jdbc|odbc|executable|input|"
-    r"cluster|clusterAllReplicas|azureBlobStorage|gcs|iceberg\w*|deltaLake\w*|hudi\w*|sqlite|mongodb|redis|python|"
-    r"dictionary)(?:\s|/\*.*?\*/|--[^\n]*\n|#[^\n]*\n)*\(",
-    re.I | re.S)
 
 
 #: SearchQuery fields the HTTP API does not take from clients: the server's --model encodes, and
@@ -315,6 +308,24 @@ class MetadataRow(BaseModel):
     metadata: dict[str, Any]
 
 
+class SqlBody(BaseModel):
+    """``POST /api/sql``'s body: one read-only statement (:mod:`laion_search.sql`)."""
+
+    query: str = Field(..., max_length=SQL_MAX_CHARS, description="One SELECT (or WITH … SELECT) statement, "
+                       "without SETTINGS or FORMAT clauses; answered as JSON.",
+                       examples=["SELECT count() AS n FROM laion"])
+
+
+class SqlAnswer(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    columns: list[str]
+    types: list[str]
+    rows: list[dict[str, Any]]
+    rows_read: int
+    truncated: bool
+
+
 class StatusAnswer(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -339,8 +350,11 @@ class EncoderState:
     background thread so the server answers at once; text and image requests wait for it a
     little, then get a 503 that says why and how to fix it — never a model-hub retry."""
 
-    def __init__(self, model: str | None):
-        self.model = model
+    def __init__(self, store: Store, model: str | None):
+        self.store = store
+        self.given = model
+        #: the model this server encodes with: resolved once, as the CLI resolves it (:func:`table_model`)
+        self.model = table_model(store, model)
         self.result: Any = None
         self._done = threading.Event()
         self._lock = threading.Lock()
@@ -354,13 +368,19 @@ class EncoderState:
         threading.Thread(target=self._run, name="laion-encoder-check", daemon=True).start()
 
     def _run(self) -> None:
-        from laion_search.clip.encoders import EncoderCheck, check_encoder, resolve_model
+        from laion_search.clip.encoders import EncoderCheck, check_encoder
 
         try:
-            self.result = check_encoder(self.model)
+            fits = fitting_model(self.store)
+            self.result = check_encoder(self.model, fits=fits)
+            wrong = model_mismatch(self.store, self.result.model, self.result.dim) if self.result.ok else None
+            if wrong:  # it loads, but its vectors cannot be compared with the table's
+                reason, _, fix = wrong.rpartition(": ")
+                self.result = EncoderCheck(self.result.model, False, self.result.dim, reason=reason,
+                                           fix=f"restart with --model {fits}" if fits else fix)
         except Exception as exc:  # noqa: BLE001 - anything unexpected still ends the check
             log.exception("encoder check failed")
-            self.result = EncoderCheck(resolve_model(self.model), False, reason=f"cannot load the CLIP model ({exc})",
+            self.result = EncoderCheck(self.model, False, reason=f"cannot load the CLIP model ({exc})",
                                        fix="see the server log")
         if self.result.ok:
             log.info("CLIP model %s loaded (dim %s): text and image search on", self.result.model, self.result.dim)
@@ -386,7 +406,7 @@ class EncoderState:
 
     def as_dict(self) -> dict[str, Any]:
         if self.result is None:
-            return {"state": "checking", "ok": False}
+            return {"state": "checking", "ok": False, "model": self.model}
         return {"state": "ready" if self.result.ok else "failed", **self.result.as_dict()}
 
 
@@ -428,7 +448,7 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
     app.state.store = store
     app.state.query_tag = tag
     app.state.shutting_down = False
-    encoder = app.state.encoder = EncoderState(model)
+    encoder = app.state.encoder = EncoderState(store, model)
     encoder.start()  # the one check, at start-up
     preload: dict[str, Any] = {"state": "loading" if preload_indexes else "off"}
     if preload_indexes:
@@ -524,7 +544,7 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
         # one query and valid knobs, checked and resolved (index or scan) before any work (encoding, cache)
         columns = list(dict.fromkeys([*body.columns, *extra]))
         plan = SearchQuery(**{**body.model_dump(exclude=set(HTTP_ONLY)), "columns": columns, "image": image_bytes,
-                              "model": model}).plan(store)
+                              "model": encoder.model}).plan(store)
         enc = None
         if body.text is not None or image_bytes is not None:
             enc = encoder.require("text" if body.text is not None else "image")  # 503 at once without one
@@ -652,14 +672,20 @@ def create_app(store: Store, *, model: str | None = None, token: str | None = No
         return await run_in_threadpool(run_search, body, data)
 
     if allow_sql:
-        @app.post("/api/sql", tags=["sql"], responses=answers())
-        def api_sql(query: str = Body(..., embed=True, max_length=20_000)) -> dict[str, Any]:
-            text = query.strip().rstrip(";")
-            if ";" in text or not _READ_ONLY_SQL.match(text) or _FORBIDDEN_SQL.search(text):
-                raise UsageError("only single read-only SELECT statements over the store's tables are allowed")
-            log.debug("sql query started")
-            result = store.sql(text)
-            return {"columns": result.column_names, "rows": _jsonable(result.to_pylist()[:10_000])}
+        sql_limits = SqlLimits(seconds=float(query_timeout or 0), threads=scan_threads, nice=scan_nice)
+
+        @app.post("/api/sql", tags=["sql"], response_model=None, responses=answers(SqlAnswer))
+        def api_sql(body: SqlBody) -> dict[str, Any]:
+            """One read-only statement, answered as JSON: refused with its reason when it is not
+            a single SELECT, sets SETTINGS or FORMAT, or reaches outside the store; run in a
+            read-only session with the limits of :class:`~laion_search.sql.SqlLimits` (time, rows
+            read, memory, result size), queued and niced as exact scans are."""
+            text = check_read_only_sql(body.query)  # 400 with the reason, before any queueing
+            with scan_gate.admit():  # a heavy query: bounded with the exact scans, 429 when full
+                if app.state.shutting_down:
+                    raise ShuttingDown("the server is shutting down; the query was not started")
+                log.debug("sql query started")
+                return run_read_only_sql(store, text, sql_limits)
 
     @app.get("/local/{path:path}", tags=["service"], include_in_schema=False)
     def local_image(path: str) -> FileResponse:
