@@ -148,3 +148,37 @@ def test_bench_pipeline_measures_each_step_and_recall(tmp_path):
     md = result["markdown"]
     assert "fastest:" in md and "engine floor" in md and "build rate vs raw usearch, 1 thread(s) each" in md and "vs the guide" in md
     assert np.isfinite([r["vectors_per_second"] for r in result["results"]]).all()
+
+
+_DROP_WHILE_BUILDING = r'''
+import sys
+from laion_search import connect
+from laion_search.index import drop_index
+from laion_search.sources.synth import synth
+
+synth(sys.argv[1] + "/s", [0, 1], 3000, dim=64, seed=1)
+db = connect(sys.argv[1] + "/db")
+db.ingest(sys.argv[1] + "/s")
+db.run_ddl("ALTER TABLE laion ADD INDEX image_index image_embedding TYPE vector_similarity('hnsw', 'cosineDistance', "
+           "64, 'bf16', 64, 256) GRANULARITY 100000000")
+# a build left queued, as a killed `index create` leaves it (the engine resumes it on reopening)
+db.run_ddl("SYSTEM STOP MERGES laion")
+db.run_ddl("ALTER TABLE laion MATERIALIZE INDEX image_index SETTINGS mutations_sync = 0")
+pending = db.scalar("SELECT count() FROM system.mutations WHERE table = 'laion' AND NOT is_done")
+db.run_ddl("SYSTEM START MERGES laion")
+print(pending, drop_index(db, "image"), len(db.list_indexes()),
+      db.scalar("SELECT count() FROM system.mutations WHERE table = 'laion' AND NOT is_done"), db.scalar("SELECT count() FROM laion"))
+'''
+
+
+def test_drop_an_index_whose_build_is_still_queued(tmp_path):
+    """`laion index drop` after a build was cut short: the engine refuses to drop an index a pending
+    mutation builds ("affected by mutation … not finished"), so the drop cancels that build first —
+    the index is gone, no mutation is left, the rows are untouched."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _DROP_WHILE_BUILDING, str(tmp_path)], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["1", "True", "0", "0", "6000"], out.stdout

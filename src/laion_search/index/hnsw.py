@@ -203,6 +203,13 @@ def drop_index(store: Store, column: str) -> bool:
     if name is None:
         raise UsageError(f"column must be image or text, got {column!r}")
     existed = any(i["name"] == name for i in store.list_indexes())
+    if _pending_build(store, name):
+        # a build cut short (a crash, a kill) left its mutation queued, and the engine resumed it:
+        # it refuses to drop an index a pending mutation builds, so that build is cancelled first
+        # (with it, a build of the other column queued in the same mutation: rerun `index create`)
+        store.run_ddl(f"KILL MUTATION{store.layout.on_cluster} WHERE database = currentDatabase() AND "
+                      "table = {t:String} AND position(command, {c:String}) > 0 SYNC",
+                      {"t": store.data_table, "c": f"MATERIALIZE INDEX {name}"})
     store.run_ddl(f"ALTER TABLE {store.data_table}{store.layout.on_cluster} DROP INDEX IF EXISTS {name}")
     if store.tuning_table_exists():  # a new graph deserves a new measurement (laion index tune)
         store.run_ddl(f"DELETE FROM {TUNING_TABLE} WHERE column = {{c:String}}", {"c": column})
