@@ -515,8 +515,15 @@ def print_search(result, json_output: bool) -> None:
         print(output.dumps(result.as_dict()))
         return
     what = "caption words" if result.metric == "words" else f"{result.modality} embeddings"
-    output.print_records(result.rows, title=f"{len(result.rows)} results · {what} · "
-                                            f"{result.strategy} · {result.seconds * 1000:.1f} ms", width=70)
+    rows, columns = result.rows, None
+    if rows and "found_by" in rows[0]:
+        # hybrid: which side found each row and its standing there, in a table that fits (--json has all)
+        rows = [{**r, "distance": "" if r["distance"] is None else f"{r['distance']:.4f}",
+                 "words": "" if r["words_score"] is None else f"{r['words_score']:.2f}"} for r in rows]
+        columns = ["rank", "found_by", "distance", "words"] + [c for c in rows[0] if c not in (
+            "rank", "found_by", "distance", "words", "words_score", "rrf_score", "vector_rank", "words_rank")]
+    output.print_records(rows, columns, title=f"{len(result.rows)} results · {what} · "
+                                              f"{result.strategy} · {result.seconds * 1000:.1f} ms", width=70)
 
 
 # -- index ----------------------------------------------------------------------------------------
