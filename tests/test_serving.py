@@ -456,14 +456,14 @@ def test_exact_scans_run_niced_and_indexed_searches_do_not(served_store):
         seen.append(res.sql)
         return res
 
-    import laion_search.web.app as web_app
+    import laion_search.web.routes as web_routes
 
-    web_app.search, saved = spy, web_app.search
+    web_routes.search, saved = spy, web_routes.search
     try:
         assert call(app, "POST", "/api/search", json={"vector": vec, "k": 3, "exact": True}).status_code == 200
         assert call(app, "POST", "/api/search", json={"vector": vec, "k": 3}).status_code == 200
     finally:
-        web_app.search = saved
+        web_routes.search = saved
     assert "os_thread_priority = 19" in seen[0] and "os_thread_priority" not in seen[1]
     assert call(app, "GET", "/api/status").json()["admission"]["scan_nice"] == 19
     off = create_app(store, model=model, cache_size=0, scan_nice=0)
