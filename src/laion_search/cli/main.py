@@ -18,8 +18,11 @@ from laion_search.errors import LaionError, UsageError
 # the options and helpers every command shares (importable from here as before)
 from laion_search.cli.common import (DbOption, JsonOption, UrlOption, handle_errors, open_store,  # noqa: F401
                                      report_error)
-from laion_search.cli.bench import bench_app
-from laion_search.cli.index import KindOption, index_app  # noqa: F401
+from laion_search.cli.bench import (bench_app, bench_clip, bench_data_real_text, bench_data_sisap,  # noqa: F401
+                                    bench_download, bench_geometry, bench_ingest, bench_ivf, bench_pipeline,
+                                    bench_search, bench_serve, bench_words, data_app)
+from laion_search.cli.index import (KindOption, index_app, index_create, index_drop, index_status_cmd,  # noqa: F401
+                                    index_tune)
 
 app = typer.Typer(help="Search LAION image-text embeddings in ClickHouse: embedded chDB, or a server, "
                        "cluster or Cloud service with --url clickhouse://….",
