@@ -211,3 +211,39 @@ def test_the_engine_is_asked_one_way():
         text = path.read_text(encoding="utf-8")
         for needle in ('name == "chdb"', 'name != "chdb"', 'getattr(store.backend', '"embedded", False'):
             assert needle not in text, f"{path.relative_to(PKG)} asks which engine with {needle!r}"
+
+
+#: the longest a function outside tests may be, in lines (def to its last line, decorators not counted)
+MAX_FUNCTION_LINES = 120
+
+
+def _long_functions(root: Path, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """``path:line name (n lines)`` for every function or method under ``root`` longer than ``limit``
+    lines, nested ones included (a closure counts inside its parent too)."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = (node.end_lineno or node.lineno) - node.lineno + 1
+                if n > limit:
+                    found.append(f"{path.relative_to(root)}:{node.lineno} {node.name} ({n} lines)")
+    return found
+
+
+def test_no_function_longer_than_the_limit():
+    """No function of the package (scripts/ too) is over 120 lines: a long one is split into named
+    helpers, so that each does one thing a reader can hold."""
+    root = Path(__file__).resolve().parents[1]
+    long = _long_functions(PKG) + _long_functions(root / "scripts")
+    assert long == [], f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+def test_the_length_check_sees_methods_closures_and_async(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "m.py").write_text(
+        f"def short():\n    pass\n\n\ndef long():\n{body}\n\n\n"
+        f"class C:\n    async def method(self):\n{body.replace('    ', '        ')}\n\n\n"
+        f"def outer():\n    def inner():\n{body.replace('    ', '        ')}\n    return inner\n")
+    found = _long_functions(tmp_path)
+    assert sorted(f.split(" ")[1] for f in found) == ["inner", "long", "method", "outer"], found
+    assert _long_functions(tmp_path, limit=10_000) == []

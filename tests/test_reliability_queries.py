@@ -800,8 +800,9 @@ def _check_answer(label: str, case, resp, by_id: dict[int, dict]) -> None:
             assert all(r["found_by"] in ("words", "vector", "both") for r in rows), rows
             SCHEMA_STATS["answers_checked"] += 1
             return
-        words_alone = f.words is not None and all(body.get(q) is None for q in ("text", "image", "image_url",
-                                                                                 "vector", "like"))
+        # (an upload's file is its query: words there filter the picture's search)
+        words_alone = label != "POST /api/search/upload" and f.words is not None and all(
+            body.get(q) is None for q in ("text", "image", "image_url", "vector", "like"))
         # a keyword ranking: best words score first (negated, to read as a distance)
         scores = [-r["words_score"] for r in rows] if words_alone else [r["distance"] for r in rows]
         assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1)), rows

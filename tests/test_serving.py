@@ -205,6 +205,11 @@ def test_sigterm_with_a_query_in_flight(tmp_path):
     base = f"http://127.0.0.1:{port}"
     try:
         log.wait_for("Uvicorn running on")
+        log.wait_for("text and image search off")  # the start-up check's own queries are over
+        deadline = time.monotonic() + 120  # ... and so is the index preload's: only the SQL runs
+        while httpx.get(base + "/api/status", timeout=30).json()["index_preload"]["state"] == "loading":
+            assert time.monotonic() < deadline, "the index preload never ended"
+            time.sleep(0.05)
         answer: dict[str, object] = {}
 
         def slow() -> None:  # a scan that runs for many seconds, within the SQL endpoint's 1e9 rows
@@ -212,7 +217,8 @@ def test_sigterm_with_a_query_in_flight(tmp_path):
                 r = httpx.post(base + "/api/sql", json={"query": "SELECT sum(cityHash64(number, 'x', number)) FROM "
                                                                  "numbers(900000000)"},
                                timeout=120)
-                answer["status"], answer["body"] = r.status_code, r.json()
+                answer["status"], answer["text"] = r.status_code, r.text
+                answer["body"] = r.json()
             except httpx.HTTPError as exc:  # a clean close also counts as an answer
                 answer["closed"] = type(exc).__name__
 
@@ -242,11 +248,17 @@ def test_idle_shutdown_cancels_nothing_and_says_nothing_of_it(tmp_path):
     synth(tmp_path / "shards", [0], 50, dim=16, seed=6)
     db = tmp_path / "db"
     run_cli("ingest", str(tmp_path / "shards"), "--db", str(db), check=True)
-    proc = _serve(db, free_port(), "--model", str(tmp_path / "no-model"))
+    port = free_port()
+    proc = _serve(db, port, "--model", str(tmp_path / "no-model"))
     log = ServerLog(proc)
     try:
         log.wait_for("Uvicorn running on")
-        log.wait_for("text and image search off")  # the start-up check is over: the server is idle
+        log.wait_for("text and image search off")  # the start-up check is over
+        # ... and so is the index preload (its queries are the server's own): now the server is idle
+        deadline = time.monotonic() + 120
+        while httpx.get(f"http://127.0.0.1:{port}/api/status", timeout=30).json()["index_preload"]["state"] == "loading":
+            assert time.monotonic() < deadline, "the index preload never ended"
+            time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         text = log.rest()
         assert proc.returncode == 0 and "shutting down" in text, text
@@ -313,6 +325,7 @@ def test_shutdown_cancels_a_running_query_and_counts_it(served_store, caplog):
 
     store, model, _ = served_store
     app = create_app(store, model=model, query_timeout=600)
+    app.state.encoder.wait(300)  # its start-up check reads the store too: over before the count
     outcome: list[BaseException] = []
 
     def slow() -> None:  # the server's own session settings tag it, as a search would be
@@ -456,14 +469,14 @@ def test_exact_scans_run_niced_and_indexed_searches_do_not(served_store):
         seen.append(res.sql)
         return res
 
-    import laion_search.web.app as web_app
+    import laion_search.web.routes as web_routes
 
-    web_app.search, saved = spy, web_app.search
+    web_routes.search, saved = spy, web_routes.search
     try:
         assert call(app, "POST", "/api/search", json={"vector": vec, "k": 3, "exact": True}).status_code == 200
         assert call(app, "POST", "/api/search", json={"vector": vec, "k": 3}).status_code == 200
     finally:
-        web_app.search = saved
+        web_routes.search = saved
     assert "os_thread_priority = 19" in seen[0] and "os_thread_priority" not in seen[1]
     assert call(app, "GET", "/api/status").json()["admission"]["scan_nice"] == 19
     off = create_app(store, model=model, cache_size=0, scan_nice=0)

@@ -300,7 +300,7 @@ def test_engine_failure_is_a_clean_500(web_store, monkeypatch):
     def boom(*a, **kw):
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setattr("laion_search.web.app.search", boom)
+    monkeypatch.setattr("laion_search.web.routes.search", boom)
     r = call(app, "POST", "/api/search", json={"like": 1})
     assert r.status_code == 500 and r.json() == {"error": "internal error"}
     assert "secret" not in r.text

@@ -427,9 +427,14 @@ class Store:
         # KILL QUERY finds its victims with a SELECT on system.processes that carries the tag
         # too and is not a KILL: without `query_id != queryID()` it counts itself, and every
         # shutdown, idle or not, reported "cancelled 1 running query"
+        return len(self.cancel_query_ids(tag))
+
+    def cancel_query_ids(self, tag: str) -> set[str]:
+        """:meth:`cancel_queries`, as the ids of the queries cancelled (a SYNC kill may report one
+        query on several rows, as it waits for it to end)."""
         got = self.rows("KILL QUERY WHERE Settings['log_comment'] = {tag:String} AND query_id != queryID() "
                         "AND NOT startsWith(query, 'KILL') SYNC", {"tag": tag})
-        return len(got)
+        return {str(r["query_id"]) for r in got}
 
     def status(self) -> StoreStatus:
         """Rows, shards, size on disk and vector indexes (``.as_dict()`` for plain data)."""

@@ -273,6 +273,21 @@ SQL_LOAD = "SELECT count(), sum(arraySum(image_embedding)), uniqExact(caption) F
 LOADS = ("scan", "sql")
 
 
+def _idle_latencies(c: Any, body: Callable[[], dict[str, Any]], n: int, say: Callable[[str], Any]) -> list[float]:
+    """Seconds of ``n`` indexed searches one at a time on an idle server (after a warm-up)."""
+    for _ in range(10):  # warm-up
+        c.post("/api/search", json=body())
+    say(f"idle: {n} indexed searches, one at a time")
+    idle = []
+    for _ in range(n):
+        t = time.perf_counter()
+        r = c.post("/api/search", json=body())
+        if r.status_code != 200:
+            raise RuntimeError(f"idle indexed search failed: HTTP {r.status_code} {r.text[:200]}")
+        idle.append(time.perf_counter() - t)
+    return idle
+
+
 def run_mixed(rows: int = 200_000, scan_clients: int = 4, rate: float = 20.0, seconds: float = 30.0,
               idle_requests: int = 200, workdir: Path | None = None, server_args: tuple[str, ...] = (),
               log: Callable[[str], Any] | None = None, load: str = "scan") -> dict[str, Any]:
@@ -297,16 +312,7 @@ def run_mixed(rows: int = 200_000, scan_clients: int = 4, rate: float = 20.0, se
 
             with _client(base, timeout=60,
                          limits=httpx.Limits(max_connections=200, max_keepalive_connections=200)) as c:
-                for _ in range(10):  # warm-up
-                    c.post("/api/search", json=body())
-                say(f"idle: {idle_requests} indexed searches, one at a time")
-                idle = []
-                for _ in range(idle_requests):
-                    t = time.perf_counter()
-                    r = c.post("/api/search", json=body())
-                    if r.status_code != 200:
-                        raise RuntimeError(f"idle indexed search failed: HTTP {r.status_code} {r.text[:200]}")
-                    idle.append(time.perf_counter() - t)
+                idle = _idle_latencies(c, body, idle_requests, say)
                 heavy = "SQL statements" if load == "sql" else "exact scans"
                 say(f"load: {scan_clients} clients of back-to-back {heavy} + {rate:g} indexed/s open loop, "
                     f"{seconds:.0f} s")

@@ -166,6 +166,32 @@ class EngineError(Exception):
         self.code = code
 
 
+def _form_fields(ctype: str, body: bytes) -> dict[str, str]:
+    """A multipart/form-data body's fields (as ClickHouse takes query parameters); external
+    data (files) is refused."""
+    fields = {}
+    msg = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + ctype.encode() + b"\r\n\r\n" + body)
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if part.get_filename():
+            raise EngineError(1, "this test fixture does not support external data")
+        payload = part.get_payload(decode=True)
+        fields[str(name)] = payload.decode() if isinstance(payload, bytes) else str(payload)
+    return fields
+
+
+def _split_insert(sql_bytes: bytes) -> tuple[str, bytes | None, str | None]:
+    """A statement as (SQL, inline data, its format): an ``INSERT … FORMAT F`` carries its rows
+    after the head; any other statement has neither."""
+    head = _INSERT_HEAD_RE.match(sql_bytes[:1 << 16])
+    if not head:
+        return sql_bytes.decode(), None, None
+    data = sql_bytes[head.end():]
+    sql = sql_bytes[:head.start(1)].decode().rstrip()
+    sql = re.sub(r"\bFORMAT\s*$", "", sql, flags=re.I).rstrip()
+    return sql, (data if data.strip() else b""), head.group(1).decode()
+
+
 def make_handler(engine: Engine, user: str | None, password: str | None):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -228,28 +254,12 @@ def make_handler(engine: Engine, user: str | None, password: str | None):
                 self._auth()
                 ctype = self.headers.get("Content-Type", "")
                 if ctype.startswith("multipart/form-data"):
-                    msg = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + ctype.encode() + b"\r\n\r\n" + body)
-                    for part in msg.iter_parts():
-                        name = part.get_param("name", header="content-disposition")
-                        if part.get_filename():
-                            raise EngineError(1, "this test fixture does not support external data")
-                        payload = part.get_payload(decode=True)
-                        args[str(name)] = payload.decode() if isinstance(payload, bytes) else str(payload)
+                    args.update(_form_fields(ctype, body))
                     body = b""
                 query_id = args.get("query_id") or query_id
                 text = args.get("query", "")
                 sql_bytes = (text.encode() + (b"\n" + body if text and body else body)) if body else text.encode()
-                data = data_format = None
-                head = _INSERT_HEAD_RE.match(sql_bytes[:1 << 16])
-                if head:
-                    data = sql_bytes[head.end():]
-                    sql = sql_bytes[:head.start(1)].decode().rstrip()
-                    sql = re.sub(r"\bFORMAT\s*$", "", sql, flags=re.I).rstrip()
-                    data_format = head.group(1).decode()
-                    if not data.strip():
-                        data = b""
-                else:
-                    sql = sql_bytes.decode()
+                sql, data, data_format = _split_insert(sql_bytes)
                 if not sql.strip():
                     raise EngineError(62, "Syntax error: empty query")
                 params = {k[6:]: v for k, v in args.items() if k.startswith("param_")}
