@@ -191,7 +191,8 @@ class SearchQuery:
 
     def plan(self, store: Store) -> "SearchPlan":
         """The query resolved against ``store``: which column and distance, how it will be answered
-        (``hnsw``, ``ivf`` or ``exact``), the WHERE clause and its parameters. :func:`search` runs a
+        (``hnsw``, ``ivf``, ``exact``; ``words`` for keywords alone, ``hybrid`` for keywords fused
+        with a vector route), the WHERE clause and its parameters. :func:`search` runs a
         plan, and a server admits a query by its :attr:`SearchPlan.scans` — one decision for both."""
         self.check()
         if self.modality != "image":
