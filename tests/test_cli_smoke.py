@@ -151,6 +151,17 @@ def _indexed(db: Path, names: set[str], *, parts: int) -> bool:
     return True
 
 
+def _text_indexed(db: Path, *, parts: int) -> bool:
+    """Every part of the store at ``db`` carries the caption text index (and there are ``parts``)."""
+    from laion_search import connect
+    from laion_search.index.text import text_index_status
+
+    with connect(db) as store:
+        status = [(i["name"], i["parts_covered"], i["parts"]) for i in text_index_status(store)]
+    assert status == [("caption_index", parts, parts)], status
+    return True
+
+
 def _ivf_served(db: Path, columns: set[str], rows: int) -> bool:
     """The store at ``db`` serves an IVF index on ``columns``, each holding every row once, none uncovered."""
     from laion_search import connect
@@ -360,8 +371,9 @@ CASES: list[Case] = [
     Case("download 1 --to {tmp}/dl3 --base-url {mirror} --ingest --url {tmp}/dldb2",
          check=_all(_has("shard 1: verified, 50 rows × 16-d", "shard 1: ingested 50 rows"),
                     _same_files(_in("dl3", _mirror(1))), _store_count("dldb2", 50, [1]))),
-    Case("download 0-1 --to {tmp}/dl5 --base-url {mirror} --ingest --index image --db {tmp}/dldb3 --json",
-         check=lambda o, e, t: _done(o)["ingested_rows"] == 100 and _indexed(t / "dldb3", {"image_index"}, parts=2)),
+    Case("download 0-1 --to {tmp}/dl5 --base-url {mirror} --ingest --index image --text-index --db {tmp}/dldb3 --json",
+         check=lambda o, e, t: _done(o)["ingested_rows"] == 100 and _indexed(t / "dldb3", {"image_index"}, parts=2)
+         and _text_indexed(t / "dldb3", parts=2)),
     Case("download 1 --to {tmp}/dl6 --base-url {mirror} --index both", code=2, check=_has("--index needs --ingest")),
     Case("download 1 --to {tmp}/dl7 --base-url {mirror} --ingest --index image --index-kind ivf --db {tmp}/dldb4 --json",
          check=lambda o, e, t: _done(o)["ingested_rows"] == 50 and _ivf_served(t / "dldb4", {"image"}, 50)),

@@ -16,10 +16,12 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from laion_search.sources.download import DEFAULT_BASE_URL, MANIFEST, Remote, RetryPolicy, download
 from laion_search.errors import UsageError
+from laion_search.index.text import tokenize
 from laion_search.sources.shards import KINDS, discover
 from laion_search.sources.synth import synth
 from laion_search.testing.faulty_http import Fault, FaultyServer
@@ -394,6 +396,27 @@ def test_cli_delete_after_ingest_plain_output_and_rerun(tmp_path):
                                                 "partitions": {"0": 200, "1": 200, "2": 200}}
 
 
+def test_cli_download_ingest_with_the_text_index(tmp_path):
+    """`download --ingest --text-index`: the caption text index is declared before the first shard
+    lands, so every part arrives indexed, and keyword search answers from it."""
+    src = tmp_path / "mirror"
+    synth(src, [0, 1], 300, seed=8, layout="folders")
+    dest, db = tmp_path / "out", tmp_path / "db"
+    with FaultyServer(src) as srv:
+        run_cli("download", "0-1", "--to", str(dest), "--base-url", srv.url, "-j", "2", "--ingest", "--text-index",
+                "--db", str(db), "--retry-delay", "0.01", check=True)
+    st = json.loads(run_cli("index", "status", "--db", str(db), "--json", check=True).stdout)
+    assert [x["name"] for x in st] == ["caption_index"] and st[0]["parts"] >= 2
+    assert st[0]["parts_covered"] == st[0]["parts"]  # landed indexed: no build left to run
+    word = "photo"
+    captions = pq.read_table(src / "metadata" / "metadata_0.parquet")["caption"].to_pylist()
+    captions += pq.read_table(src / "metadata" / "metadata_1.parquet")["caption"].to_pylist()
+    want = sum(1 for c in captions if word in tokenize(c or ""))
+    got = json.loads(run_cli("search", "--words", word, "-k", "1000", "--db", str(db), "--json",
+                             check=True).stdout)["results"]
+    assert want > 0 and len(got) == want and all(word in tokenize(r["caption"]) for r in got)
+
+
 def test_cli_failure_exit_code_and_usage_errors(tmp_path):
     from typer.testing import CliRunner
 
@@ -407,6 +430,8 @@ def test_cli_failure_exit_code_and_usage_errors(tmp_path):
     assert runner.invoke(app, ["download", "x-y", "--to", str(tmp_path)]).exit_code == 2
     bad = runner.invoke(app, ["download", "1", "--to", str(tmp_path), "--delete-after-ingest"])
     assert bad.exit_code == 2 and "needs --ingest" in bad.output
+    bad = runner.invoke(app, ["download", "1", "--to", str(tmp_path), "--text-index"])
+    assert bad.exit_code == 2 and "--text-index needs --ingest" in bad.output
     assert runner.invoke(app, ["download", "1", "--to", str(tmp_path), "--base-url", "ftp://x"]).exit_code == 2
 
 

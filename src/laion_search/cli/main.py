@@ -32,6 +32,8 @@ IndexOnIngestOption = typer.Option(None, "--index", help="image, text or both: d
                                    "(default parameters; existing ones are kept), so each shard lands indexed.")
 IndexKindOnIngestOption = typer.Option("hnsw", "--index-kind", help="The kind --index declares: hnsw (engine graph, "
                                        "in RAM) or ivf (partitioned, on disk; each shard is assigned as it lands).")
+TextIndexOnIngestOption = typer.Option(False, "--text-index", help="Declare the caption text index first (keyword "
+                                       "search: laion search --words), so each shard lands indexed.")
 ModelOption = typer.Option(None, "--model", envvar="LAION_CLIP_MODEL", show_envvar=True,
                            help="CLIP model: a local directory or hub id, or open_clip:ARCH/PRETRAINED. Default: the "
                                 "model the table records (openai/clip-vit-base-patch32 for LAION-400M, "
@@ -110,8 +112,7 @@ def ingest(
                                                     "openai/clip-vit-base-patch32, 768: openai/clip-vit-large-patch14)."),
     index: Optional[str] = IndexOnIngestOption,
     index_kind: str = IndexKindOnIngestOption,
-    text_index: bool = typer.Option(False, "--text-index", help="Declare the caption text index first (keyword "
-                                                                "search: laion search --words), so each shard lands indexed."),
+    text_index: bool = TextIndexOnIngestOption,
     db: Optional[str] = DbOption,
     url: Optional[str] = UrlOption,
     json_output: bool = JsonOption,
@@ -192,6 +193,7 @@ def download(
     batch_rows: int = typer.Option(32768, "--batch-rows", min=1, max=1_000_000, help="Rows per insert batch (--ingest)."),
     index: Optional[str] = IndexOnIngestOption,
     index_kind: str = IndexKindOnIngestOption,
+    text_index: bool = TextIndexOnIngestOption,
     no_fsync: bool = typer.Option(False, "--no-fsync",
                                   help="Do not flush files to disk (faster when the network outruns the disk). "
                                        "Safe if the process is killed; after a power cut or reboot, files written "
@@ -222,6 +224,8 @@ def download(
         raise UsageError("--delete-after-ingest needs --ingest")
     if index and not do_ingest:
         raise UsageError("--index needs --ingest")
+    if text_index and not do_ingest:
+        raise UsageError("--text-index needs --ingest")
     if index not in (None, "image", "text", "both"):
         raise UsageError(f"--index must be image, text or both, got {index!r}")
     remote = Remote(base_url=base_url or DEFAULT_BASE_URL, remote_layout=remote_layout, layout=layout, pad=pad)
@@ -234,8 +238,8 @@ def download(
             from laion_search.index.kinds import check_kind
             from laion_search.ingest import ingest_files
 
-            load = (functools.partial(ingest_files, index=index, index_kind=check_kind(index_kind, ("hnsw", "ivf")))
-                    if index else ingest_files)
+            load = functools.partial(ingest_files, index=index, index_kind=check_kind(index_kind, ("hnsw", "ivf")),
+                                     text_index=text_index)
         progress = stack.enter_context(output.DownloadProgress(output.progress_mode(json_output)))
         if source is not None:
             report = download_source(source, shards, to, base_url=base_url, store=store, load=load, jobs=jobs,
