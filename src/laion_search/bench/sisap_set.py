@@ -28,15 +28,10 @@ def build(out: str | os.PathLike[str], rows: int, *, queries: int = 1000, dim: i
     data = root / f"laion2B-en-clip768v2-n={rows}.h5"
     qfile = root / f"public-queries-n={queries}.h5"
     gold = root / f"gold-standard-dbsize={rows}--public-queries-n={queries}.h5"
-    if not data.exists():
+    if not data.exists() or not qfile.exists():
         say(f"database: {rows:,} × {dim} → {data}")
-        # rows + queries drawn in one stream; the queries are its tail, cut off below
-        synth_sisap_h5(data, rows + queries, dim=dim, seed=seed)
-        with h5py.File(data, "r") as f:
-            q = np.asarray(f["emb"][rows:], dtype=np.float32)
-        _truncate(data, rows)
-        with h5py.File(qfile, "w") as f:
-            f.create_dataset("emb", data=q.astype(np.float16))
+        # rows + queries drawn in one stream; the queries are its tail, written to their own file
+        synth_sisap_h5(data, rows, dim=dim, seed=seed, tail=(qfile, queries))
     if not gold.exists():
         with h5py.File(qfile, "r") as f:
             q = np.asarray(f["emb"][:], dtype=np.float32)
@@ -60,15 +55,3 @@ def build(out: str | os.PathLike[str], rows: int, *, queries: int = 1000, dim: i
             f.create_dataset("dists", data=np.take_along_axis(best_d, order, 1))
         os.replace(tmp, gold)
     return {"data": str(data), "queries": str(qfile), "gold": str(gold), "rows": rows, "dim": dim}
-
-
-def _truncate(path: Path, rows: int) -> None:
-    """Keep the first ``rows`` of ``emb`` (h5py cannot shrink a fixed dataset: copy in chunks)."""
-    import h5py
-
-    tmp = path.with_name(path.name + ".cut")
-    with h5py.File(path, "r") as src, h5py.File(tmp, "w") as dst:
-        ds = dst.create_dataset("emb", shape=(rows, src["emb"].shape[1]), dtype=src["emb"].dtype)
-        for start in range(0, rows, 262_144):
-            ds[start:start + 262_144] = src["emb"][start:min(rows, start + 262_144)]
-    os.replace(tmp, path)

@@ -44,7 +44,7 @@ import pyarrow as pa
 from laion_search.backends import settings_sql
 from laion_search.errors import QueryError, StoreError, UsageError
 from laion_search.schema import (INDEX_NAMES, IVF_CENTROIDS_DDL, IVF_CENTROIDS_TABLE, IVF_CODES, IVF_META_DDL,
-                                 IVF_META_TABLE, IVF_SHARDS_DDL, IVF_SHARDS_TABLE, OPTIMIZE_SETTINGS, TABLE,
+                                 IVF_META_TABLE, IVF_SHARDS_DDL, IVF_SHARDS_TABLE, OPTIMIZE_SETTINGS, STAGE_PREFIX, TABLE,
                                  distance_sql, ivf_table, ivf_table_ddl)
 from laion_search.store import Store
 
@@ -64,6 +64,14 @@ MAX_FINAL_MERGE_ROWS = 50_000_000
 FEED_DEPTH = 1
 #: Rows read back per statement when a generation is filled from the ``laion`` table.
 FILL_BATCH_ROWS = 65_536
+#: A shard whose lists outgrow SPLIT_BYTES is not merged into one part where it lies: a merge needs
+#: the part's size again in free disk (31 GB more for 10M × 768-d rows, on top of the table's own
+#: 31 GB). Its rows land in a stage partitioned by list bucket (BUCKET_BYTES each); each bucket then
+#: moves into the companion sorted by (list, id) and its stage partition is dropped at once, so the
+#: disk holds about one bucket more than the shard. The moved parts cover disjoint list ranges: a
+#: probe still reads each list from one part, as from one merged part.
+SPLIT_BYTES = 4 << 30
+BUCKET_BYTES = 1 << 30
 #: Candidates read per wanted row when the search is filtered (the rest may fail the filter).
 FILTER_FETCH = 4.0
 #: A generation whose rows outgrew its lists this much (rows per list vs at training), or whose
@@ -361,6 +369,38 @@ def _companion_ddl(info: IvfInfo) -> str:
     return ivf_table_ddl(info.table, info.codes, info.dim)
 
 
+def bucket_lists(info: IvfInfo, rows: int, lists: int) -> int:
+    """Lists per bucket for a shard of ``rows`` rows (see SPLIT_BYTES); 0: merge it in one part."""
+    size = int(rows) * (int(info.dim) * 4 + 16)
+    if size <= SPLIT_BYTES or lists <= 1:
+        return 0
+    return math.ceil(lists / min(lists, math.ceil(size / BUCKET_BYTES)))
+
+
+def _bucket_stage(store: Store, info: IvfInfo, stage: str, width: int) -> None:
+    store.run_ddl(f"DROP TABLE IF EXISTS {stage}")
+    store.run_ddl(ivf_table_ddl(stage, info.codes, info.dim, bucket_lists=width))
+    store.run_ddl(f"SYSTEM STOP MERGES {stage}")  # its parts only move out, one bucket at a time
+
+
+def _move_buckets(store: Store, info: IvfInfo, stage: str, dest: str, width: int, emit: ProgressFn) -> None:
+    """Move a bucketed stage into ``dest`` one bucket at a time, each sorted by (list, id) into parts
+    of disjoint list ranges, dropping each bucket from the stage once it has moved."""
+    buckets = [int(r["b"]) for r in store.rows(
+        "SELECT DISTINCT toUInt32(partition_id) AS b FROM system.parts WHERE database = currentDatabase() "
+        "AND table = {t:String} AND active ORDER BY b", {"t": stage})]
+    for n, b in enumerate(buckets, 1):
+        store.run_ddl(f"INSERT INTO {dest} SELECT list, id, shard, vec FROM {stage} WHERE list >= {b * width} "
+                      f"AND list < {(b + 1) * width} ORDER BY list, id SETTINGS {MOVE_SETTINGS}")
+        store.run_ddl(f"ALTER TABLE {stage} DROP PARTITION ID '{b}'")
+        emit({"event": "ivf_move", "index": info.table, "bucket": n, "buckets": len(buckets)})
+
+
+#: One bucket (≤ BUCKET_BYTES) moves as few parts as the engine allows: sorted, so disjoint.
+MOVE_SETTINGS = (f"min_insert_block_size_rows = 0, min_insert_block_size_bytes = {BUCKET_BYTES}, "
+                 "max_insert_threads = 1")
+
+
 # -- building --------------------------------------------------------------------------------------
 def sample_vectors(store: Store, column: str, n: int, dim: int, seed: int = 0) -> np.ndarray:
     """``n`` rows of the column, drawn by a seeded hash of their ids (the same sample every time)."""
@@ -478,7 +518,16 @@ def _complete(store: Store, todo: list[IvfInfo], rows: int, emit: ProgressFn, ba
             _write_meta(store, info)
         store.run_ddl(_companion_ddl(info))
     if todo:
-        _fill(store, todo, emit, batch_rows)
+        # the table's own background merges would compete with the fill for the cores and for the disk
+        # (a merge of a 10M × 768-d shard's parts may reserve half the free disk): paused meanwhile, as
+        # ingest pauses them (embedded only: on a server they are everyone's)
+        if store.embedded:
+            store.run_ddl(f"SYSTEM STOP MERGES {TABLE}")
+        try:
+            _fill(store, todo, emit, batch_rows)
+        finally:
+            if store.embedded:
+                store.run_ddl(f"SYSTEM START MERGES {TABLE}")
     for info in todo:
         if info.state != "ready":
             info.state = "ready"
@@ -514,12 +563,19 @@ def _fill(store: Store, infos: list[IvfInfo], emit: ProgressFn, batch_rows: int)
     for info in infos:
         for shard in uncovered_shards(store, info):
             todo.setdefault(shard, []).append(info)
-    total = sum(store.partition_rows().get(s, 0) for s in todo)
+    sizes = store.partition_rows()
+    total = sum(sizes.get(s, 0) for s in todo)
     done = 0
+    bucketed = False
     for shard, group in sorted(todo.items()):
+        widths = {i.table: bucket_lists(i, sizes.get(shard, 0), i.lists) for i in group}
+        into = {i.table: f"{STAGE_PREFIX}ivf_fill_{i.table}" if widths[i.table] else i.table for i in group}
         for info in group:
             # rows of an earlier, unfinished try at this shard (or of an older load of it)
             store.run_ddl(f"DELETE FROM {info.table} WHERE shard = {{s:UInt32}}", {"s": shard})
+            if widths[info.table]:
+                _bucket_stage(store, info, into[info.table], widths[info.table])
+                bucketed = True
         emit({"event": "ivf_shard", "shard": shard, "index": ", ".join(i.table for i in group)})
         cols = ", ".join(i.embedding_column for i in group)
         last: int | None = None
@@ -533,16 +589,19 @@ def _fill(store: Store, infos: list[IvfInfo], emit: ProgressFn, batch_rows: int)
             for info in group:
                 vec_col = t.column(info.embedding_column)
                 lists = assign(_vectors(vec_col, info.dim), cents[info.column])
-                store.insert(info.table, _companion_batch(lists, t.column("id"), shard, vec_col))
+                store.insert(into[info.table], _companion_batch(lists, t.column("id"), shard, vec_col))
             n_rows += t.num_rows
             done += t.num_rows
             last = int(t.column("id")[-1].as_py())
             emit({"event": "ivf_progress", "shard": shard, "rows_done": done, "rows": total})
         rec = records.get(shard)
         for info in group:
+            if widths[info.table]:
+                _move_buckets(store, info, into[info.table], info.table, widths[info.table], emit)
+                store.run_ddl(f"DROP TABLE IF EXISTS {into[info.table]}")
             _record_shard(store, info, shard, n_rows, rec.fingerprint if rec else "")
     for info in infos:
-        _compact(store, info, emit)
+        _compact(store, info, emit, bucketed)
 
 
 def _list_column(vectors: np.ndarray) -> pa.Array:
@@ -564,13 +623,15 @@ def _companion_batch(lists: np.ndarray, ids: Any, shard: int, vectors: Any) -> p
                      "shard": pa.array(np.full(n, shard, dtype=np.uint32)), "vec": vec.take(take)})
 
 
-def _compact(store: Store, info: IvfInfo, emit: ProgressFn) -> None:
+def _compact(store: Store, info: IvfInfo, emit: ProgressFn, bucketed: bool = False) -> None:
     """Merge the companion's parts: a probe reads at least one granule per list *per part*, so
-    many small parts multiply the rows a search reads (see docs/indexes.md for the measurement)."""
-    got = store.rows("SELECT count() AS parts, sum(rows) AS rows FROM system.parts WHERE database = currentDatabase() "
-                     "AND table = {t:String} AND active", {"t": info.table})[0]
+    many small parts multiply the rows a search reads (see docs/indexes.md for the measurement).
+    Not when a shard was moved in by buckets into a table bigger than SPLIT_BYTES: its parts are
+    already disjoint, and the merge would need the table's size again in free disk."""
+    got = store.rows("SELECT count() AS parts, sum(rows) AS rows, sum(bytes_on_disk) AS bytes FROM system.parts "
+                     "WHERE database = currentDatabase() AND table = {t:String} AND active", {"t": info.table})[0]
     parts, rows = int(got["parts"] or 0), int(got["rows"] or 0)
-    if rows > MAX_FINAL_MERGE_ROWS:
+    if rows > MAX_FINAL_MERGE_ROWS or (bucketed and int(got["bytes"] or 0) > SPLIT_BYTES):
         return  # one merge of a LAION-sized table would take hours: the engine's background merges combine its parts
     if parts > 1:
         emit({"event": "ivf_compact", "index": info.table, "parts": parts})
@@ -634,10 +695,16 @@ class Feeder:
         self.pending: dict[tuple[str, int], list[tuple[Any, Any]]] = {}
         self.buffered: dict[tuple[str, int], int] = {}
         self.shard_rows = shard_rows
+        # a big shard's rows land in a stage bucketed by list (see SPLIT_BYTES), then move to stages[key]
+        self.widths = {(i.column, i.gen): bucket_lists(i, shard_rows, i.lists or default_lists(shard_rows))
+                       for i in self.infos}
+        self.raw = {key: f"{name}_b" if self.widths[key] else name for key, name in self.stages.items()}
         for info in self.infos:
             key = (info.column, info.gen)
             store.run_ddl(_companion_ddl(info).replace(info.table, self.stages[key], 1))
             store.run_ddl(f"SYSTEM STOP MERGES {self.stages[key]}")
+            if self.widths[key]:
+                _bucket_stage(store, info, self.raw[key], self.widths[key])
             if info.trained:
                 known = now.centroids.get(key)
                 self.cents[key] = known if known is not None else read_centroids(store, info)
@@ -709,7 +776,7 @@ class Feeder:
     def _insert(self, info: IvfInfo, vec_col: Any, ids: Any) -> None:
         key = (info.column, info.gen)
         lists = assign(_vectors(vec_col, info.dim), self.cents[key])
-        self.store.insert(self.stages[key], _companion_batch(lists, ids, self.shard, vec_col))
+        self.store.insert(self.raw[key], _companion_batch(lists, ids, self.shard, vec_col))
 
     def _train(self, info: IvfInfo) -> None:
         key = (info.column, info.gen)
@@ -739,6 +806,12 @@ class Feeder:
             if key not in self.cents and self.pending.get(key):
                 self._train(info)
 
+        for info in self.infos:
+            key = (info.column, info.gen)
+            if self.widths[key]:
+                _move_buckets(self.store, info, self.raw[key], self.stages[key], self.widths[key], self.emit)
+                self.store.run_ddl(f"DROP TABLE IF EXISTS {self.raw[key]}")
+
         def merge(stage: str) -> None:
             self.store.run_ddl(f"ALTER TABLE {stage} MODIFY SETTING max_bytes_to_merge_at_max_space_in_pool = 1")
             self.store.run_ddl(f"SYSTEM START MERGES {stage}")
@@ -747,8 +820,9 @@ class Feeder:
             if parts > 1:
                 self.store.run_ddl(f"OPTIMIZE TABLE {stage} FINAL SETTINGS {OPTIMIZE_SETTINGS}")
 
-        with ThreadPoolExecutor(max(1, len(self.stages))) as pool:
-            list(pool.map(merge, self.stages.values()))
+        plain = [name for key, name in self.stages.items() if not self.widths[key]]  # bucketed ones are sorted
+        with ThreadPoolExecutor(max(1, len(plain))) as pool:
+            list(pool.map(merge, plain))
 
     def land(self, fingerprint: str, rows: int) -> None:
         """Swap each stage into its generation (after the shard's own swap): the shard's old rows
@@ -770,7 +844,7 @@ class Feeder:
                 _write_meta(self.store, info)
 
     def drop(self) -> None:
-        for stage in self.stages.values():
+        for stage in {*self.stages.values(), *self.raw.values()}:
             self.store.run_ddl(f"DROP TABLE IF EXISTS {stage}")
 
 

@@ -422,22 +422,26 @@ def synth_clickhouse_parquet(path: str | os.PathLike[str], rows: int, *, dim: in
 
 
 def synth_sisap_h5(path: str | os.PathLike[str], rows: int, *, dim: int = 768, seed: int = 0,
-                   dataset: str = "emb", dtype: str = "float16", chunk_rows: int = 65536) -> Path:
+                   dataset: str = "emb", dtype: str = "float16", chunk_rows: int = 65536,
+                   tail: tuple[str | os.PathLike[str], int] | None = None) -> Path:
     """Write a SISAP-LAION2B-format ``.h5`` file: dataset ``emb``, ``rows × dim`` unit vectors in
-    float16, written in chunks (memory bounded by ``chunk_rows``). ``dataset`` and ``dtype``
-    exist to write the wrong thing on purpose, for tests."""
+    float16, written in chunks (memory bounded by ``chunk_rows``). ``tail`` = (path, n): the next
+    n rows of the same stream go to a second file of the same format (held-out queries, without
+    writing the big file twice). ``dataset`` and ``dtype`` exist to write the wrong thing on
+    purpose, for tests."""
     import h5py
 
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
     space = _Space(dim, seed, 200)
     rng = np.random.default_rng([seed, 11])
-    with h5py.File(tmp, "w") as f:
-        ds = f.create_dataset(dataset, shape=(rows, dim), dtype=dtype)
-        for start in range(0, rows, chunk_rows):
-            n = min(chunk_rows, rows - start)
-            image, _, _, _ = space.sample(rng, n)
-            ds[start:start + n] = image.astype(dtype)
-    os.replace(tmp, out)
+    out = Path(path)
+    for target, n_rows in ((out, rows), *(((Path(tail[0]), int(tail[1])),) if tail else ())):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        with h5py.File(tmp, "w") as f:
+            ds = f.create_dataset(dataset, shape=(n_rows, dim), dtype=dtype)
+            for start in range(0, n_rows, chunk_rows):
+                n = min(chunk_rows, n_rows - start)
+                image, _, _, _ = space.sample(rng, n)
+                ds[start:start + n] = image.astype(dtype)
+        os.replace(tmp, target)
     return out
