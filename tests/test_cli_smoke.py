@@ -543,6 +543,11 @@ CASES: list[Case] = [
     Case("bench search --db {db} --queries {tmp}/q.npy --gold {tmp}/gold.npy --limit 5 --k 5 --out {tmp}/b3out",
          check=_all(_has("600 rows × 16-d, 5 queries"), _recall_row("laion exact (chDB)", 1.0),
                     _recall_row("laion hnsw", 0.5))),
+    Case("bench search --db {tmp}/ivfdb --queries {tmp}/q.npy --gold {tmp}/gold.npy --limit 5 --k 5 --nprobe 1,64 "
+         "--no-exact --out {tmp}/b6out",
+         check=_all(_recall_row("laion ivf lists=16 nprobe=1", 0.3), _recall_row("laion ivf lists=16 nprobe=64", 1.0),
+                    lambda o, e, t: "laion exact" not in o)),
+    Case("bench search --rows 100 --nprobe 4", code=2, check=_has("--nprobe and --no-exact go with")),
     Case("bench search --url {db} --queries {tmp}/q.npy --gold {tmp}/gold.npy --limit 3 --k 5 --out {tmp}/b4out",
          check=_all(_has("3 queries", "recall@30"), _recall_row("laion exact (chDB)", 1.0))),
     Case("bench clip --rows 200 --model {model} --repeat 3 --images 2 --dir {tmp}/b5 --json",

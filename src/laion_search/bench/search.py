@@ -22,7 +22,7 @@ import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -353,14 +353,16 @@ def gold_recall(results: list[list[int]], gold: np.ndarray, k: int) -> float:
 def run_gold(store: Any, queries: str | os.PathLike[str], gold: str | os.PathLike[str], *, limit: int | None = 1000,
              configs: str | None = None, quantization: str = "bf16", threads: int = 2, metric: str = "cosine",
              qps_queries: int = 200, out: Path | None = None,
-             log: Callable[[str], Any] | None = None) -> dict[str, Any]:
+             log: Callable[[str], Any] | None = None, nprobes: Sequence[int] = (),
+             exact: bool = True) -> dict[str, Any]:
     """Recall@10 and @30 of exact and indexed search on ``store`` against a published gold standard.
 
     The table's ids must be the ids the gold standard uses (SISAP: the 1-based row number, which
     is how a SISAP .h5 is ingested). ``limit``: the first N queries (None: all). ``configs``:
     ``"16:64,…"`` builds each HNSW index in turn (replacing the image index; the last one stays),
-    None measures the image index the table already has, if any. Writes ``bench-search.md`` and
-    ``bench-search.png`` into ``out``."""
+    None measures the image index the table already has, if any. ``nprobes``: the table's IVF index
+    on the image column at each of these probes. ``exact=False`` skips timing exact search (a full
+    scan per query). Writes ``bench-search.md`` and ``bench-search.png`` into ``out``."""
     from laion_search.errors import UsageError
     from laion_search.index import IndexSpec, create_index, drop_index
     from laion_search.search import search
@@ -401,7 +403,7 @@ def run_gold(store: Any, queries: str | os.PathLike[str], gold: str | os.PathLik
                         "p95_ms": lat_ms[min(len(lat_ms) - 1, int(0.95 * len(lat_ms)))],
                         "qps_1": _qps(fn, timed, 1), "qps_n": _qps(fn, timed, threads), **extra})
 
-    def exact(q: np.ndarray) -> list[int]:
+    def exact_ids(q: np.ndarray) -> list[int]:
         return [r["id"] for r in search(store, q, k=kmax, exact=True, metric=metric, columns=["id"]).rows]
 
     def indexed(q: np.ndarray) -> list[int]:
@@ -411,7 +413,20 @@ def run_gold(store: Any, queries: str | os.PathLike[str], gold: str | os.PathLik
 
     if metric not in METRICS:
         raise UsageError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    measure("laion exact (chDB)", exact)
+    if exact:
+        measure("laion exact (chDB)", exact_ids)
+    if nprobes:
+        from laion_search.index import ivf
+
+        info = ivf.state(store).served.get("image")
+        if info is None:
+            raise UsageError("--nprobe: the table has no IVF index on the image column "
+                             "(laion index create --kind ivf --column image)")
+        for n in nprobes:
+            def probed(q: np.ndarray, n: int = n) -> list[int]:
+                return [r["id"] for r in search(store, q, k=kmax, metric=metric, nprobe=n, columns=["id"]).rows]
+
+            measure(f"laion ivf lists={info.lists} nprobe={n}", probed, index_memory=info.lists * info.dim * 4)
     if metric not in INDEX_METRICS:
         say(f"--metric {metric}: ClickHouse's HNSW index ranks by {' or '.join(INDEX_METRICS)} only, so only exact "
             "search is measured")
@@ -429,7 +444,7 @@ def run_gold(store: Any, queries: str | os.PathLike[str], gold: str | os.PathLik
             st = next(i for i in store.index_status() if i["name"] == existing[0]["name"])
             measure(f"laion hnsw (the table's index: {existing[0]['type_full']})", indexed,
                     index_disk=st["bytes_on_disk"], index_memory=st["memory_bytes_estimate"])
-        else:
+        elif not nprobes:
             say("no image index on the table: exact search only (--configs 16:64 builds one)")
     md = _markdown_gold(results, rows, dim, len(qs), Path(queries).name, Path(gold).name, threads, len(timed))
     if out:

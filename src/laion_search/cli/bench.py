@@ -138,6 +138,10 @@ def bench_search(
     corpus: Optional[Path] = typer.Option(None, "--corpus", help="real-text: the text corpus (see laion bench data real-text)."),
     rescoring: bool = typer.Option(False, "--rescoring", help="Re-rank index candidates exactly (vector_search_with_rescoring; "
                                                              "for i8 / b1)."),
+    nprobe: Optional[str] = typer.Option(None, "--nprobe", help="With --gold: also measure the table's IVF index at "
+                                                                "these probes (comma-separated, e.g. 4,8,16)."),
+    exact: bool = typer.Option(True, "--exact/--no-exact", help="With --gold: also time exact search (a full scan "
+                                                                "per query: minutes at 10M rows)."),
     json_output: bool = JsonOption,
 ) -> None:
     """Recall@k, latency, QPS, build speed and index size: exact and HNSW, vs numpy, faiss and usearch;
@@ -147,6 +151,9 @@ def bench_search(
 
     Example: laion bench search --db ./sisap-db --queries public-queries-2024-laion2B-en-clip768v2-n=10k.h5
     --gold gold-standard-dbsize=300K--public-queries-2024-laion2B-en-clip768v2-n=10k.h5 --limit 1000
+
+    Example (an IVF-indexed table): laion bench search --db ./sisap10m-db --queries public-queries-n=500.h5
+    --gold gold-standard-dbsize=10000000--public-queries-n=500.h5 --nprobe 4,8,16 --no-exact
     """
     from laion_search.bench.search import DEFAULT_CONFIGS, parse_configs, run as run_bench, run_gold
 
@@ -162,6 +169,14 @@ def bench_search(
     if data not in ("synth", "synth-hard", "real-text"):
         raise UsageError(f"--data must be synth, synth-hard or real-text, got {data!r}")
     n_queries = int(queries) if queries.strip().isdigit() else None
+    try:
+        probes = [int(x) for x in (nprobe or "").split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--nprobe must be numbers like 4,8,16, got {nprobe!r}") from None
+    if any(p < 1 for p in probes):
+        raise UsageError(f"--nprobe values must be at least 1, got {nprobe!r}")
+    if (probes or not exact) and gold is None:
+        raise UsageError("--nprobe and --no-exact go with --queries FILE --gold FILE")
     if n_queries is None or gold is not None:
         if gold is None:
             raise UsageError("--queries FILE needs --gold FILE (the gold standard for those queries)")
@@ -174,7 +189,8 @@ def bench_search(
         with open_store(db, url, create=False) as store:
             result = run_gold(store, qpath, gold, limit=limit or None,
                               configs=None if configs in (None, "none") else configs, quantization=quantization,
-                              threads=threads, metric=metric, out=out, log=None if json_output else output.err.print)
+                              threads=threads, metric=metric, out=out, log=None if json_output else output.err.print,
+                              nprobes=probes, exact=exact)
     else:
         if n_queries < 1:
             raise UsageError("--queries must be at least 1")
