@@ -205,6 +205,20 @@ def _list_ranges_disjoint(db, table: str, shard: int) -> list[tuple[int, int]]:
     return ranges
 
 
+def test_kmeans_sample_is_n_distinct_table_rows_and_the_same_every_time(ivf_db):
+    """The sample reads hashed runs of ids (not a sort of the vectors): n rows of the table, no row
+    twice, the same rows for the same seed, others for another seed."""
+    db, (ids, img, _, _) = ivf_db
+    a = ivf.sample_vectors(db, "image", 1000, DIM, seed=3)
+    assert a.shape == (1000, DIM)
+    np.testing.assert_array_equal(a, ivf.sample_vectors(db, "image", 1000, DIM, seed=3))
+    nearest = (a @ img.T).argmax(axis=1)  # each sampled vector is a row of the table (cosine ~1)
+    np.testing.assert_allclose(np.einsum("ij,ij->i", a, img[nearest]), 1.0, atol=1e-3)
+    assert len(set(nearest.tolist())) == 1000
+    assert not np.array_equal(a, ivf.sample_vectors(db, "image", 1000, DIM, seed=4))
+    assert len(ivf.sample_vectors(db, "image", 10_000, DIM)) == len(ids)  # more asked than there are: all
+
+
 def test_big_shards_move_in_by_list_bucket_and_search_the_same(tmp_path, monkeypatch):
     """A shard bigger than SPLIT_BYTES is not merged where it lies (that needs its size again in free
     disk): it lands in a stage bucketed by list, each bucket moves in sorted and leaves the stage.
