@@ -25,6 +25,19 @@ def _print_bench(result: dict, json_output: bool, out: Optional[Path]) -> None:
         out.write_text(result["markdown"] + "\n")
 
 
+def _print_with_ratios(result: dict, json_output: bool) -> bool:
+    """A bench's result: JSON, or its markdown table and each measured ratio (``name vs baseline``
+    where the result names the baseline). Returns whether it printed the plain form."""
+    if json_output:
+        print(output.dumps(result))
+        return False
+    output.out.print(result["markdown"])
+    for name, value in result["ratios"].items():
+        base = result.get("ratio_baselines", {}).get(name)
+        output.out.print(f"{name}{f' vs {base}' if base else ''}: {value:.2f}×")
+    return True
+
+
 @bench_app.command("ingest")
 @handle_errors
 def bench_ingest(
@@ -198,14 +211,8 @@ def bench_search(
                            quantization=quantization, threads=threads, workdir=workdir, out=out,
                            log=None if json_output else output.err.print, data=data, corpus=corpus,
                            rescoring=rescoring, peers=peers)
-    if json_output:
-        print(output.dumps(result))
-    else:
-        output.out.print(result["markdown"])
-        for name, value in result["ratios"].items():
-            output.out.print(f"{name}: {value:.2f}×")
-        if out:
-            output.out.print(f"wrote {out / 'bench-search.md'} and {out / 'bench-search.png'}")
+    if _print_with_ratios(result, json_output) and out:
+        output.out.print(f"wrote {out / 'bench-search.md'} and {out / 'bench-search.png'}")
 
 
 data_app = typer.Typer(help="Datasets for benchmarks, built offline and cached.", no_args_is_help=True)
@@ -466,9 +473,4 @@ def bench_download(
 
     result = run_bench(shards=shards, rows=rows, rate=rate * 1e6, repeat=repeat, unthrottled=unthrottled,
                        workdir=workdir, out=out, log=None if json_output else output.err.print)
-    if json_output:
-        print(output.dumps(result))
-    else:
-        output.out.print(result["markdown"])
-        for name, value in result["ratios"].items():
-            output.out.print(f"{name} vs {result['ratio_baselines'][name]}: {value:.2f}×")
+    _print_with_ratios(result, json_output)
