@@ -385,7 +385,7 @@ def _bucket_stage(store: Store, info: IvfInfo, stage: str, width: int) -> None:
 
 def _move_buckets(store: Store, info: IvfInfo, stage: str, dest: str, width: int, emit: ProgressFn) -> None:
     """Move a bucketed stage into ``dest`` one bucket at a time, each sorted by (list, id) into parts
-    of disjoint list ranges, dropping each bucket from the stage once it has moved."""
+    of disjoint list ranges, dropping each bucket from the stage once it has moved, then the stage."""
     buckets = [int(r["b"]) for r in store.rows(
         "SELECT DISTINCT toUInt32(partition_id) AS b FROM system.parts WHERE database = currentDatabase() "
         "AND table = {t:String} AND active ORDER BY b", {"t": stage})]
@@ -394,6 +394,7 @@ def _move_buckets(store: Store, info: IvfInfo, stage: str, dest: str, width: int
                       f"AND list < {(b + 1) * width} ORDER BY list, id SETTINGS {MOVE_SETTINGS}")
         store.run_ddl(f"ALTER TABLE {stage} DROP PARTITION ID '{b}'")
         emit({"event": "ivf_move", "index": info.table, "bucket": n, "buckets": len(buckets)})
+    store.run_ddl(f"DROP TABLE IF EXISTS {stage}")
 
 
 #: One bucket (≤ BUCKET_BYTES) moves as few parts as the engine allows: sorted, so disjoint.
@@ -621,7 +622,6 @@ def _fill(store: Store, infos: list[IvfInfo], emit: ProgressFn, batch_rows: int)
         for info in group:
             if widths[info.table]:
                 _move_buckets(store, info, into[info.table], info.table, widths[info.table], emit)
-                store.run_ddl(f"DROP TABLE IF EXISTS {into[info.table]}")
             _record_shard(store, info, shard, n_rows, rec.fingerprint if rec else "")
     for info in infos:
         _compact(store, info, emit, bucketed)
@@ -851,7 +851,6 @@ class Feeder:
             key = (info.column, info.gen)
             if self.widths[key]:
                 _move_buckets(self.store, info, self.raw[key], self.stages[key], self.widths[key], self.emit)
-                self.store.run_ddl(f"DROP TABLE IF EXISTS {self.raw[key]}")
 
         def merge(stage: str) -> None:
             self.store.run_ddl(f"ALTER TABLE {stage} MODIFY SETTING max_bytes_to_merge_at_max_space_in_pool = 1")
