@@ -83,11 +83,9 @@ def run_cli(*args: str, env: dict[str, str] | None = None, check: bool = False,
 
 
 # -- ClickHouse HTTP test fixture (chDB behind ClickHouse's HTTP interface) ---------------------------
-@pytest.fixture(scope="session")
-def chdb_http(tmp_path_factory):
-    """TEST FIXTURE, not a ClickHouse server: ``laion_search.testing.chdb_http`` serves one chDB
-    store over the part of ClickHouse's HTTP interface that clickhouse-connect uses, in its own
-    process (chDB hosts one store per process), on 127.0.0.1. Yields ``(base_url, user, password)``."""
+def _start_chdb_http(tmp_path_factory, *extra: str):
+    """Start ``laion_search.testing.chdb_http`` on 127.0.0.1 in its own process; yields
+    ``(base_url, user, password)`` and stops it afterwards."""
     import time
 
     from .crash_harness import readable
@@ -95,7 +93,7 @@ def chdb_http(tmp_path_factory):
     path = tmp_path_factory.mktemp("chdb-http") / "db"
     user, password = "laion", "p@ss:w/rd"
     proc = subprocess.Popen([sys.executable, "-m", "laion_search.testing.chdb_http", "--path", str(path),
-                             "--port", "0", "--user", user, "--password", password],
+                             "--port", "0", "--user", user, "--password", password, *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     line = ""
@@ -118,17 +116,56 @@ def chdb_http(tmp_path_factory):
             proc.kill()
 
 
+@pytest.fixture(scope="session")
+def chdb_http(tmp_path_factory):
+    """TEST FIXTURE, not a ClickHouse server: ``laion_search.testing.chdb_http`` serves one chDB
+    store over the part of ClickHouse's HTTP interface that clickhouse-connect uses, in its own
+    process (chDB hosts one store per process), on 127.0.0.1. Yields ``(base_url, user, password)``."""
+    yield from _start_chdb_http(tmp_path_factory)
+
+
+#: The one-node cluster the cluster fixture is (``chdb_http --cluster``).
+FIXTURE_CLUSTER = "laion_fixture"
+
+
+@pytest.fixture(scope="session")
+def chdb_http_cluster(tmp_path_factory):
+    """The same fixture as a one-node cluster named FIXTURE_CLUSTER: Distributed tables, the
+    ``cluster()`` function and synchronous Distributed inserts run for real (the one shard is the
+    engine itself); ``ON CLUSTER`` statements run on that one node (see the fixture's docstring)."""
+    yield from _start_chdb_http(tmp_path_factory, "--cluster", FIXTURE_CLUSTER)
+
+
 @pytest.fixture
-def server_url(chdb_http, request):
-    """A ``clickhouse://`` URL to a fresh, empty database on the chDB HTTP fixture."""
+def cluster_url(chdb_http_cluster, request):
+    """A ``clickhouse://`` URL to a fresh database on the one-node cluster fixture, initialised as a
+    cluster store (``laion init --cluster``: ``laion_local`` + Distributed ``laion``)."""
+    from laion_search.backends.cluster import ClusterLayout
+
+    url, db = _fresh_fixture_database(chdb_http_cluster, request, f" ON CLUSTER {FIXTURE_CLUSTER}")
+    try:
+        with connect(url, create=False) as s:
+            s.init_cluster(ClusterLayout(FIXTURE_CLUSTER, db))
+        yield url
+    finally:
+        _fixture_sql(chdb_http_cluster, f"DROP DATABASE IF EXISTS {db} ON CLUSTER {FIXTURE_CLUSTER} SYNC")
+
+
+def _fresh_fixture_database(fixture, request, on_cluster: str = "") -> tuple[str, str]:
     import re
     import urllib.parse
 
-    base, user, password = chdb_http
+    base, user, password = fixture
     db = "t_" + re.sub(r"[^A-Za-z0-9]", "_", request.node.name)[:40] + "_" + os.urandom(3).hex()
-    _fixture_sql(chdb_http, f"CREATE DATABASE {db}")
+    _fixture_sql(fixture, f"CREATE DATABASE {db}{on_cluster}")
     host = base.split("://", 1)[1]
-    url = f"clickhouse://{urllib.parse.quote(user, safe='')}:{urllib.parse.quote(password, safe='')}@{host}/{db}"
+    return f"clickhouse://{urllib.parse.quote(user, safe='')}:{urllib.parse.quote(password, safe='')}@{host}/{db}", db
+
+
+@pytest.fixture
+def server_url(chdb_http, request):
+    """A ``clickhouse://`` URL to a fresh, empty database on the chDB HTTP fixture."""
+    url, db = _fresh_fixture_database(chdb_http, request)
     try:
         yield url
     finally:

@@ -419,3 +419,62 @@ def test_sisap_layout_set_gold_is_numpy_and_ivf_meets_it(tmp_path):
         lists = ivf.state(db).served["image"].lists
         got = [[r["id"] for r in search(db, vector=q, k=10, nprobe=lists).rows] for q in qs]
         assert gold_recall(got, gold, 10) == 1.0
+
+
+def test_a_cluster_store_builds_searches_and_extends_its_ivf_index(tmp_path, cluster_url):
+    """IVF on a cluster store (``laion`` a Distributed table over ``laion_local``), on the one-node
+    cluster fixture: each companion table is a Distributed table over one on every node with the
+    ``laion`` table's sharding key, a probe reads only its lists on the node, searches answer as numpy
+    does (with filters), a shard loaded later is assigned once loaded, and a drop removes both tables."""
+    from .conftest import FIXTURE_CLUSTER
+
+    synth(tmp_path / "s", [0, 1, 2], 500, dim=DIM, seed=41)
+    ids, img, txt, meta = _source(tmp_path / "s", [0, 1, 2])
+    with connect(cluster_url) as db:
+        assert db.layout.cluster == FIXTURE_CLUSTER
+        db.ingest(tmp_path / "s", shards=[0, 1])
+        assert [b["what"] for b in ivf.create_ivf(db, ["image", "text"], lists=12)] == ["built", "built"]
+        engines = {r["name"]: r["engine_full"] for r in db.rows(
+            "SELECT name, engine_full FROM system.tables WHERE database = currentDatabase() AND name LIKE 'laion_ivf%'")}
+        for table, key in (("laion_ivf_image_g1", "shard"), ("laion_ivf_text_g1", "shard"), ("laion_ivf_shards", "shard"),
+                           ("laion_ivf", "0"), ("laion_ivf_centroids", "0")):
+            assert engines[table].startswith(f"Distributed('{FIXTURE_CLUSTER}', '") and \
+                engines[table].endswith(f"'{table}_local', {key})"), engines[table]
+            assert "MergeTree" in engines[f"{table}_local"]
+        assert db.scalar("SELECT count() FROM laion_ivf_image_g1_local") == 1000  # on the node, not queued
+
+        # a probe of one list reads that list's granules on the node, not the table
+        info = ivf.state(db).served["image"]
+        cents = ivf.state(db).centroids[("image", info.gen)]
+        lst = int(ivf.nearest_lists(img[7], cents, 1)[0])
+        size = db.scalar("SELECT count() FROM laion_ivf_image_g1 WHERE list = {l:UInt32}", {"l": lst})
+        read = db.backend.rows_read("SELECT id FROM laion_ivf_image_g1 WHERE list = {l:UInt32} ORDER BY id LIMIT 1",
+                                    {"l": lst})
+        assert read is not None and size <= read < size + 2 * 256 and read < 1000, (read, size)
+
+        first = ids < 2 * 1_000_000_000
+        width = np.array([m["width"] for m in meta])
+        for modality, base in (("image", img), ("text", txt)):
+            for i in (3, 600):
+                res = search(db, vector=img[i], k=10, modality=modality, nprobe=12)
+                assert res.strategy == "ivf (nprobe 12)"
+                np.testing.assert_allclose([r["distance"] for r in res.rows], _truth(base[first], img[i], 10), atol=2e-5)
+                res = search(db, vector=txt[i], k=10, modality=modality, nprobe=12, where=["width>=400"], columns=["width"])
+                assert len(res.rows) == 10 and all(r["width"] >= 400 for r in res.rows)
+                np.testing.assert_allclose([r["distance"] for r in res.rows],
+                                           _truth(base[first], txt[i], 10, allowed=width[first] >= 400), atol=2e-5)
+
+        db.ingest(tmp_path / "s")  # shard 2, loaded while the index exists: assigned after its load
+        assert ivf.state(db).uncovered == {("image", 1): [], ("text", 1): []}
+        assert db.scalar("SELECT count() FROM laion_ivf_text_g1_local") == 1500
+        assert _companion_matches_table(db, "text") == 0
+        res = search(db, vector=txt[1200], k=5, modality="text", nprobe=12)
+        assert res.rows[0]["id"] == ids[1200]
+        np.testing.assert_allclose([r["distance"] for r in res.rows], _truth(txt, txt[1200], 5), atol=2e-5)
+        st = {s["column"]: s for s in ivf.status(db)}
+        assert st["image_embedding"]["rows_covered"] == 1500 and st["image_embedding"]["rows_in_lists"] == 1500
+
+        assert ivf.drop_ivf(db, "image")
+        left = {r["name"] for r in db.rows("SELECT name FROM system.tables WHERE database = currentDatabase()")}
+        assert not {"laion_ivf_image_g1", "laion_ivf_image_g1_local"} & left and "laion_ivf_text_g1_local" in left
+        assert search(db, vector=img[3], k=3).strategy != "ivf (nprobe 12)"

@@ -268,6 +268,21 @@ def test_cluster_statements():
     assert lay.insert_settings() == {"insert_distributed_sync": 1}
     assert lay.system("parts") == "cluster('laion_cluster', system.parts)"
     assert lay.stage_base("laion_stage_7_abc_local") == "laion_stage_7_abc"
+    # the IVF index's tables: one on every node (replicated here) behind a Distributed table, its own key
+    ddl = "CREATE TABLE IF NOT EXISTS t_x\n(\n    `a` UInt8\n)\nENGINE = ReplacingMergeTree(a)\nORDER BY a\n"
+    made = lay.create_table(ddl, "t_x", "0")
+    assert made[0].startswith("CREATE TABLE IF NOT EXISTS t_x_local ON CLUSTER `laion_cluster`")
+    assert "ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/{database}/t_x_local', '{replica}', a)" \
+        in made[0] and made[0].endswith("ORDER BY a")
+    assert made[1] == ("CREATE TABLE IF NOT EXISTS t_x ON CLUSTER `laion_cluster` AS t_x_local "
+                       "ENGINE = Distributed('laion_cluster', 'laion_db', 't_x_local', 0)")
+    assert lay.create_table(ddl, "t_x")[1].endswith("'t_x_local', shard)")
+    assert lay.delete("t_x", "a = 1") == "DELETE FROM t_x_local ON CLUSTER `laion_cluster` WHERE a = 1"
+    assert lay.optimize("t_x", "s = 1") == "OPTIMIZE TABLE t_x_local ON CLUSTER `laion_cluster` FINAL SETTINGS s = 1"
+    assert lay.drop_table("t_x") == ["DROP TABLE IF EXISTS t_x ON CLUSTER `laion_cluster` SYNC",
+                                     "DROP TABLE IF EXISTS t_x_local ON CLUSTER `laion_cluster` SYNC"]
+    with pytest.raises(ValueError):
+        lay.create_table(ddl, "other")
     plain = ClusterLayout("c", shards_by="hash")
     assert "ENGINE = MergeTree\n" in plain.init_statements(TABLE_DDL, SHARDS_DDL, TABLE, SHARDS_TABLE)[0]
     assert plain.sharding_key == "cityHash64(shard)"
@@ -282,6 +297,8 @@ def test_cluster_statements():
     assert one.create_stage("st", TABLE) == ["CREATE TABLE st AS laion", "SYSTEM STOP MERGES st"]
     assert one.replace_partition(TABLE, 3, "st") == "ALTER TABLE laion REPLACE PARTITION 3 FROM st"
     assert one.system("parts") == "system.parts" and one.on_cluster == ""
+    assert one.create_table(ddl, "t_x", "0") == [ddl] and one.drop_table("t_x") == ["DROP TABLE IF EXISTS t_x"]
+    assert one.delete("t_x", "a = 1") == "DELETE FROM t_x WHERE a = 1" and one.optimize("t_x") == "OPTIMIZE TABLE t_x FINAL"
 
 
 def test_cluster_local_statements_run_on_the_engine(server_url, shards_flat):

@@ -167,9 +167,10 @@ def ingest_readers(store: Store, readers: list[Reader], *, batch_rows: int = DEF
         if index and index_kind == "ivf":
             # shards loaded before the index was declared (skipped now) are assigned from the table
             cover(store, columns_for(index), progress=emit)
-        elif store.layout.cluster is None:
+        else:
             # a shard an interrupted run left out of an IVF index (killed between its lists' swap and its
-            # record) is skipped now, being loaded: assign it from the table
+            # record) is skipped now, being loaded: assign it from the table. On a cluster every shard
+            # loaded while an IVF index exists is assigned so, after the load (no feeder there)
             lacking = [c for (c, _), shards in ivf_state(store).uncovered.items() if shards]
             if lacking:
                 cover(store, lacking, progress=emit)

@@ -191,8 +191,9 @@ class Store:
         return self.backend.rows_read(query, params)
 
     def insert(self, table: str, data: pa.Table, settings: Mapping[str, Any] | None = None) -> None:
-        """Insert an Arrow table into ``table`` (a name from our fixed set, never a user's)."""
-        self.backend.insert_arrow(table, data, settings)
+        """Insert an Arrow table into ``table`` (a name from our fixed set, never a user's). On a
+        cluster, an insert into a Distributed table returns once the rows are on their node."""
+        self.backend.insert_arrow(table, data, {**self.layout.insert_settings(), **(settings or {})} or None)
         self.clear_caches()
 
     def cached(self, key: str, load: Callable[[], T]) -> T:

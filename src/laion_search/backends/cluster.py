@@ -96,6 +96,20 @@ class SingleNode:
     def stage_base(self, name: str) -> str:
         return name
 
+    def create_table(self, ddl: str, name: str, key: str = "") -> list[str]:
+        """``ddl`` (``CREATE TABLE IF NOT EXISTS {name} … ENGINE = …``) as it runs here: unchanged."""
+        return [ddl]
+
+    def drop_table(self, name: str) -> list[str]:
+        return [f"DROP TABLE IF EXISTS {name}"]
+
+    def delete(self, table: str, where: str) -> str:
+        """A lightweight delete of ``table``'s rows matching ``where``."""
+        return f"DELETE FROM {table} WHERE {where}"
+
+    def optimize(self, table: str, settings: str = "") -> str:
+        return f"OPTIMIZE TABLE {table} FINAL" + (f" SETTINGS {settings}" if settings else "")
+
 
 @dataclass(frozen=True)
 class ClusterLayout:
@@ -135,8 +149,34 @@ class ClusterLayout:
         zk = f"'/clickhouse/tables/{{shard}}/{{database}}/{local_table}', '{{replica}}'"
         return f"Replicated{merge_tree}({zk}{', ' + args if args else ''})"
 
-    def distributed(self, local_table: str) -> str:
-        return f"Distributed('{self.cluster}', '{self.database}', '{local_table}', {self.sharding_key})"
+    def distributed(self, local_table: str, key: str = "") -> str:
+        return f"Distributed('{self.cluster}', '{self.database}', '{local_table}', {key or self.sharding_key})"
+
+    def create_table(self, ddl: str, name: str, key: str = "") -> list[str]:
+        """A table of ours on the cluster: ``name_local`` on every node (replicated with
+        ``--replicated``) and ``name``, a Distributed table over them whose sharding ``key``
+        (default: the ``laion`` table's) decides where inserted rows go."""
+        local = self.local(name)
+        head = f"CREATE TABLE IF NOT EXISTS {name}"
+        if head not in ddl:
+            raise ValueError(f"not a CREATE TABLE IF NOT EXISTS {name} statement")
+        text = ddl.replace(head, f"CREATE TABLE IF NOT EXISTS {local}{self.on_cluster}", 1)
+        m = re.search(r"ENGINE = (\w+)(?:\(([^)]*)\))?", text)
+        if m is None or not m.group(1).endswith("MergeTree"):
+            raise ValueError(f"{name}: expected a MergeTree engine")
+        text = text[:m.start()] + f"ENGINE = {self.engine(local, m.group(1), m.group(2) or '')}" + text[m.end():]
+        return [text.strip(), f"CREATE TABLE IF NOT EXISTS {name}{self.on_cluster} AS {local} "
+                              f"ENGINE = {self.distributed(local, key)}"]
+
+    def drop_table(self, name: str) -> list[str]:
+        return self.drop_stage(name)
+
+    def delete(self, table: str, where: str) -> str:
+        """A lightweight delete on every node (a Distributed table takes none)."""
+        return f"DELETE FROM {self.local(table)}{self.on_cluster} WHERE {where}"
+
+    def optimize(self, table: str, settings: str = "") -> str:
+        return f"OPTIMIZE TABLE {self.local(table)}{self.on_cluster} FINAL" + (f" SETTINGS {settings}" if settings else "")
 
     def init_statements(self, table_ddl: str, shards_ddl: str, table: str, shards_table: str) -> list[str]:
         """``laion_local`` + ``laion``, ``laion_shards_local`` + ``laion_shards``, all ``ON CLUSTER``."""

@@ -233,10 +233,18 @@ def state(store: Store) -> IvfState:
     return store.cached("ivf", lambda: load_state(store))
 
 
+#: On a cluster, the rows of the generations and centroids tables all go to the first shard (a
+#: constant sharding key): they are read whole by every search's initiator, and ``FINAL`` needs a
+#: generation's rows on one node. A shard's coverage rows follow the shard, as ``laion_shards``'s do.
+SINGLE_SHARD_KEY = "0"
+
+
 def ensure_tables(store: Store) -> None:
-    for ddl, table in ((IVF_META_DDL, IVF_META_TABLE), (IVF_CENTROIDS_DDL, IVF_CENTROIDS_TABLE),
-                       (IVF_SHARDS_DDL, IVF_SHARDS_TABLE)):
-        store.run_ddl(ddl.format(table=table))
+    for ddl, table, key in ((IVF_META_DDL, IVF_META_TABLE, SINGLE_SHARD_KEY),
+                            (IVF_CENTROIDS_DDL, IVF_CENTROIDS_TABLE, SINGLE_SHARD_KEY),
+                            (IVF_SHARDS_DDL, IVF_SHARDS_TABLE, "")):
+        for stmt in store.layout.create_table(ddl.format(table=table), table, key):
+            store.run_ddl(stmt)
 
 
 def tables_exist(store: Store) -> bool:
@@ -345,7 +353,7 @@ def _record_shard(store: Store, info: IvfInfo, shard: int, rows: int, fingerprin
 
 def _store_centroids(store: Store, info: IvfInfo, centroids: np.ndarray) -> None:
     # a crash between this and the meta row leaves centroids a rerun trains again: clear them first
-    store.run_ddl(f"DELETE FROM {IVF_CENTROIDS_TABLE} WHERE column = {{c:String}} AND gen = {{g:UInt32}}",
+    store.run_ddl(store.layout.delete(IVF_CENTROIDS_TABLE, "column = {c:String} AND gen = {g:UInt32}"),
                   {"c": info.column, "g": info.gen})
     store.insert(IVF_CENTROIDS_TABLE, pa.table({
         "column": [info.column] * len(centroids), "gen": pa.array([info.gen] * len(centroids), pa.uint32()),
@@ -367,6 +375,22 @@ def _check_lists(lists: int | None) -> int | None:
 
 def _companion_ddl(info: IvfInfo) -> str:
     return ivf_table_ddl(info.table, info.codes, info.dim)
+
+
+def _create_companion(store: Store, info: IvfInfo) -> None:
+    """The generation's companion table; on a cluster, one on every node behind a Distributed
+    table with the ``laion`` table's sharding key: each node holds the lists of its own shards, and
+    a probe runs on every node over its part of the lists."""
+    for stmt in store.layout.create_table(_companion_ddl(info), info.table):
+        store.run_ddl(stmt)
+
+
+def _parts(store: Store, table: str) -> dict[str, int]:
+    """Active parts, rows and bytes of one of our tables (every node's, on a cluster)."""
+    got = store.rows("SELECT count() AS parts, sum(rows) AS row_count, sum(bytes_on_disk) AS bytes, "
+                     "countIf(rows > 0) AS filled FROM " + store.layout.system("parts") + " WHERE database = "
+                     "currentDatabase() AND table = {t:String} AND active", {"t": store.layout.local(table)})[0]
+    return {k: int(v or 0) for k, v in got.items()}
 
 
 def bucket_lists(info: IvfInfo, rows: int, lists: int) -> int:
@@ -515,9 +539,6 @@ def _check_columns(store: Store, columns: Sequence[str]) -> int:
     dim = store.dim()
     if dim is None:
         raise UsageError("the table is empty: ingest shards before creating an index (its dimension comes from them)")
-    if store.layout.cluster is not None:
-        raise UsageError("IVF indexes are for single-node stores (embedded or one server) so far; on a cluster, "
-                         "use HNSW indexes")
     for c in columns:
         if c not in INDEX_NAMES:
             raise UsageError(f"column must be image, text or both, got {c!r}")
@@ -544,7 +565,7 @@ def _complete(store: Store, todo: list[IvfInfo], rows: int, emit: ProgressFn, ba
             info.train_seconds = time.perf_counter() - ts
             _store_centroids(store, info, cent)
             _write_meta(store, info)
-        store.run_ddl(_companion_ddl(info))
+        _create_companion(store, info)
     if todo:
         # the table's own background merges would compete with the fill for the cores and for the disk
         # (a merge of a 10M × 768-d shard's parts may reserve half the free disk): paused meanwhile, as
@@ -596,11 +617,13 @@ def _fill(store: Store, infos: list[IvfInfo], emit: ProgressFn, batch_rows: int)
     done = 0
     bucketed = False
     for shard, group in sorted(todo.items()):
-        widths = {i.table: bucket_lists(i, sizes.get(shard, 0), i.lists) for i in group}
+        # (on a cluster a shard's rows go to its node through the Distributed table, unbucketed)
+        widths = {i.table: bucket_lists(i, sizes.get(shard, 0), i.lists) if store.layout.cluster is None else 0
+                  for i in group}
         into = {i.table: f"{STAGE_PREFIX}ivf_fill_{i.table}" if widths[i.table] else i.table for i in group}
         for info in group:
             # rows of an earlier, unfinished try at this shard (or of an older load of it)
-            store.run_ddl(f"DELETE FROM {info.table} WHERE shard = {{s:UInt32}}", {"s": shard})
+            store.run_ddl(store.layout.delete(info.table, "shard = {s:UInt32}"), {"s": shard})
             if widths[info.table]:
                 _bucket_stage(store, info, into[info.table], widths[info.table])
                 bucketed = True
@@ -669,24 +692,23 @@ def _compact(store: Store, info: IvfInfo, emit: ProgressFn, bucketed: bool = Fal
     many small parts multiply the rows a search reads (see docs/indexes.md for the measurement).
     Not when a shard was moved in by buckets into a table bigger than SPLIT_BYTES: its parts are
     already disjoint, and the merge would need the table's size again in free disk."""
-    got = store.rows("SELECT count() AS parts, sum(rows) AS rows, sum(bytes_on_disk) AS bytes FROM system.parts "
-                     "WHERE database = currentDatabase() AND table = {t:String} AND active", {"t": info.table})[0]
-    parts, rows = int(got["parts"] or 0), int(got["rows"] or 0)
-    if rows > MAX_FINAL_MERGE_ROWS or (bucketed and int(got["bytes"] or 0) > SPLIT_BYTES):
+    got = _parts(store, info.table)
+    parts, rows = got["parts"], got["row_count"]
+    if rows > MAX_FINAL_MERGE_ROWS or (bucketed and got["bytes"] > SPLIT_BYTES):
         return  # one merge of a LAION-sized table would take hours: the engine's background merges combine its parts
     if parts > 1:
         emit({"event": "ivf_compact", "index": info.table, "parts": parts})
-        store.run_ddl(f"OPTIMIZE TABLE {info.table} FINAL SETTINGS {OPTIMIZE_SETTINGS}")
+        store.run_ddl(store.layout.optimize(info.table, OPTIMIZE_SETTINGS))
 
 
 def _drop_generation(store: Store, info: IvfInfo) -> None:
     dropped = IvfInfo(**{**asdict(info), "state": "dropped"})
     _write_meta(store, dropped)
-    store.run_ddl(f"DROP TABLE IF EXISTS {info.table}")
-    store.run_ddl(f"DELETE FROM {IVF_CENTROIDS_TABLE} WHERE column = {{c:String}} AND gen = {{g:UInt32}}",
-                  {"c": info.column, "g": info.gen})
-    store.run_ddl(f"DELETE FROM {IVF_SHARDS_TABLE} WHERE column = {{c:String}} AND gen = {{g:UInt32}}",
-                  {"c": info.column, "g": info.gen})
+    for stmt in store.layout.drop_table(info.table):
+        store.run_ddl(stmt)
+    for table in (IVF_CENTROIDS_TABLE, IVF_SHARDS_TABLE):
+        store.run_ddl(store.layout.delete(table, "column = {c:String} AND gen = {g:UInt32}"),
+                      {"c": info.column, "g": info.gen})
 
 
 def drop_ivf(store: Store, column: str) -> bool:
@@ -832,7 +854,7 @@ class Feeder:
         info.trained_rows, info.train_seconds = self.shard_rows, time.perf_counter() - t0
         _store_centroids(self.store, info, cent)
         _write_meta(self.store, info)
-        self.store.run_ddl(_companion_ddl(info))
+        _create_companion(self.store, info)
         self.cents[key] = cent
         for ids, vec_col in held:
             self._insert(info, vec_col, ids)
@@ -947,10 +969,8 @@ def status(store: Store) -> list[dict[str, Any]]:
             continue
         uncovered = uncovered_shards(store, info) if info.trained else sorted(rows_now)
         sizes = [int(r["n"]) for r in store.rows(f"SELECT list, count() AS n FROM {info.table} GROUP BY list")]
-        disk = store.scalar("SELECT sum(bytes_on_disk) FROM system.parts WHERE database = currentDatabase() AND "
-                            "table = {t:String} AND active", {"t": info.table})
-        parts = store.scalar("SELECT count() FROM system.parts WHERE database = currentDatabase() AND "
-                             "table = {t:String} AND active AND rows > 0", {"t": info.table})
+        got = _parts(store, info.table)
+        disk, parts = got["bytes"], got["filled"]
         held = sum(sizes)
         mean = held / info.lists if info.lists else 0.0
         biggest = max(sizes, default=0)

@@ -36,8 +36,16 @@ What it implements (ClickHouse HTTP interface, https://clickhouse.com/docs/inter
 
 What it does not do: sessions (``session_id`` is ignored: there is one engine session),
 response compression (it always answers uncompressed, which clients accept), external data,
-progress headers, the native TCP protocol, clusters/Keeper (``ON CLUSTER`` fails as on a
-server without them). All statements run one at a time under a lock.
+progress headers, the native TCP protocol, Keeper. All statements run one at a time under a lock.
+
+**A one-node cluster** (``--cluster NAME``): the engine starts with a ``remote_servers`` entry
+``NAME`` of one shard whose one replica is this engine itself (127.0.0.1 on the configured
+``tcp_port``, so the engine counts it local and never connects: chDB cannot listen). Distributed
+tables over ``NAME``, ``cluster('NAME', …)`` and ``insert_distributed_sync`` then run for real.
+``ON CLUSTER NAME`` DDL needs Keeper's DDL queue, which chDB lacks; on a one-node cluster that
+queue's only host would run the statement itself, so the fixture runs it here without the clause
+(its answer is the statement's own, not the per-host status table a server sends). Anything else about clusters (more shards,
+replication) is out of its reach.
 """
 
 from __future__ import annotations
@@ -76,11 +84,15 @@ _HTTP_STATUS = {62: 400, 27: 400, 36: 400, 43: 400, 47: 400, 53: 400, 60: 404, 8
 class Engine:
     """One chDB session, used by one statement at a time."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, cluster: str | None = None):
         from chdb import session as chdb_session
 
         self.path = path
-        self.session = chdb_session.Session(path)
+        self.cluster = cluster
+        self.uri = path
+        if cluster:
+            self.uri = f"{path}?config-file={_cluster_config(path, cluster)}"
+        self.session = chdb_session.Session(self.uri)
         self.lock = threading.Lock()
         self.database = "default"
         self.version = self._scalar("SELECT version()")
@@ -91,6 +103,7 @@ class Engine:
 
     def run(self, sql: str, fmt: str, params: dict[str, str], settings: dict[str, str], database: str | None,
             data: bytes | None = None, data_format: str | None = None) -> tuple[bytes, dict[str, int]]:
+        sql = self._here(sql)
         if settings.get("readonly", "0") not in ("", "0"):
             return self._run_read_only(sql, fmt, params, settings, database)
         with self.lock:
@@ -109,9 +122,9 @@ class Engine:
                 result = self.session.query(sql, fmt, params=params) if params else self.session.query(sql, fmt)
                 body = result.bytes() if hasattr(result, "bytes") else (result or b"")
                 stats = {}
-                for name in ("rows_read", "bytes_read"):
+                for name in ("rows_read", "bytes_read"):  # from storage, as a server's read_rows counts them
                     try:
-                        stats[name] = int(getattr(result, name)())
+                        stats[name] = int(getattr(result, "storage_" + name)())
                     except Exception:  # noqa: BLE001 - statistics are optional
                         stats[name] = 0
                 return body or b"", stats
@@ -130,7 +143,7 @@ class Engine:
         read-only session cannot be put back, so it is not the shared one), ``readonly`` last."""
         from chdb import session as chdb_session
 
-        session = chdb_session.Session(self.path)
+        session = chdb_session.Session(self.uri)
         try:
             session.query(f"USE `{(database or self.database).replace('`', '')}`", "TabSeparated")
             for name, value in sorted(settings.items(), key=lambda kv: kv[0] == "readonly"):
@@ -143,6 +156,14 @@ class Engine:
             return body or b"", {"rows_read": 0, "bytes_read": 0}
         finally:
             session.close()
+
+    def _here(self, sql: str) -> str:
+        """The statement as this node runs it: ``ON CLUSTER`` this fixture's one-node cluster is
+        run by its only host, without the clause."""
+        if not self.cluster:
+            return sql
+        name = re.escape(self.cluster)
+        return re.sub(rf"\s+ON\s+CLUSTER\s+(`{name}`|'{name}'|\"{name}\"|{name}\b)", "", sql, count=1, flags=re.I)
 
     def _apply(self, settings: dict[str, str]) -> list[str]:
         """SET each setting for one statement; return the statements that put them back."""
@@ -158,6 +179,29 @@ class Engine:
                 raise EngineError(115, f"Unknown setting '{name}'")
             restore.append(f"SET {name} = '{old.replace(chr(92), chr(92) * 2).replace(chr(39), chr(92) + chr(39))}'")
         return restore
+
+
+#: The one-node cluster's ``tcp_port``: never listened on (chDB cannot), only compared with the
+#: replica's port so that the engine counts the replica as itself.
+CLUSTER_TCP_PORT = 9000
+
+
+def _cluster_config(path: str, cluster: str) -> str:
+    """Write the engine's config for a one-node cluster named ``cluster``; returns its path."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", cluster):
+        raise ValueError(f"cluster name must be letters, digits, '_' or '-', got {cluster!r}")
+    config = os.path.abspath(path.rstrip("/") + ".cluster.xml")
+    with open(config, "w") as f:
+        f.write(f"""<clickhouse>
+  <tcp_port>{CLUSTER_TCP_PORT}</tcp_port>
+  <remote_servers>
+    <{cluster}>
+      <shard><replica><host>127.0.0.1</host><port>{CLUSTER_TCP_PORT}</port></replica></shard>
+    </{cluster}>
+  </remote_servers>
+</clickhouse>
+""")
+    return config
 
 
 class EngineError(Exception):
@@ -307,8 +351,9 @@ def make_handler(engine: Engine, user: str | None, password: str | None):
 
 
 def serve(path: str, host: str = "127.0.0.1", port: int = 0, user: str | None = None,
-          password: str | None = None, tls_cert: str | None = None, tls_key: str | None = None) -> None:
-    engine = Engine(path)
+          password: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
+          cluster: str | None = None) -> None:
+    engine = Engine(path, cluster)
     httpd = ThreadingHTTPServer((host, port), make_handler(engine, user, password))
     httpd.daemon_threads = True
     scheme = "http"
@@ -335,8 +380,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--password", default=None)
     ap.add_argument("--tls-cert", default=None, help="serve HTTPS with this certificate (PEM)")
     ap.add_argument("--tls-key", default=None, help="its private key (PEM)")
+    ap.add_argument("--cluster", default=None, help="be a one-node cluster of this name (see the module docstring)")
     a = ap.parse_args(argv)
-    serve(a.path, a.host, a.port, a.user, a.password, a.tls_cert, a.tls_key)
+    serve(a.path, a.host, a.port, a.user, a.password, a.tls_cert, a.tls_key, a.cluster)
 
 
 if __name__ == "__main__":
