@@ -5,6 +5,9 @@ Targets (each compared with the embedded store):
 
 * ``fixture`` — always: the chDB HTTP test fixture (the real engine behind ClickHouse's HTTP
   interface; see ``laion_search.testing.chdb_http``), so ``make test`` runs the server path;
+* ``fixture-cluster`` — always: the same fixture as a one-node cluster (``chdb_http --cluster``):
+  the ``laion init --cluster`` layout, Distributed reads and inserts for real, ``ON CLUSTER``
+  statements run on the one node;
 * ``server`` — when ``LAION_TEST_CLICKHOUSE_URL`` is set (e.g. ``clickhouse://default:@localhost:8123/default``):
   a real ClickHouse server; the test works in a fresh database it creates and drops;
 * ``cluster`` — when ``LAION_TEST_CLICKHOUSE_URL`` and ``LAION_TEST_CLICKHOUSE_CLUSTER`` (a cluster
@@ -118,7 +121,7 @@ def _fixture_url(chdb_http) -> str:
     return f"clickhouse://{user}:{urllib.parse.quote(password, safe='')}@{base.split('://', 1)[1]}/default"
 
 
-@pytest.fixture(scope="module", params=["fixture", "server", "cluster"])
+@pytest.fixture(scope="module", params=["fixture", "fixture-cluster", "server", "cluster"])
 def server_results(request, shards_flat):
     kind = request.param
     if kind == "server" and not SERVER_URL:
@@ -127,14 +130,18 @@ def server_results(request, shards_flat):
     if kind == "cluster" and not (SERVER_URL and CLUSTER):
         pytest.skip("set LAION_TEST_CLICKHOUSE_URL and LAION_TEST_CLICKHOUSE_CLUSTER=<cluster name> to compare "
                     "with a real ClickHouse cluster")
-    url = _fixture_url(request.getfixturevalue("chdb_http")) if kind == "fixture" else SERVER_URL
-    with _fresh_database(url, CLUSTER if kind == "cluster" else None) as (db_url, database):
-        if kind == "cluster":
+    from .conftest import FIXTURE_CLUSTER
+
+    url = {"fixture": lambda: _fixture_url(request.getfixturevalue("chdb_http")),
+           "fixture-cluster": lambda: _fixture_url(request.getfixturevalue("chdb_http_cluster"))}.get(kind, lambda: SERVER_URL)()
+    cluster = {"cluster": CLUSTER, "fixture-cluster": FIXTURE_CLUSTER}.get(kind)
+    with _fresh_database(url, cluster) as (db_url, database):
+        if cluster:
             with connect(db_url, create=False) as s:
-                s.init_cluster(ClusterLayout(CLUSTER, database))
+                s.init_cluster(ClusterLayout(cluster, database))
         with connect(db_url) as store:
-            if kind == "cluster":
-                assert store.layout.cluster == CLUSTER
+            if cluster:
+                assert store.layout.cluster == cluster
             _load(store, shards_flat)
             yield kind, _run_all(store)
 
@@ -159,7 +166,7 @@ def test_exact_results_identical(embedded_results, server_results):
         for x, y in zip(a, b):
             assert {c: x[c] for c in x if c != "distance"} == {c: y[c] for c in y if c != "distance"}, key
             # same engine: identical floats; another ClickHouse version may round the last bit differently
-            assert y["distance"] == (x["distance"] if kind == "fixture" else pytest.approx(x["distance"], abs=1e-6))
+            assert y["distance"] == (x["distance"] if kind.startswith("fixture") else pytest.approx(x["distance"], abs=1e-6))
     assert server["guide"] == embedded_results["guide"]
 
 

@@ -25,6 +25,10 @@ candidates with their exact distances from the companion table, then the result 
 ``laion`` by id. Shards a generation does not cover (loaded after a crash, or mid-rebuild) are
 searched exactly, so results never miss rows. Shards loaded while an index exists are assigned as
 they land (:class:`Feeder`, used by :func:`laion_search.ingest.load_shard`).
+
+On a cluster store every one of these tables is a table on each node behind a Distributed table
+(``store.layout.create_table``): a companion table shards its rows as ``laion`` does, so each node
+holds and scans the lists of its own shards; shards are assigned after their load (no feeder).
 """
 
 from __future__ import annotations
