@@ -478,3 +478,20 @@ def test_a_cluster_store_builds_searches_and_extends_its_ivf_index(tmp_path, clu
         left = {r["name"] for r in db.rows("SELECT name FROM system.tables WHERE database = currentDatabase()")}
         assert not {"laion_ivf_image_g1", "laion_ivf_image_g1_local"} & left and "laion_ivf_text_g1_local" in left
         assert search(db, vector=img[3], k=3).strategy != "ivf (nprobe 12)"
+
+
+def test_a_cluster_store_ingests_with_a_declared_ivf_index(tmp_path, cluster_url):
+    """``ingest --index both --index-kind ivf`` into a cluster store: declared before the load,
+    trained and filled from the table after it (a cluster has no feeder), every shard covered."""
+    synth(tmp_path / "s", [0, 1], 400, dim=DIM, seed=43)
+    ids, img, txt, _ = _source(tmp_path / "s", [0, 1])
+    with connect(cluster_url) as db:
+        report = db.ingest(tmp_path / "s", index="both", index_kind="ivf")
+        assert report.loaded == [0, 1]
+        gens = ivf.generations(db)
+        assert [(g.column, g.state) for g in gens] == [("image", "ready"), ("text", "ready")]
+        assert ivf.state(db).uncovered == {("image", 1): [], ("text", 1): []}
+        lists = gens[0].lists
+        res = search(db, vector=txt[5], k=10, nprobe=lists)
+        assert res.strategy == f"ivf (nprobe {lists})"
+        np.testing.assert_allclose([r["distance"] for r in res.rows], _truth(img, txt[5], 10), atol=2e-5)

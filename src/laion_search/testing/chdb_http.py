@@ -44,8 +44,8 @@ progress headers, the native TCP protocol, Keeper. All statements run one at a t
 tables over ``NAME``, ``cluster('NAME', …)`` and ``insert_distributed_sync`` then run for real.
 ``ON CLUSTER NAME`` DDL needs Keeper's DDL queue, which chDB lacks; on a one-node cluster that
 queue's only host would run the statement itself, so the fixture runs it here without the clause
-(its answer is the statement's own, not the per-host status table a server sends). Anything else about clusters (more shards,
-replication) is out of its reach.
+(its answer is the statement's own, not the per-host status table a server sends). Anything else
+about clusters (more shards, replication) is out of its reach.
 """
 
 from __future__ import annotations
