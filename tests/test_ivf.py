@@ -287,6 +287,55 @@ def test_replace_builds_a_new_generation_and_drops_the_old(tmp_path):
         assert search(db, like=5, k=3).strategy.startswith("exact")
 
 
+def test_sq8_codes_are_each_rows_own(ivf_db):
+    """The default codes (sq8): every row's int8 code and scale come from its own vector; a search
+    ranks the probed rows on the codes, then rescores the best k × 2 on the float32 vectors."""
+    db, (ids, img, txt, _) = ivf_db
+    info = ivf.state(db).served["image"]
+    assert info.codes == "sq8"
+    t = info.table
+    assert db.scalar(f"SELECT count() FROM {t} WHERE length(code) != {DIM} OR scale <= 0 "
+                     "OR arrayMax(arrayMap(x -> abs(x), code)) != 127") == 0
+    # each value is within half a step of its code (the code is round(value / scale))
+    assert db.scalar(f"SELECT max(arrayMax(arrayMap((c, v) -> abs(c * scale - v), code, vec)) / scale) FROM {t}") <= 0.5 + 1e-4
+    # the build's numpy codes are what the column defaults compute in the engine (a row inserted
+    # without them, e.g. by hand, gets the same code)
+    assert db.scalar(f"SELECT count() FROM {t} WHERE code != arrayMap(x -> toInt8(round(x / greatest(scale, 1e-30))), vec) "
+                     "OR scale != toFloat32(arrayMax(arrayMap(x -> abs(x), vec)) / 127)") == 0
+    got = db.rows(f"SELECT vec, scale, code FROM {t} ORDER BY id LIMIT 50")
+    scale, code = ivf.sq8(np.array([r["vec"] for r in got], dtype=np.float32))
+    assert [r["code"] for r in got] == code.tolist() and [r["scale"] for r in got] == scale.tolist()
+    res = search(db, vector=txt[7], k=10, nprobe=24)
+    assert "dotProduct(code, " in res.sql and "* scale DESC LIMIT 20" in res.sql
+
+
+def test_sq8_with_every_list_probed_returns_what_float32_lists_return(tmp_path):
+    synth(tmp_path / "s", [0], 900, dim=DIM, seed=37)
+    queries = np.random.default_rng(5).standard_normal((8, DIM)).astype(np.float32)
+    got = {}
+    with connect(tmp_path / "db") as other:
+        other.ingest(tmp_path / "s")
+        for codes in ("sq8", "none"):
+            ivf.create_ivf(other, ["image"], lists=16, codes=codes, replace=True)
+            assert ivf.state(other).served["image"].codes == codes
+            got[codes] = [[(r["id"], round(r["distance"], 5)) for r in search(other, vector=q, k=10, nprobe=16).rows]
+                          for q in queries]
+    assert got["sq8"] == got["none"]
+
+
+def test_probes_read_through_mmap_only_while_the_lists_are_small_next_to_memory(ivf_db):
+    db, (_, img, _, _) = ivf_db
+    gib = 1 << 30
+    assert ivf.read_settings(True, 2 * gib, memory=24 * gib)["local_filesystem_read_method"] == "mmap"
+    assert "local_filesystem_read_method" not in ivf.read_settings(True, 7 * gib, memory=24 * gib)  # > a quarter
+    assert "local_filesystem_read_method" not in ivf.read_settings(False, 2 * gib, memory=24 * gib)  # a server
+    st = ivf.state(db)
+    assert sum(st.companion_bytes.values()) == db.scalar(
+        "SELECT sum(bytes_on_disk) FROM system.parts WHERE active AND table IN ({t:Array(String)})",
+        {"t": [st.served[c].table for c in ("image", "text")]})
+    assert "local_filesystem_read_method = 'mmap'" in search(db, vector=img[3], k=5, nprobe=4).sql
+
+
 def test_hostile_cases_are_named_errors_and_leave_the_table_unchanged(tmp_path):
     synth(tmp_path / "s", [0], 300, dim=DIM, seed=34)
     with connect(tmp_path / "db") as db:

@@ -25,6 +25,7 @@ from laion_search.index import kinds as _kinds
 from laion_search.index import text as _text
 from laion_search.errors import UsageError
 from laion_search.ingest import IngestReport
+from laion_search.schema import DEFAULT_IVF_CODES
 from laion_search.search import SearchQuery, SearchResult
 from laion_search.store import Store, open_backend
 
@@ -60,7 +61,7 @@ class Database(Store):
 
     def create_index(self, column: str = "image", *, kind: str = "hnsw", metric: str = "cosine",
                      quantization: str = "bf16", m: int | None = None, ef_construction: int | None = None,
-                     guide: bool = False, replace: bool = False, lists: int | None = None, codes: str = "none",
+                     guide: bool = False, replace: bool = False, lists: int | None = None, codes: str = DEFAULT_IVF_CODES,
                      progress: ProgressFn | None = None) -> IndexBuild:
         """Add and build an index on ``column`` (image or text): ``kind="hnsw"`` (the engine's
         graph; ``m``/``ef_construction`` default to 32/64, or to the guide's 64/256 with
@@ -76,7 +77,7 @@ class Database(Store):
 
     def create_indexes(self, column: str = "both", *, kind: str = "hnsw", metric: str = "cosine",
                        quantization: str = "bf16", m: int | None = None, ef_construction: int | None = None,
-                       guide: bool = False, replace: bool = False, lists: int | None = None, codes: str = "none",
+                       guide: bool = False, replace: bool = False, lists: int | None = None, codes: str = DEFAULT_IVF_CODES,
                        progress: ProgressFn | None = None) -> list[IndexBuild]:
         """:meth:`create_index` for ``column`` image, text or both (both: the HNSW graphs queued
         together after one compaction, the IVF columns assigned in one pass), one result each."""

@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from laion_search.errors import UsageError
+from laion_search.schema import DEFAULT_IVF_CODES
 
 #: Bytes per 512-d vector on disk, measured (see the module docstring).
 VECTOR_BYTES_512 = {"f32-none": 2056.0, "f32-lz4": 1210.0, "bf16": 1032.0}
@@ -251,11 +252,12 @@ def markdown(result: dict[str, Any]) -> str:
 # -- the IVF index (laion_search.index.ivf): lists on disk, centroids in RAM ------------------------------
 #: Companion-table bytes per 512-d row on disk, by ``--codes`` (measured: 200,000 rows, one merged
 #: part, ``system.parts.bytes_on_disk``): float32 vector + offsets + list/id/shard; ``int8`` adds its
-#: codes (+1 byte per dimension), ``rabitq`` ~1 bit per dimension and two floats.
-IVF_ROW_BYTES_512 = {"none": 2058.0, "int8": 2572.0, "rabitq": 2126.0}
+#: codes (+1 byte per dimension), ``rabitq`` ~1 bit per dimension and two floats; ``sq8``: its code
+#: and scale columns (1M rows: 2,580,939,665 bytes).
+IVF_ROW_BYTES_512 = {"none": 2058.0, "sq8": 2581.0, "int8": 2572.0, "rabitq": 2126.0}
 #: Bytes a probe *reads* per row it scans: the float32 vector, or the codes when they are scanned
 #: (then k × fetch multiplier vectors are re-read to rescore, a constant per query).
-IVF_SCAN_BYTES_512 = {"none": 2056.0, "int8": 520.0, "rabitq": 80.0}
+IVF_SCAN_BYTES_512 = {"none": 2056.0, "sq8": 524.0, "int8": 520.0, "rabitq": 80.0}
 #: Assigning rows to lists: multiply-adds per core-second in bfloat16 (torch on the CPU's matrix
 #: units; measured 131,072 rows × 1,024 lists × 512-d in 0.139 s on 2 cores).
 IVF_ASSIGN_MACS_PER_CORE_S = 2.4e11
@@ -281,7 +283,7 @@ class IvfPlanInputs:
     cores: int = 32
     ram_gib: float = 64
     disk_tib: float = 8
-    codes: str = "none"
+    codes: str = DEFAULT_IVF_CODES
     lists: int | None = None     # None: the index default (laion_search.index.ivf.default_lists)
     nprobe: int = 32
     columns: int = 2             # image and text

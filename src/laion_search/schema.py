@@ -254,16 +254,28 @@ CREATE TABLE IF NOT EXISTS {table}
     `list` UInt32,
     `id` Int64,
     `shard` UInt32,
-    `vec` Array(Float32) {codec}
+    `vec` Array(Float32) {codec}{more}
 )
 ENGINE = MergeTree
 {partition}ORDER BY (list, id)
 SETTINGS index_granularity = """ + str(IVF_GRANULARITY) + """{extra}
 """
-#: ``--codes``: what the companion's vector column keeps besides the float32 values. ``int8`` and
-#: ``rabitq`` are the engine's ``Quantized`` codec: a search scans the compact codes and rescores
-#: the best ``k × fetch multiplier`` on the full vectors (``vector_search_use_quantized_codes``).
-IVF_CODES = ("none", "int8", "rabitq")
+#: ``--codes``: what the companion keeps besides the float32 vectors. ``sq8``: two more columns,
+#: ``code``, each value scaled to -127..127 by the row's largest absolute value, and that ``scale``
+#: (the build computes them in numpy; the column defaults compute the same in the engine for a row
+#: inserted without them); a search ranks the probed
+#: rows by ``dotProduct(code, q) * scale`` (a quarter of the bytes to read and multiply) and rescores
+#: the best ``k × fetch multiplier`` on ``vec``. ``int8`` and ``rabitq`` are the engine's
+#: ``Quantized`` codec on ``vec`` (``vector_search_use_quantized_codes``); measured slower at 1M rows
+#: (docs/indexes.md).
+IVF_CODES = ("none", "sq8", "int8", "rabitq")
+#: The measured default (1M rows, docs/indexes.md § "sq8 codes").
+DEFAULT_IVF_CODES = "sq8"
+#: The sq8 columns: no trained parameters, so a row's code depends on its vector alone, however it
+#: is inserted (a batch, a bucket moved by ``INSERT … SELECT``, a Distributed insert on a cluster).
+IVF_SQ8_COLUMNS = """,
+    `scale` Float32 DEFAULT arrayMax(arrayMap(x -> abs(x), vec)) / 127,
+    `code` Array(Int8) DEFAULT arrayMap(x -> toInt8(round(x / greatest(scale, 1e-30))), vec) CODEC(NONE)"""
 IVF_COLUMN_PREFIX = "laion_ivf_"
 
 
@@ -283,7 +295,8 @@ def ivf_table_ddl(table: str, codes: str, dim: int, *, bucket_lists: int = 0) ->
     # a dropped bucket's files go within ~2 s, not the default 8 minutes (measured on chDB 26.9)
     extra = (", old_parts_lifetime = 1, cleanup_delay_period = 1, cleanup_delay_period_random_add = 0"
              if bucket_lists > 0 else "")
-    if codes == "none":
-        return IVF_TABLE_DDL.format(table=table, codec="CODEC(NONE)", extra=extra, partition=partition)
+    if codes in ("none", "sq8"):
+        return IVF_TABLE_DDL.format(table=table, codec="CODEC(NONE)", extra=extra, partition=partition,
+                                    more=IVF_SQ8_COLUMNS if codes == "sq8" else "")
     return IVF_TABLE_DDL.format(table=table, codec=f"CODEC(Quantized('{codes}', {int(dim)}))", partition=partition,
-                                extra=extra + ", allow_experimental_codecs = 1, enable_quantized_codec = 1")
+                                extra=extra + ", allow_experimental_codecs = 1, enable_quantized_codec = 1", more="")

@@ -372,8 +372,8 @@ def _search_ivf(store: Store, info: Any, qv: np.ndarray, k: int, func: str, sele
         # the probed lists hold fewer than k matching rows: evaluate the filter first, exactly
         rows = store.rows(_exact_sql(select, MODALITIES[info.column], func, where, k), {**params, "q": qv})
         strategy = "ivf→prefilter"
-    sql = (f"-- candidates (lists probed: {nprobe})\nSELECT id, shard, {distance_sql(func, 'vec', '{q:Array(Float32)}')} AS distance "
-           f"FROM {info.table} WHERE list IN {{lists:Array(UInt32)}} ORDER BY distance ASC LIMIT {limit}")
+    sql = (f"-- candidates (lists probed: {nprobe})\n"
+           + ivf.candidates_sql(info, func, "list IN {lists:Array(UInt32)}", limit, read=state.read_settings))
     return rows[:k], sql, strategy
 
 

@@ -44,13 +44,14 @@ def _measure(name: str, fn: Callable[[np.ndarray], list[int]], queries: dict[str
     return row
 
 
-def run(rows: int = 1_000_000, queries: int = 100, k: int = 10, nprobes: str = "8,16,32,64", codes: str = "none",
+def run(rows: int = 1_000_000, queries: int = 100, k: int = 10, nprobes: str = "8,16,32,64", codes: str = "sq8",
         lists: int | None = None, hnsw: bool = True, peers: bool = True, threads: int = 2,
         workdir: Path | None = None, out: Path | None = None, log: Say | None = None, data: str = "synth",
         corpus: Any = None, parts: bool = True) -> dict[str, Any]:
     from laion_search.api import connect
     from laion_search.bench.common import bench_shard, scratch_dir
     from laion_search.index import IndexSpec, create_index, drop_index, ivf
+    from laion_search.schema import DEFAULT_IVF_CODES as ivf_default_codes
     from laion_search.search import SearchOptions, search
 
     say = log or (lambda m: None)
@@ -97,7 +98,7 @@ def run(rows: int = 1_000_000, queries: int = 100, k: int = 10, nprobes: str = "
                 return lambda q: [r["id"] for r in search(db, vector=q, k=k, options=opts, columns=["id"]).rows]
 
             for code in code_list:
-                if code != "none" or lists is not None:
+                if code != ivf_default_codes or lists is not None:
                     say(f"build ivf codes={code} lists={gen_lists}")
                     t = time.perf_counter()
                     ivf.create_ivf(db, ["image"], lists=gen_lists, codes=code, replace=True)

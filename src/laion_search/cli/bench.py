@@ -10,6 +10,7 @@ import typer
 from laion_search.cli import output
 from laion_search.cli.common import DbOption, JsonOption, UrlOption, handle_errors, open_store
 from laion_search.errors import UsageError
+from laion_search.schema import DEFAULT_IVF_CODES
 
 bench_app = typer.Typer(help="Benchmarks that print ratios measured side by side in one run.",
                         no_args_is_help=True)
@@ -253,7 +254,7 @@ def bench_ivf(
     queries: int = typer.Option(100, "--queries", min=1, help="Queries per kind (image→image, text→image)."),
     k: int = typer.Option(10, "--k", min=1, max=1000, help="Neighbours per query (recall@k)."),
     nprobes: str = typer.Option("8,16,32,64", "--nprobe", help="Probes to measure, comma-separated."),
-    codes: str = typer.Option("none", "--codes", help="IVF codes to measure, comma-separated: none, int8, rabitq."),
+    codes: str = typer.Option(DEFAULT_IVF_CODES, "--codes", help="IVF codes to measure, comma-separated: sq8, none, int8, rabitq (the pipeline builds the default, sq8)."),
     lists: Optional[int] = typer.Option(None, "--lists", min=1, help="IVF lists (default: the index's own default)."),
     hnsw: bool = typer.Option(True, "--hnsw/--no-hnsw", help="Also build our HNSW (and usearch) on the same rows."),
     peers: bool = typer.Option(True, "--peers/--no-peers", help="faiss IVF-Flat / IVF-PQ (and usearch) on the same vectors."),
@@ -269,7 +270,7 @@ def bench_ivf(
     on disk to its first indexed query, build seconds, RAM per vector, recall@k and p50 / QPS for
     image→image and text→image queries at each nprobe; rows read per probe as parts multiply.
 
-    Example: laion bench ivf --rows 1000000 --nprobe 16,32,64 --codes none,int8
+    Example: laion bench ivf --rows 1000000 --nprobe 16,32,64 --codes sq8,none
     """
     from laion_search.bench.ivf import run as run_ivf
 

@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional
 import typer
 
 from laion_search.cli import output
+from laion_search.schema import DEFAULT_IVF_CODES
 from laion_search.cli.common import DbOption, JsonOption, UrlOption, handle_errors, open_store
 
 index_app = typer.Typer(help="HNSW vector_similarity indexes (and bf16 scan copies for fast exact search): "
@@ -35,8 +36,9 @@ def index_create(
     kind: str = KindOption,
     lists: Optional[int] = typer.Option(None, "--lists", min=1, help="IVF: number of lists (default ~√rows, a power "
                                                                      "of two: 1,024 at 1M rows)."),
-    codes: str = typer.Option("none", "--codes", help="IVF: none (float32 lists), int8 or rabitq (the engine's "
-                                                      "Quantized codec: scans codes, rescores on float32)."),
+    codes: str = typer.Option(DEFAULT_IVF_CODES, "--codes",
+                              help="IVF: sq8 (int8 codes the engine computes, scanned first, rescored on float32), "
+                                   "none (float32 only), int8 or rabitq (the engine's Quantized codec)."),
     db: Optional[str] = DbOption,
     url: Optional[str] = UrlOption,
     json_output: bool = JsonOption,

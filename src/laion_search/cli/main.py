@@ -14,6 +14,7 @@ from typing import Any, Callable, List, Optional
 import typer
 
 from laion_search.cli import output
+from laion_search.schema import DEFAULT_IVF_CODES
 from laion_search.errors import LaionError, UsageError
 # the options and helpers every command shares (importable from here as before)
 from laion_search.cli.common import (DbOption, JsonOption, UrlOption, handle_errors, open_store,  # noqa: F401
@@ -745,7 +746,7 @@ def plan(
     replicas: Optional[int] = typer.Option(None, "--replicas", min=1, help="Replicas per shard (default: suggested)."),
     kind: str = typer.Option("hnsw", "--kind", help="hnsw (graphs in RAM; a cluster when they outgrow a node) or ivf "
                                                     "(one node: lists on disk, centroids in RAM)."),
-    codes: str = typer.Option("none", "--codes", help="ivf: none, int8 or rabitq."),
+    codes: str = typer.Option(DEFAULT_IVF_CODES, "--codes", help="ivf: sq8, none, int8 or rabitq."),
     lists: Optional[int] = typer.Option(None, "--lists", min=1, help="ivf: lists (default: the index default for the rows)."),
     nprobe: int = typer.Option(32, "--nprobe", min=1, help="ivf: lists a query probes."),
     json_output: bool = JsonOption,

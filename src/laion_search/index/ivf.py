@@ -34,6 +34,7 @@ holds and scans the lists of its own shards; shards are assigned after their loa
 from __future__ import annotations
 
 import math
+import os
 import queue
 import threading
 import time
@@ -47,7 +48,7 @@ import pyarrow as pa
 
 from laion_search.backends import settings_sql
 from laion_search.errors import QueryError, StoreError, UsageError
-from laion_search.schema import (INDEX_NAMES, IVF_CENTROIDS_DDL, IVF_CENTROIDS_TABLE, IVF_CODES, IVF_META_DDL,
+from laion_search.schema import (DEFAULT_IVF_CODES, INDEX_NAMES, IVF_CENTROIDS_DDL, IVF_CENTROIDS_TABLE, IVF_CODES, IVF_META_DDL,
                                  IVF_META_TABLE, IVF_SHARDS_DDL, IVF_SHARDS_TABLE, OPTIMIZE_SETTINGS, STAGE_PREFIX, TABLE,
                                  distance_sql, ivf_table, ivf_table_ddl)
 from laion_search.store import Store
@@ -229,6 +230,8 @@ class IvfState:
     active: dict[str, list[IvfInfo]] = field(default_factory=dict)   # served + building, per column
     centroids: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
     uncovered: dict[tuple[str, int], list[int]] = field(default_factory=dict)
+    companion_bytes: dict[tuple[str, int], int] = field(default_factory=dict)   # served generations, on disk
+    read_settings: dict[str, Any] = field(default_factory=dict)                 # how a probe reads (read_settings())
 
 
 def state(store: Store) -> IvfState:
@@ -284,6 +287,8 @@ def load_state(store: Store) -> IvfState:
     for g in state.served.values():
         state.centroids[(g.column, g.gen)] = read_centroids(store, g)
         state.uncovered[(g.column, g.gen)] = uncovered_shards(store, g)
+        state.companion_bytes[(g.column, g.gen)] = _parts(store, g.table)["bytes"]
+    state.read_settings = read_settings(store.embedded, sum(state.companion_bytes.values()))
     return state
 
 
@@ -417,8 +422,9 @@ def _move_buckets(store: Store, info: IvfInfo, stage: str, dest: str, width: int
     buckets = [int(r["b"]) for r in store.rows(
         "SELECT DISTINCT toUInt32(partition_id) AS b FROM system.parts WHERE database = currentDatabase() "
         "AND table = {t:String} AND active ORDER BY b", {"t": stage})]
+    cols = "list, id, shard, vec" + (", scale, code" if info.codes == "sq8" else "")
     for n, b in enumerate(buckets, 1):
-        store.run_ddl(f"INSERT INTO {dest} SELECT list, id, shard, vec FROM {stage} WHERE list >= {b * width} "
+        store.run_ddl(f"INSERT INTO {dest} ({cols}) SELECT {cols} FROM {stage} WHERE list >= {b * width} "
                       f"AND list < {(b + 1) * width} ORDER BY list, id SETTINGS {MOVE_SETTINGS}")
         store.run_ddl(f"ALTER TABLE {stage} DROP PARTITION ID '{b}'")
         emit({"event": "ivf_move", "index": info.table, "bucket": n, "buckets": len(buckets)})
@@ -472,7 +478,7 @@ def sample_size(lists: int) -> int:
     return max(lists * MIN_SAMPLE_PER_LIST, min(MAX_SAMPLE, max(lists * SAMPLE_PER_LIST, 4096)))
 
 
-def create_ivf(store: Store, columns: Sequence[str], *, lists: int | None = None, codes: str = "none",
+def create_ivf(store: Store, columns: Sequence[str], *, lists: int | None = None, codes: str = DEFAULT_IVF_CODES,
                replace: bool = False, seed: int = 0, progress: ProgressFn | None = None,
                batch_rows: int = FILL_BATCH_ROWS) -> list[dict[str, Any]]:
     """Build (or finish building) the IVF index of each column; see the module docstring.
@@ -641,7 +647,8 @@ def _fill(store: Store, infos: list[IvfInfo], emit: ProgressFn, batch_rows: int)
             for info in group:
                 vec_col = t.column(info.embedding_column)
                 lists = assign(_vectors(vec_col, info.dim), cents[info.column])
-                store.insert(into[info.table], _companion_batch(lists, t.column("id"), shard, vec_col))
+                store.insert(into[info.table], _companion_batch(lists, t.column("id"), shard, vec_col, info.codes,
+                                                                info.dim))
             n_rows += t.num_rows
             done += t.num_rows
             emit({"event": "ivf_progress", "shard": shard, "rows_done": done, "rows": total})
@@ -678,17 +685,38 @@ def _list_column(vectors: np.ndarray) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]).cast(pa.list_(pa.float32()))
 
 
-def _companion_batch(lists: np.ndarray, ids: Any, shard: int, vectors: Any) -> pa.Table:
+def _companion_batch(lists: np.ndarray, ids: Any, shard: int, vectors: Any, codes: str = "none",
+                     dim: int = 0) -> pa.Table:
     """Rows for a companion table, already in its (list, id) order: the engine then finds the block
-    sorted and skips its own sort of the vectors."""
+    sorted and skips its own sort of the vectors. With ``sq8`` codes, each row's ``scale`` and
+    ``code`` come along, computed here in numpy as the table's column defaults would compute them
+    in the engine (~10× faster than the engine's per-element lambdas: 1M × 512-d rows, measured)."""
     n = len(lists)
     ids = pa.chunked_array([ids]) if isinstance(ids, pa.Array) else ids
     id_np = ids.to_numpy()
     order = np.lexsort((id_np, lists))
     take = pa.array(order)
     vec = vectors.combine_chunks() if isinstance(vectors, pa.ChunkedArray) else vectors
-    return pa.table({"list": pa.array(lists[order], pa.uint32()), "id": pa.array(id_np[order], pa.int64()),
-                     "shard": pa.array(np.full(n, shard, dtype=np.uint32)), "vec": vec.take(take)})
+    cols = {"list": pa.array(lists[order], pa.uint32()), "id": pa.array(id_np[order], pa.int64()),
+            "shard": pa.array(np.full(n, shard, dtype=np.uint32)), "vec": vec.take(take)}
+    if codes == "sq8":
+        scale, code = sq8(_vectors(vec, dim)[order])
+        cols["scale"] = pa.array(scale)
+        cols["code"] = pa.FixedSizeListArray.from_arrays(pa.array(code.ravel()), dim).cast(pa.list_(pa.int8()))
+    return pa.table(cols)
+
+
+def sq8(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's scale (its largest absolute value / 127) and int8 code (the values / scale,
+    rounded): what the companion's ``scale`` and ``code`` column defaults compute."""
+    x = np.asarray(vectors, dtype=np.float32)
+    # the engine divides in float64 and rounds half to even: the same here, 8,192 rows at a time
+    scale = (np.abs(x).max(axis=1).astype(np.float64) / 127).astype(np.float32) if len(x) else np.zeros(0, np.float32)
+    code = np.empty(x.shape, dtype=np.int8)
+    for i in range(0, len(x), 8192):
+        div = np.maximum(scale[i:i + 8192].astype(np.float64), 1e-30)[:, None]
+        code[i:i + 8192] = np.clip(np.rint(x[i:i + 8192] / div), -127, 127)
+    return scale, code
 
 
 def _compact(store: Store, info: IvfInfo, emit: ProgressFn, bucketed: bool = False) -> None:
@@ -725,7 +753,7 @@ def drop_ivf(store: Store, column: str) -> bool:
     return bool(gens)
 
 
-def declare_ivf(store: Store, columns: Sequence[str], *, codes: str = "none", lists: int | None = None,
+def declare_ivf(store: Store, columns: Sequence[str], *, codes: str = DEFAULT_IVF_CODES, lists: int | None = None,
                 dim: int, rows: int = 0) -> list[str]:
     """Declare IVF indexes before loading (``ingest --index-kind ivf``): the first shard that lands
     trains the centroids on its first rows, and every shard is assigned as it lands. Columns that
@@ -843,7 +871,7 @@ class Feeder:
     def _insert(self, info: IvfInfo, vec_col: Any, ids: Any) -> None:
         key = (info.column, info.gen)
         lists = assign(_vectors(vec_col, info.dim), self.cents[key])
-        self.store.insert(self.raw[key], _companion_batch(lists, ids, self.shard, vec_col))
+        self.store.insert(self.raw[key], _companion_batch(lists, ids, self.shard, vec_col, info.codes, info.dim))
 
     def _train(self, info: IvfInfo) -> None:
         key = (info.column, info.gen)
@@ -916,18 +944,46 @@ class Feeder:
 
 # -- searching ---------------------------------------------------------------------------------------
 #: A probe reads whole lists without the per-block checksum (parts are checked when written and
-#: merged), through pread, not mmap: at 1M rows pread was as fast (41 vs 48 ms for 16 lists on a busy
-#: machine), and mmap'd lists count in the server's resident memory (3M × 768-d: RSS 8.8 GB with
-#: mmap, the page cache's pages; see docs/indexes.md).
+#: merged). Through pread, or mmap while the served lists are small next to the machine's memory:
+#: mmap skips a copy through a read buffer per granule (1M rows, sq8, nprobe 16: 17.8 → 13.9 ms for
+#: the statement), but every page it touches counts in the process's resident memory until the
+#: kernel reclaims it (3M × 768-d: RSS 8.8 GB), so big lists stay on pread (10M × 768-d: 0.5 GB).
 READ_SETTINGS = {"checksum_on_read": 0}
+MMAP_READ_SETTINGS = {**READ_SETTINGS, "local_filesystem_read_method": "mmap", "min_bytes_to_use_mmap_io": 1}
+#: The served companions' bytes on disk, as a share of physical memory, up to which probes use mmap
+#: (embedded stores only: a server's memory is its own).
+MMAP_MAX_SHARE = 0.25
+
+
+def _physical_memory() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def read_settings(embedded: bool, companion_bytes: int, memory: int | None = None) -> dict[str, Any]:
+    """How probes read the lists: mmap for an embedded store whose served companions take at most
+    MMAP_MAX_SHARE of physical memory, pread otherwise."""
+    memory = _physical_memory() if memory is None else memory
+    if embedded and 0 < companion_bytes <= MMAP_MAX_SHARE * memory:
+        return dict(MMAP_READ_SETTINGS)
+    return dict(READ_SETTINGS)
+
+
+#: Candidates rescored on the float32 vectors per wanted row, by codes, when none is tuned
+#: (sq8 at 1M rows, nprobe 16: ×2 kept float32's recall, 0.970, as ×4 did; see docs/indexes.md).
+DEFAULT_FETCH = {"none": 1.0, "sq8": 2.0, "int8": 4.0, "rabitq": 4.0}
 
 
 def candidates(store: Store, info: IvfInfo, centroids: np.ndarray, query: np.ndarray, *, limit: int, nprobe: int,
                func: str, exclude_ids: Sequence[int] = (), skip_shards: Sequence[int] = (),
                fetch_multiplier: float | None = None) -> list[dict[str, Any]]:
     """The ``limit`` nearest rows of the probed lists: ``id``, ``shard`` and the exact ``distance``
-    (``func`` on the float32 vectors; with quantized codes, the engine scans the codes and rescores
-    the best ``limit × fetch_multiplier`` on them)."""
+    (``func`` on the float32 vectors). With codes, the probed rows are ranked on them first and
+    the best ``limit × fetch_multiplier`` rescored: ``sq8`` by ``dotProduct(code, q) * scale`` in
+    an inner query (the engine reads ``vec`` for those rows only), ``int8``/``rabitq`` by the
+    engine's quantized-codes scan."""
     lists = nearest_lists(query, centroids, nprobe)
     where = ["list IN {lists:Array(UInt32)}"]
     params: dict[str, Any] = {"lists": lists.tolist(), "q": np.asarray(query, dtype=np.float32)}
@@ -937,13 +993,28 @@ def candidates(store: Store, info: IvfInfo, centroids: np.ndarray, query: np.nda
     if skip_shards:
         where.append("shard NOT IN {skip:Array(UInt32)}")
         params["skip"] = [int(s) for s in skip_shards]
-    settings: dict[str, Any] = dict(READ_SETTINGS)
-    if info.codes != "none":
-        settings.update(vector_search_use_quantized_codes=1,
-                        vector_search_index_fetch_multiplier=float(fetch_multiplier or info.fetch_multiplier or 4.0))
-    sql = (f"SELECT id, shard, {distance_sql(func, 'vec', '{q:Array(Float32)}')} AS distance FROM {info.table} "
-           f"WHERE {' AND '.join(where)} ORDER BY distance ASC LIMIT {int(limit)}{settings_sql(settings)}")
-    return store.rows(sql, params)
+    return store.rows(candidates_sql(info, func, " AND ".join(where), limit, fetch_multiplier,
+                                     read=state(store).read_settings), params)
+
+
+def candidates_sql(info: IvfInfo, func: str, where: str, limit: int, fetch_multiplier: float | None = None,
+                   read: dict[str, Any] | None = None) -> str:
+    """The statement :func:`candidates` runs (``{lists}`` and ``{q}`` are its parameters)."""
+    settings: dict[str, Any] = dict(READ_SETTINGS if read is None else read)
+    multiplier = float(fetch_multiplier or info.fetch_multiplier or DEFAULT_FETCH[info.codes])
+    distance = distance_sql(func, "vec", "{q:Array(Float32)}")
+    if info.codes == "sq8":
+        # every stored vector is unit length (ingest normalises), so the dot product orders the
+        # rows as cosine and L2 do; the rescoring puts the true distance on the best ones
+        inner = (f"SELECT id, shard, {distance} AS distance FROM {info.table} WHERE {where} "
+                 f"ORDER BY dotProduct(code, {{q:Array(Float32)}}) * scale DESC "
+                 f"LIMIT {max(int(limit), int(math.ceil(limit * multiplier)))}")
+        sql = f"SELECT id, shard, distance FROM ({inner}) ORDER BY distance ASC LIMIT {int(limit)}"
+    else:
+        if info.codes != "none":
+            settings.update(vector_search_use_quantized_codes=1, vector_search_index_fetch_multiplier=multiplier)
+        sql = f"SELECT id, shard, {distance} AS distance FROM {info.table} WHERE {where} ORDER BY distance ASC LIMIT {int(limit)}"
+    return sql + settings_sql(settings)
 
 
 def save_tuning(store: Store, info: IvfInfo, result: Any) -> None:

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from laion_search.errors import UsageError
 from laion_search.index import hnsw, ivf, scan, text
-from laion_search.schema import INDEX_NAMES, scan_column
+from laion_search.schema import DEFAULT_IVF_CODES, INDEX_NAMES, scan_column
 
 KINDS = ("hnsw", "ivf", "scan", "text")
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -31,7 +31,7 @@ def hnsw_parameters(*, guide: bool = False, m: int | None = None,
 
 def build(store: Any, column: str = "image", *, kind: str = "hnsw", guide: bool = False, metric: str = "cosine",
           quantization: str = "bf16", m: int | None = None, ef_construction: int | None = None,
-          replace: bool = False, lists: int | None = None, codes: str = "none",
+          replace: bool = False, lists: int | None = None, codes: str = DEFAULT_IVF_CODES,
           progress: ProgressFn | None = None) -> list[dict[str, Any]]:
     """Build ``kind`` on ``column`` (image, text or both); one result per index built (``index``,
     ``type``, ``seconds``, ``rows``, ``vectors_per_second``). Idempotent: rerun to resume.
