@@ -55,7 +55,7 @@ def ivf_built(tmp_path_factory):
     synth(root / "s", [0, 1, 2], ROWS, dim=DIM, seed=31)
     with connect(root / "db") as db:
         db.ingest(root / "s")
-        built = ivf.create_ivf(db, ["image", "text"], lists=24)
+        built = ivf.create_ivf(db, ["image", "text"], lists=24, codes="sq8")  # the none path: below, and in other tests
         assert [b["what"] for b in built] == ["built", "built"]
     return root / "db", _source(root / "s", [0, 1, 2])
 
@@ -288,7 +288,7 @@ def test_replace_builds_a_new_generation_and_drops_the_old(tmp_path):
 
 
 def test_sq8_codes_are_each_rows_own(ivf_db):
-    """The default codes (sq8): every row's int8 code and scale come from its own vector; a search
+    """sq8 codes (the module's store): every row's int8 code and scale come from its own vector; a search
     ranks the probed rows on the codes, then rescores the best k × 2 on the float32 vectors."""
     db, (ids, img, txt, _) = ivf_db
     info = ivf.state(db).served["image"]

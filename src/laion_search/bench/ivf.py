@@ -44,7 +44,7 @@ def _measure(name: str, fn: Callable[[np.ndarray], list[int]], queries: dict[str
     return row
 
 
-def run(rows: int = 1_000_000, queries: int = 100, k: int = 10, nprobes: str = "8,16,32,64", codes: str = "sq8",
+def run(rows: int = 1_000_000, queries: int = 100, k: int = 10, nprobes: str = "8,16,32,64", codes: str = "none",
         lists: int | None = None, hnsw: bool = True, peers: bool = True, threads: int = 2,
         workdir: Path | None = None, out: Path | None = None, log: Say | None = None, data: str = "synth",
         corpus: Any = None, parts: bool = True) -> dict[str, Any]:

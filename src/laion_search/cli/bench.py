@@ -254,7 +254,7 @@ def bench_ivf(
     queries: int = typer.Option(100, "--queries", min=1, help="Queries per kind (image→image, text→image)."),
     k: int = typer.Option(10, "--k", min=1, max=1000, help="Neighbours per query (recall@k)."),
     nprobes: str = typer.Option("8,16,32,64", "--nprobe", help="Probes to measure, comma-separated."),
-    codes: str = typer.Option(DEFAULT_IVF_CODES, "--codes", help="IVF codes to measure, comma-separated: sq8, none, int8, rabitq (the pipeline builds the default, sq8)."),
+    codes: str = typer.Option(DEFAULT_IVF_CODES, "--codes", help="IVF codes to measure, comma-separated: none, sq8, int8, rabitq (the pipeline builds the default, none)."),
     lists: Optional[int] = typer.Option(None, "--lists", min=1, help="IVF lists (default: the index's own default)."),
     hnsw: bool = typer.Option(True, "--hnsw/--no-hnsw", help="Also build our HNSW (and usearch) on the same rows."),
     peers: bool = typer.Option(True, "--peers/--no-peers", help="faiss IVF-Flat / IVF-PQ (and usearch) on the same vectors."),

@@ -37,8 +37,9 @@ def index_create(
     lists: Optional[int] = typer.Option(None, "--lists", min=1, help="IVF: number of lists (default ~√rows, a power "
                                                                      "of two: 1,024 at 1M rows)."),
     codes: str = typer.Option(DEFAULT_IVF_CODES, "--codes",
-                              help="IVF: sq8 (int8 codes the engine computes, scanned first, rescored on float32), "
-                                   "none (float32 only), int8 or rabitq (the engine's Quantized codec)."),
+                              help="IVF: none (float32 lists), sq8 (int8 codes scanned first, rescored on "
+                                   "float32: faster probes through pread, for lists bigger than a quarter of RAM), "
+                                   "int8 or rabitq (the engine's Quantized codec)."),
     db: Optional[str] = DbOption,
     url: Optional[str] = UrlOption,
     json_output: bool = JsonOption,

@@ -746,7 +746,7 @@ def plan(
     replicas: Optional[int] = typer.Option(None, "--replicas", min=1, help="Replicas per shard (default: suggested)."),
     kind: str = typer.Option("hnsw", "--kind", help="hnsw (graphs in RAM; a cluster when they outgrow a node) or ivf "
                                                     "(one node: lists on disk, centroids in RAM)."),
-    codes: str = typer.Option(DEFAULT_IVF_CODES, "--codes", help="ivf: sq8, none, int8 or rabitq."),
+    codes: str = typer.Option(DEFAULT_IVF_CODES, "--codes", help="ivf: none, sq8, int8 or rabitq."),
     lists: Optional[int] = typer.Option(None, "--lists", min=1, help="ivf: lists (default: the index default for the rows)."),
     nprobe: int = typer.Option(32, "--nprobe", min=1, help="ivf: lists a query probes."),
     json_output: bool = JsonOption,
