@@ -223,7 +223,7 @@ def test_big_shards_move_in_by_list_bucket_and_search_the_same(tmp_path, monkeyp
     """A shard bigger than SPLIT_BYTES is not merged where it lies (that needs its size again in free
     disk): it lands in a stage bucketed by list, each bucket moves in sorted and leaves the stage.
     Both build paths (index create, and ingest into an indexed table), an interrupted move rerun,
-    and results equal to numpy with every list probed."""
+    and results equal to numpy with every list probed (sq8 codes: the moves carry their columns)."""
     synth(tmp_path / "s", [0, 1], 1200, dim=DIM, seed=36)
     ids, img, txt, _ = _source(tmp_path / "s", [0, 1])
     monkeypatch.setattr(ivf, "SPLIT_BYTES", 20_000)  # a 1,200-row 32-d shard is ~173 KB: bucketed
@@ -243,13 +243,13 @@ def test_big_shards_move_in_by_list_bucket_and_search_the_same(tmp_path, monkeyp
 
         monkeypatch.setattr(db, "run_ddl", flaky)
         with pytest.raises(StoreError, match="mid-move"):
-            ivf.create_ivf(db, ["image"], lists=16)
+            ivf.create_ivf(db, ["image"], lists=16, codes="sq8")
         monkeypatch.setattr(db, "run_ddl", real)
         info = ivf.generations(db, "image")[-1]
         assert info.state != "ready" and ivf.uncovered_shards(db, info) == [0]
         res = search(db, vector=img[3], k=10)  # nothing served from the half-moved index
         assert not res.strategy.startswith("ivf")
-        out = ivf.create_ivf(db, ["image"], lists=16, progress=events.append)
+        out = ivf.create_ivf(db, ["image"], lists=16, codes="sq8", progress=events.append)
         assert out[0]["what"] == "built"
         moves = [e for e in events if e["event"] == "ivf_move"]
         assert len(moves) >= 3 and moves[-1]["bucket"] == moves[-1]["buckets"]
@@ -257,6 +257,9 @@ def test_big_shards_move_in_by_list_bucket_and_search_the_same(tmp_path, monkeyp
         assert sum(e["event"] == "ivf_move" for e in events) > len(moves)
         served = ivf.state(db).served["image"]
         assert _companion_matches_table(db, "image") == 0
+        # the moved rows keep their sq8 codes (the moves copy them)
+        assert db.scalar(f"SELECT count() FROM {served.table} WHERE code != arrayMap(x -> toInt8(round(x / "
+                         "greatest(scale, 1e-30))), vec) OR length(code) != 32") == 0
         assert db.scalar(f"SELECT count() FROM {served.table}") == db.scalar(f"SELECT uniqExact(id) FROM {served.table}")
         for shard in (0, 1):  # (the engine's background merges may have joined the moved parts since)
             _list_ranges_disjoint(db, served.table, shard)
