@@ -263,9 +263,8 @@ SETTINGS index_granularity = """ + str(IVF_GRANULARITY) + """{extra}
 #: ``--codes``: what the companion keeps besides the float32 vectors. ``sq8``: two more columns,
 #: ``code``, each value scaled to -127..127 by the row's largest absolute value, and that ``scale``
 #: (the build computes them in numpy; the column defaults compute the same in the engine for a row
-#: inserted without them); a search ranks the probed
-#: rows by ``dotProduct(code, q) * scale`` (a quarter of the bytes to read and multiply) and rescores
-#: the best ``k × fetch multiplier`` on ``vec``. ``int8`` and ``rabitq`` are the engine's
+#: inserted without them); a search ranks the probed rows by ``dotProduct(code, q) * scale`` (a
+#: quarter of the bytes to read and multiply) and rescores the best ``k × fetch multiplier`` on ``vec``. ``int8`` and ``rabitq`` are the engine's
 #: ``Quantized`` codec on ``vec`` (``vector_search_use_quantized_codes``); measured slower at 1M rows
 #: (docs/indexes.md).
 IVF_CODES = ("none", "sq8", "int8", "rabitq")

@@ -8,8 +8,8 @@ from typing import Any, Callable, Optional
 import typer
 
 from laion_search.cli import output
-from laion_search.schema import DEFAULT_IVF_CODES
 from laion_search.cli.common import DbOption, JsonOption, UrlOption, handle_errors, open_store
+from laion_search.schema import DEFAULT_IVF_CODES
 
 index_app = typer.Typer(help="HNSW vector_similarity indexes (and bf16 scan copies for fast exact search): "
                              "create, status, drop.", no_args_is_help=True)

@@ -690,7 +690,8 @@ def _companion_batch(lists: np.ndarray, ids: Any, shard: int, vectors: Any, code
     """Rows for a companion table, already in its (list, id) order: the engine then finds the block
     sorted and skips its own sort of the vectors. With ``sq8`` codes, each row's ``scale`` and
     ``code`` come along, computed here in numpy as the table's column defaults would compute them
-    in the engine (~10× faster than the engine's per-element lambdas: 1M × 512-d rows, measured)."""
+    in the engine (with the engine's per-element lambdas computing them instead, the 1M-row
+    pipeline took 59.0 s against 55.9 s)."""
     n = len(lists)
     ids = pa.chunked_array([ids]) if isinstance(ids, pa.Array) else ids
     id_np = ids.to_numpy()
