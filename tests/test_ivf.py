@@ -12,7 +12,7 @@ from laion_search import connect
 from laion_search.cli.main import app
 from laion_search.errors import LaionError, StoreError, UsageError
 from laion_search.index import ivf
-from laion_search.schema import IVF_CENTROIDS_TABLE
+from laion_search.schema import IVF_CENTROIDS_TABLE, IVF_ROW_COLUMNS
 from laion_search.search import search
 from laion_search.sources.synth import synth
 
@@ -34,12 +34,15 @@ def _source(root, shards) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict
 
 
 def _companion_matches_table(db, column: str) -> int:
-    """Rows whose vector in the IVF companion table differs from the laion table's (0 when consistent)."""
+    """Rows whose vector (or caption, url) in the IVF companion table differs from the laion table's
+    (0 when consistent)."""
     info = ivf.state(db).served[column]
     emb = {"image": "image_embedding", "text": "text_embedding"}[column]
+    assert ivf.has_rows(db, info.table)  # every companion built here keeps the result columns
+    differ = " OR ".join([f"c.vec != l.{emb}"] + [f"c.{c} != l.{c}" for c in IVF_ROW_COLUMNS])
     return db.scalar(f"SELECT count() FROM {info.table} AS c INNER JOIN laion AS l ON c.id = l.id "
-                     f"WHERE c.vec != l.{emb}") + abs(db.scalar(f"SELECT count() FROM {info.table}")
-                                                       - db.scalar("SELECT count() FROM laion"))
+                     f"WHERE {differ}") + abs(db.scalar(f"SELECT count() FROM {info.table}")
+                                              - db.scalar("SELECT count() FROM laion"))
 
 
 def _truth(base: np.ndarray, q: np.ndarray, k: int, allowed: np.ndarray | None = None) -> np.ndarray:
@@ -270,6 +273,79 @@ def test_big_shards_move_in_by_list_bucket_and_search_the_same(tmp_path, monkeyp
             res = search(db, vector=q, k=10, nprobe=served.lists)
             assert res.strategy.startswith("ivf") and "uncovered" not in res.strategy
             np.testing.assert_allclose([r["distance"] for r in res.rows], _truth(img, q, 10), atol=2e-5)
+
+
+def test_a_search_for_the_default_columns_is_one_statement_over_the_probed_lists(ivf_db, monkeypatch):
+    """The companion keeps each row's caption and url: a search with no filter that asks for no other
+    column reads its rows from the probed lists in one statement, and they are the laion table's
+    rows; asking for another column (or a filter) reads the rows from laion by id, with the same
+    ids and distances."""
+    db, (ids, img, txt, meta) = ivf_db
+    by_id = {int(i): m for i, m in zip(ids, meta)}
+    statements: list[str] = []
+    real = db.backend.query_arrow
+    monkeypatch.setattr(db.backend, "query_arrow", lambda sql, params=None: statements.append(sql) or real(sql, params))
+    rng = np.random.default_rng(5)
+    for modality, base in (("image", img), ("text", txt)):
+        for i in rng.choice(len(ids), 4, replace=False):
+            q = txt[i] if modality == "image" else img[i]
+            search(db, vector=q, k=10, modality=modality, nprobe=6)  # warm: the IVF state is read once
+            statements.clear()
+            one = search(db, vector=q, k=10, modality=modality, nprobe=6)
+            assert len(statements) == 1 and one.sql.startswith("-- the rows"), statements
+            assert [set(r) for r in one.rows] == [{"rank", "distance", "id", "caption", "url"}] * 10
+            for r in one.rows:
+                assert (r["caption"], r["url"]) == (by_id[r["id"]]["caption"], by_id[r["id"]]["url"])
+            statements.clear()
+            two = search(db, vector=q, k=10, modality=modality, nprobe=6, columns=["similarity"])
+            assert len(statements) == 2 and two.sql.startswith("-- candidates")
+            assert [r["id"] for r in two.rows] == [r["id"] for r in one.rows]
+            np.testing.assert_allclose([r["distance"] for r in two.rows], [r["distance"] for r in one.rows])
+            with_all = search(db, vector=q, k=10, modality=modality, nprobe=24)
+            np.testing.assert_allclose([r["distance"] for r in with_all.rows], _truth(base, q, 10), atol=2e-5)
+
+
+def test_companions_built_before_the_result_columns_search_through_laion_and_keep_growing(tmp_path):
+    """A companion table from before the result columns (none in it) keeps its layout: searches read
+    the rows from laion by id, ingest lands new shards in it and index create refills it."""
+    synth(tmp_path / "s", [0, 1, 2], 700, dim=DIM, seed=38)
+    ids, img, txt, _ = _source(tmp_path / "s", [0, 1, 2])
+    with connect(tmp_path / "db") as db:
+        db.ingest(tmp_path / "s", shards=[0, 1])
+        ivf.create_ivf(db, ["image"], lists=12)
+        info = ivf.state(db).served["image"]
+        db.run_ddl(f"ALTER TABLE {info.table} " + ", ".join(f"DROP COLUMN {c}" for c in IVF_ROW_COLUMNS))
+        assert not ivf.has_rows(db, info.table) and ("image", info.gen) not in ivf.state(db).with_rows
+        db.ingest(tmp_path / "s", shards=[2])  # the feeder's stage takes the table's layout
+        assert ivf.state(db).uncovered[("image", info.gen)] == []
+        db.run_ddl(f"DELETE FROM {info.table} WHERE shard = 1")
+        db.run_ddl("DELETE FROM laion_ivf_shards WHERE shard = 1")
+        assert ivf.create_ivf(db, ["image"])[0]["what"] == "built"  # refilled from laion, in its layout
+        assert not ivf.has_rows(db, info.table)
+        assert db.scalar(f"SELECT count() FROM {info.table}") == 2100 == db.scalar(f"SELECT uniqExact(id) FROM {info.table}")
+        for i in (3, 900, 1800):
+            res = search(db, vector=txt[i], k=10, nprobe=12)
+            assert res.sql.startswith("-- candidates") and "uncovered" not in res.strategy
+            np.testing.assert_allclose([r["distance"] for r in res.rows], _truth(img, txt[i], 10), atol=2e-5)
+            assert all(r["caption"] for r in res.rows)
+
+
+def test_rows_of_a_shard_laion_no_longer_has_are_never_returned(tmp_path):
+    """A reload that empties a shard drops its partition, then the index follows; killed in between,
+    the companion still holds the shard's rows. They are stale: probes skip them."""
+    synth(tmp_path / "s", [0, 1], 600, dim=DIM, seed=39)
+    ids, img, txt, _ = _source(tmp_path / "s", [0, 1])
+    with connect(tmp_path / "db") as db:
+        db.ingest(tmp_path / "s")
+        ivf.create_ivf(db, ["image"], lists=8)
+        info = ivf.state(db).served["image"]
+        db.run_ddl("ALTER TABLE laion DROP PARTITION 1")
+        assert ivf.state(db).stale[("image", info.gen)] == [1] and ivf.state(db).uncovered[("image", info.gen)] == []
+        keep = ids < 1_000_000_000
+        for i in (10, 700, 1100):
+            res = search(db, vector=img[i], k=10, nprobe=8)
+            assert res.strategy.startswith("ivf") and all(r["id"] < 1_000_000_000 for r in res.rows)
+            np.testing.assert_allclose([r["distance"] for r in res.rows], _truth(img, img[i], 10, keep), atol=2e-5)
 
 
 def test_replace_builds_a_new_generation_and_drops_the_old(tmp_path):

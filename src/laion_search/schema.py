@@ -246,7 +246,10 @@ ORDER BY (column, gen, shard)
 """
 #: A generation's companion table: every row's id, shard and vector, in (list, id) order, so that
 #: ``WHERE list IN (…)`` reads only the probed lists (the primary key prunes the rest). Small
-#: granules: a probe reads whole granules, and a list is ~1,000 rows at the default list count.
+#: granules: a probe reads whole granules, and a list is ~500–1,000 rows at the default list count.
+#: The row's default result columns come along (IVF_ROW_COLUMNS): a search that asks for no other
+#: column and no filter is then one statement over the probed lists, the engine reading them for
+#: the k rows it returns only (lazy materialization).
 IVF_GRANULARITY = 256
 IVF_TABLE_DDL = """
 CREATE TABLE IF NOT EXISTS {table}
@@ -254,7 +257,7 @@ CREATE TABLE IF NOT EXISTS {table}
     `list` UInt32,
     `id` Int64,
     `shard` UInt32,
-    `vec` Array(Float32) {codec}{more}
+    `vec` Array(Float32) {codec}{rows}{more}
 )
 ENGINE = MergeTree
 {partition}ORDER BY (list, id)
@@ -278,6 +281,10 @@ DEFAULT_IVF_CODES = "none"
 IVF_SQ8_COLUMNS = """,
     `scale` Float32 DEFAULT arrayMax(arrayMap(x -> abs(x), vec)) / 127,
     `code` Array(Int8) DEFAULT arrayMap(x -> toInt8(round(x / greatest(scale, 1e-30))), vec) CODEC(NONE)"""
+#: The result columns a companion table keeps beside the vectors (the defaults but ``id``): companions
+#: built before they were added have none, and their searches read them from ``laion`` by id.
+IVF_ROW_COLUMNS = tuple(c for c in DEFAULT_COLUMNS if c != "id")
+IVF_ROWS_DDL = "".join(f",\n    `{c}` String" for c in IVF_ROW_COLUMNS)
 IVF_COLUMN_PREFIX = "laion_ivf_"
 
 
@@ -288,9 +295,10 @@ def ivf_table(column: str, gen: int) -> str:
     return f"{IVF_COLUMN_PREFIX}{column}_g{int(gen)}"
 
 
-def ivf_table_ddl(table: str, codes: str, dim: int, *, bucket_lists: int = 0) -> str:
+def ivf_table_ddl(table: str, codes: str, dim: int, *, bucket_lists: int = 0, rows: bool = True) -> str:
     """A companion table's DDL; ``bucket_lists`` > 0 makes a fill stage partitioned by list bucket
-    (``intDiv(list, bucket_lists)``) whose outdated parts go at once (see ``ivf._move_buckets``)."""
+    (``intDiv(list, bucket_lists)``) whose outdated parts go at once (see ``ivf._move_buckets``);
+    ``rows``: with the IVF_ROW_COLUMNS (False: the layout of companions built before them)."""
     if codes not in IVF_CODES:
         raise UsageError(f"codes must be one of {', '.join(IVF_CODES)}, got {codes!r}")
     partition = f"PARTITION BY intDiv(list, {int(bucket_lists)})\n" if bucket_lists > 0 else ""
@@ -299,6 +307,7 @@ def ivf_table_ddl(table: str, codes: str, dim: int, *, bucket_lists: int = 0) ->
              if bucket_lists > 0 else "")
     if codes in ("none", "sq8"):
         return IVF_TABLE_DDL.format(table=table, codec="CODEC(NONE)", extra=extra, partition=partition,
-                                    more=IVF_SQ8_COLUMNS if codes == "sq8" else "")
+                                    rows=IVF_ROWS_DDL if rows else "", more=IVF_SQ8_COLUMNS if codes == "sq8" else "")
     return IVF_TABLE_DDL.format(table=table, codec=f"CODEC(Quantized('{codes}', {int(dim)}))", partition=partition,
-                                extra=extra + ", allow_experimental_codecs = 1, enable_quantized_codec = 1", more="")
+                                extra=extra + ", allow_experimental_codecs = 1, enable_quantized_codec = 1",
+                                rows=IVF_ROWS_DDL if rows else "", more="")

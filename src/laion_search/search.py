@@ -27,7 +27,7 @@ from laion_search.backends import settings_sql
 from laion_search.errors import QueryError, UsageError
 from laion_search.index import ivf
 from laion_search.index import text as words_index
-from laion_search.schema import INDEX_NAMES, MAX_K, MODALITIES, SCAN_SUFFIX, TABLE, distance_sql, model_for_dim
+from laion_search.schema import INDEX_NAMES, IVF_ROW_COLUMNS, MAX_K, MODALITIES, SCAN_SUFFIX, TABLE, distance_sql, model_for_dim
 from laion_search.store import Store
 # the query model lives in laion_search.query (light, for the CLI's start-up); its names are re-exported here
 from laion_search.query import (DEDUP_THRESHOLD, INT64, MAX_NPROBE, RRF_RANK_CONSTANT, Filters, Knob, SearchOptions, SearchPlan, SearchQuery,  # noqa: F401
@@ -191,7 +191,8 @@ def search(store: Store, vector: Any = None, *, query: SearchQuery | None = None
         if words_prefilter:
             options = dataclasses.replace(options, filter_strategy="prefilter")
     if plan.route == "ivf":
-        rows, sql, strategy = _search_ivf(store, plan.ivf, qv, k, func, select, cols, where, params, filters, options)
+        rows, sql, strategy = _search_ivf(store, plan.ivf, qv, k, func, select, cols, where, params, filters, options,
+                                          vectors=q.deduplicate)
         strategy = "words→prefilter" if words_prefilter else strategy
     elif plan.route == "exact":
         # also without a vector index for this column and metric (the engine would scan anyway):
@@ -334,14 +335,20 @@ def _search_hybrid(store: Store, q: SearchQuery) -> SearchResult:
 
 
 def _search_ivf(store: Store, info: Any, qv: np.ndarray, k: int, func: str, select: str, cols: list[str], where: str,
-                params: dict[str, Any], filters: Any, options: Any) -> tuple[list[dict[str, Any]], str, str]:
+                params: dict[str, Any], filters: Any, options: Any,
+                vectors: bool = False) -> tuple[list[dict[str, Any]], str, str]:
     """Through the IVF index (:mod:`laion_search.index.ivf`): candidates with their exact distances
     from the probed lists, the rows themselves from ``laion`` by id (filters there), the shards the
     index does not cover searched exactly. Filtered searches fetch more candidates until k rows
-    pass, then, if the probed lists hold too few, search the matching rows exactly (prefilter)."""
+    pass, then, if the probed lists hold too few, search the matching rows exactly (prefilter).
+    A search with no filter that asks for the default columns only (no ``vectors``) is one statement
+    over the probed lists, when the companion keeps those columns (:func:`ivf.has_rows`)."""
     state = ivf.state(store)
     cents = state.centroids[(info.column, info.gen)]
     skip = state.uncovered.get((info.column, info.gen), [])
+    stale = state.stale.get((info.column, info.gen), [])
+    one = (not where and not vectors and (info.column, info.gen) in state.with_rows
+           and set(cols) <= {"id", *IVF_ROW_COLUMNS})
     nprobe = min(int(options.nprobe or info.nprobe or ivf.DEFAULT_NPROBE), info.lists)
     if where and options.filter_strategy == "prefilter":  # asked: the filter first, exactly over the rows it keeps
         rows = store.rows(_exact_sql(select, MODALITIES[info.column], func, where, k), {**params, "q": qv})
@@ -351,14 +358,14 @@ def _search_ivf(store: Store, info: Any, qv: np.ndarray, k: int, func: str, sele
     while True:
         try:
             cand = ivf.candidates(store, info, cents, qv, limit=limit, nprobe=nprobe, func=func,
-                                  exclude_ids=filters.exclude_ids, skip_shards=skip)
+                                  exclude_ids=filters.exclude_ids, skip_shards=[*skip, *stale], rows=one)
         except QueryError as exc:
             store.clear_caches()  # a rebuild may have switched generations since the state was read
             if ivf.state(store).served.get(info.column, info).gen != info.gen:
                 return _search_ivf(store, ivf.state(store).served[info.column], qv, k, func, select, cols, where,
-                                   params, filters, options)
+                                   params, filters, options, vectors)
             raise ivf.damaged(info, f"its lists cannot be read ({exc})") from exc
-        rows = _rows_by_id(store, cand, select, cols, where, params)
+        rows = _own_rows(cand, cols) if one else _rows_by_id(store, cand, select, cols, where, params)
         if skip:  # shards the index does not hold (yet): exact over those only
             extra = " AND ".join(x for x in (where, "shard IN {ivf_skip:Array(UInt32)}") if x)
             rows += store.rows(_exact_sql(select, MODALITIES[info.column], func, extra, k),
@@ -372,13 +379,24 @@ def _search_ivf(store: Store, info: Any, qv: np.ndarray, k: int, func: str, sele
         # the probed lists hold fewer than k matching rows: evaluate the filter first, exactly
         rows = store.rows(_exact_sql(select, MODALITIES[info.column], func, where, k), {**params, "q": qv})
         strategy = "ivf→prefilter"
-    sql = (f"-- candidates (lists probed: {nprobe})\n"
-           + ivf.candidates_sql(info, func, "list IN {lists:Array(UInt32)}", limit, read=state.read_settings))
+    sql = (f"-- {'the rows' if one else 'candidates'} (lists probed: {nprobe})\n"
+           + ivf.candidates_sql(info, func, "list IN {lists:Array(UInt32)}", limit, read=state.read_settings, rows=one))
     return rows[:k], sql, strategy
 
 
 #: Candidates a filtered IVF search reads at most before it evaluates the filter first instead.
 MAX_IVF_CANDIDATES = 100_000
+
+
+def _own_rows(cand: list[dict[str, Any]], cols: list[str]) -> list[dict[str, Any]]:
+    """Result rows straight from the companion's candidates (each id once, nearest first)."""
+    seen: set[int] = set()
+    out = []
+    for c in cand:
+        if c["id"] not in seen:
+            seen.add(c["id"])
+            out.append({**{name: c[name] for name in cols}, "distance": float(c["distance"])})
+    return out
 
 
 def _rows_by_id(store: Store, cand: list[dict[str, Any]], select: str, cols: list[str], where: str,
