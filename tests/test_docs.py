@@ -384,7 +384,7 @@ def constant_facts() -> list[tuple[str, str, tuple[float, ...]]]:
 
     from laion_search.index.hnsw import DEFAULT_EF_CONSTRUCTION, DEFAULT_M, ENGINE_EF_SEARCH
     from laion_search.index.ivf import DEFAULT_NPROBE, ROWS_PER_LIST, default_lists
-    from laion_search.schema import MAX_K
+    from laion_search.schema import IVF_GRANULARITY, MAX_K
     from laion_search.sql import SQL_MAX_MEMORY, SQL_MAX_RESULT_ROWS, SQL_MAX_ROWS_TO_READ
     from laion_search.web.app import DEDUP_THRESHOLD, MAX_BODY_BYTES, MAX_IMAGE_BYTES, MAX_TEXT_CHARS, create_app
 
@@ -402,8 +402,8 @@ def constant_facts() -> list[tuple[str, str, tuple[float, ...]]]:
          hnsw),
         ("engine ef_search", r"engine's (?:default )?ef_search,? \(?(\d+)\)?", (ENGINE_EF_SEARCH,)),
         ("max k", r"\bk (?:≤|<=) ([\d,]+)", (MAX_K,)),
-        ("IVF default lists", r"defaults to ~rows/([\d,]+) rounded to a power of two \(([\d,]+) at 1M",
-         (ROWS_PER_LIST, default_lists(1_000_000))),
+        ("IVF default lists", r"defaults to lists of ~√rows/2 rows \(at least (\d+), at most ([\d,]+)\),\s+rounded to a "
+         r"power of two \(([\d,]+) at 1M", (IVF_GRANULARITY, ROWS_PER_LIST, default_lists(1_000_000))),
         ("IVF default nprobe", r"(?i)--nprobe\b[^.]{0,120}?\belse (\d+)\b", (DEFAULT_NPROBE,)),
         ("body limit", r"bodies (?:≤|<=) (\d+) MB", (MAX_BODY_BYTES / 2**20,)),
         ("image limit", r"images (?:≤|<=) (\d+) MB", (MAX_IMAGE_BYTES / 2**20,)),

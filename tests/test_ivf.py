@@ -151,6 +151,7 @@ def test_status_reports_lists_and_coverage(ivf_db):
         s = st[col]
         assert s["state"] == "ready" and s["lists"] == 24 and s["rows_covered"] == len(ids)
         assert s["rows_in_lists"] == len(ids) and s["shards_uncovered"] == [] and s["parts"] == 1
+        assert s["result_columns"] == list(IVF_ROW_COLUMNS)
         assert s["retrain"] is None
     # every row once per companion table, in its nearest list
     info = ivf.state(db).served["image"]
@@ -323,11 +324,14 @@ def test_companions_built_before_the_result_columns_search_through_laion_and_kee
         assert ivf.create_ivf(db, ["image"])[0]["what"] == "built"  # refilled from laion, in its layout
         assert not ivf.has_rows(db, info.table)
         assert db.scalar(f"SELECT count() FROM {info.table}") == 2100 == db.scalar(f"SELECT uniqExact(id) FROM {info.table}")
+        assert next(e for e in ivf.status(db) if e["name"] == info.table)["result_columns"] == []
         for i in (3, 900, 1800):
             res = search(db, vector=txt[i], k=10, nprobe=12)
             assert res.sql.startswith("-- candidates") and "uncovered" not in res.strategy
             np.testing.assert_allclose([r["distance"] for r in res.rows], _truth(img, txt[i], 10), atol=2e-5)
             assert all(r["caption"] for r in res.rows)
+    out = CliRunner().invoke(app, ["index", "status", "--db", str(tmp_path / "db")])
+    assert out.exit_code == 0 and "built before companions kept caption and url" in out.output, out.output
 
 
 def test_rows_of_a_shard_laion_no_longer_has_are_never_returned(tmp_path):

@@ -135,6 +135,10 @@ def index_status_cmd(db: Optional[str] = DbOption, url: Optional[str] = UrlOptio
             output.out.print(f"{i['name']}: lists hold {i['list_rows_mean']:,.0f} rows on average, at most "
                              f"{i['list_rows_max']:,}; {i['lists_empty']} empty; {i['parts']} part(s)",
                              markup=False, highlight=False)
+        if i.get("result_columns") == []:
+            output.out.print(f"{i['name']}: built before companions kept caption and url: its searches read them "
+                             "from laion by id (a second statement); --replace rebuilds it", markup=False,
+                             highlight=False)
         if i.get("retrain"):
             output.out.print(f"{i['name']}: retrain advised: {i['retrain']}", markup=False, highlight=False)
 

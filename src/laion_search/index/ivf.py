@@ -49,7 +49,7 @@ import pyarrow as pa
 from laion_search.backends import settings_sql
 from laion_search.errors import QueryError, StoreError, UsageError
 from laion_search.schema import (DEFAULT_IVF_CODES, INDEX_NAMES, IVF_CENTROIDS_DDL, IVF_CENTROIDS_TABLE, IVF_CODES, IVF_META_DDL,
-                                 IVF_META_TABLE, IVF_ROW_COLUMNS, IVF_SHARDS_DDL, IVF_SHARDS_TABLE, OPTIMIZE_SETTINGS,
+                                 IVF_GRANULARITY, IVF_META_TABLE, IVF_ROW_COLUMNS, IVF_SHARDS_DDL, IVF_SHARDS_TABLE, OPTIMIZE_SETTINGS,
                                  STAGE_PREFIX, TABLE, distance_sql, ivf_table, ivf_table_ddl)
 from laion_search.store import Store
 
@@ -87,20 +87,26 @@ RETRAIN_IMBALANCE = 8.0
 STATES = ("building", "declared", "ready", "dropped")
 
 
-#: Rows per list the default aims at: a probe then reads a few granules per list, and the rows a
-#: query reads stay ~nprobe × 1,000 as the table grows (faiss's √rows rule lets lists grow with the
-#: table: 20,000 rows per list at LAION-400M, 20× the bytes per probe). Capped at MAX_DEFAULT_LISTS,
-#: where choosing the probed lists still costs the query ~3 ms of numpy (65,536 × 512 products).
+#: Rows per list the default aims at: ~√rows / 2 (faiss's guideline range is 4–16·√rows lists), at
+#: least one granule of the companion (a probe reads whole granules) and at most ROWS_PER_LIST, so the
+#: rows a query reads stay ~nprobe × 1,000 as the table grows past 4M rows (√rows alone would give
+#: 10,000 rows per list at LAION-400M, 10× the bytes per probe). At 1M rows: 2,048 lists of ~490 rows
+#: reach recall@10 0.95 reading ~30% fewer rows than 1,024 lists (text → image: nprobe 20, 10.9K
+#: rows, against nprobe 14, 15.3K rows), for ~2 s more k-means per column; 4,096 lists read fewer
+#: still (nprobe 28, 7.7K rows) but k-means took 22 s per column (docs/indexes.md).
 ROWS_PER_LIST = 1_000
+#: Capped where choosing the probed lists still costs a query ~3 ms of numpy (65,536 × 512 products).
 MAX_DEFAULT_LISTS = 65_536
 
 
 def default_lists(rows: int) -> int:
-    """~rows / 1,000 rounded to a power of two, between 16 and 65,536 (1M rows: 1,024 lists;
-    10M: 8,192; LAION-400M: 65,536)."""
+    """Lists of ~√rows / 2 rows, at least IVF_GRANULARITY (256) and at most ROWS_PER_LIST (1,000),
+    rounded to a power of two, between 16 and 65,536 (1M rows: 2,048 lists; 10M: 8,192; LAION-400M:
+    65,536)."""
     if rows <= 0:
         return 16
-    return int(min(MAX_DEFAULT_LISTS, max(16, 2 ** round(math.log2(max(1.0, rows / ROWS_PER_LIST))))))
+    per_list = min(ROWS_PER_LIST, max(IVF_GRANULARITY, math.sqrt(rows) / 2))
+    return int(min(MAX_DEFAULT_LISTS, max(16, 2 ** round(math.log2(max(1.0, rows / per_list))))))
 
 
 # -- the math: spherical k-means and assignment (torch's bf16 matmul when present, else numpy) ----
@@ -1102,7 +1108,9 @@ def status(store: Store) -> list[dict[str, Any]]:
         elif mean and biggest > RETRAIN_IMBALANCE * mean:
             retrain = (f"the largest list holds {biggest:,} rows, {biggest / mean:.1f}× the mean: the data drifted "
                        "from the centroids; rebuild with --replace")
+        kept = list(IVF_ROW_COLUMNS) if has_rows(store, info.table) else []
         entry.update(rows_covered=total - sum(rows_now.get(s, 0) for s in uncovered), shards_uncovered=uncovered,
+                     result_columns=kept,
                      parts=int(parts or 0), rows_in_lists=held, list_rows_mean=round(mean, 1), list_rows_max=biggest,
                      lists_empty=info.lists - len(sizes), bytes_on_disk=int(disk or 0),
                      memory_bytes_estimate=info.lists * info.dim * 4, retrain=retrain)
