@@ -270,9 +270,10 @@ IVF_WRITE_ROWS_PER_CORE_512 = 30_000.0
 IVF_SCAN_BYTES_PER_CORE_S = 1.5e9
 #: Read amplification of a probe over one merged part (measured: 1.35× at ~800 rows per list).
 IVF_AMPLIFICATION = 1.35
-#: A query's fixed cost: choosing the lists, two statements, fetching k rows by id (measured at 1M rows,
-#: nprobe 1, quiet: 6.5 ms for the candidates, 5.8 ms for the rows).
-IVF_QUERY_FIXED_MS = 13.0
+#: A query's fixed cost: choosing the lists, one statement over them that also reads the k rows' caption
+#: and url (measured at 1M rows, 2,048 lists: `laion index tune` at nprobe 1, ~490 rows read, p50 5.7 ms).
+#: A filtered search adds a second statement, the rows from laion by id (~5 ms).
+IVF_QUERY_FIXED_MS = 5.5
 ENGINE_RAM_BYTES = 4 * 2**30   # the engine's own working memory, caches at their defaults
 
 
@@ -312,7 +313,8 @@ def plan_ivf(inputs: IvfPlanInputs) -> dict[str, Any]:
     lists = p.lists or default_lists(rows)
     gib, tib = 2**30, 2**40
     table_bytes = rows * (2 * VECTOR_BYTES_512["f32-none"] * scale + p.meta_bytes)
-    companion_bytes = rows * IVF_ROW_BYTES_512[p.codes] * scale * p.columns
+    # each companion also keeps the rows' caption and url, most of their metadata: counted as all of it
+    companion_bytes = rows * (IVF_ROW_BYTES_512[p.codes] * scale + p.meta_bytes) * p.columns
     centroid_bytes = lists * dim * 4 * p.columns
     # the primary keys the engine keeps in memory: (list, id) per 256-row granule of each companion
     # table, id per 1,024-row granule of the laion table
