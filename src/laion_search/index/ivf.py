@@ -293,11 +293,11 @@ def load_state(store: Store) -> IvfState:
         if g.state in ("building", "declared") or (served is not None and g.gen == served.gen):
             if served is None or g.gen >= served.gen:
                 state.active.setdefault(g.column, []).append(g)
+    rows_now, records = store.partition_rows(), store.shard_records()  # once for every generation
     for g in state.served.values():
         state.centroids[(g.column, g.gen)] = read_centroids(store, g)
-        state.uncovered[(g.column, g.gen)] = uncovered_shards(store, g)
+        state.uncovered[(g.column, g.gen)], state.stale[(g.column, g.gen)] = _coverage(store, g, rows_now, records)
         state.companion_bytes[(g.column, g.gen)] = _parts(store, g.table)["bytes"]
-        state.stale[(g.column, g.gen)] = stale_shards(store, g)
         if has_rows(store, g.table):
             state.with_rows.add((g.column, g.gen))
     state.read_settings = read_settings(store.embedded, sum(state.companion_bytes.values()))
@@ -342,22 +342,30 @@ def covered_shards(store: Store, info: IvfInfo) -> dict[int, dict[str, Any]]:
 def stale_shards(store: Store, info: IvfInfo) -> list[int]:
     """Shards whose rows this generation holds but ``laion`` no longer has (a reload that dropped the
     shard's rows, killed before the index followed): probes skip them."""
-    present = {s for s, n in store.partition_rows().items() if n}
-    return sorted(s for s, r in covered_shards(store, info).items() if int(r["rows"]) and s not in present)
+    return _coverage(store, info)[1]
 
 
 def uncovered_shards(store: Store, info: IvfInfo) -> list[int]:
     """Shards with rows in ``laion`` that this generation does not hold as loaded now."""
+    return _coverage(store, info)[0]
+
+
+def _coverage(store: Store, info: IvfInfo, rows_now: dict[int, int] | None = None,
+              records: dict[int, Any] | None = None) -> tuple[list[int], list[int]]:
+    """(uncovered, stale) shards of a generation, from one read of its coverage records, the table's
+    partitions and the shard records (the last two given when several generations share them)."""
     have = covered_shards(store, info)
-    records = store.shard_records()
-    out = []
-    for shard, n in sorted(store.partition_rows().items()):
+    rows_now = store.partition_rows() if rows_now is None else rows_now
+    records = store.shard_records() if records is None else records
+    uncovered = []
+    for shard, n in sorted(rows_now.items()):
         rec, mine = records.get(shard), have.get(shard)
         if not n:
             continue
         if rec is None or mine is None or mine["fingerprint"] != rec.fingerprint or int(mine["rows"]) != n:
-            out.append(shard)
-    return out
+            uncovered.append(shard)
+    stale = sorted(s for s, r in have.items() if int(r["rows"]) and not rows_now.get(s))
+    return uncovered, stale
 
 
 _META_TYPES = {"gen": pa.uint32(), "lists": pa.uint32(), "dim": pa.uint32(), "sample_rows": pa.uint64(),
