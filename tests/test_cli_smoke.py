@@ -486,9 +486,12 @@ CASES: list[Case] = [
                      and j["results"][1]["recall_img"] == 1.0 and len(j["parts"]) == 3
                      and any(r["method"].startswith("faiss IVF-Flat") for r in j["results"]))),
     Case("bench ivf --data real-text --corpus {tmp}/corpus.tsv --rows 100 --queries 5 --nprobe 16 --no-hnsw "
-         "--no-peers --no-parts --dir {tmp}/bivf2 --out {tmp}/bivf2-out --json",
+         "--no-peers --no-parts --tune 0.9 --dir {tmp}/bivf2 --out {tmp}/bivf2-out --json",
          check=_json(lambda j: 0 < j["rows"] == j["pipeline"]["rows"] <= 100 and j["dim"] == 384
-                     and j["results"][0]["recall_txt"] == 1.0)),
+                     and j["pipeline"]["tune"]["stored"] and j["pipeline"]["tune"]["recall_lower"] >= 0.9
+                     and [(r["method"].endswith("(tuned for 0.9)"), r["nprobe"]) for r in j["results"]]
+                     == [(True, j["pipeline"]["tune"]["nprobe"]), (False, 16)]
+                     and j["results"][1]["recall_txt"] == 1.0)),
     # -- CLIP: embed images, UDFs
     Case("embed {tmp}/images {tmp}/embedded --model {model} --shard-size 2 --batch-size 1 --from-filenames --json",
          check=_all(lambda o, e, t: (_done(o)["images"], _done(o)["shards_written"], _done(o)["failed"])

@@ -419,6 +419,29 @@ def test_probes_read_through_mmap_only_while_the_lists_are_small_next_to_memory(
     assert "local_filesystem_read_method = 'mmap'" in search(db, vector=img[3], k=5, nprobe=4).sql
 
 
+def test_a_probe_reads_its_lists_on_every_thread(ivf_db):
+    """By default the engine gives each reading thread at least 163,840 rows / 24 MB, so a probe's few
+    thousand rows ran on one thread; the probe's own settings split them over max_threads. Checked
+    on the engine's plan of the statement a search runs, against the same statement without them."""
+    import re
+
+    db, (_, img, _, _) = ivf_db
+    st = ivf.state(db)
+    info = st.served["image"]
+    lists = ivf.nearest_lists(img[3], st.centroids[("image", info.gen)], 12).tolist()
+    sql = search(db, vector=img[3], k=5, nprobe=12).sql.split("\n", 1)[1]
+    default = re.sub(r"merge_tree_min_(rows|bytes)_for_concurrent_read = \d+, ", "", sql)
+    assert default != sql
+
+    def streams(statement: str) -> list[str]:
+        plan = db.rows("EXPLAIN PIPELINE " + statement.replace(" SETTINGS ", " SETTINGS max_threads = 2, "),
+                       {"lists": lists, "q": img[3]})
+        return [r["explain"].strip() for r in plan if "MergeTreeSelect" in r["explain"]]
+
+    assert streams(sql) == ["MergeTreeSelect(pool: ReadPool, algorithm: Thread) × 2 0 → 1"]
+    assert streams(default) == ["MergeTreeSelect(pool: ReadPoolInOrder, algorithm: InOrder) 0 → 1"]
+
+
 def test_hostile_cases_are_named_errors_and_leave_the_table_unchanged(tmp_path):
     synth(tmp_path / "s", [0], 300, dim=DIM, seed=34)
     with connect(tmp_path / "db") as db:

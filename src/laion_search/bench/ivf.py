@@ -9,6 +9,8 @@ rows' caption vectors, LAION's cross-modal search):
 * **laion ivf** — :func:`laion_search.search.search` through the IVF index (per ``--codes``), at
   each ``--nprobe``: recall@k, p50, QPS with N client threads, build seconds, bytes held in RAM per
   vector (the centroids) and on disk;
+* **tuned** (``--tune R``) — ``laion index tune --recall R`` on the pipeline's index, then this run's
+  queries (not the tune's own sample) at the nprobe it stored;
 * **laion hnsw** — the engine's graph at our default (M, ef_construction) (``--hnsw``);
 * **usearch** — the library inside ClickHouse's index, used directly, same parameters;
 * **faiss IVF-Flat / IVF-PQ** — the clip-retrieval / autofaiss approach, same lists and probes;
@@ -56,7 +58,7 @@ def _settle(db: Any, poll_s: float = 0.5) -> float:
 def run(rows: int = 1_000_000, queries: int = 100, k: int = 10, nprobes: str = "8,16,32,64", codes: str = "none",
         lists: int | None = None, hnsw: bool = True, peers: bool = True, threads: int = 2,
         workdir: Path | None = None, out: Path | None = None, log: Say | None = None, data: str = "synth",
-        corpus: Any = None, parts: bool = True) -> dict[str, Any]:
+        corpus: Any = None, parts: bool = True, tune_recall: float | None = None) -> dict[str, Any]:
     from laion_search.api import connect
     from laion_search.bench.common import bench_shard, scratch_dir
     from laion_search.index import IndexSpec, create_index, drop_index, ivf
@@ -109,6 +111,25 @@ def run(rows: int = 1_000_000, queries: int = 100, k: int = 10, nprobes: str = "
                 opts = SearchOptions(nprobe=nprobe)
                 return lambda q: [r["id"] for r in search(db, vector=q, k=k, options=opts, columns=["id"]).rows]
 
+            if tune_recall is not None:
+                # `laion index tune` on the pipeline's index, then this run's own queries (not the tune's
+                # sample) at the nprobe it stored: the setting a user of the tuned index gets
+                from laion_search.tune import tune
+
+                say(f"tune: laion index tune --recall {tune_recall:g} --column image --kind ivf")
+                t = time.perf_counter()
+                tuned = tune(db, "image", recall=tune_recall, k=k, kind="ivf")
+                pipeline["tune"] = {**{k_: v for k_, v in tuned.as_dict().items() if k_ != "curve"},
+                                    "seconds": time.perf_counter() - t}
+                if tuned.stored:
+                    st = next(s for s in ivf.status(db) if s["column"] == "image_embedding")
+                    say(f"tuned nprobe {tuned.nprobe}: its recall and p50 on this run's queries")
+                    results.append(_measure(
+                        f"laion ivf {ivf_default_codes} lists={st['lists']} nprobe={tuned.nprobe} (tuned for {tune_recall:g})",
+                        lambda q: [r["id"] for r in search(db, vector=q, k=k, columns=["id"]).rows], qsets, k, threads,
+                        build_s=float(ingested), ram_bytes_per_vector=st["memory_bytes_estimate"] / len(base),
+                        disk_bytes_per_vector=st["bytes_on_disk"] / len(base), nprobe=tuned.nprobe,
+                        codes=ivf_default_codes, lists=st["lists"], tuned_for=tune_recall))
             for code in code_list:
                 if code != ivf_default_codes or lists is not None:
                     say(f"build ivf codes={code} lists={gen_lists}")
@@ -258,7 +279,8 @@ def markdown(results: list[dict[str, Any]], pipeline: dict[str, Any], parts: lis
              f"**{pipeline['seconds_to_first_query']:.1f} s** ({pipeline['ingest_and_ivf_seconds']:.1f} s ingest with "
              f"both columns assigned, of which k-means {pipeline['train_seconds']:.1f} s; first query "
              f"{pipeline['first_query_ms']:.1f} ms, {pipeline['lists']} lists). The latencies below were measured "
-             f"after the table's background merges ended ({pipeline.get('merges_settled_seconds', 0.0):.1f} s later).", "",
+             f"after the table's background merges ended ({pipeline.get('merges_settled_seconds', 0.0):.1f} s later)."
+             + _tune_line(pipeline.get("tune"), k), "",
              f"| method | build s | RAM B/vector | recall@{k} img | p50 ms img | QPS img | recall@{k} txt | p50 ms txt | "
              "QPS txt |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
@@ -274,3 +296,14 @@ def markdown(results: list[dict[str, Any]], pipeline: dict[str, Any], parts: lis
             lines.append(f"| {p['parts']} | {p['rows_per_part']:,} | {p['granules_read']:,.0f} | {p['rows_read']:,.0f} | "
                          f"{p['rows_in_probed_lists']:,.0f} | {p['amplification']:.2f}× | {p['p50_ms']:.1f} |")
     return "\n".join(lines)
+
+
+def _tune_line(tuned: dict[str, Any] | None, k: int) -> str:
+    if not tuned:
+        return ""
+    if not tuned.get("stored"):
+        return (f" `laion index tune --recall {tuned['target']:g}` stored nothing: {tuned.get('recommendation')}")
+    return (f" `laion index tune --recall {tuned['target']:g}` ({tuned['queries']} queries, {tuned['mix']}, "
+            f"{tuned['seconds']:.0f} s) stored nprobe {tuned['nprobe']}: recall@{k} {tuned['recall']:.3f} on its sample, "
+            f"lower bound {tuned['recall_lower']:.3f}, p50 {tuned['p50_ms']:.1f} ms; its row below is measured on this "
+            "run's queries.")

@@ -260,6 +260,9 @@ def bench_ivf(
     peers: bool = typer.Option(True, "--peers/--no-peers", help="faiss IVF-Flat / IVF-PQ (and usearch) on the same vectors."),
     parts: bool = typer.Option(True, "--parts/--no-parts", help="Also measure rows read per probe as parts multiply."),
     threads: int = typer.Option(2, "--threads", min=1, max=64, help="Client threads for the QPS columns."),
+    tune_recall: Optional[float] = typer.Option(None, "--tune", min=0.01, max=1.0,
+                                                help="Also run `laion index tune --recall R` on the pipeline's index and "
+                                                     "measure this run's queries at the nprobe it stores."),
     data: str = typer.Option("synth", "--data", help="synth or real-text (laion bench data real-text)."),
     corpus: Optional[Path] = typer.Option(None, "--corpus", help="real-text: the text corpus."),
     workdir: Optional[Path] = typer.Option(None, "--dir", help="Scratch directory, reused between runs (default: temp)."),
@@ -270,7 +273,7 @@ def bench_ivf(
     on disk to its first indexed query, build seconds, RAM per vector, recall@k and p50 / QPS for
     image→image and text→image queries at each nprobe; rows read per probe as parts multiply.
 
-    Example: laion bench ivf --rows 1000000 --nprobe 16,32,64 --codes sq8,none
+    Example: laion bench ivf --rows 1000000 --nprobe 16,32,64 --codes sq8,none --tune 0.95
     """
     from laion_search.bench.ivf import run as run_ivf
 
@@ -278,7 +281,7 @@ def bench_ivf(
         raise UsageError(f"--data must be synth or real-text, got {data!r}")
     result = run_ivf(rows=rows, queries=queries, k=k, nprobes=nprobes, codes=codes, lists=lists, hnsw=hnsw,
                      peers=peers, threads=threads, workdir=workdir, out=out, data=data, corpus=corpus, parts=parts,
-                     log=None if json_output else output.err.print)
+                     tune_recall=tune_recall, log=None if json_output else output.err.print)
     _print_bench(result, json_output, None)
     if out and not json_output:
         output.out.print(f"wrote {out / 'bench-ivf.md'}")
