@@ -52,7 +52,6 @@ def _warm(db: Any) -> None:
     lists idle for longer (nprobe 22 measured right after it: 15.7 / 15.1 ms; warm: 12.5 / 13.2)."""
     from laion_search.backends import settings_sql
     from laion_search.index import ivf
-
     from laion_search.schema import IVF_ROW_COLUMNS
 
     st = ivf.state(db)
