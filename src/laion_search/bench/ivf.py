@@ -30,6 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 from laion_search.bench.search import _latencies, _qps, _recall
+from laion_search.errors import UsageError
 
 Say = Callable[[str], Any]
 
@@ -133,15 +134,20 @@ def run(rows: int = 1_000_000, queries: int = 100, k: int = 10, nprobes: str = "
             if tune_recall is not None:
                 # `laion index tune` on the pipeline's index, then this run's own queries (not the tune's
                 # sample) at the nprobe it stored: the setting a user of the tuned index gets
-                from laion_search.tune import tune
+                from laion_search.tune import TuneResult, tune
 
                 say(f"tune: laion index tune --recall {tune_recall:g} --column image --kind ivf")
                 t = time.perf_counter()
-                tuned = tune(db, "image", recall=tune_recall, k=k, kind="ivf")
-                pipeline["tune"] = {**{k_: v for k_, v in tuned.as_dict().items() if k_ != "curve"},
-                                    "seconds": time.perf_counter() - t}
+                tuned: TuneResult | None = None
+                try:
+                    tuned = tune(db, "image", recall=tune_recall, k=k, kind="ivf")
+                    pipeline["tune"] = {**{k_: v for k_, v in tuned.as_dict().items() if k_ != "curve"},
+                                        "seconds": time.perf_counter() - t}
+                except UsageError as exc:  # e.g. too few rows for recall@k: the run goes on without it
+                    say(f"tune: {exc}")
+                    pipeline["tune"] = {"target": tune_recall, "stored": False, "recommendation": str(exc)}
                 _warm(db)
-                if tuned.stored:
+                if tuned is not None and tuned.stored:
                     st = next(s for s in ivf.status(db) if s["column"] == "image_embedding")
                     say(f"tuned nprobe {tuned.nprobe}: its recall and p50 on this run's queries")
                     results.append(_measure(
