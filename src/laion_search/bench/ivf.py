@@ -132,30 +132,8 @@ def run(rows: int = 1_000_000, queries: int = 100, k: int = 10, nprobes: str = "
                 return lambda q: [r["id"] for r in search(db, vector=q, k=k, options=opts, columns=["id"]).rows]
 
             if tune_recall is not None:
-                # `laion index tune` on the pipeline's index, then this run's own queries (not the tune's
-                # sample) at the nprobe it stored: the setting a user of the tuned index gets
-                from laion_search.tune import TuneResult, tune
-
-                say(f"tune: laion index tune --recall {tune_recall:g} --column image --kind ivf")
-                t = time.perf_counter()
-                tuned: TuneResult | None = None
-                try:
-                    tuned = tune(db, "image", recall=tune_recall, k=k, kind="ivf")
-                    pipeline["tune"] = {**{k_: v for k_, v in tuned.as_dict().items() if k_ != "curve"},
-                                        "seconds": time.perf_counter() - t}
-                except UsageError as exc:  # e.g. too few rows for recall@k: the run goes on without it
-                    say(f"tune: {exc}")
-                    pipeline["tune"] = {"target": tune_recall, "stored": False, "recommendation": str(exc)}
-                _warm(db)
-                if tuned is not None and tuned.stored:
-                    st = next(s for s in ivf.status(db) if s["column"] == "image_embedding")
-                    say(f"tuned nprobe {tuned.nprobe}: its recall and p50 on this run's queries")
-                    results.append(_measure(
-                        f"laion ivf {ivf_default_codes} lists={st['lists']} nprobe={tuned.nprobe} (tuned for {tune_recall:g})",
-                        lambda q: [r["id"] for r in search(db, vector=q, k=k, columns=["id"]).rows], qsets, k, threads,
-                        build_s=float(ingested), ram_bytes_per_vector=st["memory_bytes_estimate"] / len(base),
-                        disk_bytes_per_vector=st["bytes_on_disk"] / len(base), nprobe=tuned.nprobe,
-                        codes=ivf_default_codes, lists=st["lists"], tuned_for=tune_recall))
+                pipeline["tune"], row = _tuned(db, tune_recall, k, threads, qsets, len(base), float(ingested), say)
+                results += [row] if row else []
             for code in code_list:
                 if code != ivf_default_codes or lists is not None:
                     say(f"build ivf codes={code} lists={gen_lists}")
@@ -194,6 +172,37 @@ def run(rows: int = 1_000_000, queries: int = 100, k: int = 10, nprobes: str = "
         (out / "bench-ivf.md").write_text(md + "\n")
     return {"rows": len(base), "dim": dim, "data": data, "queries": len(pick), "k": k, "pipeline": pipeline,
             "results": results, "parts": parts_rows, "markdown": md}
+
+
+def _tuned(db: Any, recall: float, k: int, threads: int, qsets: dict, rows: int, build_s: float,
+           say: Say) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """``laion index tune`` on the pipeline's index, then the run's own queries (not the tune's sample)
+    at the nprobe it stored: the setting a user of the tuned index gets. (the tune's summary, the
+    measured row or None when nothing was stored)"""
+    from laion_search.index import ivf
+    from laion_search.schema import DEFAULT_IVF_CODES as codes
+    from laion_search.search import search
+    from laion_search.tune import tune
+
+    say(f"tune: laion index tune --recall {recall:g} --column image --kind ivf")
+    t = time.perf_counter()
+    try:
+        tuned = tune(db, "image", recall=recall, k=k, kind="ivf")
+    except UsageError as exc:  # e.g. too few rows for recall@k: the run goes on without it
+        say(f"tune: {exc}")
+        return {"target": recall, "stored": False, "recommendation": str(exc)}, None
+    summary = {**{key: v for key, v in tuned.as_dict().items() if key != "curve"}, "seconds": time.perf_counter() - t}
+    _warm(db)
+    if not tuned.stored:
+        return summary, None
+    st = next(s for s in ivf.status(db) if s["column"] == "image_embedding")
+    say(f"tuned nprobe {tuned.nprobe}: its recall and p50 on this run's queries")
+    return summary, _measure(
+        f"laion ivf {codes} lists={st['lists']} nprobe={tuned.nprobe} (tuned for {recall:g})",
+        lambda q: [r["id"] for r in search(db, vector=q, k=k, columns=["id"]).rows], qsets, k, threads,
+        build_s=build_s, ram_bytes_per_vector=st["memory_bytes_estimate"] / rows,
+        disk_bytes_per_vector=st["bytes_on_disk"] / rows, nprobe=tuned.nprobe, codes=codes, lists=st["lists"],
+        tuned_for=recall)
 
 
 def _peers(base: np.ndarray, qsets: dict, k: int, threads: int, lists: int, probes: list[int], hnsw: bool,
